@@ -1,0 +1,55 @@
+# Helpers shared by Loom's CMake files.
+
+# Precompiled headers: one PCH built once (on loom_pch) and reused by every
+# target, because each translation unit that parses libtorch costs ~15 s.
+set(LOOM_PCH_HEADERS
+  <ATen/ATen.h> <torch/types.h> <torch/autograd.h> <mpi.h>
+  <string> <vector> <memory> <functional> <unordered_map>)
+
+function(loom_use_pch target)
+  if(NOT LOOM_USE_PCH)
+    return()
+  endif()
+  if(NOT TARGET loom_pch)
+    add_library(loom_pch OBJECT ${PROJECT_SOURCE_DIR}/cmake/pch.cc)
+    target_link_libraries(loom_pch PUBLIC torch MPI::MPI_CXX)
+    target_precompile_headers(loom_pch PRIVATE ${LOOM_PCH_HEADERS})
+  endif()
+  target_precompile_headers(${target} REUSE_FROM loom_pch)
+endfunction()
+
+# loom_add_mpi_test(NAME <name> TARGET <exe> [FILTER <gtest filter>]
+#                   [RANKS 1 2 3 4] [LABELS ...] [TIMEOUT s] [ARGS ...])
+# Registers <name>.np<k> for each rank count k: the executable under mpirun
+# with --oversubscribe and one intra-op thread per rank. A failure on any rank
+# fails the test (the test main gathers failures; mpirun exits non-zero).
+function(loom_add_mpi_test)
+  cmake_parse_arguments(T "" "NAME;TARGET;FILTER;TIMEOUT" "RANKS;LABELS;ARGS" ${ARGN})
+  if(NOT T_RANKS)
+    set(T_RANKS 1 2 3 4)
+  endif()
+  if(NOT T_TIMEOUT)
+    set(T_TIMEOUT 300)
+  endif()
+  set(filter_args)
+  if(T_FILTER)
+    set(filter_args "--gtest_filter=${T_FILTER}")
+  endif()
+  foreach(np IN LISTS T_RANKS)
+    set(test_name ${T_NAME}.np${np})
+    add_test(NAME ${test_name}
+      COMMAND ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} ${np} --oversubscribe
+              ${MPIEXEC_PREFLAGS} $<TARGET_FILE:${T_TARGET}> ${filter_args} ${T_ARGS} ${MPIEXEC_POSTFLAGS})
+    set_tests_properties(${test_name} PROPERTIES
+      LABELS "mpi;np${np};${T_LABELS}"
+      TIMEOUT ${T_TIMEOUT}
+      PROCESSORS ${np}
+      ENVIRONMENT "${LOOM_TEST_ENVIRONMENT}")
+  endforeach()
+endfunction()
+
+# Environment for every test run under mpirun: allowed as root (CI runs as
+# root), one thread per rank, shared-memory transport that works in containers.
+set(LOOM_TEST_ENVIRONMENT
+  "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMP_NUM_THREADS=1;LOOM_THREADS_PER_RANK=1;OMPI_MCA_btl_vader_single_copy_mechanism=none;OMPI_MCA_rmaps_base_oversubscribe=1"
+  CACHE INTERNAL "")

@@ -1,0 +1,1 @@
+// Translation unit that carries Loom's precompiled header.

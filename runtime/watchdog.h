@@ -1,0 +1,38 @@
+// Watchdog: turns an operation that never finishes into a clear error.
+//
+// Backends wait for their operations through wait_with_watchdog(): it polls the
+// operation's completion test (which also drives MPI progress) and, once the
+// communicator's timeout has passed, reports which operation on which rank and
+// host did not finish. The default action prints that message to stderr and
+// aborts the whole job (MPI_Abort), because a rank stuck in a collective cannot
+// be recovered from the ranks that are waiting for it. Tests and servers that
+// must survive (offload memory nodes) can switch the action to throwing
+// CommTimeout. Hooks registered with add_abort_hook() run before the abort
+// (the NCCL backend aborts its communicators there).
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <string>
+
+namespace loom {
+
+enum class WatchdogAction { kAbort, kThrow };
+
+// Process-wide action; initialised from LOOM_WATCHDOG=abort|throw (default abort).
+WatchdogAction watchdog_action();
+void set_watchdog_action(WatchdogAction action);
+
+// Exit code of a job aborted by the watchdog.
+constexpr int kWatchdogExitCode = 124;
+
+// Polls `is_done` until it returns true; if `timeout` passes first, reports
+// describe() and aborts or throws CommTimeout. Yields the CPU between polls so
+// that oversubscribed ranks are not starved.
+void wait_with_watchdog(const std::function<bool()>& is_done, std::chrono::milliseconds timeout,
+                        const std::function<std::string()>& describe);
+
+// Runs before the watchdog aborts the job.
+void add_abort_hook(std::function<void()> hook);
+
+}  // namespace loom

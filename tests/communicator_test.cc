@@ -1,0 +1,238 @@
+// Every Communicator operation, in every supported dtype, against values
+// computed by hand; counted calls and bytes against the documented sizes.
+#include <gtest/gtest.h>
+
+#include "distributed_reference.h"
+#include "runtime/error.h"
+#include "runtime/mpi_communicator.h"
+
+namespace loom {
+namespace {
+
+class CommunicatorTest : public ::testing::TestWithParam<at::ScalarType> {
+ protected:
+  void SetUp() override {
+    comm = MpiCommunicator::world();
+    W = comm->size();
+    r = comm->rank();
+  }
+  at::TensorOptions opts() const { return at::TensorOptions().dtype(GetParam()); }
+  int64_t esize() const { return at::elementSize(GetParam()); }
+  // Small integers are exact in every dtype, bfloat16 included.
+  at::Tensor ints(at::IntArrayRef sizes, int64_t offset) const {
+    int64_t n = 1;
+    for (auto s : sizes) n *= s;
+    return (at::arange(n, at::kLong) + offset).reshape(sizes).to(GetParam());
+  }
+  static void expect_equal(const at::Tensor& a, const at::Tensor& b) {
+    EXPECT_TRUE(at::equal(a.to(at::kDouble), b.to(at::kDouble))) << "got\n" << a << "\nexpected\n" << b;
+  }
+  std::shared_ptr<MpiCommunicator> comm;
+  int W = 1, r = 0;
+};
+
+TEST_P(CommunicatorTest, AllGatherConcatenatesRankBlocks) {
+  const at::Tensor in = ints({2, 3}, 10 * r);
+  at::Tensor out = at::empty({2 * W, 3}, opts());
+  comm->all_gather(out, in)->wait();
+  for (int q = 0; q < W; ++q) expect_equal(out.narrow(0, 2 * q, 2), ints({2, 3}, 10 * q));
+  const auto& c = comm->stats()[OpType::kAllGather];
+  EXPECT_EQ(c.calls, 1);
+  EXPECT_EQ(c.bytes_received, (W - 1) * 6 * esize());
+  EXPECT_EQ(c.bytes_sent, (W - 1) * 6 * esize());
+}
+
+TEST_P(CommunicatorTest, AllReduceEveryOp) {
+  const at::Tensor base = ints({5}, 0);
+  at::Tensor t = ints({5}, r + 1);
+  comm->all_reduce(t, ReduceOp::kSum)->wait();
+  expect_equal(t, base * W + W * (W + 1) / 2);
+  t = ints({5}, r + 1);
+  comm->all_reduce(t, ReduceOp::kMax)->wait();
+  expect_equal(t, base + W);
+  t = ints({5}, r + 1);
+  comm->all_reduce(t, ReduceOp::kMin)->wait();
+  expect_equal(t, base + 1);
+  t = at::full({5}, r + 1, opts());
+  comm->all_reduce(t, ReduceOp::kProd)->wait();
+  int64_t factorial = 1;
+  for (int q = 1; q <= W; ++q) factorial *= q;
+  expect_equal(t, at::full({5}, factorial, opts()));
+  const auto& c = comm->stats()[OpType::kAllReduce];
+  EXPECT_EQ(c.calls, 4);
+  EXPECT_EQ(c.bytes_sent, 4 * (2 * (W - 1) * 5 * esize() / W));
+}
+
+TEST_P(CommunicatorTest, ReduceScatterSumsBlocks) {
+  // Rank q holds, in block b, the values q + b + i; rank r receives
+  // sum_q (q + r + i) = W(W-1)/2 + W (r + i).
+  at::Tensor in = at::empty({W, 4}, opts());
+  for (int b = 0; b < W; ++b) in[b].copy_(ints({4}, r + b));
+  at::Tensor out = at::empty({1, 4}, opts());
+  comm->reduce_scatter(out, in)->wait();
+  expect_equal(out.reshape({4}), ints({4}, 0) * W + W * (W - 1) / 2 + W * r);
+  const auto& c = comm->stats()[OpType::kReduceScatter];
+  EXPECT_EQ(c.calls, 1);
+  EXPECT_EQ(c.bytes_received, (W - 1) * 4 * esize());
+}
+
+TEST_P(CommunicatorTest, BroadcastFromLastRank) {
+  const int root = W - 1;
+  at::Tensor t = r == root ? ints({3, 2}, 7) : at::zeros({3, 2}, opts());
+  comm->broadcast(t, root)->wait();
+  expect_equal(t, ints({3, 2}, 7));
+  const auto& c = comm->stats()[OpType::kBroadcast];
+  EXPECT_EQ(c.bytes_sent, r == root ? (W - 1) * 6 * esize() : 0);
+  EXPECT_EQ(c.bytes_received, r == root ? 0 : 6 * esize());
+}
+
+TEST_P(CommunicatorTest, ExscanSum) {
+  const at::Tensor in = at::full({2, 2}, r + 1, opts());
+  at::Tensor out = at::full({2, 2}, -1, opts());
+  comm->exscan(out, in, sum_scan_op())->wait();
+  expect_equal(out, at::full({2, 2}, r * (r + 1) / 2, opts()));
+  const auto& c = comm->stats()[OpType::kExscan];
+  EXPECT_EQ(c.calls, 1);
+  EXPECT_EQ(c.bytes_received, r > 0 ? 4 * esize() : 0);
+  EXPECT_EQ(c.bytes_sent, r < W - 1 ? 4 * esize() : 0);
+}
+
+TEST_P(CommunicatorTest, AllToAllTransposesBlocks) {
+  // Rank q sends block b (value q * W + b) to rank b.
+  at::Tensor in = at::empty({W, 2}, opts());
+  for (int b = 0; b < W; ++b) in[b].fill_(r * W + b);
+  at::Tensor out = at::empty({W, 2}, opts());
+  comm->all_to_all(out, in)->wait();
+  for (int q = 0; q < W; ++q) expect_equal(out[q], at::full({2}, q * W + r, opts()));
+  EXPECT_EQ(comm->stats()[OpType::kAllToAll].bytes_received, (W - 1) * 2 * esize());
+}
+
+TEST_P(CommunicatorTest, RingSendRecv) {
+  const int next = (r + 1) % W, prev = (r - 1 + W) % W;
+  at::Tensor out = at::empty({6}, opts());
+  auto recv = comm->irecv(out, prev, 5);
+  auto send = comm->isend(ints({6}, r), next, 5);
+  recv->wait();
+  send->wait();
+  expect_equal(out, ints({6}, prev));
+  EXPECT_EQ(comm->stats()[OpType::kSend].bytes_sent, 6 * esize());
+  EXPECT_EQ(comm->stats()[OpType::kRecv].bytes_received, 6 * esize());
+}
+
+TEST_P(CommunicatorTest, NonContiguousTensorsAreStaged) {
+  const at::Tensor in = ints({3, 2}, 10 * r).t();  // [2, 3], not contiguous
+  ASSERT_FALSE(in.is_contiguous());
+  at::Tensor storage = at::zeros({3, 2 * W}, opts());
+  at::Tensor out = storage.t();  // [2W, 3], not contiguous
+  comm->all_gather(out, in)->wait();
+  for (int q = 0; q < W; ++q) expect_equal(out.narrow(0, 2 * q, 2), ints({3, 2}, 10 * q).t());
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, CommunicatorTest, ::testing::Values(at::kFloat, at::kDouble, at::kBFloat16, at::kLong),
+                         [](const ::testing::TestParamInfo<at::ScalarType>& info) {
+                           return std::string(c10::toString(info.param));
+                         });
+
+TEST(CommunicatorScan, UserOperationIsOrderedAndNonCommutative) {
+  // Matrix product is associative but not commutative: rank r must receive
+  // M_0 M_1 ... M_{r-1} (identity on rank 0).
+  auto comm = MpiCommunicator::world();
+  const int W = comm->size(), r = comm->rank();
+  ScanOp matmul_op;
+  matmul_op.name = "matmul";
+  matmul_op.combine = [](const at::Tensor& earlier, at::Tensor& later) { later.copy_(at::matmul(earlier, later)); };
+  matmul_op.identity = [](at::Tensor& out) { out.copy_(at::eye(3, out.options())); };
+  at::Tensor out = at::empty({3, 3}, at::kDouble);
+  comm->exscan(out, testing::seeded_randn({3, 3}, 100 + r), matmul_op)->wait();
+  at::Tensor expected = at::eye(3, at::kDouble);
+  for (int q = 0; q < r; ++q) expected = at::matmul(expected, testing::seeded_randn({3, 3}, 100 + q));
+  EXPECT_TRUE(testing::tensors_close(out, expected, 1e-12, "exscan(matmul)"));
+  (void)W;
+}
+
+TEST(CommunicatorScan, Bf16UserOperation) {
+  auto comm = MpiCommunicator::world();
+  at::Tensor out = at::empty({4}, at::kBFloat16);
+  comm->exscan(out, at::full({4}, 2.0, at::kBFloat16), sum_scan_op())->wait();
+  EXPECT_TRUE(at::equal(out.to(at::kFloat), at::full({4}, 2.0f * comm->rank())));
+}
+
+TEST(CommunicatorSplit, SubgroupsReduceAmongThemselves) {
+  auto comm = MpiCommunicator::world();
+  const int W = comm->size(), r = comm->rank();
+  auto sub = comm->split(r % 2, r);
+  ASSERT_NE(sub, nullptr);
+  EXPECT_EQ(sub->size(), (W + 1 - r % 2) / 2);
+  EXPECT_EQ(sub->rank(), r / 2);
+  at::Tensor t = at::full({1}, static_cast<double>(r), at::kDouble);
+  sub->all_reduce(t)->wait();
+  double expected = 0;
+  for (int q = r % 2; q < W; q += 2) expected += q;
+  EXPECT_EQ(t.item<double>(), expected);
+  // Counters belong to the communicator they were counted on.
+  EXPECT_EQ(sub->stats()[OpType::kAllReduce].calls, 1);
+  EXPECT_EQ(comm->stats()[OpType::kAllReduce].calls, 0);
+  auto none = comm->split(r == 0 ? 0 : -1, 0);
+  EXPECT_EQ(none == nullptr, r != 0);
+}
+
+TEST(CommunicatorStats, ResetAndDifference) {
+  auto comm = MpiCommunicator::world();
+  comm->barrier()->wait();
+  const CommStats before = comm->stats();
+  at::Tensor t = at::ones({8}, at::kFloat);
+  comm->all_reduce(t)->wait();
+  const CommStats delta = comm->stats() - before;
+  EXPECT_EQ(delta[OpType::kAllReduce].calls, 1);
+  EXPECT_EQ(delta[OpType::kBarrier].calls, 0);
+  EXPECT_EQ(delta.total_calls(), 1);
+  comm->reset_stats();
+  EXPECT_EQ(comm->stats().total_calls(), 0);
+}
+
+TEST(CommunicatorErrors, WrongDtypeAndShapeAreNamed) {
+  auto comm = MpiCommunicator::world();
+  at::Tensor half = at::ones({2}, at::kHalf);
+  try {
+    comm->all_reduce(half);
+    FAIL() << "expected an error for float16";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("does not support dtype Half"), std::string::npos) << e.what();
+  }
+  at::Tensor out = at::empty({comm->size() + 1}, at::kFloat);
+  EXPECT_THROW(comm->all_gather(out, at::ones({1}, at::kFloat)), c10::Error);
+  EXPECT_THROW(comm->isend(at::ones({1}), comm->size(), 0), c10::Error);
+}
+
+// A backend that implements nothing: every operation must name it.
+class NothingCommunicator final : public Communicator {
+ public:
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  std::string backend_name() const override { return "nothing"; }
+};
+
+TEST(CommunicatorErrors, UnsupportedOperationNamesBackend) {
+  NothingCommunicator c;
+  try {
+    c.all_to_all(at::ones({1}), at::ones({1}));
+    FAIL() << "expected CommError";
+  } catch (const CommError& e) {
+    EXPECT_NE(std::string(e.what()).find("'all_to_all' is not supported by the nothing communicator"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
+TEST(CommunicatorRegistry, FindsLiveCommunicatorsOnly) {
+  int64_t id = 0;
+  {
+    auto comm = MpiCommunicator::world();
+    id = comm->id();
+    EXPECT_EQ(Communicator::by_id(id).get(), comm.get());
+  }
+  EXPECT_THROW(Communicator::by_id(id), CommError);
+}
+
+}  // namespace
+}  // namespace loom

@@ -1,0 +1,62 @@
+#include "distributed_reference.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <sstream>
+
+namespace loom::testing {
+
+at::Tensor seeded_randn(at::IntArrayRef sizes, uint64_t seed, at::ScalarType dtype) {
+  at::Generator gen = at::detail::createCPUGenerator(seed);
+  return at::randn(sizes, gen, at::TensorOptions().dtype(at::kDouble)).to(dtype);
+}
+
+::testing::AssertionResult tensors_close(const at::Tensor& actual, const at::Tensor& expected, double rtol,
+                                         const std::string& what) {
+  if (!actual.defined() || !expected.defined())
+    return ::testing::AssertionFailure() << what << ": " << (actual.defined() ? "expected" : "actual")
+                                         << " tensor is undefined";
+  if (actual.sizes() != expected.sizes())
+    return ::testing::AssertionFailure() << what << ": shape " << actual.sizes() << " != expected "
+                                         << expected.sizes();
+  const at::Tensor a = actual.detach().to(at::kDouble);
+  const at::Tensor e = expected.detach().to(at::kDouble);
+  if (a.numel() == 0) return ::testing::AssertionSuccess();
+  const double scale = std::max(e.abs().max().item<double>(), 1e-300);
+  const at::Tensor diff = (a - e).abs();
+  const double err = diff.max().item<double>() / scale;
+  if (err <= rtol && !std::isnan(err)) return ::testing::AssertionSuccess();
+  const int64_t worst = diff.reshape({-1}).argmax().item<int64_t>();
+  std::ostringstream out;
+  out << what << ": relative error " << err << " > " << rtol << " (worst at flat index " << worst << ": actual "
+      << a.reshape({-1})[worst].item<double>() << ", expected " << e.reshape({-1})[worst].item<double>() << ")";
+  return ::testing::AssertionFailure() << out.str();
+}
+
+ReferenceCheck& ReferenceCheck::same(const std::string& name, const at::Tensor& actual, const at::Tensor& expected) {
+  ++checked_;
+  auto r = tensors_close(actual, expected, rtol_, name);
+  if (!r) failures_.push_back(r.message());
+  return *this;
+}
+
+ReferenceCheck& ReferenceCheck::sharded(const std::string& name, const at::Tensor& actual_local,
+                                        const at::Tensor& expected_global, const SequenceLayout& layout,
+                                        int64_t dim) {
+  const at::Tensor expected = layout.shard(expected_global.detach(), rank_, dim);
+  // Padding positions carry no reference value: compare real tokens only.
+  const int64_t d = at::maybe_wrap_dim(dim, expected.dim());
+  const at::Tensor valid = layout.valid_mask(rank_).nonzero().reshape({-1});
+  return same(name, actual_local.index_select(d, valid), expected.index_select(d, valid));
+}
+
+::testing::AssertionResult ReferenceCheck::verdict() const {
+  if (checked_ == 0) return ::testing::AssertionFailure() << "ReferenceCheck compared nothing";
+  if (failures_.empty()) return ::testing::AssertionSuccess();
+  std::ostringstream out;
+  out << "rank " << rank_ << ": " << failures_.size() << " of " << checked_ << " comparisons failed:";
+  for (const auto& f : failures_) out << "\n  " << f;
+  return ::testing::AssertionFailure() << out.str();
+}
+
+}  // namespace loom::testing

@@ -1,0 +1,49 @@
+// Helpers to check a distributed result against a single-rank reference.
+//
+// The regime (DESIGN.md §8): every rank builds the same global inputs from the
+// same seed, computes the naive reference on the whole sequence in float64,
+// then compares its own shard of the reference with what the distributed
+// operator produced for that shard, for outputs and for gradients.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "runtime/communicator.h"
+#include "runtime/sequence_layout.h"
+
+namespace loom::testing {
+
+// Identical on every rank: a fresh generator seeded with `seed`.
+at::Tensor seeded_randn(at::IntArrayRef sizes, uint64_t seed, at::ScalarType dtype = at::kDouble);
+
+// max|actual - expected| / max(max|expected|, 1e-300) <= rtol, with a message
+// naming `what`, the rank, the error and the location of the worst element.
+::testing::AssertionResult tensors_close(const at::Tensor& actual, const at::Tensor& expected, double rtol,
+                                         const std::string& what);
+
+// Collects (name, actual, expected) pairs, outputs and gradients alike, and
+// checks them all; expected values may be global tensors that are sharded by
+// `layout` for this rank.
+class ReferenceCheck {
+ public:
+  ReferenceCheck(int rank, double rtol) : rank_(rank), rtol_(rtol) {}
+  // `actual` is already this rank's part: compared as is.
+  ReferenceCheck& same(const std::string& name, const at::Tensor& actual, const at::Tensor& expected);
+  // `expected_global` is the whole sequence: compared to this rank's shard of it.
+  ReferenceCheck& sharded(const std::string& name, const at::Tensor& actual_local, const at::Tensor& expected_global,
+                          const SequenceLayout& layout, int64_t dim = 1);
+  ::testing::AssertionResult verdict() const;
+
+ private:
+  int rank_;
+  double rtol_;
+  std::vector<std::string> failures_;
+  int checked_ = 0;
+};
+
+}  // namespace loom::testing
