@@ -139,6 +139,11 @@ std::shared_ptr<Communicator> Communicator::by_id(int64_t id) {
   return comm;
 }
 
+CommPtr Communicator::reversed() {
+  if (!reversed_) reversed_ = split(0, size() - 1 - rank());
+  return reversed_;
+}
+
 void Communicator::throw_unsupported(const char* op) const {
   throw CommError("operation '" + std::string(op) + "' is not supported by the " + backend_name() +
                   " communicator (rank " + std::to_string(rank()) + " on host " + host_name() + ")");

@@ -125,6 +125,9 @@ struct ScanOp {
 // Elementwise sum as a ScanOp (exscan(sum) == MPI_Exscan with MPI_SUM, with 0 on rank 0).
 ScanOp sum_scan_op();
 
+class Communicator;
+using CommPtr = std::shared_ptr<Communicator>;
+
 class Communicator : public std::enable_shared_from_this<Communicator> {
  public:
   Communicator();
@@ -156,6 +159,11 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   // color < 0 means "not a member": returns nullptr on that rank.
   virtual std::shared_ptr<Communicator> split(int color, int key);
 
+  // The same ranks in reverse order (rank r becomes size-1-r): made by split()
+  // on the first call, which is therefore collective, and kept for the
+  // lifetime of this communicator. Scans that run right to left use it.
+  CommPtr reversed();
+
   // Counters of this communicator (not of its splits).
   const CommStats& stats() const { return stats_; }
   void reset_stats() { stats_ = CommStats(); }
@@ -180,10 +188,10 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
 
  private:
   CommStats stats_;
+  std::shared_ptr<Communicator> reversed_;
   std::chrono::milliseconds timeout_;
   int64_t id_;
 };
-using CommPtr = std::shared_ptr<Communicator>;
 
 // Default watchdog timeout: LOOM_COMM_TIMEOUT_S if set, else 600 s.
 std::chrono::milliseconds default_comm_timeout();

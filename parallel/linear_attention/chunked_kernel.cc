@@ -1,0 +1,142 @@
+#include "parallel/linear_attention/chunked_kernel.h"
+
+#include <torch/autograd.h>
+
+#include "parallel/linear_attention/decay.h"
+
+namespace loom::linear_attention {
+namespace {
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t block) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "linear attention: q, k, v must be [B, H, N, d], got ",
+              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(q.sizes() == k.sizes(), "linear attention: q ", q.sizes(), " and k ", k.sizes(), " must match");
+  TORCH_CHECK(v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.size(2) == q.size(2), "linear attention: v ",
+              v.sizes(), " must match q ", q.sizes(), " in batch, heads and length");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "linear attention: q, k, v must share a dtype");
+  TORCH_CHECK(block >= 1, "linear attention: block size must be >= 1, got ", block);
+}
+
+int64_t effective_block(int64_t n, int64_t block) { return std::max<int64_t>(1, std::min(block, n)); }
+
+// [B, H, N, d] -> [B, H, nb, C, d], zero-padded at the end.
+at::Tensor to_blocks(const at::Tensor& x, int64_t nb, int64_t c) {
+  const int64_t n = x.size(2), padded = nb * c;
+  at::Tensor y = x;
+  if (padded != n) y = at::constant_pad_nd(x, {0, 0, 0, padded - n});
+  return y.reshape({x.size(0), x.size(1), nb, c, x.size(3)});
+}
+
+at::Tensor from_blocks(const at::Tensor& x, int64_t n) {
+  return x.reshape({x.size(0), x.size(1), x.size(2) * x.size(3), x.size(4)}).narrow(2, 0, n);
+}
+
+// Head-wise factor [H, a, b] viewed to broadcast over [B, H, nb, a, b].
+at::Tensor per_head(const at::Tensor& f) { return f.unsqueeze(0).unsqueeze(2); }
+
+}  // namespace
+
+ChunkForwardResult chunk_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& decay, int64_t block) {
+  at::NoGradGuard no_grad;  // a raw kernel: autograd wraps it from outside
+  check_inputs(q, k, v, block);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), dk = q.size(3), dv = v.size(3);
+  const int64_t C = effective_block(N, block), nb = (N + C - 1) / C;
+  const BlockDecay f = block_decay(decay, H, C, q.scalar_type());
+  const at::Tensor Q = to_blocks(q, nb, C), K = to_blocks(k, nb, C), V = to_blocks(v, nb, C);
+
+  at::Tensor scores = at::matmul(Q, K.transpose(-1, -2));
+  scores.mul_(per_head(f.causal));
+  at::Tensor O = at::matmul(scores, V);
+  scores.reset();
+
+  // State entering block b: S_b = lambda^C S_(b-1) + K_(b-1)^T (Lk V_(b-1)).
+  const at::Tensor block_kv = at::matmul(K.transpose(-1, -2), V * per_head(f.key));
+  at::Tensor states = at::empty({B, H, nb, dk, dv}, q.options());
+  states.select(2, 0).zero_();
+  const at::Tensor across = f.block.unsqueeze(0);  // [1, H, 1, 1]
+  for (int64_t b = 1; b < nb; ++b) {
+    at::Tensor dst = states.select(2, b);
+    at::mul_out(dst, states.select(2, b - 1), across);
+    dst.add_(block_kv.select(2, b - 1));
+  }
+  if (nb > 1) O.add_(at::matmul(Q * per_head(f.query), states));
+  return {from_blocks(O, N), states};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_backward(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v, const at::Tensor& decay,
+                                                              int64_t block, const at::Tensor& block_states,
+                                                              const at::Tensor& grad_out) {
+  at::NoGradGuard no_grad;
+  const int64_t H = q.size(1), N = q.size(2);
+  const int64_t C = effective_block(N, block), nb = (N + C - 1) / C;
+  const BlockDecay f = block_decay(decay, H, C, q.scalar_type());
+  const at::Tensor Q = to_blocks(q, nb, C), K = to_blocks(k, nb, C), V = to_blocks(v, nb, C);
+  const at::Tensor dO = to_blocks(grad_out, nb, C);
+  const at::Tensor causal = per_head(f.causal), key = per_head(f.key), query = per_head(f.query);
+
+  // Intra-block: A = (Q K^T) * D, O = A V.
+  at::Tensor scores = at::matmul(Q, K.transpose(-1, -2));
+  scores.mul_(causal);
+  at::Tensor dV = at::matmul(scores.transpose(-1, -2), dO);
+  at::Tensor dA = at::matmul(dO, V.transpose(-1, -2));
+  dA.mul_(causal);
+  scores = dA;  // reuse the name: only dA is needed from here
+  at::Tensor dQ = at::matmul(dA, K);
+  at::Tensor dK = at::matmul(dA.transpose(-1, -2), Q);
+  scores.reset();
+  dA.reset();
+
+  if (nb > 1) {
+    // Inter-block: O_b += (Lq Q_b) S_b.
+    dQ.add_(at::matmul(dO, block_states.transpose(-1, -2)).mul_(query));
+    // G_b = dL/dS_b = (Lq Q_b)^T dO_b; R_b = sum_{c > b} lambda^(C(c-1-b)) G_c is the
+    // gradient reaching block b's keys and values through later states.
+    const at::Tensor G = at::matmul((Q * query).transpose(-1, -2), dO);
+    at::Tensor R = at::empty_like(G);
+    R.select(2, nb - 1).zero_();
+    const at::Tensor across = f.block.unsqueeze(0);
+    for (int64_t b = nb - 2; b >= 0; --b) {
+      at::Tensor dst = R.select(2, b);
+      at::mul_out(dst, R.select(2, b + 1), across);
+      dst.add_(G.select(2, b + 1));
+    }
+    dK.add_(at::matmul(V, R.transpose(-1, -2)).mul_(key));
+    dV.add_(at::matmul(K, R).mul_(key));
+  }
+  return {from_blocks(dQ, N), from_blocks(dK, N), from_blocks(dV, N)};
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct ChunkedLinearAttentionFunction : public torch::autograd::Function<ChunkedLinearAttentionFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& decay, int64_t block) {
+    auto result = chunk_forward(q, k, v, decay, block);
+    ctx->save_for_backward({q, k, v, decay, result.block_states});
+    ctx->saved_data["block"] = block;
+    return result.out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    auto [dq, dk, dv] = chunk_backward(saved[0], saved[1], saved[2], saved[3], ctx->saved_data["block"].toInt(),
+                                       saved[4], grads[0].contiguous());
+    return {dq, dk, dv, at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor chunked_linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& decay, int64_t block) {
+  // Autograd functions take defined tensors only: lambda = 1 is "no decay".
+  const at::Tensor d = decay.defined() ? decay : at::ones({q.size(1)}, at::kDouble);
+  return ChunkedLinearAttentionFunction::apply(q, k, v, d, block);
+}
+
+}  // namespace loom::linear_attention

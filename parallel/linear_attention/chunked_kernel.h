@@ -1,0 +1,43 @@
+// Chunked causal linear attention on one rank (Lightning Attention-2 tiling).
+//
+//   o_i = sum_{j <= i} lambda^(i-j) (q_i . k_j) v_j        per batch and head
+//
+// The sequence is cut into blocks of C tokens. Inside a block the masked
+// product [(Q K^T) * D] V is a small dense matmul; across blocks a running
+// d_k x d_v state carries the past, multiplied right-first, so the cost is
+// linear in N. All blocks' intra products run as one batched matmul; only the
+// state recurrence is a loop over blocks (cheap d_k x d_v updates).
+// Memory: saved tensors are q, k, v and the per-block entry states (N/C x
+// d_k x d_v): O(N). The C x C score blocks exist only transiently.
+//
+// Shapes: q, k [B, H, N, d_k], v [B, H, N, d_v]; any N (padded internally to a
+// multiple of C, never truncated). `decay` is [H] in (0, 1] or undefined.
+// These functions assume a zero state before token 0; sequence-parallel
+// operators add the incoming state themselves (lasp.h).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace loom::linear_attention {
+
+struct ChunkForwardResult {
+  at::Tensor out;           // [B, H, N, d_v]
+  at::Tensor block_states;  // [B, H, nb, d_k, d_v]: state entering each block
+};
+
+ChunkForwardResult chunk_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& decay, int64_t block);
+
+// Gradients of sum(out * grad_out) with respect to q, k, v.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_backward(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v, const at::Tensor& decay,
+                                                              int64_t block, const at::Tensor& block_states,
+                                                              const at::Tensor& grad_out);
+
+// Differentiable single-rank chunked linear attention (no normaliser).
+at::Tensor chunked_linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& decay, int64_t block);
+
+}  // namespace loom::linear_attention

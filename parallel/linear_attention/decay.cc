@@ -1,0 +1,39 @@
+#include "parallel/linear_attention/decay.h"
+
+namespace loom::linear_attention {
+
+at::Tensor default_decay(int64_t num_heads) {
+  TORCH_CHECK(num_heads >= 1, "default_decay: num_heads must be >= 1, got ", num_heads);
+  const at::Tensor h = at::arange(1, num_heads + 1, at::kDouble);
+  return at::exp(-at::pow(2.0, -8.0 * h / static_cast<double>(num_heads)));
+}
+
+at::Tensor decay_powers(const at::Tensor& decay, int64_t num_heads, const at::Tensor& exponents,
+                        at::ScalarType dtype) {
+  auto out_shape = exponents.sizes().vec();
+  out_shape.insert(out_shape.begin(), num_heads);
+  if (!decay.defined()) return at::ones(out_shape, at::TensorOptions().dtype(dtype));
+  TORCH_CHECK(decay.dim() == 1 && decay.size(0) == num_heads, "linear attention: decay must have shape [", num_heads,
+              "] (one lambda per head), got ", decay.sizes());
+  const at::Tensor lam = decay.to(at::kDouble);
+  TORCH_CHECK(lam.gt(0).all().item<bool>() && lam.le(1).all().item<bool>(),
+              "linear attention: every decay lambda must be in (0, 1], got ", lam);
+  auto view_shape = std::vector<int64_t>(exponents.dim() + 1, 1);
+  view_shape[0] = num_heads;
+  const at::Tensor log_lam = lam.log().view(view_shape);
+  return at::exp(log_lam * exponents.to(at::kDouble).unsqueeze(0)).to(dtype);
+}
+
+BlockDecay block_decay(const at::Tensor& decay, int64_t num_heads, int64_t n, at::ScalarType dtype) {
+  const at::Tensor t = at::arange(n, at::kDouble);
+  BlockDecay d;
+  d.query = decay_powers(decay, num_heads, t + 1, dtype).unsqueeze(-1);
+  d.key = decay_powers(decay, num_heads, (n - 1) - t, dtype).unsqueeze(-1);
+  const at::Tensor diff = t.unsqueeze(1) - t.unsqueeze(0);  // i - j
+  const at::Tensor lower = diff.ge(0);
+  d.causal = decay_powers(decay, num_heads, diff.clamp_min(0), dtype) * lower.to(dtype).unsqueeze(0);
+  d.block = decay_powers(decay, num_heads, at::full({1, 1}, static_cast<double>(n), at::kDouble), dtype);
+  return d;
+}
+
+}  // namespace loom::linear_attention

@@ -1,0 +1,37 @@
+// Decay factors of linear attention with per-head decay lambda in (0, 1].
+//
+// All factors are non-negative powers lambda^e with e >= 0, computed as
+// exp(e * log(lambda)) in float64 and cast to the working dtype: they never
+// overflow and nothing divides by a power of lambda, so long chunks with strong
+// decay underflow gracefully to 0 instead of producing inf/NaN.
+// An undefined `decay` tensor means lambda = 1 (no decay).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace loom::linear_attention {
+
+// Default per-head decays from the ALiBi slopes m_h = 2^(-8 (h+1) / H):
+// lambda_h = exp(-m_h), h = 0..H-1 (from local heads to nearly undecayed ones).
+at::Tensor default_decay(int64_t num_heads);
+
+// lambda^e for e = exponents (any shape E) and each head: returns [H, E...] in
+// `dtype`; ones when decay is undefined.
+at::Tensor decay_powers(const at::Tensor& decay, int64_t num_heads, const at::Tensor& exponents,
+                        at::ScalarType dtype);
+
+// Factors of one block (or chunk) of n tokens, each shaped to broadcast over
+// [B, H, ..., n, d]:
+//   query[h, t]  = lambda^(t+1)       (decay from the block start to token t)
+//   key[h, j]    = lambda^(n-1-j)     (decay from token j to the block end)
+//   causal[h,i,j]= lambda^(i-j) for i >= j, else 0
+//   block[h]     = lambda^n           (decay across the whole block)
+struct BlockDecay {
+  at::Tensor query;   // [H, n, 1]
+  at::Tensor key;     // [H, n, 1]
+  at::Tensor causal;  // [H, n, n]
+  at::Tensor block;   // [H, 1, 1]
+};
+BlockDecay block_decay(const at::Tensor& decay, int64_t num_heads, int64_t n, at::ScalarType dtype);
+
+}  // namespace loom::linear_attention

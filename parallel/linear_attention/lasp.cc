@@ -1,0 +1,147 @@
+#include "parallel/linear_attention/lasp.h"
+
+#include <torch/autograd.h>
+
+#include "parallel/linear_attention/chunked_kernel.h"
+#include "parallel/linear_attention/decay.h"
+
+namespace loom::linear_attention {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Applies the normaliser around an unnormalised operator `attend(q, k, v)`.
+template <typename Attend>
+at::Tensor with_normaliser(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const LinearAttentionOptions& options, Attend attend) {
+  if (!options.normalize) return attend(q, k, v);
+  const int64_t dv = v.size(-1);
+  const at::Tensor ones = at::ones({v.size(0), v.size(1), v.size(2), 1}, v.options());
+  const at::Tensor out = attend(q, k, at::cat({v, ones}, -1));
+  return out.narrow(-1, 0, dv) / (out.narrow(-1, dv, 1) + options.eps);
+}
+
+// Chunk-level decay factors of a layout chunk, shaped for [B, H, L, d].
+struct ChunkFactors {
+  at::Tensor query;  // [1, H, L, 1]
+  at::Tensor key;    // [1, H, L, 1]
+  at::Tensor across; // [H]: lambda^L
+};
+ChunkFactors chunk_factors(const at::Tensor& decay, int64_t heads, int64_t len, at::ScalarType dtype) {
+  const BlockDecay f = block_decay(decay, heads, len, dtype);
+  return {f.query.unsqueeze(0), f.key.unsqueeze(0), f.block.reshape({heads})};
+}
+
+struct SequenceParallelFunction : public torch::autograd::Function<SequenceParallelFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& decay, const SequenceLayout& layout, const CommPtr& comm,
+                            int64_t method, int64_t block) {
+    const int64_t L = layout.chunk_len(), cpr = layout.chunks_per_rank();
+    TORCH_CHECK(q.dim() == 4 && q.size(2) == layout.local_len(), "linear attention: local q has shape ", q.sizes(),
+                "; expected [B, H, ", layout.local_len(), ", d] for ", layout.describe());
+    TORCH_CHECK(k.sizes() == q.sizes() && v.dim() == 4 && v.size(2) == q.size(2),
+                "linear attention: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), " do not agree");
+    const ChunkFactors f = chunk_factors(decay, q.size(1), L, q.scalar_type());
+
+    std::vector<at::Tensor> states;
+    for (int64_t i = 0; i < cpr; ++i)
+      states.push_back(at::matmul(k.narrow(2, i * L, L).transpose(-1, -2), v.narrow(2, i * L, L) * f.key));
+    auto prefix = make_state_prefix(static_cast<LinearAttentionMethod>(method), layout, comm, f.across,
+                                    PrefixDirection::kForward);
+    prefix->start(at::stack(states));
+
+    // Intra-chunk work while the states travel.
+    std::vector<at::Tensor> outs, block_states;
+    for (int64_t i = 0; i < cpr; ++i) {
+      auto r = chunk_forward(q.narrow(2, i * L, L), k.narrow(2, i * L, L), v.narrow(2, i * L, L), decay, block);
+      outs.push_back(r.out);
+      block_states.push_back(r.block_states);
+    }
+    const at::Tensor entering = prefix->finish();
+    for (int64_t i = 0; i < cpr; ++i) outs[i].add_(at::matmul(q.narrow(2, i * L, L) * f.query, entering[i]));
+
+    ctx->save_for_backward({q, k, v, decay, entering, at::stack(block_states)});
+    ctx->saved_data["comm"] = comm->id();
+    ctx->saved_data["method"] = method;
+    ctx->saved_data["block"] = block;
+    ctx->saved_data["kind"] = static_cast<int64_t>(layout.kind());
+    ctx->saved_data["global_len"] = layout.global_len();
+    return at::cat(outs, 2);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &decay = saved[3], &entering = saved[4],
+                     &block_states = saved[5];
+    const CommPtr comm = Communicator::by_id(ctx->saved_data["comm"].toInt());
+    const SequenceLayout layout(static_cast<LayoutKind>(ctx->saved_data["kind"].toInt()),
+                                ctx->saved_data["global_len"].toInt(), comm->size());
+    const int64_t block = ctx->saved_data["block"].toInt();
+    const int64_t L = layout.chunk_len(), cpr = layout.chunks_per_rank();
+    const ChunkFactors f = chunk_factors(decay, q.size(1), L, q.scalar_type());
+    const at::Tensor dout = grads[0].contiguous();
+
+    std::vector<at::Tensor> chunk_grads;
+    for (int64_t i = 0; i < cpr; ++i)
+      chunk_grads.push_back(
+          at::matmul((q.narrow(2, i * L, L) * f.query).transpose(-1, -2), dout.narrow(2, i * L, L)));
+    auto suffix = make_state_prefix(static_cast<LinearAttentionMethod>(ctx->saved_data["method"].toInt()), layout,
+                                    comm, f.across, PrefixDirection::kBackward);
+    suffix->start(at::stack(chunk_grads));
+
+    std::vector<at::Tensor> dqs, dks, dvs;
+    for (int64_t i = 0; i < cpr; ++i) {
+      const at::Tensor qc = q.narrow(2, i * L, L), kc = k.narrow(2, i * L, L), vc = v.narrow(2, i * L, L);
+      const at::Tensor dc = dout.narrow(2, i * L, L);
+      auto [dq, dk, dv] = chunk_backward(qc, kc, vc, decay, block, block_states[i], dc);
+      dq.add_(at::matmul(dc, entering[i].transpose(-1, -2)).mul_(f.query));
+      dqs.push_back(dq);
+      dks.push_back(dk);
+      dvs.push_back(dv);
+    }
+    const at::Tensor later = suffix->finish();  // gradient reaching each chunk's state
+    for (int64_t i = 0; i < cpr; ++i) {
+      const at::Tensor kc = k.narrow(2, i * L, L), vc = v.narrow(2, i * L, L);
+      dks[i].add_(at::matmul(vc, later[i].transpose(-1, -2)).mul_(f.key));
+      dvs[i].add_(at::matmul(kc, later[i]).mul_(f.key));
+    }
+    return {at::cat(dqs, 2), at::cat(dks, 2), at::cat(dvs, 2), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const LinearAttentionOptions& options) {
+  return with_normaliser(q, k, v, options, [&](const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_) {
+    return chunked_linear_attention(q_, k_, v_, options.decay, options.block_size);
+  });
+}
+
+at::Tensor sequence_parallel_linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const SequenceLayout& layout, const CommPtr& comm,
+                                              LinearAttentionMethod method, const LinearAttentionOptions& options) {
+  TORCH_CHECK(comm, "sequence_parallel_linear_attention: communicator is null");
+  return with_normaliser(q, k, v, options, [&](const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_) {
+    // Autograd functions take defined tensors only: lambda = 1 is "no decay".
+    const at::Tensor decay = options.decay.defined() ? options.decay : at::ones({q_.size(1)}, at::kDouble);
+    return SequenceParallelFunction::apply(q_, k_, v_, decay, layout, comm, static_cast<int64_t>(method),
+                                           options.block_size);
+  });
+}
+
+at::Tensor naive_linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const LinearAttentionOptions& options) {
+  return with_normaliser(q, k, v, options, [&](const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_) {
+    const int64_t n = q_.size(2);
+    const at::Tensor t = at::arange(n, at::kDouble);
+    const at::Tensor diff = t.unsqueeze(1) - t.unsqueeze(0);
+    const at::Tensor mask = decay_powers(options.decay, q_.size(1), diff.clamp_min(0), q_.scalar_type()) *
+                            diff.ge(0).to(q_.scalar_type()).unsqueeze(0);
+    return at::matmul(at::matmul(q_, k_.transpose(-1, -2)) * mask.unsqueeze(0), v_);
+  });
+}
+
+}  // namespace loom::linear_attention

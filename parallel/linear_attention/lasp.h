@@ -1,0 +1,51 @@
+// Causal linear attention, on one rank or sequence-parallel across ranks.
+//
+//   o_i = phi(q_i)^T S_i [ / (phi(q_i)^T z_i + eps) ],
+//   S_i = sum_{j<=i} lambda^(i-j) phi(k_j) v_j^T,  z_i = sum_{j<=i} lambda^(i-j) phi(k_j)
+//
+// Inputs are already feature-mapped (models/feature_maps.h applies phi):
+// q, k [B, H, n, d_k], v [B, H, n, d_v]. The normaliser is the same machinery
+// with a column of ones appended to v.
+//
+// sequence_parallel_linear_attention() takes this rank's shard under `layout`
+// (n = layout.local_len(), chunks in local order) and computes, per local chunk:
+// the intra-chunk part with the chunked kernel (chunked_kernel.h) while the
+// chunk states M_c = K_c^T (Lk V_c) travel (state_prefix.h), then adds
+// (Lq Q_c) P_c with P_c the state entering the chunk. Backward mirrors it: the
+// chunk gradients G_c = (Lq Q_c)^T dO_c travel the other way and give the
+// gradient of every earlier chunk's state.
+//   LASP-2: one AllGather forward, one backward; bytes independent of N.
+//   LASP-2 all-scan: exclusive scans (contiguous: 1 per direction; zigzag: 2).
+//   LASP-1: point-to-point chain of states, serial.
+// Padding from the layout sits after every real token and cannot affect them.
+// Ordering: collective over `comm`, in forward and in backward.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "parallel/linear_attention/state_prefix.h"
+#include "runtime/communicator.h"
+#include "runtime/sequence_layout.h"
+
+namespace loom::linear_attention {
+
+struct LinearAttentionOptions {
+  int64_t block_size = 64;  // block of the chunked kernel
+  at::Tensor decay;         // [H] in (0, 1]; undefined: no decay
+  bool normalize = false;
+  double eps = 1e-6;
+};
+
+// Single rank, chunked (the sequence is all local).
+at::Tensor linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const LinearAttentionOptions& options);
+
+at::Tensor sequence_parallel_linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const SequenceLayout& layout, const CommPtr& comm,
+                                              LinearAttentionMethod method, const LinearAttentionOptions& options);
+
+// The O(N^2) definition with full masked matrices: the reference of the tests.
+at::Tensor naive_linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const LinearAttentionOptions& options);
+
+}  // namespace loom::linear_attention

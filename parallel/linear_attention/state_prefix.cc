@@ -1,0 +1,286 @@
+#include "parallel/linear_attention/state_prefix.h"
+
+#include <algorithm>
+#include <cctype>
+
+#include "runtime/error.h"
+
+namespace loom::linear_attention {
+
+const char* method_name(LinearAttentionMethod method) {
+  switch (method) {
+    case LinearAttentionMethod::kLasp2: return "lasp2";
+    case LinearAttentionMethod::kLasp2AllScan: return "lasp2_allscan";
+    case LinearAttentionMethod::kLasp1: return "lasp1";
+  }
+  return "?";
+}
+
+LinearAttentionMethod parse_method(const std::string& name) {
+  std::string lower(name);
+  std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (lower == "lasp2") return LinearAttentionMethod::kLasp2;
+  if (lower == "lasp2_allscan") return LinearAttentionMethod::kLasp2AllScan;
+  if (lower == "lasp1") return LinearAttentionMethod::kLasp1;
+  throw ConfigError("linear attention method '" + name + "': allowed values are lasp2, lasp2_allscan, lasp1");
+}
+
+namespace {
+
+// Chunk ids in the order the prefix runs over them.
+std::vector<int64_t> sequence_order(const SequenceLayout& layout, PrefixDirection direction) {
+  std::vector<int64_t> order(layout.num_chunks());
+  for (int64_t i = 0; i < layout.num_chunks(); ++i)
+    order[i] = direction == PrefixDirection::kForward ? i : layout.num_chunks() - 1 - i;
+  return order;
+}
+
+// [H] decay viewed against a [B, H, d_k, d_v] state.
+at::Tensor as_state_factor(const at::Tensor& a) { return a.view({1, -1, 1, 1}); }
+
+// ---- kLasp2: one AllGather ----
+class AllGatherPrefix final : public StatePrefix {
+ public:
+  AllGatherPrefix(const SequenceLayout& layout, CommPtr comm, at::Tensor a, PrefixDirection direction)
+      : layout_(layout), comm_(std::move(comm)), a_(std::move(a)), order_(sequence_order(layout, direction)) {}
+
+  void start(const at::Tensor& local) override {
+    local_ = local.contiguous();
+    auto shape = local_.sizes().vec();
+    shape[0] *= comm_->size();
+    gathered_ = at::empty(shape, local_.options());
+    work_ = comm_->all_gather(gathered_, local_);
+  }
+
+  at::Tensor finish() override {
+    work_->wait();
+    const int W = comm_->size(), me = comm_->rank(), cpr = layout_.chunks_per_rank();
+    std::vector<at::Tensor> by_chunk(layout_.num_chunks());
+    for (int q = 0; q < W; ++q) {
+      const auto owned = layout_.chunks_of(q);
+      for (int i = 0; i < cpr; ++i) by_chunk[owned[i]] = gathered_[q * cpr + i];
+    }
+    at::Tensor out = at::empty_like(local_);
+    const at::Tensor factor = as_state_factor(a_);
+    at::Tensor running = at::zeros_like(local_[0]);
+    int remaining = cpr;
+    for (int64_t c : order_) {
+      if (layout_.owner_of(c) == me) {
+        out[layout_.local_index_of(c)].copy_(running);
+        if (--remaining == 0) break;
+      }
+      running = running * factor + by_chunk[c];
+    }
+    gathered_.reset();
+    return out;
+  }
+
+ private:
+  SequenceLayout layout_;
+  CommPtr comm_;
+  at::Tensor a_;
+  std::vector<int64_t> order_;
+  at::Tensor local_, gathered_;
+  WorkPtr work_;
+};
+
+// ---- kLasp2AllScan: exclusive scans with the monoid as a user operation ----
+
+
+// Element layout in a flat buffer: [a (H) | S (B*H*d_k*d_v)], repeated `parts` times.
+struct Packing {
+  int64_t heads;
+  std::vector<int64_t> state_shape;  // [B, H, d_k, d_v]
+  int64_t state_numel() const { return state_shape[0] * state_shape[1] * state_shape[2] * state_shape[3]; }
+  int64_t part_numel() const { return heads + state_numel(); }
+  at::Tensor a(const at::Tensor& flat, int part) const { return flat.narrow(0, part * part_numel(), heads); }
+  at::Tensor s(const at::Tensor& flat, int part) const {
+    return flat.narrow(0, part * part_numel() + heads, state_numel()).view(state_shape);
+  }
+};
+
+// later := left (+) right with (a1, S1) (+) (a2, S2) = (a1 a2, a2 S1 + S2),
+// where each side is a (a, S) view pair; `left`/`right` may alias `out`.
+void compose_into(const at::Tensor& a_left, const at::Tensor& s_left, const at::Tensor& a_right,
+                  const at::Tensor& s_right, at::Tensor a_out, at::Tensor s_out) {
+  at::Tensor s_new = s_left * as_state_factor(a_right) + s_right;
+  at::Tensor a_new = a_left * a_right;
+  s_out.copy_(s_new);
+  a_out.copy_(a_new);
+}
+
+ScanOp affine_scan_op(const Packing& p) {
+  ScanOp op;
+  op.name = "linear_attention_state";
+  // Scan order = sequence order: earlier is on the left.
+  op.combine = [p](const at::Tensor& earlier, at::Tensor& later) {
+    compose_into(p.a(earlier, 0), p.s(earlier, 0), p.a(later, 0), p.s(later, 0), p.a(later, 0), p.s(later, 0));
+  };
+  op.identity = [p](at::Tensor& out) {
+    out.zero_();
+    p.a(out, 0).fill_(1);
+  };
+  return op;
+}
+
+// Pairs for the zigzag layout, scanned over ranks in reverse order: part 0 (a
+// first-half chunk) composes with earlier (higher-rank) parts on its right,
+// part 1 (a second-half chunk) with earlier parts on its left.
+ScanOp zigzag_pair_scan_op(const Packing& p) {
+  ScanOp op;
+  op.name = "linear_attention_state_pair";
+  op.combine = [p](const at::Tensor& earlier, at::Tensor& later) {
+    compose_into(p.a(later, 0), p.s(later, 0), p.a(earlier, 0), p.s(earlier, 0), p.a(later, 0), p.s(later, 0));
+    compose_into(p.a(earlier, 1), p.s(earlier, 1), p.a(later, 1), p.s(later, 1), p.a(later, 1), p.s(later, 1));
+  };
+  op.identity = [p](at::Tensor& out) {
+    out.zero_();
+    p.a(out, 0).fill_(1);
+    p.a(out, 1).fill_(1);
+  };
+  return op;
+}
+
+class AllScanPrefix final : public StatePrefix {
+ public:
+  AllScanPrefix(const SequenceLayout& layout, CommPtr comm, at::Tensor a, PrefixDirection direction)
+      : layout_(layout), comm_(std::move(comm)), a_(std::move(a)), direction_(direction) {}
+
+  void start(const at::Tensor& local) override {
+    packing_ = Packing{a_.size(0), local[0].sizes().vec()};
+    local_ = local.contiguous();
+    const auto opts = local_.options();
+    if (layout_.kind() == LayoutKind::kContiguous) {
+      // Forward runs over ranks in order; backward over the reversed ranks.
+      scan_comm_ = direction_ == PrefixDirection::kForward ? comm_ : comm_->reversed();
+      element_ = pack({local_[0]}, opts);
+      scanned_ = at::empty_like(element_);
+      works_ = {scan_comm_->exscan(scanned_, element_, affine_scan_op(packing_))};
+      return;
+    }
+    // Zigzag: the sequence lists "first" chunks in rank order, then "second"
+    // chunks in reverse rank order. Forward: first = chunk r, second = chunk
+    // 2W-1-r; backward reads the sequence from the end: first = chunk 2W-1-r,
+    // second = chunk r. Same ranks, same communicators either way.
+    const int first = direction_ == PrefixDirection::kForward ? 0 : 1;
+    element_ = pack({local_[first]}, opts);
+    pair_ = pack({local_[first], local_[1 - first]}, opts);
+    scanned_ = at::empty_like(element_);
+    scanned_pair_ = at::empty_like(pair_);
+    works_ = {comm_->exscan(scanned_, element_, affine_scan_op(packing_)),
+              comm_->reversed()->exscan(scanned_pair_, pair_, zigzag_pair_scan_op(packing_))};
+  }
+
+  at::Tensor finish() override {
+    wait_all(works_);
+    at::Tensor out = at::empty_like(local_);
+    if (layout_.kind() == LayoutKind::kContiguous) {
+      out[0].copy_(packing_.s(scanned_, 0));
+      return out;
+    }
+    const int first = direction_ == PrefixDirection::kForward ? 0 : 1;
+    // prefix(first_r)  = E, the composition of the first chunks of lower ranks
+    // prefix(second_r) = E (+) first_r (+) [first chunks of higher ranks]
+    //                      (+) [second chunks of higher ranks]
+    out[first].copy_(packing_.s(scanned_, 0));
+    at::Tensor acc = scanned_.clone();
+    const at::Tensor own = pack({local_[first]}, local_.options());
+    auto fold = [&](const at::Tensor& a_r, const at::Tensor& s_r) {
+      compose_into(packing_.a(acc, 0), packing_.s(acc, 0), a_r, s_r, packing_.a(acc, 0), packing_.s(acc, 0));
+    };
+    fold(packing_.a(own, 0), packing_.s(own, 0));
+    fold(packing_.a(scanned_pair_, 0), packing_.s(scanned_pair_, 0));
+    fold(packing_.a(scanned_pair_, 1), packing_.s(scanned_pair_, 1));
+    out[1 - first].copy_(packing_.s(acc, 0));
+    return out;
+  }
+
+ private:
+  at::Tensor pack(const std::vector<at::Tensor>& states, const at::TensorOptions& opts) const {
+    std::vector<at::Tensor> parts;
+    for (const auto& s : states) {
+      parts.push_back(a_.to(opts.dtype()));
+      parts.push_back(s.reshape({-1}));
+    }
+    return at::cat(parts).to(opts);
+  }
+
+  SequenceLayout layout_;
+  CommPtr comm_, scan_comm_;
+  at::Tensor a_;
+  PrefixDirection direction_;
+  Packing packing_{};
+  at::Tensor local_, element_, pair_, scanned_, scanned_pair_;
+  std::vector<WorkPtr> works_;
+};
+
+// ---- kLasp1: the prefix passed chunk to chunk ----
+class ChainPrefix final : public StatePrefix {
+ public:
+  ChainPrefix(const SequenceLayout& layout, CommPtr comm, at::Tensor a, PrefixDirection direction)
+      : layout_(layout), comm_(std::move(comm)), a_(std::move(a)), order_(sequence_order(layout, direction)) {}
+
+  void start(const at::Tensor& local) override { local_ = local.contiguous(); }
+
+  at::Tensor finish() override {
+    const int me = comm_->rank();
+    const int64_t n = static_cast<int64_t>(order_.size());
+    at::Tensor out = at::empty_like(local_);
+    const at::Tensor factor = as_state_factor(a_);
+    std::vector<WorkPtr> sends;
+    at::Tensor carried;  // prefix handed from my previous chunk in the sequence
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t c = order_[i];
+      if (layout_.owner_of(c) != me) continue;
+      at::Tensor prefix;
+      if (i == 0) {
+        prefix = at::zeros_like(local_[0]);
+      } else if (layout_.owner_of(order_[i - 1]) == me) {
+        prefix = carried;
+      } else {
+        prefix = at::empty_like(local_[0]);
+        comm_->irecv(prefix, layout_.owner_of(order_[i - 1]), static_cast<int>(i))->wait();
+      }
+      const int li = layout_.local_index_of(c);
+      out[li].copy_(prefix);
+      at::Tensor next = prefix * factor + local_[li];
+      if (i + 1 < n) {
+        const int dst = layout_.owner_of(order_[i + 1]);
+        if (dst == me)
+          carried = next;
+        else
+          sends.push_back(comm_->isend(next, dst, static_cast<int>(i + 1)));
+      }
+    }
+    wait_all(sends);
+    return out;
+  }
+
+ private:
+  SequenceLayout layout_;
+  CommPtr comm_;
+  at::Tensor a_;
+  std::vector<int64_t> order_;
+  at::Tensor local_;
+};
+
+}  // namespace
+
+std::unique_ptr<StatePrefix> make_state_prefix(LinearAttentionMethod method, const SequenceLayout& layout,
+                                               const CommPtr& comm, const at::Tensor& chunk_decay,
+                                               PrefixDirection direction) {
+  TORCH_CHECK(comm && comm->size() == layout.world_size(), "linear attention: communicator has ",
+              comm ? comm->size() : 0, " ranks, the layout ", layout.world_size());
+  switch (method) {
+    case LinearAttentionMethod::kLasp2:
+      return std::make_unique<AllGatherPrefix>(layout, comm, chunk_decay, direction);
+    case LinearAttentionMethod::kLasp2AllScan:
+      return std::make_unique<AllScanPrefix>(layout, comm, chunk_decay, direction);
+    case LinearAttentionMethod::kLasp1:
+      return std::make_unique<ChainPrefix>(layout, comm, chunk_decay, direction);
+  }
+  TORCH_CHECK(false, "unknown linear attention method");
+}
+
+}  // namespace loom::linear_attention
+

@@ -1,0 +1,232 @@
+// Linear attention: the chunked kernel, LASP-2, LASP-2 all-scan and LASP-1
+// against the naive O(N^2) masked formula in float64, outputs and gradients of
+// q, k, v (and of Hedgehog's weights), for both layouts, with and without
+// decay and normaliser, every feature map, lengths that do not divide.
+#include <gtest/gtest.h>
+#include <torch/autograd.h>
+
+#include "distributed_reference.h"
+#include "models/feature_maps.h"
+#include "parallel/linear_attention/chunked_kernel.h"
+#include "parallel/linear_attention/decay.h"
+#include "parallel/linear_attention/lasp.h"
+#include "runtime/differentiable_collectives.h"
+#include "runtime/mpi_communicator.h"
+
+namespace loom {
+namespace {
+
+namespace la = linear_attention;
+using models::FeatureMap;
+using models::FeatureMapKind;
+using testing::ReferenceCheck;
+using testing::seeded_randn;
+
+constexpr double kTol = 1e-9;
+constexpr int64_t kBlock = 8;
+constexpr int64_t B = 2, H = 2, D = 4, DV = 3;
+
+la::LinearAttentionOptions options(bool decay, bool normalize) {
+  la::LinearAttentionOptions o;
+  o.block_size = kBlock;
+  if (decay) o.decay = at::tensor({0.9, 0.6}, at::kDouble);
+  o.normalize = normalize;
+  return o;
+}
+
+FeatureMap make_feature_map(FeatureMapKind kind) {
+  FeatureMap fm(kind, H, D);
+  if (kind == FeatureMapKind::kHedgehog) {
+    // Identical on every rank, in float64.
+    torch::NoGradGuard no_grad;
+    fm->to(at::kDouble);
+    const_cast<at::Tensor&>(fm->hedgehog_weight()).copy_(seeded_randn({H, D, D}, 5));
+  } else {
+    fm->to(at::kDouble);
+  }
+  return fm;
+}
+
+TEST(LinearAttentionKernel, ChunkedMatchesNaiveOnOneRank) {
+  for (int64_t n : {1, 7, 8, 9, 29, 64}) {
+    for (bool decay : {false, true}) {
+      for (int64_t block : {1, 3, 8, 100}) {
+        const at::Tensor q0 = seeded_randn({B, H, n, D}, 1), k0 = seeded_randn({B, H, n, D}, 2),
+                         v0 = seeded_randn({B, H, n, DV}, 3), g = seeded_randn({B, H, n, DV}, 4);
+        auto o = options(decay, false);
+        o.block_size = block;
+        at::Tensor q = q0.clone().requires_grad_(true), k = k0.clone().requires_grad_(true),
+                   v = v0.clone().requires_grad_(true);
+        at::Tensor out = la::linear_attention(q, k, v, o);
+        (out * g).sum().backward();
+        at::Tensor qr = q0.clone().requires_grad_(true), kr = k0.clone().requires_grad_(true),
+                   vr = v0.clone().requires_grad_(true);
+        at::Tensor ref = la::naive_linear_attention(qr, kr, vr, o);
+        (ref * g).sum().backward();
+        EXPECT_TRUE(ReferenceCheck(0, kTol)
+                        .same("out", out, ref)
+                        .same("dq", q.grad(), qr.grad())
+                        .same("dk", k.grad(), kr.grad())
+                        .same("dv", v.grad(), vr.grad())
+                        .verdict())
+            << "n=" << n << " decay=" << decay << " block=" << block;
+      }
+    }
+  }
+}
+
+TEST(LinearAttentionKernel, SavedMemoryIsLinear) {
+  // What backward keeps: q, k, v and N/C block states, nothing N x N.
+  const int64_t n = 512;
+  at::Tensor q = at::randn({1, 1, n, 16}, at::kDouble).requires_grad_(true);
+  auto r = la::chunk_forward(q, q, q, at::Tensor(), 64);
+  EXPECT_EQ(r.block_states.sizes(), (std::vector<int64_t>{1, 1, n / 64, 16, 16}));
+}
+
+struct Case {
+  LayoutKind kind;
+  la::LinearAttentionMethod method;
+};
+
+class LinearAttentionSequenceParallel : public ::testing::TestWithParam<Case> {};
+
+TEST_P(LinearAttentionSequenceParallel, MatchesNaiveReference) {
+  const auto [kind, method] = GetParam();
+  auto comm = MpiCommunicator::world();
+  const int W = comm->size(), r = comm->rank();
+  const std::vector<int64_t> lengths{kBlock - 1, kBlock, 3 * kBlock + 5, 2 * kBlock * W + 1};
+  int cases = 0;
+  for (auto fmk : {FeatureMapKind::kIdentity, FeatureMapKind::kElu, FeatureMapKind::kRelu, FeatureMapKind::kTaylor,
+                   FeatureMapKind::kHedgehog}) {
+    for (bool decay : {false, true}) {
+      for (bool normalize : {false, true}) {
+        // The normaliser needs non-negative feature products.
+        if (normalize && fmk == FeatureMapKind::kIdentity) continue;
+        for (int64_t n : lengths) {
+          const SequenceLayout layout(kind, n, W);
+          const auto opt = options(decay, normalize);
+          const at::Tensor Q = seeded_randn({B, H, n, D}, 10 + n), K = seeded_randn({B, H, n, D}, 20 + n),
+                           V = seeded_randn({B, H, n, DV}, 30 + n), G = seeded_randn({B, H, n, DV}, 40 + n);
+
+          // Reference: the whole sequence on this rank, naive.
+          FeatureMap fm_ref = make_feature_map(fmk);
+          at::Tensor Qr = Q.clone().requires_grad_(true), Kr = K.clone().requires_grad_(true),
+                     Vr = V.clone().requires_grad_(true);
+          at::Tensor ref = la::naive_linear_attention(fm_ref(Qr), fm_ref(Kr), Vr, opt);
+          (ref * G).sum().backward();
+
+          // Distributed: this rank's shard only.
+          FeatureMap fm = make_feature_map(fmk);
+          at::Tensor q = layout.shard(Q, r, 2).requires_grad_(true), k = layout.shard(K, r, 2).requires_grad_(true),
+                     v = layout.shard(V, r, 2).requires_grad_(true);
+          at::Tensor out = la::sequence_parallel_linear_attention(fm(q), fm(k), v, layout, comm, method, opt);
+          (out * layout.shard(G, r, 2)).sum().backward();
+
+          ReferenceCheck check(r, kTol);
+          check.sharded("out", out, ref, layout, 2)
+              .sharded("dq", q.grad(), Qr.grad(), layout, 2)
+              .sharded("dk", k.grad(), Kr.grad(), layout, 2)
+              .sharded("dv", v.grad(), Vr.grad(), layout, 2);
+          if (fmk == FeatureMapKind::kHedgehog) {
+            at::Tensor w_grad = fm->hedgehog_weight().grad().clone();
+            comm->all_reduce(w_grad)->wait();  // each rank saw its own tokens
+            check.same("d hedgehog_weight", w_grad, fm_ref->hedgehog_weight().grad());
+          }
+          EXPECT_TRUE(check.verdict()) << models::feature_map_name(fmk) << " decay=" << decay
+                                       << " normalize=" << normalize << " " << layout.describe();
+          ++cases;
+        }
+      }
+    }
+  }
+  EXPECT_EQ(cases, 4 * 4 * 4 + 2 * 4);
+}
+
+TEST_P(LinearAttentionSequenceParallel, IsCausal) {
+  const auto [kind, method] = GetParam();
+  auto comm = MpiCommunicator::world();
+  const int W = comm->size(), r = comm->rank();
+  const int64_t n = 4 * W + 3;
+  const SequenceLayout layout(kind, n, W);
+  const auto opt = options(true, true);
+  const at::Tensor Q = seeded_randn({1, H, n, D}, 1).exp(), K = seeded_randn({1, H, n, D}, 2).exp(),
+                   V = seeded_randn({1, H, n, DV}, 3);
+  auto run = [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+    at::Tensor out = la::sequence_parallel_linear_attention(layout.shard(q, r, 2), layout.shard(k, r, 2),
+                                                            layout.shard(v, r, 2), layout, comm, method, opt);
+    return layout.gather(out, *comm, 2);
+  };
+  const at::Tensor base = run(Q, K, V);
+  for (int64_t j : {int64_t(0), n / 2, n - 1}) {
+    at::Tensor Q2 = Q.clone(), K2 = K.clone(), V2 = V.clone();
+    Q2.narrow(2, j, 1).mul_(3);
+    K2.narrow(2, j, 1).mul_(3);
+    V2.narrow(2, j, 1).add_(1);
+    const at::Tensor changed = run(Q2, K2, V2);
+    EXPECT_TRUE(at::equal(changed.narrow(2, 0, j), base.narrow(2, 0, j))) << "token " << j << " leaked backwards";
+    EXPECT_FALSE(at::equal(changed.narrow(2, j, 1), base.narrow(2, j, 1))) << "token " << j << " had no effect";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Methods, LinearAttentionSequenceParallel,
+    ::testing::Values(Case{LayoutKind::kContiguous, la::LinearAttentionMethod::kLasp2},
+                      Case{LayoutKind::kZigzag, la::LinearAttentionMethod::kLasp2},
+                      Case{LayoutKind::kContiguous, la::LinearAttentionMethod::kLasp2AllScan},
+                      Case{LayoutKind::kZigzag, la::LinearAttentionMethod::kLasp2AllScan},
+                      Case{LayoutKind::kContiguous, la::LinearAttentionMethod::kLasp1},
+                      Case{LayoutKind::kZigzag, la::LinearAttentionMethod::kLasp1}),
+    [](const ::testing::TestParamInfo<Case>& info) {
+      return std::string(layout_kind_name(info.param.kind)) + "_" + la::method_name(info.param.method);
+    });
+
+// LASP-2's communication claims, counted by the communicator.
+TEST(LinearAttentionCommunication, Lasp2OneCollectiveEachWayBytesIndependentOfN) {
+  auto comm = MpiCommunicator::world();
+  const int W = comm->size(), r = comm->rank();
+  for (auto kind : {LayoutKind::kContiguous, LayoutKind::kZigzag}) {
+    std::vector<CommStats> forward, backward;
+    for (int64_t n : {int64_t(64 * W), int64_t(256 * W)}) {
+      const SequenceLayout layout(kind, n, W);
+      at::Tensor q = layout.shard(seeded_randn({1, H, n, D}, 1), r, 2).requires_grad_(true);
+      at::Tensor v = layout.shard(seeded_randn({1, H, n, DV}, 2), r, 2).requires_grad_(true);
+      const CommStats s0 = comm->stats();
+      at::Tensor out = la::sequence_parallel_linear_attention(q, q, v, layout, comm,
+                                                              la::LinearAttentionMethod::kLasp2, options(true, false));
+      const CommStats s1 = comm->stats();
+      out.sum().backward();
+      const CommStats s2 = comm->stats();
+      forward.push_back(s1 - s0);
+      backward.push_back(s2 - s1);
+    }
+    const int64_t cpr = kind == LayoutKind::kZigzag ? 2 : 1;
+    const int64_t expected_bytes = (W - 1) * cpr * 1 * H * D * DV * sizeof(double);
+    for (size_t i = 0; i < forward.size(); ++i) {
+      EXPECT_EQ(forward[i].total_calls(), 1);
+      EXPECT_EQ(forward[i][OpType::kAllGather].calls, 1);
+      EXPECT_EQ(backward[i].total_calls(), 1);
+      EXPECT_EQ(backward[i][OpType::kAllGather].calls, 1);
+      EXPECT_EQ(forward[i].total_bytes_received(), expected_bytes);
+      EXPECT_EQ(backward[i].total_bytes_received(), expected_bytes);
+    }
+  }
+}
+
+TEST(LinearAttentionCommunication, AllScanVolumeIndependentOfWorldSize) {
+  auto comm = MpiCommunicator::world();
+  const int W = comm->size(), r = comm->rank();
+  const int64_t n = 16 * W;
+  const SequenceLayout layout(LayoutKind::kContiguous, n, W);
+  at::Tensor q = layout.shard(seeded_randn({1, H, n, D}, 1), r, 2);
+  const CommStats s0 = comm->stats();
+  la::sequence_parallel_linear_attention(q, q, q, layout, comm, la::LinearAttentionMethod::kLasp2AllScan,
+                                         options(true, false));
+  const CommStats d = comm->stats() - s0;
+  EXPECT_EQ(d.total_calls(), 1);
+  EXPECT_EQ(d[OpType::kExscan].calls, 1);
+  // One element (decays + state) at most, whatever W is.
+  EXPECT_LE(d.total_bytes_received(), (H + H * D * D) * int64_t(sizeof(double)));
+}
+
+}  // namespace
+}  // namespace loom
