@@ -2,6 +2,7 @@
 
 #include <mpi.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -51,17 +52,21 @@ void wait_with_watchdog(const std::function<bool()>& is_done, std::chrono::milli
                         const std::function<std::string()>& describe) {
   using clock = std::chrono::steady_clock;
   const auto start = clock::now();
-  // Spin briefly for latency, then yield, then sleep: an oversubscribed rank
-  // that busy-waits steals the core its peer needs to make progress.
+  // Spin briefly for latency, then yield, then sleep with a back-off that grows
+  // with the time already waited (1% of it, 50 us to 2 ms): an oversubscribed
+  // rank that busy-waits steals the core its peers need to make progress, and a
+  // rank parked at a barrier for seconds should cost nothing.
   for (int64_t polls = 0;; ++polls) {
     if (is_done()) return;
     if (polls < 64) continue;
-    if (polls < 4096) {
+    if (polls < 1024) {
       std::this_thread::yield();
-    } else {
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
+      continue;
     }
-    if ((polls & 63) == 0 && clock::now() - start > timeout) break;
+    const auto waited = clock::now() - start;
+    if (waited > timeout) break;
+    const auto pause = std::chrono::duration_cast<std::chrono::microseconds>(waited / 100);
+    std::this_thread::sleep_for(std::clamp(pause, std::chrono::microseconds(50), std::chrono::microseconds(2000)));
   }
   const double seconds = std::chrono::duration<double>(timeout).count();
   std::ostringstream msg;

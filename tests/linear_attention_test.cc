@@ -75,6 +75,30 @@ TEST(LinearAttentionKernel, ChunkedMatchesNaiveOnOneRank) {
   }
 }
 
+TEST(LinearAttentionKernel, SegmentsOfBlocksMatchNaive) {
+  // Blocks processed a few at a time, with the state and its gradient carried
+  // across segments, must give the same result as one segment.
+  const int64_t n = 45;
+  const at::Tensor q = seeded_randn({B, H, n, D}, 1), k = seeded_randn({B, H, n, D}, 2),
+                   v = seeded_randn({B, H, n, DV}, 3), g = seeded_randn({B, H, n, DV}, 4);
+  at::Tensor qr = q.clone().requires_grad_(true), kr = k.clone().requires_grad_(true), vr = v.clone().requires_grad_(true);
+  auto o = options(true, false);
+  const at::Tensor decay = o.decay;
+  at::Tensor ref = la::naive_linear_attention(qr, kr, vr, o);
+  (ref * g).sum().backward();
+  for (int64_t segment : {1, 2, 3, 100}) {
+    auto fwd = la::chunk_forward(q, k, v, decay, 4, segment);
+    auto [dq, dk, dv] = la::chunk_backward(q, k, v, decay, 4, fwd.block_states, g, segment);
+    EXPECT_TRUE(ReferenceCheck(0, kTol)
+                    .same("out", fwd.out, ref)
+                    .same("dq", dq, qr.grad())
+                    .same("dk", dk, kr.grad())
+                    .same("dv", dv, vr.grad())
+                    .verdict())
+        << "segment " << segment;
+  }
+}
+
 TEST(LinearAttentionKernel, SavedMemoryIsLinear) {
   // What backward keeps: q, k, v and N/C block states, nothing N x N.
   const int64_t n = 512;

@@ -37,74 +37,102 @@ at::Tensor per_head(const at::Tensor& f) { return f.unsqueeze(0).unsqueeze(2); }
 
 }  // namespace
 
+namespace {
+
+// Blocks are processed in segments small enough that a segment's score blocks
+// ([B, H, blocks, C, C]) stay in cache: about 2^18 elements per segment.
+int64_t segment_blocks(int64_t batch_heads, int64_t c) {
+  return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, batch_heads * c * c));
+}
+
+}  // namespace
+
 ChunkForwardResult chunk_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& decay, int64_t block) {
+                                 const at::Tensor& decay, int64_t block, int64_t segment) {
   at::NoGradGuard no_grad;  // a raw kernel: autograd wraps it from outside
   check_inputs(q, k, v, block);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), dk = q.size(3), dv = v.size(3);
   const int64_t C = effective_block(N, block), nb = (N + C - 1) / C;
   const BlockDecay f = block_decay(decay, H, C, q.scalar_type());
   const at::Tensor Q = to_blocks(q, nb, C), K = to_blocks(k, nb, C), V = to_blocks(v, nb, C);
-
-  at::Tensor scores = at::matmul(Q, K.transpose(-1, -2));
-  scores.mul_(per_head(f.causal));
-  at::Tensor O = at::matmul(scores, V);
-  scores.reset();
-
-  // State entering block b: S_b = lambda^C S_(b-1) + K_(b-1)^T (Lk V_(b-1)).
-  const at::Tensor block_kv = at::matmul(K.transpose(-1, -2), V * per_head(f.key));
-  at::Tensor states = at::empty({B, H, nb, dk, dv}, q.options());
-  states.select(2, 0).zero_();
+  const at::Tensor causal = per_head(f.causal), key = per_head(f.key), query = per_head(f.query);
   const at::Tensor across = f.block.unsqueeze(0);  // [1, H, 1, 1]
-  for (int64_t b = 1; b < nb; ++b) {
-    at::Tensor dst = states.select(2, b);
-    at::mul_out(dst, states.select(2, b - 1), across);
-    dst.add_(block_kv.select(2, b - 1));
+
+  at::Tensor O = at::empty({B, H, nb, C, dv}, q.options());
+  at::Tensor states = at::empty({B, H, nb, dk, dv}, q.options());
+  at::Tensor carry = at::zeros({B, H, dk, dv}, q.options());  // state entering the segment
+  const int64_t seg = segment > 0 ? segment : segment_blocks(B * H, C);
+  for (int64_t b0 = 0; b0 < nb; b0 += seg) {
+    const int64_t n = std::min(seg, nb - b0);
+    const at::Tensor Qs = Q.narrow(2, b0, n), Ks = K.narrow(2, b0, n), Vs = V.narrow(2, b0, n);
+    at::Tensor Os = O.narrow(2, b0, n);
+    // Intra-block: [(Q K^T) * D] V.
+    at::Tensor scores = at::matmul(Qs, Ks.transpose(-1, -2));
+    scores.mul_(causal);
+    at::matmul_out(Os, scores, Vs);
+    // State entering block b: S_b = lambda^C S_(b-1) + K_(b-1)^T (Lk V_(b-1)).
+    const at::Tensor block_kv = at::matmul(Ks.transpose(-1, -2), Vs * key);
+    at::Tensor st = states.narrow(2, b0, n);
+    st.select(2, 0).copy_(carry);
+    for (int64_t b = 1; b < n; ++b) {
+      at::Tensor dst = st.select(2, b);
+      at::mul_out(dst, st.select(2, b - 1), across);
+      dst.add_(block_kv.select(2, b - 1));
+    }
+    carry = st.select(2, n - 1) * across + block_kv.select(2, n - 1);
+    // Inter-block: O_b += (Lq Q_b) S_b.
+    Os.add_(at::matmul(Qs * query, st));
   }
-  if (nb > 1) O.add_(at::matmul(Q * per_head(f.query), states));
   return {from_blocks(O, N), states};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_backward(const at::Tensor& q, const at::Tensor& k,
                                                               const at::Tensor& v, const at::Tensor& decay,
                                                               int64_t block, const at::Tensor& block_states,
-                                                              const at::Tensor& grad_out) {
+                                                              const at::Tensor& grad_out, int64_t segment) {
   at::NoGradGuard no_grad;
-  const int64_t H = q.size(1), N = q.size(2);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), dk = q.size(3), dv = v.size(3);
   const int64_t C = effective_block(N, block), nb = (N + C - 1) / C;
   const BlockDecay f = block_decay(decay, H, C, q.scalar_type());
   const at::Tensor Q = to_blocks(q, nb, C), K = to_blocks(k, nb, C), V = to_blocks(v, nb, C);
   const at::Tensor dO = to_blocks(grad_out, nb, C);
   const at::Tensor causal = per_head(f.causal), key = per_head(f.key), query = per_head(f.query);
+  const at::Tensor across = f.block.unsqueeze(0);
 
-  // Intra-block: A = (Q K^T) * D, O = A V.
-  at::Tensor scores = at::matmul(Q, K.transpose(-1, -2));
-  scores.mul_(causal);
-  at::Tensor dV = at::matmul(scores.transpose(-1, -2), dO);
-  at::Tensor dA = at::matmul(dO, V.transpose(-1, -2));
-  dA.mul_(causal);
-  scores = dA;  // reuse the name: only dA is needed from here
-  at::Tensor dQ = at::matmul(dA, K);
-  at::Tensor dK = at::matmul(dA.transpose(-1, -2), Q);
-  scores.reset();
-  dA.reset();
-
-  if (nb > 1) {
-    // Inter-block: O_b += (Lq Q_b) S_b.
-    dQ.add_(at::matmul(dO, block_states.transpose(-1, -2)).mul_(query));
-    // G_b = dL/dS_b = (Lq Q_b)^T dO_b; R_b = sum_{c > b} lambda^(C(c-1-b)) G_c is the
-    // gradient reaching block b's keys and values through later states.
-    const at::Tensor G = at::matmul((Q * query).transpose(-1, -2), dO);
+  at::Tensor dQ = at::empty({B, H, nb, C, dk}, q.options());
+  at::Tensor dK = at::empty({B, H, nb, C, dk}, q.options());
+  at::Tensor dV = at::empty({B, H, nb, C, dv}, q.options());
+  // carry = R of the block before the segment: the gradient reaching it through
+  // every later state, R_b = sum_{c > b} lambda^(C(c-1-b)) G_c, G_c = (Lq Q_c)^T dO_c.
+  at::Tensor carry = at::zeros({B, H, dk, dv}, q.options());
+  const int64_t seg = segment > 0 ? segment : segment_blocks(B * H, C);
+  const int64_t last_start = ((nb - 1) / seg) * seg;
+  for (int64_t b0 = last_start; b0 >= 0; b0 -= seg) {
+    const int64_t n = std::min(seg, nb - b0);
+    const at::Tensor Qs = Q.narrow(2, b0, n), Ks = K.narrow(2, b0, n), Vs = V.narrow(2, b0, n);
+    const at::Tensor dOs = dO.narrow(2, b0, n), st = block_states.narrow(2, b0, n);
+    at::Tensor dQs = dQ.narrow(2, b0, n), dKs = dK.narrow(2, b0, n), dVs = dV.narrow(2, b0, n);
+    // Intra-block: A = (Q K^T) * D, O = A V.
+    at::Tensor scores = at::matmul(Qs, Ks.transpose(-1, -2));
+    scores.mul_(causal);
+    at::matmul_out(dVs, scores.transpose(-1, -2), dOs);
+    at::Tensor dA = at::matmul(dOs, Vs.transpose(-1, -2));
+    dA.mul_(causal);
+    at::matmul_out(dQs, dA, Ks);
+    at::matmul_out(dKs, dA.transpose(-1, -2), Qs);
+    // Inter-block.
+    dQs.add_(at::matmul(dOs, st.transpose(-1, -2)).mul_(query));
+    const at::Tensor G = at::matmul((Qs * query).transpose(-1, -2), dOs);
     at::Tensor R = at::empty_like(G);
-    R.select(2, nb - 1).zero_();
-    const at::Tensor across = f.block.unsqueeze(0);
-    for (int64_t b = nb - 2; b >= 0; --b) {
+    R.select(2, n - 1).copy_(carry);
+    for (int64_t b = n - 2; b >= 0; --b) {
       at::Tensor dst = R.select(2, b);
       at::mul_out(dst, R.select(2, b + 1), across);
       dst.add_(G.select(2, b + 1));
     }
-    dK.add_(at::matmul(V, R.transpose(-1, -2)).mul_(key));
-    dV.add_(at::matmul(K, R).mul_(key));
+    carry = R.select(2, 0) * across + G.select(2, 0);
+    dKs.add_(at::matmul(Vs, R.transpose(-1, -2)).mul_(key));
+    dVs.add_(at::matmul(Ks, R).mul_(key));
   }
   return {from_blocks(dQ, N), from_blocks(dK, N), from_blocks(dV, N)};
 }

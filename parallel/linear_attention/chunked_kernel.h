@@ -27,14 +27,16 @@ struct ChunkForwardResult {
   at::Tensor block_states;  // [B, H, nb, d_k, d_v]: state entering each block
 };
 
+// `segment`: blocks processed together (their C x C scores live at once);
+// 0 picks a size that keeps a segment's scores in cache.
 ChunkForwardResult chunk_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& decay, int64_t block);
+                                 const at::Tensor& decay, int64_t block, int64_t segment = 0);
 
 // Gradients of sum(out * grad_out) with respect to q, k, v.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_backward(const at::Tensor& q, const at::Tensor& k,
                                                               const at::Tensor& v, const at::Tensor& decay,
                                                               int64_t block, const at::Tensor& block_states,
-                                                              const at::Tensor& grad_out);
+                                                              const at::Tensor& grad_out, int64_t segment = 0);
 
 // Differentiable single-rank chunked linear attention (no normaliser).
 at::Tensor chunked_linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

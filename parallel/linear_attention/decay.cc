@@ -24,15 +24,21 @@ at::Tensor decay_powers(const at::Tensor& decay, int64_t num_heads, const at::Te
   return at::exp(log_lam * exponents.to(at::kDouble).unsqueeze(0)).to(dtype);
 }
 
-BlockDecay block_decay(const at::Tensor& decay, int64_t num_heads, int64_t n, at::ScalarType dtype) {
+BlockDecay chunk_decay(const at::Tensor& decay, int64_t num_heads, int64_t n, at::ScalarType dtype) {
   const at::Tensor t = at::arange(n, at::kDouble);
   BlockDecay d;
   d.query = decay_powers(decay, num_heads, t + 1, dtype).unsqueeze(-1);
   d.key = decay_powers(decay, num_heads, (n - 1) - t, dtype).unsqueeze(-1);
+  d.block = decay_powers(decay, num_heads, at::full({1, 1}, static_cast<double>(n), at::kDouble), dtype);
+  return d;
+}
+
+BlockDecay block_decay(const at::Tensor& decay, int64_t num_heads, int64_t n, at::ScalarType dtype) {
+  BlockDecay d = chunk_decay(decay, num_heads, n, dtype);
+  const at::Tensor t = at::arange(n, at::kDouble);
   const at::Tensor diff = t.unsqueeze(1) - t.unsqueeze(0);  // i - j
   const at::Tensor lower = diff.ge(0);
   d.causal = decay_powers(decay, num_heads, diff.clamp_min(0), dtype) * lower.to(dtype).unsqueeze(0);
-  d.block = decay_powers(decay, num_heads, at::full({1, 1}, static_cast<double>(n), at::kDouble), dtype);
   return d;
 }
 

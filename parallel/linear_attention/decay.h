@@ -34,4 +34,8 @@ struct BlockDecay {
 };
 BlockDecay block_decay(const at::Tensor& decay, int64_t num_heads, int64_t n, at::ScalarType dtype);
 
+// The same without the n x n causal factor (for chunks of a layout, which can
+// be long: O(n) work and memory, not O(n^2)).
+BlockDecay chunk_decay(const at::Tensor& decay, int64_t num_heads, int64_t n, at::ScalarType dtype);
+
 }  // namespace loom::linear_attention

@@ -29,7 +29,7 @@ struct ChunkFactors {
   at::Tensor across; // [H]: lambda^L
 };
 ChunkFactors chunk_factors(const at::Tensor& decay, int64_t heads, int64_t len, at::ScalarType dtype) {
-  const BlockDecay f = block_decay(decay, heads, len, dtype);
+  const BlockDecay f = chunk_decay(decay, heads, len, dtype);
   return {f.query.unsqueeze(0), f.key.unsqueeze(0), f.block.reshape({heads})};
 }
 

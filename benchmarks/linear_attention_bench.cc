@@ -1,0 +1,193 @@
+// Linear attention benchmark (one operator, not a model):
+//  1. one rank, one thread: chunked (Lightning-2 tiling) vs naive quadratic
+//     forward+backward at N = 1K..64K: time, tokens/s, peak tensor memory and
+//     achieved GFLOP/s next to the same-run float32 matmul GFLOP/s;
+//  2. 1, 2, 4 ranks: the bytes and calls the communicator counts for LASP-2,
+//     LASP-2 all-scan and LASP-1, in both layouts, at two lengths.
+// Ratios are measured in the same run; nothing is compared with numbers from
+// another machine or run.
+//   mpirun -np 4 --oversubscribe build/benchmarks/loom-linear-attention-bench
+#include <ATen/Parallel.h>
+#include <CLI/CLI.hpp>
+
+#include <cmath>
+#include <iostream>
+
+#include "bench_util.h"
+#include "parallel/linear_attention/decay.h"
+#include "parallel/linear_attention/lasp.h"
+#include "runtime/memory_tracker.h"
+#include "runtime/mpi_communicator.h"
+
+namespace la = loom::linear_attention;
+using loom::bench::mib;
+using loom::bench::time_it;
+
+namespace {
+
+// Nominal FLOPs of chunked forward+backward per (batch, head) with block C
+// (masked halves of the C x C blocks included), from chunked_kernel.cc:
+// forward 2NC(dk+dv) + 4N dk dv, backward 2NC(3dk+2dv) + 8N dk dv.
+double chunked_flops(int64_t n, int64_t c, int64_t dk, int64_t dv) {
+  const double N = n, C = c;
+  return 2 * N * C * (dk + dv) + 4 * N * dk * dv + 2 * N * C * (3 * dk + 2 * dv) + 8 * N * dk * dv;
+}
+
+struct Measured {
+  double seconds = 0;
+  int64_t peak_bytes = 0;
+};
+
+Measured measure(const std::function<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>& op,
+                 int64_t heads, int64_t n, int64_t d, int reps) {
+  at::Tensor q = (at::randn({1, heads, n, d}) * 0.1).requires_grad_(true);
+  at::Tensor k = (at::randn({1, heads, n, d}) * 0.1).requires_grad_(true);
+  at::Tensor v = at::randn({1, heads, n, d}).requires_grad_(true);
+  const at::Tensor g = at::randn({1, heads, n, d});
+  auto step = [&] {
+    q.mutable_grad().reset();
+    k.mutable_grad().reset();
+    v.mutable_grad().reset();
+    op(q, k, v).backward(g);
+  };
+  step();  // warm-up, outside the peak
+  loom::MemoryTracker::reset_peak();
+  const int64_t base = loom::MemoryTracker::current_bytes();
+  const auto t = time_it(step, 0, reps);
+  return {t.median_s, loom::MemoryTracker::peak_bytes() - base};
+}
+
+void single_rank_study(int64_t max_n, int64_t naive_max_n, int64_t heads, int64_t d, int reps) {
+  std::printf("== one rank, one thread: chunked vs naive linear attention, B=1 H=%ld d_k=d_v=%ld, float32 ==\n",
+              static_cast<long>(heads), static_cast<long>(d));
+  const double peak_gflops = loom::bench::matmul_gflops();
+  std::printf("same-run matmul 2048x2048x2048 float32: %.1f GFLOP/s\n\n", peak_gflops);
+
+  la::LinearAttentionOptions opt;
+  opt.decay = la::default_decay(heads);
+  // Block size: the best of a few at N = 8K (bigger blocks do more masked
+  // work but run the small matmuls more efficiently).
+  int64_t best_block = 64;
+  double best_time = 1e30;
+  const int64_t sweep_n = std::min<int64_t>(8192, max_n);
+  std::printf("block sweep at N=%ld:", static_cast<long>(sweep_n));
+  for (int64_t c : {32, 64, 128, 256}) {
+    opt.block_size = c;
+    const Measured m = measure([&](auto& q, auto& k, auto& v) { return la::linear_attention(q, k, v, opt); }, heads,
+                               sweep_n, d, reps);
+    const double gf = heads * chunked_flops(sweep_n, c, d, d) / m.seconds / 1e9;
+    std::printf("  C=%ld %.1f ms (%.1f GFLOP/s)", static_cast<long>(c), m.seconds * 1e3, gf);
+    if (m.seconds < best_time) best_time = m.seconds, best_block = c;
+  }
+  std::printf("\nusing block C=%ld\n\n", static_cast<long>(best_block));
+  opt.block_size = best_block;
+
+  std::printf("%8s | %12s %12s %10s %9s %8s | %12s %10s\n", "N", "chunked ms", "tokens/s", "peak MiB", "GFLOP/s",
+              "% mm", "naive ms", "peak MiB");
+  double t8k = 0, t64k = 0, m8k = 0, m64k = 0;
+  for (int64_t n = 1024; n <= max_n; n *= 2) {
+    const Measured c = measure([&](auto& q, auto& k, auto& v) { return la::linear_attention(q, k, v, opt); }, heads,
+                               n, d, reps);
+    const double gf = heads * chunked_flops(n, best_block, d, d) / c.seconds / 1e9;
+    std::printf("%8ld | %12.2f %12.0f %10.1f %9.1f %7.1f%% |", static_cast<long>(n), c.seconds * 1e3, n / c.seconds,
+                mib(c.peak_bytes), gf, 100.0 * gf / peak_gflops);
+    if (n <= naive_max_n) {
+      const Measured nv = measure(
+          [&](auto& q, auto& k, auto& v) { return la::naive_linear_attention(q, k, v, opt); }, heads, n, d, reps);
+      std::printf(" %12.2f %10.1f\n", nv.seconds * 1e3, mib(nv.peak_bytes));
+    } else {
+      std::printf(" %12s %10s\n", "-", "-");
+    }
+    if (n == 8192) t8k = c.seconds, m8k = static_cast<double>(c.peak_bytes);
+    if (n == 65536) t64k = c.seconds, m64k = static_cast<double>(c.peak_bytes);
+  }
+  if (t8k > 0 && t64k > 0)
+    std::printf("\nchunked time(64K)/time(8K) = %.2f (8x the tokens; linear scaling is 8, target <= 9)\n"
+                "chunked peak memory(64K)/(8K) = %.2f (linear is 8)\n",
+                t64k / t8k, m64k / m8k);
+  std::printf("\n");
+}
+
+void communication_study(const std::shared_ptr<loom::MpiCommunicator>& world, int64_t tokens_per_rank,
+                         int64_t heads, int64_t d) {
+  if (world->rank() == 0)
+    std::printf("== communication per rank per layer call (B=1 H=%ld d_k=d_v=%ld float32, counted) ==\n"
+                "%3s %-10s %-14s %8s | %9s %12s | %9s %12s | %10s\n",
+                static_cast<long>(heads), static_cast<long>(d), "W", "layout", "method", "N", "fwd calls",
+                "fwd recv B", "bwd calls", "bwd recv B", "fwd+bwd ms");
+  for (int w : {1, 2, 4}) {
+    if (w > world->size()) break;
+    auto sub = world->split(world->rank() < w ? 0 : -1, world->rank());
+    if (sub) {
+      for (auto kind : {loom::LayoutKind::kContiguous, loom::LayoutKind::kZigzag}) {
+        for (auto method : {la::LinearAttentionMethod::kLasp2, la::LinearAttentionMethod::kLasp2AllScan,
+                            la::LinearAttentionMethod::kLasp1}) {
+          for (int64_t scale : {1, 4}) {
+            const int64_t n = tokens_per_rank * w * scale;
+            const loom::SequenceLayout layout(kind, n, w);
+            la::LinearAttentionOptions opt;
+            opt.decay = la::default_decay(heads);
+            opt.block_size = 64;
+            at::Tensor q = (at::randn({1, heads, layout.local_len(), d}) * 0.1).requires_grad_(true);
+            at::Tensor v = at::randn({1, heads, layout.local_len(), d}).requires_grad_(true);
+            // All-scan also scans over the reversed communicator: count both.
+            auto counted = [&] { return std::make_pair(sub->stats(), sub->reversed()->stats()); };
+            const auto c0 = counted();
+            const auto start = std::chrono::steady_clock::now();
+            at::Tensor out = la::sequence_parallel_linear_attention(q, q, v, layout, sub, method, opt);
+            const auto c1 = counted();
+            out.sum().backward();
+            const double ms =
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() * 1e3;
+            const auto c2 = counted();
+            const loom::CommStats fwd = c1.first - c0.first, bwd = c2.first - c1.first;
+            const loom::CommStats fwd_rev = c1.second - c0.second, bwd_rev = c2.second - c1.second;
+            // The busiest rank of the group: scans and chains are not symmetric.
+            at::Tensor row = at::tensor({fwd.total_calls() + fwd_rev.total_calls(),
+                                         fwd.total_bytes_received() + fwd_rev.total_bytes_received(),
+                                         bwd.total_calls() + bwd_rev.total_calls(),
+                                         bwd.total_bytes_received() + bwd_rev.total_bytes_received(),
+                                         static_cast<int64_t>(ms * 1000)},
+                                        at::kLong);
+            sub->all_reduce(row, loom::ReduceOp::kMax)->wait();
+            const auto* r = row.data_ptr<int64_t>();
+            if (sub->rank() == 0)
+              std::printf("%3d %-10s %-14s %8ld | %9ld %12ld | %9ld %12ld | %10.1f\n", w,
+                          loom::layout_kind_name(kind), la::method_name(method), static_cast<long>(n),
+                          static_cast<long>(r[0]), static_cast<long>(r[1]), static_cast<long>(r[2]),
+                          static_cast<long>(r[3]), r[4] / 1000.0);
+          }
+        }
+      }
+    }
+    world->barrier()->wait();
+  }
+  if (world->rank() == 0)
+    std::printf("(maximum over the ranks of each group; LASP-2 formula: (W-1) * chunks_per_rank * B*H*d_k*d_v * 4 bytes, "
+                "independent of N)\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  loom::bench::keep_freed_memory();
+  loom::MpiEnvironment mpi(&argc, &argv);
+  CLI::App app{"Linear attention benchmark: chunked vs naive on one rank, LASP communication on 1/2/4 ranks"};
+  int64_t max_n = 65536, naive_max_n = 8192, heads = 4, d = 64, comm_tokens = 1024;
+  int reps = 3, threads = 1;
+  app.add_option("--max-n", max_n, "Longest sequence of the one-rank study");
+  app.add_option("--naive-max-n", naive_max_n, "Longest sequence for the naive quadratic reference");
+  app.add_option("--heads", heads, "Heads");
+  app.add_option("--dim", d, "Head dimension (d_k = d_v)");
+  app.add_option("--reps", reps, "Timed repetitions (median reported)");
+  app.add_option("--threads", threads, "Intra-op threads per rank");
+  app.add_option("--comm-tokens", comm_tokens, "Tokens per rank in the communication study");
+  CLI11_PARSE(app, argc, argv);
+  at::set_num_threads(threads);
+  loom::MemoryTracker::install();
+  auto world = loom::MpiCommunicator::world();
+  if (world->rank() == 0) single_rank_study(max_n, naive_max_n, heads, d, reps);
+  world->barrier()->wait();
+  communication_study(world, comm_tokens, heads, d);
+  return 0;
+}

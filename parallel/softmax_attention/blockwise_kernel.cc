@@ -1,0 +1,166 @@
+#include "parallel/softmax_attention/blockwise_kernel.h"
+
+#include <cmath>
+#include <limits>
+
+namespace loom::softmax_attention {
+namespace {
+
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+void check_pair(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q, k, v must be [B, H, L, d], got ",
+              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(k.sizes() == v.sizes(), "attention: k ", k.sizes(), " and v ", v.sizes(), " must match");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), "attention: q ", q.sizes(), " and k ", k.sizes(),
+              " differ in batch or head dim");
+  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, "attention: ", q.size(1),
+              " query heads are not a multiple of ", k.size(1), " key/value heads (GQA)");
+}
+
+// Visibility of keys [k0, k0+lk) to queries [q0, q0+lq): [lq, lk] bool, or
+// undefined when everything is visible.
+at::Tensor visibility(int64_t q0, int64_t lq, int64_t k0, int64_t lk, const AttentionSpec& spec) {
+  const bool all_visible = k0 >= 0 && k0 + lk - 1 <= q0 && (spec.window <= 0 || k0 > q0 + lq - 1 - spec.window);
+  if (all_visible) return at::Tensor();
+  const at::Tensor qp = at::arange(q0, q0 + lq, at::kLong).unsqueeze(1);
+  const at::Tensor kp = at::arange(k0, k0 + lk, at::kLong).unsqueeze(0);
+  at::Tensor vis = kp.le(qp).logical_and(kp.ge(0));
+  if (spec.window > 0) vis = vis.logical_and(kp.gt(qp - spec.window));
+  return vis;
+}
+
+// Grouped views for GQA: q [B, Hkv, G, L, d], k/v [B, Hkv, 1, L, d].
+at::Tensor group_q(const at::Tensor& q, int64_t hkv) {
+  return q.reshape({q.size(0), hkv, q.size(1) / hkv, q.size(2), q.size(3)});
+}
+
+}  // namespace
+
+double AttentionSpec::resolved_scale(int64_t head_dim) const {
+  return scale > 0 ? scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
+}
+
+at::ScalarType accumulation_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Partial empty_partial(const at::Tensor& q) {
+  const auto acc = at::TensorOptions().dtype(accumulation_dtype(q.scalar_type())).device(q.device());
+  return {at::zeros(q.sizes(), acc), at::full({q.size(0), q.size(1), q.size(2)}, kNegInf, acc)};
+}
+
+bool pair_fully_masked(int64_t q_start, int64_t lq, int64_t k_start, int64_t lk, const AttentionSpec& spec) {
+  const int64_t q_last = q_start + lq - 1, k_last = k_start + lk - 1;
+  if (lq == 0 || lk == 0) return true;
+  if (k_start > q_last) return true;  // all keys in the future
+  if (k_last < 0) return true;        // all keys before the sequence
+  if (spec.window > 0 && k_last <= q_start - spec.window) return true;  // all outside every window
+  return false;
+}
+
+Partial attend_pair(const at::Tensor& q, int64_t q_start, const at::Tensor& k, const at::Tensor& v, int64_t k_start,
+                    const AttentionSpec& spec) {
+  check_pair(q, k, v);
+  at::NoGradGuard no_grad;
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), d = q.size(3), Hkv = k.size(1), Lk = k.size(2);
+  const int64_t G = Hq / Hkv, blk = std::max<int64_t>(1, spec.block);
+  const double scale = spec.resolved_scale(d);
+  const at::ScalarType acc = accumulation_dtype(q.scalar_type());
+  const at::Tensor qg = group_q(q, Hkv).to(acc);
+  const at::Tensor kg = k.to(acc).unsqueeze(2), vg = v.to(acc).unsqueeze(2);
+  at::Tensor out = at::zeros({B, Hkv, G, Lq, d}, qg.options());
+  at::Tensor lse = at::full({B, Hkv, G, Lq}, kNegInf, qg.options());
+
+  for (int64_t t0 = 0; t0 < Lq; t0 += blk) {
+    const int64_t bq = std::min(blk, Lq - t0);
+    const at::Tensor qb = qg.narrow(3, t0, bq) * scale;
+    at::Tensor o = at::zeros({B, Hkv, G, bq, d}, qg.options());
+    at::Tensor m = at::full({B, Hkv, G, bq}, kNegInf, qg.options());
+    at::Tensor l = at::zeros({B, Hkv, G, bq}, qg.options());
+    for (int64_t s0 = 0; s0 < Lk; s0 += blk) {
+      const int64_t bk = std::min(blk, Lk - s0);
+      if (pair_fully_masked(q_start + t0, bq, k_start + s0, bk, spec)) continue;
+      at::Tensor scores = at::matmul(qb, kg.narrow(3, s0, bk).transpose(-1, -2));  // [B,Hkv,G,bq,bk]
+      const at::Tensor vis = visibility(q_start + t0, bq, k_start + s0, bk, spec);
+      if (vis.defined()) scores.masked_fill_(vis.logical_not(), kNegInf);
+      const at::Tensor m_new = at::maximum(m, std::get<0>(scores.max(-1)));
+      // Rows with nothing visible yet keep m = -inf: shift by 0 there instead.
+      const at::Tensor shift = at::where(at::isinf(m_new), at::zeros_like(m_new), m_new);
+      const at::Tensor p = at::exp(scores - shift.unsqueeze(-1));
+      const at::Tensor rescale = at::exp(m - shift);
+      l = l * rescale + p.sum(-1);
+      o = o * rescale.unsqueeze(-1) + at::matmul(p, vg.narrow(3, s0, bk));
+      m = m_new;
+    }
+    const at::Tensor seen = l.gt(0);
+    out.narrow(3, t0, bq).copy_(at::where(seen.unsqueeze(-1), o / l.clamp_min(1e-300).unsqueeze(-1), at::zeros_like(o)));
+    lse.narrow(3, t0, bq).copy_(at::where(seen, m + at::log(l.clamp_min(1e-300)), at::full_like(m, kNegInf)));
+  }
+  return {out.reshape({B, Hq, Lq, d}), lse.reshape({B, Hq, Lq})};
+}
+
+void merge_partial(Partial& acc, const Partial& part) {
+  at::NoGradGuard no_grad;
+  const at::Tensor hi = at::maximum(acc.lse, part.lse);
+  const at::Tensor lo = at::minimum(acc.lse, part.lse);
+  const at::Tensor finite = at::isfinite(hi);
+  // lse = hi + log1p(exp(lo - hi)); both -inf stays -inf.
+  const at::Tensor merged =
+      at::where(finite, hi + at::log1p(at::exp(lo - at::where(finite, hi, at::zeros_like(hi)))), hi);
+  const at::Tensor safe = at::where(at::isfinite(merged), merged, at::zeros_like(merged));
+  const at::Tensor wa = at::exp(acc.lse - safe).unsqueeze(-1), wb = at::exp(part.lse - safe).unsqueeze(-1);
+  acc.out = acc.out * wa + part.out.to(acc.out.scalar_type()) * wb;
+  acc.lse = merged;
+}
+
+void attend_pair_backward(const at::Tensor& q, int64_t q_start, const at::Tensor& k, const at::Tensor& v,
+                          int64_t k_start, const AttentionSpec& spec, const at::Tensor& lse, const at::Tensor& dout,
+                          const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  check_pair(q, k, v);
+  at::NoGradGuard no_grad;
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), d = q.size(3), Hkv = k.size(1), Lk = k.size(2);
+  const int64_t G = Hq / Hkv, blk = std::max<int64_t>(1, spec.block);
+  const double scale = spec.resolved_scale(d);
+  const at::ScalarType acc = accumulation_dtype(q.scalar_type());
+  const at::Tensor qg = group_q(q, Hkv).to(acc), dog = group_q(dout, Hkv).to(acc);
+  const at::Tensor lseg = lse.reshape({B, Hkv, G, Lq}).to(acc), deltag = delta.reshape({B, Hkv, G, Lq}).to(acc);
+  const at::Tensor kg = k.to(acc).unsqueeze(2), vg = v.to(acc).unsqueeze(2);
+  at::Tensor dqg = group_q(dq, Hkv);  // a view of dq: writes land in dq
+  TORCH_CHECK(dqg.is_alias_of(dq), "attention backward: dq must be contiguous");
+
+  for (int64_t t0 = 0; t0 < Lq; t0 += blk) {
+    const int64_t bq = std::min(blk, Lq - t0);
+    const at::Tensor qb = qg.narrow(3, t0, bq), dob = dog.narrow(3, t0, bq);
+    const at::Tensor lb = lseg.narrow(3, t0, bq), db = deltag.narrow(3, t0, bq);
+    const at::Tensor l_safe = at::where(at::isinf(lb), at::zeros_like(lb), lb).unsqueeze(-1);
+    for (int64_t s0 = 0; s0 < Lk; s0 += blk) {
+      const int64_t bk = std::min(blk, Lk - s0);
+      if (pair_fully_masked(q_start + t0, bq, k_start + s0, bk, spec)) continue;
+      const at::Tensor kb = kg.narrow(3, s0, bk), vb = vg.narrow(3, s0, bk);
+      at::Tensor scores = at::matmul(qb, kb.transpose(-1, -2)) * scale;
+      const at::Tensor vis = visibility(q_start + t0, bq, k_start + s0, bk, spec);
+      if (vis.defined()) scores.masked_fill_(vis.logical_not(), kNegInf);
+      const at::Tensor p = at::exp(scores - l_safe);  // masked entries: exp(-inf) = 0
+      dv.narrow(2, s0, bk).add_(at::matmul(p.transpose(-1, -2), dob).sum(2));
+      const at::Tensor dp = at::matmul(dob, vb.transpose(-1, -2));
+      const at::Tensor ds = p * (dp - db.unsqueeze(-1));
+      dqg.narrow(3, t0, bq).add_(at::matmul(ds, kb) * scale);
+      dk.narrow(2, s0, bk).add_(at::matmul(ds.transpose(-1, -2), qb).sum(2) * scale);
+    }
+  }
+}
+
+std::pair<at::Tensor, at::Tensor> naive_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  const AttentionSpec& spec) {
+  check_pair(q, k, v);
+  const int64_t Hkv = k.size(1), G = q.size(1) / Hkv, n = q.size(2);
+  const at::Tensor ke = k.repeat_interleave(G, 1), ve = v.repeat_interleave(G, 1);
+  at::Tensor scores = at::matmul(q, ke.transpose(-1, -2)) * spec.resolved_scale(q.size(3));
+  const at::Tensor vis = visibility(0, n, 0, k.size(2), spec);
+  if (vis.defined()) scores = scores.masked_fill(vis.logical_not(), kNegInf);
+  const at::Tensor lse = at::logsumexp(scores, -1);
+  return {at::matmul(at::softmax(scores, -1), ve), lse};
+}
+
+}  // namespace loom::softmax_attention

@@ -1,0 +1,66 @@
+// Blockwise causal softmax attention on positioned chunks (the FlashAttention-2
+// algorithm in libtorch ops), the building block of local, ring, all-gather,
+// sliding-window and offloaded attention.
+//
+// A query chunk q [B, Hq, Lq, d] holds the tokens at global positions
+// q_start .. q_start+Lq-1; a key/value chunk k, v [B, Hkv, Lk, d] those at
+// k_start .. k_start+Lk-1. Key j is visible to query i when
+//   0 <= pos_j <= pos_i   and, with window w > 0,   pos_j > pos_i - w.
+// (Negative key positions are the zero halo before the sequence start.)
+// GQA: Hq = G * Hkv; query head h reads key head h / G.
+//
+// Forward walks query blocks x key blocks with an online softmax and returns a
+// normalised partial result (out, lse) for the pair; pairs merge with
+// merge_partial() in float32 or wider (never in the input's bf16):
+//   lse = max + log1p(exp(min - max)),  out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b.
+// Rows that see no key of the pair have lse = -inf and out = 0, and merge
+// exactly. Backward recomputes scores block by block from q, k, v, the final
+// out/lse of the query rows and dout, and accumulates dq, dk, dv.
+// Memory: O(L * block), never a full score matrix. Blocks fully in the future
+// (or outside the window) are skipped, so causal work is about half.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace loom::softmax_attention {
+
+struct AttentionSpec {
+  double scale = 0;      // softmax scale; 0 means 1/sqrt(d)
+  int64_t window = 0;    // 0: full causal; w > 0: the last w positions (itself included)
+  int64_t block = 128;   // query and key block of the kernel
+  double resolved_scale(int64_t head_dim) const;
+};
+
+// The dtype partial results and merges use: float32, or float64 for float64 inputs.
+at::ScalarType accumulation_dtype(at::ScalarType input);
+
+struct Partial {
+  at::Tensor out;  // [B, Hq, Lq, d], accumulation dtype
+  at::Tensor lse;  // [B, Hq, Lq], accumulation dtype; -inf where nothing was visible
+};
+
+// An empty partial (lse = -inf) for a query chunk.
+Partial empty_partial(const at::Tensor& q);
+
+// True when no key of the pair is visible to any query of the pair.
+bool pair_fully_masked(int64_t q_start, int64_t lq, int64_t k_start, int64_t lk, const AttentionSpec& spec);
+
+Partial attend_pair(const at::Tensor& q, int64_t q_start, const at::Tensor& k, const at::Tensor& v, int64_t k_start,
+                    const AttentionSpec& spec);
+
+// acc := merge(acc, part), in place.
+void merge_partial(Partial& acc, const Partial& part);
+
+// Backward of one pair. out/lse are the query rows' final (fully merged)
+// results; delta = rowsum(dout * out) [B, Hq, Lq]. Adds into dq [B, Hq, Lq, d],
+// dk, dv [B, Hkv, Lk, d] (accumulation dtype).
+void attend_pair_backward(const at::Tensor& q, int64_t q_start, const at::Tensor& k, const at::Tensor& v,
+                          int64_t k_start, const AttentionSpec& spec, const at::Tensor& lse, const at::Tensor& dout,
+                          const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv);
+
+// The definition with full masked matrices over one contiguous sequence
+// starting at position 0 (the reference of the tests): returns {out, lse}.
+std::pair<at::Tensor, at::Tensor> naive_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  const AttentionSpec& spec);
+
+}  // namespace loom::softmax_attention
