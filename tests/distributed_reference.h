@@ -21,7 +21,7 @@ namespace loom::testing {
 // Identical on every rank: a fresh generator seeded with `seed`.
 at::Tensor seeded_randn(at::IntArrayRef sizes, uint64_t seed, at::ScalarType dtype = at::kDouble);
 
-// max|actual - expected| / max(max|expected|, 1e-300) <= rtol, with a message
+// max|actual - expected| / max(max|expected|, 1e-3) <= rtol, with a message
 // naming `what`, the rank, the error and the location of the worst element.
 ::testing::AssertionResult tensors_close(const at::Tensor& actual, const at::Tensor& expected, double rtol,
                                          const std::string& what);

@@ -1,0 +1,23 @@
+// Short causal depthwise convolution across ranks (BASED's BaseConv core):
+//   y[t, c] = bias[c] + sum_{i=0}^{K-1} weight[c, i] * x[t - (K-1) + i, c]
+// with zeros before the sequence start. Each chunk of the layout needs the
+// last K-1 tokens of the chunk before it: a halo exchange (differentiable: its
+// backward returns the halo gradient to the owner). Exact at any world size.
+// x [B, n, C] (sequence on dim 1, this rank's shard), weight [C, K], bias [C]
+// or undefined. Collective over `comm`.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "runtime/communicator.h"
+#include "runtime/sequence_layout.h"
+
+namespace loom {
+
+at::Tensor causal_depthwise_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                 const SequenceLayout& layout, const CommPtr& comm);
+
+// The same on one whole sequence with zero left padding: the reference.
+at::Tensor naive_causal_depthwise_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
+
+}  // namespace loom

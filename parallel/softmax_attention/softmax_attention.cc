@@ -1,0 +1,342 @@
+#include "parallel/softmax_attention/softmax_attention.h"
+
+#include <torch/autograd.h>
+
+#include <algorithm>
+#include <cctype>
+
+#include "runtime/differentiable_collectives.h"
+#include "runtime/error.h"
+
+namespace loom::softmax_attention {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+const char* method_name(SoftmaxMethod method) {
+  switch (method) {
+    case SoftmaxMethod::kLocal: return "local";
+    case SoftmaxMethod::kRing: return "ring";
+    case SoftmaxMethod::kAllGather: return "allgather";
+    case SoftmaxMethod::kOffload: return "offload";
+  }
+  return "?";
+}
+
+SoftmaxMethod parse_method(const std::string& name) {
+  std::string lower(name);
+  std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (lower == "local") return SoftmaxMethod::kLocal;
+  if (lower == "ring") return SoftmaxMethod::kRing;
+  if (lower == "allgather") return SoftmaxMethod::kAllGather;
+  if (lower == "offload") return SoftmaxMethod::kOffload;
+  throw ConfigError("softmax attention method '" + name + "': allowed values are local, ring, allgather, offload");
+}
+
+namespace {
+
+// Global start positions of a rank's chunks, in local order.
+std::vector<int64_t> chunk_starts(const SequenceLayout& layout, int rank) {
+  std::vector<int64_t> starts;
+  for (int64_t c : layout.chunks_of(rank)) starts.push_back(layout.chunk_start(c));
+  return starts;
+}
+
+AttentionSpec spec_from(AutogradContext* ctx) {
+  AttentionSpec spec;
+  spec.scale = ctx->saved_data["scale"].toDouble();
+  spec.window = ctx->saved_data["window"].toInt();
+  spec.block = ctx->saved_data["block"].toInt();
+  return spec;
+}
+
+void save_spec(AutogradContext* ctx, const AttentionSpec& spec) {
+  ctx->saved_data["scale"] = spec.scale;
+  ctx->saved_data["window"] = spec.window;
+  ctx->saved_data["block"] = spec.block;
+}
+
+// Local query chunks against one rank's key/value chunks (all of length L),
+// merged into `partials`. Fully-future chunk pairs are skipped.
+void forward_against(const at::Tensor& q, const std::vector<int64_t>& q_starts, const at::Tensor& k,
+                     const at::Tensor& v, const std::vector<int64_t>& kv_starts, int64_t L, const AttentionSpec& spec,
+                     std::vector<Partial>& partials) {
+  for (size_t i = 0; i < q_starts.size(); ++i)
+    for (size_t j = 0; j < kv_starts.size(); ++j) {
+      if (pair_fully_masked(q_starts[i], L, kv_starts[j], L, spec)) continue;
+      merge_partial(partials[i], attend_pair(q.narrow(2, i * L, L), q_starts[i], k.narrow(2, j * L, L),
+                                             v.narrow(2, j * L, L), kv_starts[j], spec));
+    }
+}
+
+// Backward of forward_against: adds into dq[i] (per local chunk) and dk, dv.
+void backward_against(const at::Tensor& q, const std::vector<int64_t>& q_starts, const at::Tensor& k,
+                      const at::Tensor& v, const std::vector<int64_t>& kv_starts, int64_t L, const AttentionSpec& spec,
+                      const at::Tensor& lse, const at::Tensor& dout, const at::Tensor& delta,
+                      std::vector<at::Tensor>& dq, at::Tensor dk, at::Tensor dv) {
+  for (size_t i = 0; i < q_starts.size(); ++i)
+    for (size_t j = 0; j < kv_starts.size(); ++j) {
+      if (pair_fully_masked(q_starts[i], L, kv_starts[j], L, spec)) continue;
+      at::Tensor dk_j = dk.narrow(2, j * L, L), dv_j = dv.narrow(2, j * L, L);
+      attend_pair_backward(q.narrow(2, i * L, L), q_starts[i], k.narrow(2, j * L, L), v.narrow(2, j * L, L),
+                           kv_starts[j], spec, lse.narrow(2, i * L, L), dout.narrow(2, i * L, L),
+                           delta.narrow(2, i * L, L), dq[i], dk_j, dv_j);
+    }
+}
+
+std::pair<at::Tensor, at::Tensor> join(std::vector<Partial>& partials) {
+  std::vector<at::Tensor> outs, lses;
+  for (auto& p : partials) {
+    outs.push_back(p.out);
+    lses.push_back(p.lse);
+  }
+  return {at::cat(outs, 2), at::cat(lses, 2)};
+}
+
+std::vector<at::Tensor> zero_chunks(const at::Tensor& q, size_t count, int64_t L) {
+  std::vector<at::Tensor> out;
+  const auto acc = q.options().dtype(accumulation_dtype(q.scalar_type()));
+  for (size_t i = 0; i < count; ++i) out.push_back(at::zeros({q.size(0), q.size(1), L, q.size(3)}, acc));
+  return out;
+}
+
+// delta = rowsum(dout * out), the softmax backward's per-row constant.
+at::Tensor row_delta(const at::Tensor& dout, const at::Tensor& out_acc) {
+  return (dout.to(out_acc.scalar_type()) * out_acc).sum(-1);
+}
+
+// ---- one positioned pair (local attention, sliding-window chunks) ----
+struct PositionedFunction : public torch::autograd::Function<PositionedFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               int64_t q_start, int64_t k_start, double scale, int64_t window, int64_t block) {
+    const AttentionSpec spec{scale, window, block};
+    Partial p = attend_pair(q, q_start, k, v, k_start, spec);
+    ctx->save_for_backward({q, k, v, p.out, p.lse});
+    ctx->saved_data["q_start"] = q_start;
+    ctx->saved_data["k_start"] = k_start;
+    save_spec(ctx, spec);
+    ctx->mark_non_differentiable({p.lse});
+    return {p.out.to(q.scalar_type()), p.lse};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const at::Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4];
+    const at::Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(q);
+    const auto acc = out.scalar_type();
+    at::Tensor dq = at::zeros(q.sizes(), q.options().dtype(acc));
+    at::Tensor dk = at::zeros(k.sizes(), k.options().dtype(acc)), dv = at::zeros(v.sizes(), v.options().dtype(acc));
+    attend_pair_backward(q, ctx->saved_data["q_start"].toInt(), k, v, ctx->saved_data["k_start"].toInt(),
+                         spec_from(ctx), lse, dout, row_delta(dout, out), dq, dk, dv);
+    return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// ---- ring attention ----
+struct RingFunction : public torch::autograd::Function<RingFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const SequenceLayout& layout, const CommPtr& comm, double scale, int64_t window,
+                               int64_t block) {
+    const AttentionSpec spec{scale, window, block};
+    const int W = comm->size(), r = comm->rank();
+    const int64_t L = layout.chunk_len();
+    const auto my_starts = chunk_starts(layout, r);
+    std::vector<Partial> partials;
+    for (size_t i = 0; i < my_starts.size(); ++i) partials.push_back(empty_partial(q.narrow(2, i * L, L)));
+    at::Tensor current = at::stack({k, v}).contiguous();  // travels as one message
+    for (int step = 0; step < W; ++step) {
+      const int src = (r - step + W) % W;
+      at::Tensor incoming;
+      WorkPtr recv, send;
+      if (step + 1 < W) {  // post the next transfer before computing on this block
+        incoming = at::empty_like(current);
+        recv = comm->irecv(incoming, (r - 1 + W) % W, step);
+        send = comm->isend(current, (r + 1) % W, step);
+      }
+      forward_against(q, my_starts, current[0], current[1], chunk_starts(layout, src), L, spec, partials);
+      if (step + 1 < W) {
+        recv->wait();
+        send->wait();
+        current = incoming;
+      }
+    }
+    auto [out, lse] = join(partials);
+    ctx->save_for_backward({q, k, v, out, lse});
+    ctx->saved_data["comm"] = comm->id();
+    ctx->saved_data["kind"] = static_cast<int64_t>(layout.kind());
+    ctx->saved_data["global_len"] = layout.global_len();
+    save_spec(ctx, spec);
+    ctx->mark_non_differentiable({lse});
+    return {out.to(q.scalar_type()), lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const at::Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4];
+    const CommPtr comm = Communicator::by_id(ctx->saved_data["comm"].toInt());
+    const SequenceLayout layout(static_cast<LayoutKind>(ctx->saved_data["kind"].toInt()),
+                                ctx->saved_data["global_len"].toInt(), comm->size());
+    const AttentionSpec spec = spec_from(ctx);
+    const int W = comm->size(), r = comm->rank();
+    const int64_t L = layout.chunk_len();
+    const auto my_starts = chunk_starts(layout, r);
+    const at::Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(q);
+    const at::Tensor delta = row_delta(dout, out);
+    std::vector<at::Tensor> dq = zero_chunks(q, my_starts.size(), L);
+
+    at::Tensor kv = at::stack({k, v}).contiguous();
+    at::Tensor dkv = at::zeros(kv.sizes(), kv.options().dtype(out.scalar_type()));
+    for (int step = 0; step < W; ++step) {
+      const int src = (r - step + W) % W;
+      at::Tensor next_kv;
+      WorkPtr recv_kv, send_kv;
+      if (step + 1 < W) {  // K,V do not change: send them on before computing
+        next_kv = at::empty_like(kv);
+        recv_kv = comm->irecv(next_kv, (r - 1 + W) % W, 2 * step);
+        send_kv = comm->isend(kv, (r + 1) % W, 2 * step);
+      }
+      backward_against(q, my_starts, kv[0], kv[1], chunk_starts(layout, src), L, spec, lse, dout, delta, dq, dkv[0],
+                       dkv[1]);
+      // dK,dV of block `src` move on with it; after W-1 hops they sit one rank
+      // short of the owner, and a last hop brings them home.
+      at::Tensor next_dkv = at::empty_like(dkv);
+      if (W > 1) {
+        auto recv_d = comm->irecv(next_dkv, (r - 1 + W) % W, 2 * step + 1);
+        auto send_d = comm->isend(dkv, (r + 1) % W, 2 * step + 1);
+        recv_d->wait();
+        send_d->wait();
+        dkv = next_dkv;
+      }
+      if (step + 1 < W) {
+        recv_kv->wait();
+        send_kv->wait();
+        kv = next_kv;
+      }
+    }
+    return {at::cat(dq, 2).to(q.scalar_type()), dkv[0].to(k.scalar_type()), dkv[1].to(v.scalar_type()),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// ---- all-gather attention (LASP-2H) ----
+struct AllGatherFunction : public torch::autograd::Function<AllGatherFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const SequenceLayout& layout, const CommPtr& comm, double scale, int64_t window,
+                               int64_t block) {
+    const AttentionSpec spec{scale, window, block};
+    const int W = comm->size(), r = comm->rank();
+    const int64_t L = layout.chunk_len();
+    const auto my_starts = chunk_starts(layout, r);
+    const at::Tensor kv = at::stack({k, v}).unsqueeze(0).contiguous();  // [1, 2, B, Hkv, n, d]
+    auto shape = kv.sizes().vec();
+    shape[0] = W;
+    at::Tensor all = at::empty(shape, kv.options());
+    comm->all_gather(all, kv)->wait();
+    std::vector<Partial> partials;
+    for (size_t i = 0; i < my_starts.size(); ++i) partials.push_back(empty_partial(q.narrow(2, i * L, L)));
+    for (int src = 0; src < W; ++src)
+      forward_against(q, my_starts, all[src][0], all[src][1], chunk_starts(layout, src), L, spec, partials);
+    auto [out, lse] = join(partials);
+    // Keep the gathered K,V: backward needs every chunk again (more memory than
+    // the ring, fewer steps).
+    ctx->save_for_backward({q, all, out, lse});
+    ctx->saved_data["comm"] = comm->id();
+    ctx->saved_data["kind"] = static_cast<int64_t>(layout.kind());
+    ctx->saved_data["global_len"] = layout.global_len();
+    save_spec(ctx, spec);
+    ctx->mark_non_differentiable({lse});
+    return {out.to(q.scalar_type()), lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const at::Tensor &q = s[0], &all = s[1], &out = s[2], &lse = s[3];
+    const CommPtr comm = Communicator::by_id(ctx->saved_data["comm"].toInt());
+    const SequenceLayout layout(static_cast<LayoutKind>(ctx->saved_data["kind"].toInt()),
+                                ctx->saved_data["global_len"].toInt(), comm->size());
+    const AttentionSpec spec = spec_from(ctx);
+    const int W = comm->size(), r = comm->rank();
+    const int64_t L = layout.chunk_len();
+    const auto my_starts = chunk_starts(layout, r);
+    const at::Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(q);
+    const at::Tensor delta = row_delta(dout, out);
+    std::vector<at::Tensor> dq = zero_chunks(q, my_starts.size(), L);
+    at::Tensor dall = at::zeros(all.sizes(), all.options().dtype(out.scalar_type()));
+    for (int src = 0; src < W; ++src)
+      backward_against(q, my_starts, all[src][0], all[src][1], chunk_starts(layout, src), L, spec, lse, dout, delta,
+                       dq, dall[src][0], dall[src][1]);
+    at::Tensor mine = at::empty_like(dall[0]).unsqueeze(0);
+    comm->reduce_scatter(mine, dall)->wait();
+    const auto dtype = all.scalar_type();
+    return {at::cat(dq, 2).to(q.scalar_type()), mine[0][0].to(dtype), mine[0][1].to(dtype), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// ---- sliding window through the halo ----
+std::pair<at::Tensor, at::Tensor> windowed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const SequenceLayout& layout, const CommPtr& comm,
+                                           const AttentionSpec& spec) {
+  const int64_t L = layout.chunk_len(), halo = spec.window - 1;
+  TORCH_CHECK(halo <= L, "sliding-window attention: window ", spec.window, " needs the previous ", halo,
+              " tokens but chunks hold ", L, " (", layout.describe(),
+              "); use fewer ranks, a longer sequence or a shorter window");
+  const int64_t hkv = k.size(1);
+  // K and V travel together in one halo exchange.
+  const at::Tensor kv_halo = halo_exchange(at::cat({k, v}, 1), layout, halo, comm, 2);
+  const auto starts = chunk_starts(layout, comm->rank());
+  std::vector<at::Tensor> outs, lses;
+  for (size_t i = 0; i < starts.size(); ++i) {
+    const at::Tensor h = kv_halo.narrow(2, i * halo, halo);
+    const at::Tensor k_ext = at::cat({h.narrow(1, 0, hkv), k.narrow(2, i * L, L)}, 2);
+    const at::Tensor v_ext = at::cat({h.narrow(1, hkv, hkv), v.narrow(2, i * L, L)}, 2);
+    auto res = PositionedFunction::apply(q.narrow(2, i * L, L), k_ext, v_ext, starts[i], starts[i] - halo, spec.scale,
+                                         spec.window, spec.block);
+    outs.push_back(res[0]);
+    lses.push_back(res[1]);
+  }
+  return {at::cat(outs, 2), at::cat(lses, 2)};
+}
+
+}  // namespace
+
+std::pair<at::Tensor, at::Tensor> positioned_attention(const at::Tensor& q, int64_t q_start, const at::Tensor& k,
+                                                       const at::Tensor& v, int64_t k_start,
+                                                       const AttentionSpec& spec) {
+  auto res = PositionedFunction::apply(q, k, v, q_start, k_start, spec.scale, spec.window, spec.block);
+  return {res[0], res[1]};
+}
+
+std::pair<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const SequenceLayout& layout, const CommPtr& comm,
+                                                     SoftmaxMethod method, const AttentionSpec& spec) {
+  TORCH_CHECK(comm && comm->size() == layout.world_size(), "softmax attention: communicator has ",
+              comm ? comm->size() : 0, " ranks, the layout ", layout.world_size());
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == layout.local_len(), "softmax attention: local q has shape ", q.sizes(),
+              "; expected [B, H, ", layout.local_len(), ", d] for ", layout.describe());
+  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(2) == q.size(2), "softmax attention: k ", k.sizes(),
+              " and v ", v.sizes(), " must match q's length ", q.size(2));
+  TORCH_CHECK(spec.window >= 0, "softmax attention: window must be >= 0, got ", spec.window);
+  if (method == SoftmaxMethod::kOffload)
+    throw ConfigError("softmax attention method 'offload' is not supported by this build yet");
+  if (spec.window > 0) return windowed(q, k, v, layout, comm, spec);
+  switch (method) {
+    case SoftmaxMethod::kLocal:
+      if (layout.world_size() != 1)
+        throw ConfigError("softmax attention method 'local' sees only this rank's keys but the sequence is split over " +
+                          std::to_string(layout.world_size()) + " ranks; use ring or allgather");
+      return positioned_attention(q, 0, k, v, 0, spec);
+    case SoftmaxMethod::kRing: {
+      auto res = RingFunction::apply(q, k, v, layout, comm, spec.scale, spec.window, spec.block);
+      return {res[0], res[1]};
+    }
+    case SoftmaxMethod::kAllGather: {
+      auto res = AllGatherFunction::apply(q, k, v, layout, comm, spec.scale, spec.window, spec.block);
+      return {res[0], res[1]};
+    }
+    case SoftmaxMethod::kOffload: break;
+  }
+  TORCH_CHECK(false, "unknown softmax attention method");
+}
+
+}  // namespace loom::softmax_attention

@@ -1,0 +1,62 @@
+// Softmax attention across the ranks of a sequence-parallel group: one
+// interface, several methods, chosen from the config without the layer
+// changing its code.
+//
+//   kLocal      everything on this rank (sp = 1 only);
+//   kRing       K,V blocks travel around the ring with isend/irecv posted
+//               before each step's compute (double buffering); partial outputs
+//               merge in float32 with the stable LSE formula; in backward K,V
+//               travel again with dK,dV accumulating beside them back to their
+//               owner, while dQ stays local;
+//   kAllGather  LASP-2H's softmax half: one AllGather of K,V, local attention
+//               to the causal prefix, backward reduce-scatters dK,dV;
+//   kOffload    K,V on memory nodes: not supported by this build yet (an error
+//               naming the method).
+// With a sliding window (spec.window > 0) every method uses the halo instead:
+// each chunk receives the last window-1 keys/values of the chunk before it
+// (halo_exchange), which is exact and moves O(window) tokens; a window longer
+// than a chunk is rejected with a clear error.
+//
+// Inputs: q [B, Hq, n, d], k, v [B, Hkv, n, d] (GQA: Hq multiple of Hkv), this
+// rank's shard under `layout` (n = layout.local_len()), rotary already applied
+// with global positions (rotary.h). Returns out [B, Hq, n, d] in q's dtype and
+// lse [B, Hq, n] (float32, or float64 for float64 inputs), lse not
+// differentiable. Causality by global position: zigzag's balance comes from
+// skipping fully-future chunk pairs, so every non-diagonal ring step does half
+// a block on every rank.
+// Ordering: collective over `comm` in forward and backward.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <utility>
+
+#include "parallel/softmax_attention/blockwise_kernel.h"
+#include "runtime/communicator.h"
+#include "runtime/sequence_layout.h"
+
+namespace loom::softmax_attention {
+
+enum class SoftmaxMethod { kLocal, kRing, kAllGather, kOffload };
+const char* method_name(SoftmaxMethod method);
+// "local", "ring", "allgather", "offload" (any case); throws ConfigError otherwise.
+SoftmaxMethod parse_method(const std::string& name);
+
+std::pair<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const SequenceLayout& layout, const CommPtr& comm,
+                                                     SoftmaxMethod method, const AttentionSpec& spec);
+
+inline at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const SequenceLayout& layout, const CommPtr& comm, SoftmaxMethod method,
+                            const AttentionSpec& spec) {
+  return attention_with_lse(q, k, v, layout, comm, method, spec).first;
+}
+
+// One positioned chunk pair on one rank, differentiable: q at positions
+// q_start.., k/v at k_start.. (the local and sliding-window building block).
+std::pair<at::Tensor, at::Tensor> positioned_attention(const at::Tensor& q, int64_t q_start, const at::Tensor& k,
+                                                       const at::Tensor& v, int64_t k_start,
+                                                       const AttentionSpec& spec);
+
+}  // namespace loom::softmax_attention

@@ -1,0 +1,226 @@
+// Softmax attention across ranks (ring, all-gather, halo sliding window) and
+// the halo short convolution, against naive single-rank float64 references:
+// outputs, LSE and dQ, dK, dV, for both layouts, MHA and GQA, with and without
+// window, lengths not divisible by 2W.
+#include <gtest/gtest.h>
+#include <torch/autograd.h>
+
+#include "distributed_reference.h"
+#include "parallel/short_conv.h"
+#include "parallel/softmax_attention/rotary.h"
+#include "parallel/softmax_attention/softmax_attention.h"
+#include "runtime/error.h"
+#include "runtime/mpi_communicator.h"
+
+namespace loom {
+namespace {
+
+namespace sa = softmax_attention;
+using testing::ReferenceCheck;
+using testing::seeded_randn;
+
+constexpr double kTol = 1e-9;
+
+struct Case {
+  LayoutKind kind;
+  sa::SoftmaxMethod method;
+};
+
+class SoftmaxAttentionAcrossRanks : public ::testing::TestWithParam<Case> {};
+
+TEST_P(SoftmaxAttentionAcrossRanks, MatchesNaiveReference) {
+  const auto [kind, method] = GetParam();
+  auto comm = MpiCommunicator::world();
+  const int W = comm->size(), r = comm->rank();
+  const int64_t B = 1, d = 4;
+  int cases = 0;
+  for (auto heads : {std::pair<int64_t, int64_t>{2, 2}, std::pair<int64_t, int64_t>{4, 2}}) {  // MHA, GQA
+    const auto [hq, hkv] = heads;
+    for (int64_t window : {int64_t(0), int64_t(3)}) {
+      for (int64_t n : {int64_t(6 * W + 1), int64_t(4 * W * 2 + 3), int64_t(17)}) {
+        const SequenceLayout layout(kind, n, W);
+        if (window > 0 && window - 1 > layout.chunk_len()) continue;
+        sa::AttentionSpec spec;
+        spec.window = window;
+        spec.block = 3;  // several blocks per chunk, partial last block
+        const at::Tensor Q = seeded_randn({B, hq, n, d}, 100 + n), K = seeded_randn({B, hkv, n, d}, 200 + n),
+                         V = seeded_randn({B, hkv, n, d}, 300 + n), G = seeded_randn({B, hq, n, d}, 400 + n);
+        at::Tensor Qr = Q.clone().requires_grad_(true), Kr = K.clone().requires_grad_(true),
+                   Vr = V.clone().requires_grad_(true);
+        auto [ref, ref_lse] = sa::naive_attention(Qr, Kr, Vr, spec);
+        (ref * G).sum().backward();
+
+        at::Tensor q = layout.shard(Q, r, 2).requires_grad_(true), k = layout.shard(K, r, 2).requires_grad_(true),
+                   v = layout.shard(V, r, 2).requires_grad_(true);
+        auto [out, lse] = sa::attention_with_lse(q, k, v, layout, comm, method, spec);
+        (out * layout.shard(G, r, 2)).sum().backward();
+        EXPECT_TRUE(ReferenceCheck(r, kTol)
+                        .sharded("out", out, ref, layout, 2)
+                        .sharded("lse", lse, ref_lse, layout, 2)
+                        .sharded("dq", q.grad(), Qr.grad(), layout, 2)
+                        .sharded("dk", k.grad(), Kr.grad(), layout, 2)
+                        .sharded("dv", v.grad(), Vr.grad(), layout, 2)
+                        .verdict())
+            << "hq=" << hq << " hkv=" << hkv << " window=" << window << " " << layout.describe();
+        ++cases;
+      }
+    }
+  }
+  EXPECT_GE(cases, 6);
+}
+
+TEST_P(SoftmaxAttentionAcrossRanks, LargeLogitsDoNotOverflow) {
+  const auto [kind, method] = GetParam();
+  auto comm = MpiCommunicator::world();
+  const int W = comm->size(), r = comm->rank();
+  const int64_t n = 5 * W + 2;
+  const SequenceLayout layout(kind, n, W);
+  sa::AttentionSpec spec;
+  spec.scale = 1.0;
+  // Scores around 1e4: exp would overflow anything without the online max.
+  const at::Tensor Q = seeded_randn({1, 2, n, 4}, 1) * 50, K = seeded_randn({1, 2, n, 4}, 2) * 50,
+                   V = seeded_randn({1, 2, n, 4}, 3);
+  auto [ref, ref_lse] = sa::naive_attention(Q, K, V, spec);
+  ASSERT_GT(ref_lse.abs().max().item<double>(), 1e3);
+  at::Tensor q = layout.shard(Q, r, 2).requires_grad_(true);
+  auto [out, lse] = sa::attention_with_lse(q, layout.shard(K, r, 2), layout.shard(V, r, 2), layout, comm, method, spec);
+  out.sum().backward();
+  EXPECT_TRUE(at::isfinite(out).all().item<bool>());
+  EXPECT_TRUE(at::isfinite(q.grad()).all().item<bool>());
+  EXPECT_TRUE(ReferenceCheck(r, kTol).sharded("out", out, ref, layout, 2).sharded("lse", lse, ref_lse, layout, 2).verdict());
+}
+
+TEST_P(SoftmaxAttentionAcrossRanks, CountedBytesMatchTheFormula) {
+  const auto [kind, method] = GetParam();
+  auto comm = MpiCommunicator::world();
+  const int W = comm->size(), r = comm->rank();
+  const int64_t n = 16 * W, hkv = 2, d = 4;
+  const SequenceLayout layout(kind, n, W);
+  at::Tensor q = layout.shard(seeded_randn({1, 4, n, d}, 1, at::kFloat), r, 2);
+  at::Tensor k = layout.shard(seeded_randn({1, hkv, n, d}, 2, at::kFloat), r, 2);
+  const CommStats before = comm->stats();
+  sa::attention(q, k, k, layout, comm, method, {});
+  const CommStats d_fwd = comm->stats() - before;
+  // (W-1) * 2 * (N/W) * H_kv * d * sizeof(float), in W-1 sends (ring) or one all-gather.
+  const int64_t expected = (W - 1) * 2 * (n / W) * hkv * d * int64_t(sizeof(float));
+  EXPECT_EQ(d_fwd.total_bytes_received(), expected);
+  if (method == sa::SoftmaxMethod::kRing) {
+    EXPECT_EQ(d_fwd[OpType::kRecv].calls, W - 1);
+  } else {
+    EXPECT_EQ(d_fwd.total_calls(), 1);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Methods, SoftmaxAttentionAcrossRanks,
+                         ::testing::Values(Case{LayoutKind::kContiguous, sa::SoftmaxMethod::kRing},
+                                           Case{LayoutKind::kZigzag, sa::SoftmaxMethod::kRing},
+                                           Case{LayoutKind::kContiguous, sa::SoftmaxMethod::kAllGather},
+                                           Case{LayoutKind::kZigzag, sa::SoftmaxMethod::kAllGather}),
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           return std::string(layout_kind_name(info.param.kind)) + "_" +
+                                  sa::method_name(info.param.method);
+                         });
+
+TEST(SoftmaxAttentionLocal, BlockwiseMatchesNaiveAndRejectsSplitSequences) {
+  auto comm = MpiCommunicator::world();
+  for (int64_t n : {1, 7, 33}) {
+    const SequenceLayout layout(LayoutKind::kZigzag, n, 1);
+    auto single = comm->split(comm->rank(), 0);  // a group of one
+    const at::Tensor Q = seeded_randn({2, 4, n, 8}, 1), K = seeded_randn({2, 1, n, 8}, 2), V = seeded_randn({2, 1, n, 8}, 3);
+    at::Tensor q = Q.clone().requires_grad_(true), k = K.clone().requires_grad_(true), v = V.clone().requires_grad_(true);
+    sa::AttentionSpec spec;
+    spec.block = 4;
+    auto [out, lse] = sa::attention_with_lse(q, k, v, SequenceLayout(LayoutKind::kContiguous, n, 1), single,
+                                             sa::SoftmaxMethod::kLocal, spec);
+    out.pow(2).sum().backward();
+    at::Tensor qr = Q.clone().requires_grad_(true), kr = K.clone().requires_grad_(true), vr = V.clone().requires_grad_(true);
+    auto [ref, ref_lse] = sa::naive_attention(qr, kr, vr, spec);
+    ref.pow(2).sum().backward();
+    EXPECT_TRUE(ReferenceCheck(0, kTol)
+                    .same("out", out, ref)
+                    .same("lse", lse, ref_lse)
+                    .same("dq", q.grad(), qr.grad())
+                    .same("dk", k.grad(), kr.grad())
+                    .same("dv", v.grad(), vr.grad())
+                    .verdict());
+    (void)layout;
+  }
+  if (comm->size() > 1) {
+    const SequenceLayout split(LayoutKind::kContiguous, 8 * comm->size(), comm->size());
+    at::Tensor x = at::zeros({1, 1, split.local_len(), 4}, at::kDouble);
+    EXPECT_THROW(sa::attention(x, x, x, split, comm, sa::SoftmaxMethod::kLocal, {}), ConfigError);
+  }
+}
+
+TEST(SoftmaxAttentionWindow, LongerThanChunkIsRejected) {
+  auto comm = MpiCommunicator::world();
+  const SequenceLayout layout(LayoutKind::kZigzag, 4 * comm->size(), comm->size());
+  at::Tensor x = at::zeros({1, 1, layout.local_len(), 4}, at::kDouble);
+  sa::AttentionSpec spec;
+  spec.window = layout.chunk_len() + 2;
+  try {
+    sa::attention(x, x, x, layout, comm, sa::SoftmaxMethod::kRing, spec);
+    FAIL() << "expected an error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("sliding-window attention: window"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(sa::attention(x, x, x, layout, comm, sa::SoftmaxMethod::kOffload, {}), ConfigError);
+}
+
+TEST(SoftmaxAttentionRotary, UsesGlobalPositions) {
+  // Rotating each rank's shard with its global positions equals sharding the
+  // globally rotated tensor.
+  auto comm = MpiCommunicator::world();
+  const int W = comm->size(), r = comm->rank();
+  const int64_t n = 6 * W + 1;
+  const SequenceLayout layout(LayoutKind::kZigzag, n, W);
+  const at::Tensor X = seeded_randn({1, 2, n, 8}, 9);
+  const at::Tensor global = sa::apply_rotary(X, at::arange(n, at::kLong));
+  const at::Tensor local = sa::apply_rotary(layout.shard(X, r, 2), layout.global_positions(r));
+  EXPECT_TRUE(ReferenceCheck(r, 1e-12).sharded("rotary", local, global, layout, 2).verdict());
+  // Relative: q(m) . k(n) depends on m - n only.
+  const at::Tensor q = seeded_randn({1, 1, 1, 8}, 1), k = seeded_randn({1, 1, 1, 8}, 2);
+  auto dot = [&](int64_t m, int64_t p) {
+    return (sa::apply_rotary(q, at::full({1}, m, at::kLong)) * sa::apply_rotary(k, at::full({1}, p, at::kLong)))
+        .sum()
+        .item<double>();
+  };
+  EXPECT_NEAR(dot(5, 2), dot(1005, 1002), 1e-9);
+}
+
+TEST(ShortConvAcrossRanks, MatchesNaiveConvolution) {
+  auto comm = MpiCommunicator::world();
+  const int W = comm->size(), r = comm->rank();
+  for (auto kind : {LayoutKind::kContiguous, LayoutKind::kZigzag}) {
+    for (int64_t n : {int64_t(4 * W + 1), int64_t(6 * W), int64_t(13)}) {
+      for (int64_t K : {1, 3}) {
+        const SequenceLayout layout(kind, n, W);
+        if (K - 1 > layout.chunk_len()) continue;
+        const at::Tensor X = seeded_randn({2, n, 5}, 1 + n), Wt = seeded_randn({5, K}, 2), Bs = seeded_randn({5}, 3),
+                         G = seeded_randn({2, n, 5}, 4 + n);
+        at::Tensor Xr = X.clone().requires_grad_(true), wr = Wt.clone().requires_grad_(true),
+                   br = Bs.clone().requires_grad_(true);
+        at::Tensor ref = naive_causal_depthwise_conv(Xr, wr, br);
+        (ref * G).sum().backward();
+        at::Tensor x = layout.shard(X, r, 1).requires_grad_(true);
+        at::Tensor w = Wt.clone().requires_grad_(true), b = Bs.clone().requires_grad_(true);
+        at::Tensor out = causal_depthwise_conv(x, w, b, layout, comm);
+        (out * layout.shard(G, r, 1)).sum().backward();
+        // Parameters see every rank's tokens: their gradients sum over ranks.
+        at::Tensor dw = w.grad().clone(), db = b.grad().clone();
+        comm->all_reduce(dw)->wait();
+        comm->all_reduce(db)->wait();
+        EXPECT_TRUE(ReferenceCheck(r, kTol)
+                        .sharded("out", out, ref, layout, 1)
+                        .sharded("dx", x.grad(), Xr.grad(), layout, 1)
+                        .same("dweight", dw, wr.grad())
+                        .same("dbias", db, br.grad())
+                        .verdict())
+            << layout.describe() << " K=" << K;
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace loom
