@@ -219,24 +219,29 @@ struct RingFunction : public torch::autograd::Function<RingFunction> {
 };
 
 // ---- all-gather attention (LASP-2H) ----
+std::pair<at::Tensor, at::Tensor> gathered_forward(const at::Tensor& q, const at::Tensor& all,
+                                                   const SequenceLayout& layout, int rank, const AttentionSpec& spec) {
+  const int64_t L = layout.chunk_len();
+  const auto my_starts = chunk_starts(layout, rank);
+  std::vector<Partial> partials;
+  for (size_t i = 0; i < my_starts.size(); ++i) partials.push_back(empty_partial(q.narrow(2, i * L, L)));
+  for (int src = 0; src < layout.world_size(); ++src)
+    forward_against(q, my_starts, all[src][0], all[src][1], chunk_starts(layout, src), L, spec, partials);
+  return join(partials);
+}
+
 struct AllGatherFunction : public torch::autograd::Function<AllGatherFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const SequenceLayout& layout, const CommPtr& comm, double scale, int64_t window,
                                int64_t block) {
     const AttentionSpec spec{scale, window, block};
     const int W = comm->size(), r = comm->rank();
-    const int64_t L = layout.chunk_len();
-    const auto my_starts = chunk_starts(layout, r);
     const at::Tensor kv = at::stack({k, v}).unsqueeze(0).contiguous();  // [1, 2, B, Hkv, n, d]
     auto shape = kv.sizes().vec();
     shape[0] = W;
     at::Tensor all = at::empty(shape, kv.options());
     comm->all_gather(all, kv)->wait();
-    std::vector<Partial> partials;
-    for (size_t i = 0; i < my_starts.size(); ++i) partials.push_back(empty_partial(q.narrow(2, i * L, L)));
-    for (int src = 0; src < W; ++src)
-      forward_against(q, my_starts, all[src][0], all[src][1], chunk_starts(layout, src), L, spec, partials);
-    auto [out, lse] = join(partials);
+    auto [out, lse] = gathered_forward(q, all, layout, r, spec);
     // Keep the gathered K,V: backward needs every chunk again (more memory than
     // the ring, fewer steps).
     ctx->save_for_backward({q, all, out, lse});
@@ -299,6 +304,13 @@ std::pair<at::Tensor, at::Tensor> windowed(const at::Tensor& q, const at::Tensor
 }
 
 }  // namespace
+
+std::pair<at::Tensor, at::Tensor> attend_gathered(const at::Tensor& q, const at::Tensor& all,
+                                                  const SequenceLayout& layout, int rank, const AttentionSpec& spec) {
+  at::NoGradGuard no_grad;
+  auto [out, lse] = gathered_forward(q, all, layout, rank, spec);
+  return {out.to(q.scalar_type()), lse};
+}
 
 std::pair<at::Tensor, at::Tensor> positioned_attention(const at::Tensor& q, int64_t q_start, const at::Tensor& k,
                                                        const at::Tensor& v, int64_t k_start,

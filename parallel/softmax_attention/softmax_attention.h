@@ -53,6 +53,13 @@ inline at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::
   return attention_with_lse(q, k, v, layout, comm, method, spec).first;
 }
 
+// Forward of this rank's query chunks against every rank's K,V already
+// gathered (all: [W, 2, B, Hkv, n, d] as the all-gather method gathers them):
+// the compute of all-gather attention without its collective. Benchmarks time
+// it as the "communication already done" baseline of the ring.
+std::pair<at::Tensor, at::Tensor> attend_gathered(const at::Tensor& q, const at::Tensor& all,
+                                                  const SequenceLayout& layout, int rank, const AttentionSpec& spec);
+
 // One positioned chunk pair on one rank, differentiable: q at positions
 // q_start.., k/v at k_start.. (the local and sliding-window building block).
 std::pair<at::Tensor, at::Tensor> positioned_attention(const at::Tensor& q, int64_t q_start, const at::Tensor& k,

@@ -1,0 +1,163 @@
+// Softmax attention benchmark:
+//  1. one rank: local blockwise (FlashAttention-2 style) vs naive attention,
+//     forward+backward time and peak tensor memory at N = 1K..32K (naive only
+//     while it fits under --naive-max-n);
+//  2. 1, 2, 4 ranks: ring vs all-gather forward+backward time and the
+//     communicator's counted bytes and calls, both layouts;
+//  3. the ring's overlap ratio: ring forward time over the time of the same
+//     compute with K,V already gathered (1.0 = communication fully hidden).
+// Ratios are measured in the same run.
+//   mpirun -np 4 --oversubscribe build/benchmarks/loom-softmax-attention-bench
+#include <ATen/Parallel.h>
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+
+#include "bench_util.h"
+#include "parallel/softmax_attention/softmax_attention.h"
+#include "runtime/memory_tracker.h"
+#include "runtime/mpi_communicator.h"
+
+namespace sa = loom::softmax_attention;
+using loom::bench::mib;
+using loom::bench::time_it;
+
+namespace {
+
+struct Measured {
+  double seconds = 0;
+  int64_t peak_bytes = 0;
+};
+
+template <typename Op>
+Measured measure(Op op, int64_t heads, int64_t n, int64_t d, int reps) {
+  at::Tensor q = at::randn({1, heads, n, d}).requires_grad_(true);
+  at::Tensor k = at::randn({1, heads, n, d}).requires_grad_(true);
+  at::Tensor v = at::randn({1, heads, n, d}).requires_grad_(true);
+  const at::Tensor g = at::randn({1, heads, n, d});
+  auto step = [&] {
+    q.mutable_grad().reset();
+    k.mutable_grad().reset();
+    v.mutable_grad().reset();
+    op(q, k, v).backward(g);
+  };
+  step();
+  loom::MemoryTracker::reset_peak();
+  const int64_t base = loom::MemoryTracker::current_bytes();
+  const auto t = time_it(step, 0, reps);
+  return {t.median_s, loom::MemoryTracker::peak_bytes() - base};
+}
+
+void single_rank_study(const loom::CommPtr& self, int64_t max_n, int64_t naive_max_n, int64_t heads, int64_t d,
+                       int64_t block, int reps) {
+  std::printf("== one rank, one thread: blockwise vs naive causal softmax attention, B=1 H=%ld d=%ld float32, "
+              "block %ld ==\n",
+              static_cast<long>(heads), static_cast<long>(d), static_cast<long>(block));
+  std::printf("%8s | %12s %12s %10s | %12s %10s\n", "N", "blockwise ms", "tokens/s", "peak MiB", "naive ms",
+              "peak MiB");
+  sa::AttentionSpec spec;
+  spec.block = block;
+  double m8k = 0, m32k = 0;
+  for (int64_t n = 1024; n <= max_n; n *= 2) {
+    const loom::SequenceLayout layout(loom::LayoutKind::kContiguous, n, 1);
+    const Measured b = measure(
+        [&](auto& q, auto& k, auto& v) { return sa::attention(q, k, v, layout, self, sa::SoftmaxMethod::kLocal, spec); },
+        heads, n, d, reps);
+    std::printf("%8ld | %12.1f %12.0f %10.1f |", static_cast<long>(n), b.seconds * 1e3, n / b.seconds,
+                mib(b.peak_bytes));
+    if (n <= naive_max_n) {
+      const Measured nv =
+          measure([&](auto& q, auto& k, auto& v) { return sa::naive_attention(q, k, v, spec).first; }, heads, n, d, reps);
+      std::printf(" %12.1f %10.1f\n", nv.seconds * 1e3, mib(nv.peak_bytes));
+    } else {
+      std::printf(" %12s %10s\n", "-", "-");
+    }
+    if (n == 8192) m8k = static_cast<double>(b.peak_bytes);
+    if (n == 32768) m32k = static_cast<double>(b.peak_bytes);
+  }
+  if (m8k > 0 && m32k > 0)
+    std::printf("blockwise peak memory(32K)/(8K) = %.2f (4x the tokens; linear is 4, target <= 4.5)\n", m32k / m8k);
+  std::printf("\n");
+}
+
+void ring_study(const std::shared_ptr<loom::MpiCommunicator>& world, int64_t tokens_per_rank, int64_t heads,
+                int64_t d, int64_t block) {
+  if (world->rank() == 0)
+    std::printf("== ring vs all-gather attention per rank (B=1 H=%ld d=%ld float32, counted, max over ranks) ==\n"
+                "%3s %-10s %-10s %7s | %10s %12s %6s | %11s | %8s\n",
+                static_cast<long>(heads), static_cast<long>(d), "W", "layout", "method", "N", "fwd+bwd ms",
+                "fwd recv B", "calls", "fwd only ms", "overlap");
+  sa::AttentionSpec spec;
+  spec.block = block;
+  for (int w : {1, 2, 4}) {
+    if (w > world->size()) break;
+    auto sub = world->split(world->rank() < w ? 0 : -1, world->rank());
+    if (sub) {
+      for (auto kind : {loom::LayoutKind::kContiguous, loom::LayoutKind::kZigzag}) {
+        const int64_t n = tokens_per_rank * w;
+        const loom::SequenceLayout layout(kind, n, w);
+        at::Tensor q = at::randn({1, heads, layout.local_len(), d}).requires_grad_(true);
+        at::Tensor k = at::randn({1, heads, layout.local_len(), d}).requires_grad_(true);
+        // Compute-only baseline: the same pairs with K,V gathered beforehand.
+        at::Tensor all = at::empty({w, 2, 1, heads, layout.local_len(), d});
+        sub->all_gather(all, at::stack({k.detach(), k.detach()}).unsqueeze(0).contiguous())->wait();
+        sub->barrier()->wait();
+        const double compute_only = time_it([&] { sa::attend_gathered(q, all, layout, sub->rank(), spec); }, 1, 3).median_s;
+        for (auto method : {sa::SoftmaxMethod::kRing, sa::SoftmaxMethod::kAllGather}) {
+          sub->barrier()->wait();
+          const double fwd = time_it([&] { sa::attention(q, k, k, layout, sub, method, spec); }, 1, 3).median_s;
+          const loom::CommStats s0 = sub->stats();
+          const double both = time_it([&] { sa::attention(q, k, k, layout, sub, method, spec).sum().backward(); }, 0, 1)
+                                  .median_s;
+          const loom::CommStats s1 = sub->stats();
+          const loom::CommStats once = s1 - s0;
+          at::Tensor row = at::tensor({static_cast<int64_t>(both * 1e6), static_cast<int64_t>(fwd * 1e6),
+                                       static_cast<int64_t>(compute_only * 1e6), once.total_calls()},
+                                      at::kLong);
+          sub->all_reduce(row, loom::ReduceOp::kMax)->wait();
+          // Forward bytes of one call, from a separate counted forward.
+          const loom::CommStats f0 = sub->stats();
+          sa::attention(q, k, k, layout, sub, method, spec);
+          const loom::CommStats f = sub->stats() - f0;
+          const auto* r = row.data_ptr<int64_t>();
+          if (sub->rank() == 0)
+            std::printf("%3d %-10s %-10s %7ld | %10.1f %12ld %6ld | %11.1f | %8.2f\n", w, loom::layout_kind_name(kind),
+                        sa::method_name(method), static_cast<long>(n), r[0] / 1e3,
+                        static_cast<long>(f.total_bytes_received()), static_cast<long>(r[3]), r[1] / 1e3,
+                        static_cast<double>(r[1]) / static_cast<double>(r[2]));
+        }
+      }
+    }
+    world->barrier()->wait();
+  }
+  if (world->rank() == 0)
+    std::printf("(ring formula: (W-1) * 2 * (N/W) * H_kv * d * 4 bytes forward; 'overlap' = forward time over the "
+                "compute-only time of the same pairs: 1.00 means the ring's communication is fully hidden)\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  loom::bench::keep_freed_memory();
+  loom::MpiEnvironment mpi(&argc, &argv);
+  CLI::App app{"Softmax attention benchmark: blockwise vs naive on one rank, ring vs all-gather on 1/2/4 ranks"};
+  int64_t max_n = 32768, naive_max_n = 4096, heads = 4, d = 64, block = 128, ring_tokens = 1024;
+  int reps = 2, threads = 1;
+  app.add_option("--max-n", max_n, "Longest sequence of the one-rank study");
+  app.add_option("--naive-max-n", naive_max_n, "Longest sequence for the naive reference");
+  app.add_option("--heads", heads, "Heads");
+  app.add_option("--dim", d, "Head dimension");
+  app.add_option("--block", block, "Block of the blockwise kernel");
+  app.add_option("--reps", reps, "Timed repetitions (median reported)");
+  app.add_option("--threads", threads, "Intra-op threads per rank");
+  app.add_option("--ring-tokens", ring_tokens, "Tokens per rank in the ring study");
+  CLI11_PARSE(app, argc, argv);
+  at::set_num_threads(threads);
+  loom::MemoryTracker::install();
+  auto world = loom::MpiCommunicator::world();
+  auto self = world->split(world->rank(), 0);
+  if (world->rank() == 0) single_rank_study(self, max_n, naive_max_n, heads, d, block, reps);
+  world->barrier()->wait();
+  ring_study(world, ring_tokens, heads, d, block);
+  return 0;
+}
