@@ -51,5 +51,5 @@ endfunction()
 # Environment for every test run under mpirun: allowed as root (CI runs as
 # root), one thread per rank, shared-memory transport that works in containers.
 set(LOOM_TEST_ENVIRONMENT
-  "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMP_NUM_THREADS=1;LOOM_THREADS_PER_RANK=1;OMPI_MCA_btl_vader_single_copy_mechanism=none;OMPI_MCA_rmaps_base_oversubscribe=1"
+  "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;LOOM_COMM_TIMEOUT_S=120;OMP_NUM_THREADS=1;LOOM_THREADS_PER_RANK=1;OMPI_MCA_btl_vader_single_copy_mechanism=none;OMPI_MCA_rmaps_base_oversubscribe=1"
   CACHE INTERNAL "")

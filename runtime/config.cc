@@ -301,6 +301,11 @@ void validate_config(const pb::LoomConfig& c) {
               "field model.pattern = '" + m.pattern() + "': letter '" + std::string(1, ch) +
                   "' is not a mixer (allowed: L A W C M G X)");
   v.one_of("model.feature_map", m.feature_map(), {"identity", "elu", "relu", "taylor", "hedgehog"});
+  v.at_least("model.memory_depth", m.memory_depth(), 1);
+  v.at_least("model.memory_expansion", m.memory_expansion(), 1);
+  v.at_least("model.memory_chunk", m.memory_chunk(), 1);
+  v.at_least("model.persistent_tokens", m.persistent_tokens(), 0);
+  v.positive("model.memory_max_lr", m.memory_max_lr());
 
   const auto& p = c.parallel();
   v.at_least("parallel.dp", p.dp(), 1);

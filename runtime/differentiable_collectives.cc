@@ -2,6 +2,7 @@
 
 #include <torch/autograd.h>
 
+#include "runtime/comm_order.h"
 #include "runtime/error.h"
 
 namespace loom {
@@ -138,92 +139,131 @@ namespace {
 
 CommPtr comm_of(AutogradContext* ctx) { return Communicator::by_id(ctx->saved_data["comm"].toInt()); }
 
+void remember_output(AutogradContext* ctx, const at::Tensor& out) {
+  ctx->saved_data["out_sizes"] = out.sizes().vec();
+  ctx->saved_data["out_dtype"] = static_cast<int64_t>(out.scalar_type());
+}
+
+// An output that nothing downstream used arrives undefined; it still takes
+// part in the collective (every rank must call it) as zeros.
+at::Tensor grad_or_zero(const at::Tensor& grad, AutogradContext* ctx) {
+  if (grad.defined()) return grad;
+  return at::zeros(ctx->saved_data["out_sizes"].toIntVector(),
+                   at::TensorOptions().dtype(static_cast<at::ScalarType>(ctx->saved_data["out_dtype"].toInt())));
+}
+
 struct AllGatherFunction : public torch::autograd::Function<AllGatherFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const CommPtr& comm, int64_t dim) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& x,
+                               const CommPtr& comm, int64_t dim) {
+    ctx->saved_data["order"] = CommOrder::claim();
     ctx->saved_data["comm"] = comm->id();
     ctx->saved_data["dim"] = dim;
-    return all_gather_along(x, *comm, dim);
+    at::Tensor out = all_gather_along(x, *comm, dim);
+    remember_output(ctx, out);
+    return {out, CommOrder::new_token()};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {reduce_scatter_along(grads[0], *comm_of(ctx), ctx->saved_data["dim"].toInt()), at::Tensor(),
-            at::Tensor()};
+    CommOrder::backward_ran(ctx->saved_data["order"].toInt());
+    return {at::Tensor(), reduce_scatter_along(grad_or_zero(grads[0], ctx), *comm_of(ctx), ctx->saved_data["dim"].toInt()),
+            at::Tensor(), at::Tensor()};
   }
 };
 
 struct ReduceScatterFunction : public torch::autograd::Function<ReduceScatterFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const CommPtr& comm, int64_t dim) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& x,
+                               const CommPtr& comm, int64_t dim) {
+    ctx->saved_data["order"] = CommOrder::claim();
     ctx->saved_data["comm"] = comm->id();
     ctx->saved_data["dim"] = dim;
-    return reduce_scatter_along(x, *comm, dim);
+    at::Tensor out = reduce_scatter_along(x, *comm, dim);
+    remember_output(ctx, out);
+    return {out, CommOrder::new_token()};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {all_gather_along(grads[0], *comm_of(ctx), ctx->saved_data["dim"].toInt()), at::Tensor(), at::Tensor()};
+    CommOrder::backward_ran(ctx->saved_data["order"].toInt());
+    return {at::Tensor(), all_gather_along(grad_or_zero(grads[0], ctx), *comm_of(ctx), ctx->saved_data["dim"].toInt()),
+            at::Tensor(), at::Tensor()};
   }
 };
 
 struct AllReduceFunction : public torch::autograd::Function<AllReduceFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const CommPtr& comm) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& x,
+                               const CommPtr& comm) {
+    ctx->saved_data["order"] = CommOrder::claim();
     ctx->saved_data["comm"] = comm->id();
     at::Tensor out = x.clone(at::MemoryFormat::Contiguous);
     comm->all_reduce(out)->wait();
-    return out;
+    remember_output(ctx, out);
+    return {out, CommOrder::new_token()};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    at::Tensor g = grads[0].clone(at::MemoryFormat::Contiguous);
+    CommOrder::backward_ran(ctx->saved_data["order"].toInt());
+    at::Tensor g = grad_or_zero(grads[0], ctx).clone(at::MemoryFormat::Contiguous);
     comm_of(ctx)->all_reduce(g)->wait();
-    return {g, at::Tensor()};
+    return {at::Tensor(), g, at::Tensor()};
   }
 };
 
 struct RingShiftFunction : public torch::autograd::Function<RingShiftFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const CommPtr& comm, int64_t shift) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& x,
+                               const CommPtr& comm, int64_t shift) {
+    ctx->saved_data["order"] = CommOrder::claim();
     ctx->saved_data["comm"] = comm->id();
     ctx->saved_data["shift"] = shift;
-    return ring_shift_raw(x, *comm, static_cast<int>(shift));
+    at::Tensor out = ring_shift_raw(x, *comm, static_cast<int>(shift));
+    remember_output(ctx, out);
+    return {out, CommOrder::new_token()};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {ring_shift_raw(grads[0], *comm_of(ctx), -static_cast<int>(ctx->saved_data["shift"].toInt())),
+    CommOrder::backward_ran(ctx->saved_data["order"].toInt());
+    return {at::Tensor(),
+            ring_shift_raw(grad_or_zero(grads[0], ctx), *comm_of(ctx), -static_cast<int>(ctx->saved_data["shift"].toInt())),
             at::Tensor(), at::Tensor()};
   }
 };
 
 struct HaloExchangeFunction : public torch::autograd::Function<HaloExchangeFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const SequenceLayout& layout, int64_t halo,
-                            const CommPtr& comm, int64_t dim) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& x,
+                               const SequenceLayout& layout, int64_t halo, const CommPtr& comm, int64_t dim) {
+    ctx->saved_data["order"] = CommOrder::claim();
     ctx->saved_data["comm"] = comm->id();
     ctx->saved_data["dim"] = dim;
     ctx->saved_data["halo"] = halo;
     ctx->saved_data["kind"] = static_cast<int64_t>(layout.kind());
     ctx->saved_data["global_len"] = layout.global_len();
     ctx->saved_data["x_sizes"] = x.sizes().vec();
-    return halo_forward_raw(x, layout, halo, *comm, dim);
+    at::Tensor out = halo_forward_raw(x, layout, halo, *comm, dim);
+    ctx->saved_data["out_sizes"] = out.sizes().vec();
+    return {out, CommOrder::new_token()};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    CommOrder::backward_ran(ctx->saved_data["order"].toInt());
     auto comm = comm_of(ctx);
     const SequenceLayout layout(static_cast<LayoutKind>(ctx->saved_data["kind"].toInt()),
                                 ctx->saved_data["global_len"].toInt(), comm->size());
     at::Tensor grad_x =
-        halo_backward_raw(grads[0], layout, ctx->saved_data["halo"].toInt(), *comm, ctx->saved_data["dim"].toInt(),
+        halo_backward_raw(grads[0].defined() ? grads[0] : at::zeros(ctx->saved_data["out_sizes"].toIntVector(), grads[1].options()),
+                          layout, ctx->saved_data["halo"].toInt(), *comm, ctx->saved_data["dim"].toInt(),
                           ctx->saved_data["x_sizes"].toIntVector());
-    return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {at::Tensor(), grad_x, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 }  // namespace
 
 at::Tensor all_gather(const at::Tensor& x, const CommPtr& comm, int64_t dim) {
-  return AllGatherFunction::apply(x, comm, dim);
+  return apply_in_order<AllGatherFunction>(x, comm, dim)[0];
 }
 at::Tensor reduce_scatter(const at::Tensor& x, const CommPtr& comm, int64_t dim) {
-  return ReduceScatterFunction::apply(x, comm, dim);
+  return apply_in_order<ReduceScatterFunction>(x, comm, dim)[0];
 }
-at::Tensor all_reduce(const at::Tensor& x, const CommPtr& comm) { return AllReduceFunction::apply(x, comm); }
+at::Tensor all_reduce(const at::Tensor& x, const CommPtr& comm) { return apply_in_order<AllReduceFunction>(x, comm)[0]; }
 at::Tensor ring_shift(const at::Tensor& x, const CommPtr& comm, int shift) {
-  return RingShiftFunction::apply(x, comm, static_cast<int64_t>(shift));
+  return apply_in_order<RingShiftFunction>(x, comm, static_cast<int64_t>(shift))[0];
 }
 at::Tensor halo_exchange(const at::Tensor& x, const SequenceLayout& layout, int64_t halo, const CommPtr& comm,
                          int64_t dim) {
-  return HaloExchangeFunction::apply(x, layout, halo, comm, dim);
+  return apply_in_order<HaloExchangeFunction>(x, layout, halo, comm, dim)[0];
 }
 
 }  // namespace loom

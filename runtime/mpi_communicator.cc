@@ -3,6 +3,8 @@
 #include <c10/util/BFloat16.h>
 
 #include <climits>
+#include <cstdlib>
+#include <iostream>
 #include <sstream>
 
 #include "runtime/error.h"
@@ -243,6 +245,10 @@ std::string MpiCommunicator::describe(OpType op, int64_t seq, int64_t bytes) con
   std::ostringstream out;
   out << "operation " << op_type_name(op) << " #" << seq << " on mpi communicator '" << name_ << "' (rank " << rank_
       << " of " << size_ << ", " << bytes << " bytes)";
+  // LOOM_TRACE_COMM=1 prints every operation as it is issued: the way to find
+  // which rank's sequence of collectives diverged.
+  static const bool trace = std::getenv("LOOM_TRACE_COMM") != nullptr;
+  if (trace) std::cerr << "[loom trace r" << world_rank_or_minus_one() << "] " << out.str() << std::endl;
   return out.str();
 }
 

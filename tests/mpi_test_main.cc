@@ -11,6 +11,7 @@
 #include <iostream>
 #include <sstream>
 
+#include "runtime/comm_order.h"
 #include "runtime/mpi_communicator.h"
 #include "runtime/threads.h"
 
@@ -40,9 +41,11 @@ class RankFailurePrinter : public ::testing::EmptyTestEventListener {
   }
 };
 
-// Agrees after each test on which ranks failed it.
+// Agrees after each test on which ranks failed it; every test starts a new
+// chain of ordered communications.
 class CrossRankVerdict : public ::testing::EmptyTestEventListener {
  public:
+  void OnTestStart(const ::testing::TestInfo&) override { loom::CommOrder::reset(); }
   void OnTestEnd(const ::testing::TestInfo& info) override {
     const int failed = info.result()->Failed() ? 1 : 0;
     std::vector<int> all(world_size(), 0);

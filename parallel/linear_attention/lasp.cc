@@ -4,6 +4,7 @@
 
 #include "parallel/linear_attention/chunked_kernel.h"
 #include "parallel/linear_attention/decay.h"
+#include "runtime/comm_order.h"
 
 namespace loom::linear_attention {
 namespace {
@@ -34,9 +35,10 @@ ChunkFactors chunk_factors(const at::Tensor& decay, int64_t heads, int64_t len, 
 }
 
 struct SequenceParallelFunction : public torch::autograd::Function<SequenceParallelFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& decay, const SequenceLayout& layout, const CommPtr& comm,
-                            int64_t method, int64_t block) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& decay, const SequenceLayout& layout,
+                               const CommPtr& comm, int64_t method, int64_t block) {
+    ctx->saved_data["order"] = CommOrder::claim();
     const int64_t L = layout.chunk_len(), cpr = layout.chunks_per_rank();
     TORCH_CHECK(q.dim() == 4 && q.size(2) == layout.local_len(), "linear attention: local q has shape ", q.sizes(),
                 "; expected [B, H, ", layout.local_len(), ", d] for ", layout.describe());
@@ -67,10 +69,11 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
     ctx->saved_data["block"] = block;
     ctx->saved_data["kind"] = static_cast<int64_t>(layout.kind());
     ctx->saved_data["global_len"] = layout.global_len();
-    return at::cat(outs, 2);
+    return {at::cat(outs, 2), CommOrder::new_token()};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    CommOrder::backward_ran(ctx->saved_data["order"].toInt());
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &decay = saved[3], &entering = saved[4],
                      &block_states = saved[5];
@@ -80,7 +83,9 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
     const int64_t block = ctx->saved_data["block"].toInt();
     const int64_t L = layout.chunk_len(), cpr = layout.chunks_per_rank();
     const ChunkFactors f = chunk_factors(decay, q.size(1), L, q.scalar_type());
-    const at::Tensor dout = grads[0].contiguous();
+    // Unused output: zeros, since every rank must still take part in the exchange.
+    const at::Tensor dout = grads[0].defined() ? grads[0].contiguous()
+                                               : at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
 
     std::vector<at::Tensor> chunk_grads;
     for (int64_t i = 0; i < cpr; ++i)
@@ -106,8 +111,8 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
       dks[i].add_(at::matmul(vc, later[i].transpose(-1, -2)).mul_(f.key));
       dvs[i].add_(at::matmul(kc, later[i]).mul_(f.key));
     }
-    return {at::cat(dqs, 2), at::cat(dks, 2), at::cat(dvs, 2), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor()};
+    return {at::Tensor(), at::cat(dqs, 2), at::cat(dks, 2), at::cat(dvs, 2), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -127,8 +132,8 @@ at::Tensor sequence_parallel_linear_attention(const at::Tensor& q, const at::Ten
   return with_normaliser(q, k, v, options, [&](const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_) {
     // Autograd functions take defined tensors only: lambda = 1 is "no decay".
     const at::Tensor decay = options.decay.defined() ? options.decay : at::ones({q_.size(1)}, at::kDouble);
-    return SequenceParallelFunction::apply(q_, k_, v_, decay, layout, comm, static_cast<int64_t>(method),
-                                           options.block_size);
+    return apply_in_order<SequenceParallelFunction>(q_, k_, v_, decay, layout, comm, static_cast<int64_t>(method),
+                                                    options.block_size)[0];
   });
 }
 

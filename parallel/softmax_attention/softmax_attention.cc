@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cctype>
 
+#include "runtime/comm_order.h"
 #include "runtime/differentiable_collectives.h"
 #include "runtime/error.h"
 
@@ -134,9 +135,10 @@ struct PositionedFunction : public torch::autograd::Function<PositionedFunction>
 
 // ---- ring attention ----
 struct RingFunction : public torch::autograd::Function<RingFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const SequenceLayout& layout, const CommPtr& comm, double scale, int64_t window,
-                               int64_t block) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const SequenceLayout& layout, const CommPtr& comm, double scale,
+                               int64_t window, int64_t block) {
+    ctx->saved_data["order"] = CommOrder::claim();
     const AttentionSpec spec{scale, window, block};
     const int W = comm->size(), r = comm->rank();
     const int64_t L = layout.chunk_len();
@@ -167,10 +169,11 @@ struct RingFunction : public torch::autograd::Function<RingFunction> {
     ctx->saved_data["global_len"] = layout.global_len();
     save_spec(ctx, spec);
     ctx->mark_non_differentiable({lse});
-    return {out.to(q.scalar_type()), lse};
+    return {out.to(q.scalar_type()), lse, CommOrder::new_token()};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    CommOrder::backward_ran(ctx->saved_data["order"].toInt());
     const auto s = ctx->get_saved_variables();
     const at::Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4];
     const CommPtr comm = Communicator::by_id(ctx->saved_data["comm"].toInt());
@@ -213,7 +216,7 @@ struct RingFunction : public torch::autograd::Function<RingFunction> {
         kv = next_kv;
       }
     }
-    return {at::cat(dq, 2).to(q.scalar_type()), dkv[0].to(k.scalar_type()), dkv[1].to(v.scalar_type()),
+    return {at::Tensor(), at::cat(dq, 2).to(q.scalar_type()), dkv[0].to(k.scalar_type()), dkv[1].to(v.scalar_type()),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -231,9 +234,10 @@ std::pair<at::Tensor, at::Tensor> gathered_forward(const at::Tensor& q, const at
 }
 
 struct AllGatherFunction : public torch::autograd::Function<AllGatherFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const SequenceLayout& layout, const CommPtr& comm, double scale, int64_t window,
-                               int64_t block) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const SequenceLayout& layout, const CommPtr& comm, double scale,
+                               int64_t window, int64_t block) {
+    ctx->saved_data["order"] = CommOrder::claim();
     const AttentionSpec spec{scale, window, block};
     const int W = comm->size(), r = comm->rank();
     const at::Tensor kv = at::stack({k, v}).unsqueeze(0).contiguous();  // [1, 2, B, Hkv, n, d]
@@ -250,10 +254,11 @@ struct AllGatherFunction : public torch::autograd::Function<AllGatherFunction> {
     ctx->saved_data["global_len"] = layout.global_len();
     save_spec(ctx, spec);
     ctx->mark_non_differentiable({lse});
-    return {out.to(q.scalar_type()), lse};
+    return {out.to(q.scalar_type()), lse, CommOrder::new_token()};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    CommOrder::backward_ran(ctx->saved_data["order"].toInt());
     const auto s = ctx->get_saved_variables();
     const at::Tensor &q = s[0], &all = s[1], &out = s[2], &lse = s[3];
     const CommPtr comm = Communicator::by_id(ctx->saved_data["comm"].toInt());
@@ -273,8 +278,8 @@ struct AllGatherFunction : public torch::autograd::Function<AllGatherFunction> {
     at::Tensor mine = at::empty_like(dall[0]).unsqueeze(0);
     comm->reduce_scatter(mine, dall)->wait();
     const auto dtype = all.scalar_type();
-    return {at::cat(dq, 2).to(q.scalar_type()), mine[0][0].to(dtype), mine[0][1].to(dtype), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {at::Tensor(), at::cat(dq, 2).to(q.scalar_type()), mine[0][0].to(dtype), mine[0][1].to(dtype),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -339,11 +344,11 @@ std::pair<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const 
                           std::to_string(layout.world_size()) + " ranks; use ring or allgather");
       return positioned_attention(q, 0, k, v, 0, spec);
     case SoftmaxMethod::kRing: {
-      auto res = RingFunction::apply(q, k, v, layout, comm, spec.scale, spec.window, spec.block);
+      auto res = apply_in_order<RingFunction>(q, k, v, layout, comm, spec.scale, spec.window, spec.block);
       return {res[0], res[1]};
     }
     case SoftmaxMethod::kAllGather: {
-      auto res = AllGatherFunction::apply(q, k, v, layout, comm, spec.scale, spec.window, spec.block);
+      auto res = apply_in_order<AllGatherFunction>(q, k, v, layout, comm, spec.scale, spec.window, spec.block);
       return {res[0], res[1]};
     }
     case SoftmaxMethod::kOffload: break;

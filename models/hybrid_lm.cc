@@ -1,0 +1,185 @@
+#include "models/hybrid_lm.h"
+
+#include <google/protobuf/text_format.h>
+
+#include <map>
+
+#include "models/titans.h"
+#include "runtime/comm_order.h"
+#include "runtime/error.h"
+
+namespace loom::models {
+namespace {
+
+// BASED 360M: linear attention at layers 1,6,11,16,21, sliding window at
+// 2,7,12,17,22 (1-based), BaseConv elsewhere, 27 layers.
+std::string based_pattern(int layers, const std::vector<int>& linear, const std::vector<int>& window) {
+  std::string p(layers, 'C');
+  for (int i : linear) p[i - 1] = 'L';
+  for (int i : window) p[i - 1] = 'W';
+  return p;
+}
+
+std::string repeat(const std::string& unit, int times) {
+  std::string s;
+  for (int i = 0; i < times; ++i) s += unit;
+  return s;
+}
+
+const std::map<std::string, std::string>& presets() {
+  static const std::map<std::string, std::string> table = {
+      {"based-360m",
+       "pattern: '" + based_pattern(27, {1, 6, 11, 16, 21}, {2, 7, 12, 17, 22}) +
+           "' vocab_size: 50264 d_model: 1024 n_heads: 16 d_ff: 2048 feature_dim: 16 feature_map: 'taylor' "
+           "linear_normalize: true window: 64 conv_kernel: 3 tie_embeddings: true"},
+      {"linear-llama3-1b",
+       "pattern: '" + repeat("L", 16) +
+           "' vocab_size: 128256 d_model: 2048 n_heads: 32 n_kv_heads: 8 d_ff: 8192 feature_dim: 0 "
+           "feature_map: 'identity' linear_normalize: false tie_embeddings: true rope_theta: 500000"},
+      {"linear-llama3-1b-hybrid",
+       "pattern: '" + repeat("LLLA", 4) +
+           "' vocab_size: 128256 d_model: 2048 n_heads: 32 n_kv_heads: 8 d_ff: 8192 feature_dim: 0 "
+           "feature_map: 'identity' linear_normalize: false tie_embeddings: true rope_theta: 500000"},
+      {"titans-mac", "pattern: '" + repeat("X", 12) +
+                         "' vocab_size: 32000 d_model: 768 n_heads: 12 d_ff: 2048 memory_depth: 2 memory_chunk: 64 "
+                         "persistent_tokens: 16 window: 512"},
+      {"titans-mag", "pattern: '" + repeat("G", 12) +
+                         "' vocab_size: 32000 d_model: 768 n_heads: 12 d_ff: 2048 memory_depth: 2 memory_chunk: 64 "
+                         "window: 512"},
+      {"titans-mal", "pattern: '" + repeat("M", 12) +
+                         "' vocab_size: 32000 d_model: 768 n_heads: 12 d_ff: 2048 memory_depth: 2 memory_chunk: 64 "
+                         "window: 512"},
+      // Tiny versions for tests and the demo.
+      {"tiny-based",
+       "pattern: 'LWC' vocab_size: 256 d_model: 32 n_heads: 2 d_ff: 64 feature_dim: 4 feature_map: 'taylor' "
+       "linear_normalize: true window: 4 conv_kernel: 3 block_size: 4"},
+      {"tiny-linear-llama",
+       "pattern: 'LL' vocab_size: 256 d_model: 32 n_heads: 4 n_kv_heads: 2 d_ff: 64 feature_dim: 0 "
+       "feature_map: 'elu' linear_normalize: true block_size: 4"},
+      {"tiny-linear-llama-hybrid",
+       "pattern: 'LLLA' vocab_size: 256 d_model: 32 n_heads: 4 n_kv_heads: 2 d_ff: 64 feature_dim: 0 "
+       "feature_map: 'elu' linear_normalize: true block_size: 4"},
+      {"tiny-titans-mac",
+       "pattern: 'XL' vocab_size: 256 d_model: 16 n_heads: 2 d_ff: 32 memory_depth: 2 memory_chunk: 2 "
+       "persistent_tokens: 2 window: 4 feature_dim: 4 feature_map: 'elu' block_size: 4"},
+      {"tiny-titans-mag",
+       "pattern: 'GC' vocab_size: 256 d_model: 16 n_heads: 2 d_ff: 32 memory_depth: 1 memory_chunk: 2 window: 4"},
+      {"tiny-titans-mal",
+       "pattern: 'MC' vocab_size: 256 d_model: 16 n_heads: 2 d_ff: 32 memory_depth: 2 memory_chunk: 2 window: 4"},
+  };
+  return table;
+}
+
+int64_t kv_heads(const pb::ModelConfig& c) { return c.n_kv_heads() > 0 ? c.n_kv_heads() : c.n_heads(); }
+
+int64_t memory_params(const pb::ModelConfig& c, bool own_projections) {
+  const int64_t D = c.d_model(), H = c.n_heads(), d = D / H, hidden = c.memory_expansion() * d, K = c.conv_kernel();
+  int64_t weights = 0, in = d;
+  for (int64_t l = 0; l < c.memory_depth(); ++l) {
+    const int64_t out = l + 1 == c.memory_depth() ? d : hidden;
+    weights += out * in;
+    in = out;
+  }
+  int64_t n = H * weights + D * 3 * H + 3 * H;
+  if (own_projections) n += 4 * D * D + 3 * D * K;
+  return n;
+}
+
+int64_t attention_params(const pb::ModelConfig& c) {
+  const int64_t D = c.d_model(), H = c.n_heads(), d = D / H;
+  return D * H * d + 2 * D * kv_heads(c) * d + H * d * D;
+}
+
+int64_t mixer_params(char letter, const pb::ModelConfig& c) {
+  const int64_t D = c.d_model(), H = c.n_heads(), d = D / H, f = c.feature_dim();
+  switch (letter) {
+    case 'L': {
+      int64_t n = D * H * f + D * kv_heads(c) * f + D * kv_heads(c) * d + H * d * D;
+      if (c.feature_map() == "hedgehog") n += H * f * f;
+      return n;
+    }
+    case 'A':
+    case 'W': return attention_params(c);
+    case 'C': return 4 * D * D + 2 * D * D + 2 * D * c.conv_kernel() + 2 * D;
+    case 'M': return memory_params(c, true) + attention_params(c);
+    case 'G': return memory_params(c, true) + attention_params(c) + 2 * D + D * D;
+    case 'X': return memory_params(c, false) + 8 * D * D + std::max<int64_t>(c.persistent_tokens(), 1) * D;
+    default: break;
+  }
+  throw ConfigError(std::string("model.pattern: letter '") + letter + "' is not a mixer");
+}
+
+}  // namespace
+
+std::vector<std::string> preset_names() {
+  std::vector<std::string> names;
+  for (const auto& [name, text] : presets()) names.push_back(name);
+  return names;
+}
+
+pb::ModelConfig resolve_model_config(const pb::ModelConfig& user) {
+  pb::ModelConfig c;
+  if (!user.preset().empty()) {
+    auto it = presets().find(user.preset());
+    if (it == presets().end()) {
+      std::string known;
+      for (const auto& n : preset_names()) known += (known.empty() ? "" : ", ") + n;
+      throw ConfigError("model.preset = '" + user.preset() + "': allowed values are " + known);
+    }
+    if (!google::protobuf::TextFormat::ParseFromString(it->second, &c))
+      throw ConfigError("internal error: preset '" + user.preset() + "' does not parse");
+  }
+  c.MergeFrom(user);  // fields the user set win over the preset
+  if (c.n_kv_heads() == 0) c.set_n_kv_heads(c.n_heads());
+  if (c.d_ff() == 0) c.set_d_ff(default_mlp_hidden(c.d_model()));
+  if (c.feature_dim() == 0) c.set_feature_dim(c.d_model() / c.n_heads());
+  return c;
+}
+
+int64_t count_parameters(const pb::ModelConfig& c) {
+  const int64_t D = c.d_model(), V = c.vocab_size();
+  int64_t n = V * D + D + (c.tie_embeddings() ? 0 : V * D);
+  for (char letter : c.pattern()) n += mixer_params(letter, c) + 2 * D + 3 * D * c.d_ff();
+  return n;
+}
+
+HybridLMImpl::HybridLMImpl(const pb::ModelConfig& c) : config_(c) {
+  TORCH_CHECK(c.n_kv_heads() > 0 && c.d_ff() > 0 && c.feature_dim() > 0,
+              "HybridLM: pass a config through resolve_model_config() first");
+  const int64_t D = c.d_model();
+  embedding_ = register_module("embedding", torch::nn::Embedding(c.vocab_size(), D));
+  {
+    torch::NoGradGuard no_grad;
+    embedding_->weight.normal_(0, 0.02);
+  }
+  for (size_t i = 0; i < c.pattern().size(); ++i) {
+    const std::string id = std::to_string(i);
+    mixer_norms_.push_back(register_module("block" + id + "_mixer_norm", RMSNorm(D, c.norm_eps())));
+    mixers_.push_back(register_module("block" + id + "_mixer", make_mixer(c.pattern()[i], c)));
+    mlp_norms_.push_back(register_module("block" + id + "_mlp_norm", RMSNorm(D, c.norm_eps())));
+    mlps_.push_back(register_module("block" + id + "_mlp", SwiGLU(D, c.d_ff())));
+  }
+  final_norm_ = register_module("final_norm", RMSNorm(D, c.norm_eps()));
+  if (!c.tie_embeddings()) head_ = register_module("head", make_projection(D, c.vocab_size()));
+}
+
+at::Tensor HybridLMImpl::forward(const at::Tensor& tokens, const SequenceContext& ctx) {
+  TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == ctx.layout.local_len(), "HybridLM: tokens ", tokens.sizes(),
+              " must be [B, ", ctx.layout.local_len(), "] for ", ctx.layout.describe());
+  CommOrder::reset();  // this forward's communications form one ordered chain
+  at::Tensor x = embedding_(tokens);
+  for (size_t i = 0; i < mixers_.size(); ++i) {
+    x = x + mixers_[i]->forward(mixer_norms_[i](x), ctx);
+    x = x + mlps_[i](mlp_norms_[i](x));
+  }
+  x = final_norm_(x);
+  return head_ ? head_(x) : at::matmul(x, embedding_->weight.t());
+}
+
+int64_t HybridLMImpl::parameter_count() {
+  int64_t n = 0;
+  for (const auto& p : parameters()) n += p.numel();
+  return n;
+}
+
+}  // namespace loom::models

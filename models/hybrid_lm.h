@@ -1,0 +1,56 @@
+// HybridLM: embedding -> blocks -> RMSNorm -> LM head (optionally tied).
+// Block i: x += mixer_i(norm(x)); x += SwiGLU(norm(x)), with mixer_i chosen by
+// the i-th letter of model.pattern (mixers.h, titans.h).
+//
+// forward() takes this rank's shard of token ids [B, n] under ctx.layout and
+// returns logits [B, n, vocab]; every mixer runs sequence-parallel through
+// ctx. Parameters are replicated on every rank; their gradients from one
+// backward are this rank's share and must be all-reduced over dp x sp (the
+// trainer does it).
+//
+// resolve_model_config() applies a named preset (model.preset) under the
+// fields the user set, and fills derived defaults (n_kv_heads, d_ff,
+// feature_dim). count_parameters() gives the count of a config without
+// building it (a 1B model is not allocated to print its size).
+#pragma once
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/embedding.h>
+
+#include <string>
+#include <vector>
+
+#include "models/layers.h"
+#include "models/mixers.h"
+#include "models/sequence_context.h"
+#include "runtime/proto/loom.pb.h"
+
+namespace loom::models {
+
+// Names of the built-in presets.
+std::vector<std::string> preset_names();
+// Preset under the user's explicitly set fields, with derived defaults filled.
+// Throws ConfigError for an unknown preset (listing the known ones).
+pb::ModelConfig resolve_model_config(const pb::ModelConfig& user);
+int64_t count_parameters(const pb::ModelConfig& resolved);
+
+class HybridLMImpl : public torch::nn::Module {
+ public:
+  explicit HybridLMImpl(const pb::ModelConfig& resolved);
+  at::Tensor forward(const at::Tensor& tokens, const SequenceContext& ctx);
+  const pb::ModelConfig& config() const { return config_; }
+  int64_t parameter_count();
+
+ private:
+  pb::ModelConfig config_;
+  torch::nn::Embedding embedding_{nullptr};
+  std::vector<Mixer> mixers_;
+  std::vector<RMSNorm> mixer_norms_, mlp_norms_;
+  std::vector<SwiGLU> mlps_;
+  RMSNorm final_norm_{nullptr};
+  torch::nn::Linear head_{nullptr};  // null when tied to the embedding
+};
+TORCH_MODULE(HybridLM);
+
+}  // namespace loom::models

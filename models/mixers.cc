@@ -1,0 +1,117 @@
+#include "models/mixers.h"
+
+#include <cmath>
+
+#include "models/layers.h"
+#include "models/titans.h"
+#include "parallel/linear_attention/decay.h"
+#include "parallel/linear_attention/lasp.h"
+#include "parallel/short_conv.h"
+#include "parallel/softmax_attention/rotary.h"
+#include "runtime/error.h"
+
+namespace loom::models {
+
+at::Tensor split_heads(const at::Tensor& x, int64_t heads) {
+  return x.reshape({x.size(0), x.size(1), heads, x.size(2) / heads}).transpose(1, 2);
+}
+at::Tensor merge_heads(const at::Tensor& x) {
+  return x.transpose(1, 2).reshape({x.size(0), x.size(2), x.size(1) * x.size(3)});
+}
+
+namespace {
+int64_t kv_heads_of(const pb::ModelConfig& c) { return c.n_kv_heads() > 0 ? c.n_kv_heads() : c.n_heads(); }
+}  // namespace
+
+// ---- L ----
+LinearAttentionMixer::LinearAttentionMixer(const pb::ModelConfig& c)
+    : heads_(c.n_heads()),
+      kv_heads_(kv_heads_of(c)),
+      head_dim_(c.d_model() / c.n_heads()),
+      feature_dim_(c.feature_dim() > 0 ? c.feature_dim() : c.d_model() / c.n_heads()),
+      block_(c.block_size()),
+      normalize_(c.linear_normalize()) {
+  const int64_t D = c.d_model();
+  q_ = register_module("q", make_projection(D, heads_ * feature_dim_));
+  k_ = register_module("k", make_projection(D, kv_heads_ * feature_dim_));
+  v_ = register_module("v", make_projection(D, kv_heads_ * head_dim_));
+  o_ = register_module("o", make_projection(heads_ * head_dim_, D));
+  feature_map_ = register_module("feature_map", FeatureMap(parse_feature_map(c.feature_map()), heads_, feature_dim_));
+  if (c.linear_decay()) decay_ = linear_attention::default_decay(heads_);
+}
+
+at::Tensor LinearAttentionMixer::forward(const at::Tensor& x, const SequenceContext& ctx) {
+  const int64_t group = heads_ / kv_heads_;
+  at::Tensor q = feature_map_(split_heads(q_(x), heads_));
+  // GQA: each key/value head serves `group` query heads.
+  at::Tensor k = split_heads(k_(x), kv_heads_).repeat_interleave(group, 1);
+  at::Tensor v = split_heads(v_(x), kv_heads_).repeat_interleave(group, 1);
+  k = feature_map_(k);
+  linear_attention::LinearAttentionOptions opt;
+  opt.block_size = block_;
+  opt.decay = decay_;
+  opt.normalize = normalize_;
+  const at::Tensor out = linear_attention::sequence_parallel_linear_attention(q, k, v, ctx.layout, ctx.comm,
+                                                                              ctx.linear_method, opt);
+  return o_(merge_heads(out));
+}
+
+// ---- A, W ----
+SoftmaxAttentionMixer::SoftmaxAttentionMixer(const pb::ModelConfig& c, int64_t window)
+    : heads_(c.n_heads()),
+      kv_heads_(kv_heads_of(c)),
+      head_dim_(c.d_model() / c.n_heads()),
+      window_(window),
+      rope_theta_(c.rope_theta()) {
+  const int64_t D = c.d_model();
+  q_ = register_module("q", make_projection(D, heads_ * head_dim_));
+  k_ = register_module("k", make_projection(D, kv_heads_ * head_dim_));
+  v_ = register_module("v", make_projection(D, kv_heads_ * head_dim_));
+  o_ = register_module("o", make_projection(heads_ * head_dim_, D));
+}
+
+at::Tensor SoftmaxAttentionMixer::forward(const at::Tensor& x, const SequenceContext& ctx) {
+  const at::Tensor pos = ctx.positions();
+  const at::Tensor q = softmax_attention::apply_rotary(split_heads(q_(x), heads_), pos, rope_theta_);
+  const at::Tensor k = softmax_attention::apply_rotary(split_heads(k_(x), kv_heads_), pos, rope_theta_);
+  const at::Tensor v = split_heads(v_(x), kv_heads_);
+  softmax_attention::AttentionSpec spec;
+  spec.window = window_;
+  // At sp = 1 every method reduces to local attention.
+  const auto method = ctx.layout.world_size() == 1 && ctx.softmax_method != softmax_attention::SoftmaxMethod::kOffload
+                          ? softmax_attention::SoftmaxMethod::kLocal
+                          : ctx.softmax_method;
+  return o_(merge_heads(softmax_attention::attention(q, k, v, ctx.layout, ctx.comm, method, spec)));
+}
+
+// ---- C ----
+BaseConvMixer::BaseConvMixer(const pb::ModelConfig& c) : dim_(c.d_model()) {
+  in_proj_ = register_module("in_proj", make_projection(dim_, 4 * dim_));
+  out_proj_ = register_module("out_proj", make_projection(2 * dim_, dim_));
+  const int64_t kernel = c.conv_kernel();
+  conv_weight_ = register_parameter("conv_weight", at::randn({2 * dim_, kernel}) / std::sqrt(double(kernel)));
+  conv_bias_ = register_parameter("conv_bias", at::zeros({2 * dim_}));
+}
+
+at::Tensor BaseConvMixer::forward(const at::Tensor& x, const SequenceContext& ctx) {
+  const at::Tensor u = in_proj_(x);
+  const at::Tensor u1 = u.narrow(-1, 0, 2 * dim_), u2 = u.narrow(-1, 2 * dim_, 2 * dim_);
+  const at::Tensor conv = causal_depthwise_conv(u1, conv_weight_, conv_bias_, ctx.layout, ctx.comm);
+  return out_proj_(at::silu(conv) * u2);
+}
+
+Mixer make_mixer(char letter, const pb::ModelConfig& c) {
+  switch (letter) {
+    case 'L': return std::make_shared<LinearAttentionMixer>(c);
+    case 'A': return std::make_shared<SoftmaxAttentionMixer>(c, 0);
+    case 'W': return std::make_shared<SoftmaxAttentionMixer>(c, c.window());
+    case 'C': return std::make_shared<BaseConvMixer>(c);
+    case 'M': return std::make_shared<TitansMALMixer>(c);
+    case 'G': return std::make_shared<TitansMAGMixer>(c);
+    case 'X': return std::make_shared<TitansMACMixer>(c);
+    default: break;
+  }
+  throw ConfigError(std::string("model.pattern: letter '") + letter + "' is not a mixer (allowed: L A W C M G X)");
+}
+
+}  // namespace loom::models

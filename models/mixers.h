@@ -1,0 +1,78 @@
+// Mixers: the sequence-mixing half of a block, one class per pattern letter.
+//
+//   L  LinearAttentionMixer   feature-mapped linear attention via LASP-2 /
+//                             all-scan / LASP-1 (BASED: Taylor, dim 16, normalised)
+//   A  SoftmaxAttentionMixer  GQA softmax attention with rotary on global
+//                             positions, via local / ring / all-gather
+//   W  SoftmaxAttentionMixer  the same with a sliding window, via the halo
+//   C  BaseConvMixer          BASED's gated short convolution, via the halo
+//   M, G, X                   Titans mixers (titans.h)
+//
+// Every mixer maps this rank's shard x [B, n, D] to [B, n, D] and runs
+// unchanged at sp = 1 and sp > 1: the SequenceContext says how the sequence is
+// split and the parallel/ operator does the rest. Collective over ctx.comm, in
+// the same order on every rank (forward and backward).
+#pragma once
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/linear.h>
+
+#include <memory>
+
+#include "models/feature_maps.h"
+#include "models/sequence_context.h"
+#include "runtime/proto/loom.pb.h"
+
+namespace loom::models {
+
+class MixerImpl : public torch::nn::Module {
+ public:
+  virtual at::Tensor forward(const at::Tensor& x, const SequenceContext& ctx) = 0;
+};
+using Mixer = std::shared_ptr<MixerImpl>;
+
+// The mixer for one pattern letter, sized from a resolved model config.
+Mixer make_mixer(char letter, const pb::ModelConfig& config);
+
+class LinearAttentionMixer : public MixerImpl {
+ public:
+  explicit LinearAttentionMixer(const pb::ModelConfig& config);
+  at::Tensor forward(const at::Tensor& x, const SequenceContext& ctx) override;
+
+ private:
+  int64_t heads_, kv_heads_, head_dim_, feature_dim_, block_;
+  bool normalize_;
+  at::Tensor decay_;  // [H] or undefined
+  torch::nn::Linear q_{nullptr}, k_{nullptr}, v_{nullptr}, o_{nullptr};
+  FeatureMap feature_map_{nullptr};
+};
+
+class SoftmaxAttentionMixer : public MixerImpl {
+ public:
+  // window 0: full causal attention.
+  SoftmaxAttentionMixer(const pb::ModelConfig& config, int64_t window);
+  at::Tensor forward(const at::Tensor& x, const SequenceContext& ctx) override;
+
+ private:
+  int64_t heads_, kv_heads_, head_dim_, window_;
+  double rope_theta_;
+  torch::nn::Linear q_{nullptr}, k_{nullptr}, v_{nullptr}, o_{nullptr};
+};
+
+// BaseConv: in_proj D -> 4D split into u1, u2 (2D each); y = out_proj(SiLU(conv(u1)) * u2).
+class BaseConvMixer : public MixerImpl {
+ public:
+  explicit BaseConvMixer(const pb::ModelConfig& config);
+  at::Tensor forward(const at::Tensor& x, const SequenceContext& ctx) override;
+
+ private:
+  int64_t dim_;
+  torch::nn::Linear in_proj_{nullptr}, out_proj_{nullptr};
+  at::Tensor conv_weight_, conv_bias_;
+};
+
+// [B, n, H*d] <-> [B, H, n, d]
+at::Tensor split_heads(const at::Tensor& x, int64_t heads);
+at::Tensor merge_heads(const at::Tensor& x);
+
+}  // namespace loom::models

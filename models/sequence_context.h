@@ -1,0 +1,24 @@
+// SequenceContext: what a mixer needs to know about how its sequence is split.
+// Built once per step by the model's caller from the SequenceLayout and the
+// ProcessMesh's sp communicator; mixers never talk to MPI themselves, they
+// hand the context to parallel/ operators.
+#pragma once
+
+#include "parallel/linear_attention/state_prefix.h"
+#include "parallel/softmax_attention/softmax_attention.h"
+#include "runtime/communicator.h"
+#include "runtime/sequence_layout.h"
+
+namespace loom::models {
+
+struct SequenceContext {
+  SequenceLayout layout;
+  CommPtr comm;  // the sequence-parallel group (size = layout.world_size())
+  linear_attention::LinearAttentionMethod linear_method = linear_attention::LinearAttentionMethod::kLasp2;
+  softmax_attention::SoftmaxMethod softmax_method = softmax_attention::SoftmaxMethod::kRing;
+
+  int rank() const { return comm->rank(); }
+  at::Tensor positions() const { return layout.global_positions(comm->rank()); }
+};
+
+}  // namespace loom::models

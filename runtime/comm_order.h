@@ -1,0 +1,58 @@
+// CommOrder: makes autograd run every communicating node's backward in exactly
+// the reverse of the forward order, on every rank.
+//
+// Why: the autograd engine runs ready nodes in an order that depends on the
+// graph's shape, and the shape differs between ranks (rank 0's first chunk
+// needs no state from anyone). Two ranks could then enter two different
+// blocking communications in backward (a halo on one, a reduce-scatter on
+// the other) and wait for each other forever.
+// How: every differentiable communication (differentiable_collectives.h,
+// LASP, ring/all-gather attention, state chains) takes the current order
+// token as an extra input and returns a new token, which becomes current. The
+// tokens chain all communicating nodes of a graph, so a node's backward waits
+// for the backward of the node created after it. The token carries no values
+// (zero-dimensional zeros). The chain also keeps every communicating node
+// reachable from the loss, so a collective whose output one rank does not use
+// still runs its backward there (with zero gradients), as the other ranks need.
+// A new chain starts when the previous chain's newest node has run its
+// backward, when grad mode is off, or on reset(). A graph built with grad mode
+// on and then dropped without backward would be linked into the next one:
+// evaluate under NoGradGuard, or call reset() (HybridLM::forward and the
+// trainer do at every step).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include <utility>
+#include <vector>
+
+namespace loom {
+
+class CommOrder {
+ public:
+  // The token to pass into the next communicating autograd function.
+  static at::Tensor token();
+  // In a communicating function's forward: claims an id (save it in the ctx)
+  // and returns the token output to append to the function's outputs.
+  static int64_t claim();
+  static at::Tensor new_token();
+  // After Function::apply: the returned token becomes current.
+  static void advance(const at::Tensor& token_out);
+  // In the function's backward.
+  static void backward_ran(int64_t id);
+  // Starts a new chain (a model calls it at the start of each forward).
+  static void reset();
+};
+
+// F::apply(token, args...) for an F whose forward takes the order token first
+// and appends a token to its outputs; returns the outputs without the token.
+template <typename F, typename... Args>
+std::vector<at::Tensor> apply_in_order(Args&&... args) {
+  auto outs = F::apply(CommOrder::token(), std::forward<Args>(args)...);
+  CommOrder::advance(outs.back());
+  outs.pop_back();
+  return outs;
+}
+
+}  // namespace loom
