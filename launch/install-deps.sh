@@ -14,6 +14,8 @@ packages=(
   libgtest-dev libgmock-dev
   libopenblas0-openmp
   libcli11-dev nlohmann-json3-dev
+  zlib1g-dev
+  dict-gcide
 )
 
 SUDO=""

@@ -2,18 +2,29 @@
 //
 //   mpirun -np 4 loom-train --config configs/demo.pbtxt [--set section.field=value ...]
 //
-// Exit codes: 0 success, 2 bad command line or config (the message names the
-// field), 3 the requested action is not supported by this build, 1 any other
-// error. Every rank returns the same code: errors found on one rank are agreed
-// on before any collective.
+// Modes: train (default; --resume continues from the newest checkpoint),
+// --eval-only (validation loss of the newest checkpoint), --generate TEXT
+// (greedy continuation; after training, or of the newest checkpoint with
+// --eval-only), --print-config, --dry-run.
+// Exit codes: 0 success, 2 bad command line, config or data (the message names
+// the field or file), 3 the requested action is not supported by this build,
+// 4 the loss became NaN/Inf (the last good checkpoint is kept), 1 any other
+// error. Errors found during set-up are agreed on by all ranks before any
+// collective; an error in the middle of a step aborts the whole job.
 #include <CLI/CLI.hpp>
 
 #include <iostream>
 
+#include <torch/utils.h>
+
+#include "models/hybrid_lm.h"
+#include "runtime/data.h"
 #include "runtime/error.h"
 #include "runtime/job.h"
 #include "runtime/logging.h"
 #include "runtime/mpi_communicator.h"
+#include "runtime/token_file.h"
+#include "runtime/trainer.h"
 
 namespace {
 
@@ -22,12 +33,79 @@ struct Options {
   std::vector<std::string> overrides;
   bool print_config = false;
   bool dry_run = false;
+  bool resume = false;
+  bool eval_only = false;
+  std::string generate;
+  int64_t max_new_tokens = 64;
 };
 
 int world_rank() {
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   return rank;
+}
+
+// Set-up errors every rank sees alike (config, data, lengths): exit code 2.
+struct SetupError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+int run_job(loom::Job& job, const Options& opt) {
+  namespace lm = loom::models;
+  const auto& config = job.config();
+  const bool root = job.world()->rank() == 0;
+  lm::HybridLM model{nullptr};
+  std::shared_ptr<loom::TokenWindowSampler> train_data, val_data;
+  try {
+    if (config.train().dtype() == "bfloat16" || config.train().device() == "cuda")
+      throw loom::ConfigError("train.dtype = bfloat16 and train.device = cuda are not supported by this build yet");
+    const auto model_config = lm::resolve_model_config(config.model());
+    loom::validate_config([&] {
+      auto c = config;
+      *c.mutable_model() = model_config;
+      return c;
+    }());
+    const loom::SequenceLayout layout(config.parallel().layout() == loom::pb::ZIGZAG ? loom::LayoutKind::kZigzag
+                                                                                      : loom::LayoutKind::kContiguous,
+                                      config.train().seq_len(), job.mesh().sp_size());
+    lm::check_sequence_length(model_config, layout);
+    LOOM_LOG(kInfo) << "model '" << model_config.pattern() << "' d_model " << model_config.d_model() << ": "
+                    << lm::count_parameters(model_config) << " parameters; " << layout.describe();
+    torch::manual_seed(config.train().seed());  // identical parameters on every rank
+    model = lm::HybridLM(model_config);
+    if (config.train().dtype() == "float64") model->to(at::kDouble);
+    auto data = loom::open_data(config.data().train_path(), config.data().val_fraction(), config.train().seq_len(),
+                                model_config.vocab_size(), config.train().seed());
+    train_data = data.train;
+    val_data = data.validation;
+  } catch (const std::exception& e) {
+    throw SetupError(e.what());
+  }
+  auto batches = [](std::shared_ptr<loom::TokenWindowSampler> s) {
+    return [s](int64_t first, int64_t n) { return s->batch(first, n); };
+  };
+  loom::Trainer trainer(job.config(), job.mesh(), model.ptr(), lm::language_model_loss(config.parallel()), batches(train_data),
+                        batches(val_data));
+  if (opt.eval_only) {
+    if (trainer.resume().empty())
+      throw SetupError("--eval-only: no complete checkpoint in '" + config.train().checkpoint_dir() + "'");
+    const double val = trainer.evaluate(config.train().eval_batches());
+    if (root) std::cout << "validation loss " << val << " perplexity " << std::exp(val) << std::endl;
+  } else {
+    if (opt.resume) trainer.resume();
+    const auto result = trainer.fit();
+    if (root)
+      std::cout << "trained " << result.steps << " steps: last loss " << result.loss << ", validation loss "
+                << result.validation_loss << ", checkpoint " << result.checkpoint << std::endl;
+    if (result.interrupted) return 0;
+  }
+  if (!opt.generate.empty()) {
+    std::vector<int64_t> prompt;
+    for (uint32_t t : loom::byte_tokenize(opt.generate)) prompt.push_back(t);
+    const auto out = lm::generate_greedy(*model, prompt, opt.max_new_tokens, config.parallel(), job.mesh().sp());
+    if (root) std::cout << "generated: " << loom::byte_detokenize(out) << std::endl;
+  }
+  return 0;
 }
 
 int run(int argc, char** argv) {
@@ -40,6 +118,10 @@ int run(int argc, char** argv) {
   app.add_option("--set", opt.overrides, "Override a config field: --set section.field=value (repeatable)");
   app.add_flag("--print-config", opt.print_config, "Print the resolved config (rank 0) and exit");
   app.add_flag("--dry-run", opt.dry_run, "Set up MPI, threads and the process mesh, report them, and exit");
+  app.add_flag("--resume", opt.resume, "Continue from the newest complete checkpoint in train.checkpoint_dir");
+  app.add_flag("--eval-only", opt.eval_only, "Evaluate the newest checkpoint (validation loss) instead of training");
+  app.add_option("--generate", opt.generate, "Greedy continuation of this prompt (after training or with --eval-only)");
+  app.add_option("--max-new-tokens", opt.max_new_tokens, "Tokens generated by --generate")->check(CLI::Range(1, 100000));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -79,11 +161,7 @@ int run(int argc, char** argv) {
     LOOM_LOG(kInfo) << "dry run complete";
     return 0;
   }
-  if (is_root)
-    std::cerr << "loom-train: training is not supported by this build yet: only --print-config and --dry-run are "
-                 "available"
-              << std::endl;
-  return 3;
+  return run_job(*job, opt);
 }
 
 }  // namespace
@@ -94,6 +172,13 @@ int main(int argc, char** argv) {
     loom::MpiEnvironment mpi(&argc, &argv);
     try {
       code = run(argc, argv);
+    } catch (const SetupError& e) {
+      // Every rank met the same set-up error (they all read the same config and data).
+      if (world_rank() == 0) std::cerr << "loom-train: " << e.what() << std::endl;
+      code = 2;
+    } catch (const loom::NonFiniteLoss& e) {
+      if (world_rank() == 0) std::cerr << "loom-train: " << e.what() << std::endl;
+      code = 4;
     } catch (const std::exception& e) {
       std::cerr << "loom-train: error on rank " << world_rank() << ": " << e.what() << std::endl;
       // Other ranks may be inside a collective waiting for this one.

@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# Installs the dependencies, builds Loom and runs the main job on the default
-# configuration with 2 ranks. This is the README's first command.
+# The README's first command: installs what is missing, builds Loom, prepares
+# the default corpus (GCIDE dictionary text, byte tokens) and runs the main
+# job: a tiny BASED/Titans hybrid trained with 2 sequence-parallel ranks, then
+# evaluated, checkpointed, and asked for a short greedy continuation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/install-deps.sh
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release
 cmake --build build -j2
-mpirun -np 2 --oversubscribe build/launch/loom-train --config configs/demo.pbtxt "$@"
+if [ ! -f data/gcide.tok ]; then
+  mkdir -p data
+  build/launch/loom-data prepare --input /usr/share/dictd/gcide.dict.dz --output data/gcide.tok
+fi
+rm -rf checkpoints/demo
+mpirun -np 2 --oversubscribe build/launch/loom-train --config configs/demo.pbtxt \
+  --generate 'Abjure \Ab*jure"\, v. t.' --max-new-tokens 80 "$@"
+echo "metrics: checkpoints/demo/metrics.jsonl"

@@ -2,6 +2,7 @@
 
 #include <google/protobuf/text_format.h>
 
+#include <cstring>
 #include <map>
 
 #include "models/titans.h"
@@ -174,6 +175,87 @@ at::Tensor HybridLMImpl::forward(const at::Tensor& tokens, const SequenceContext
   }
   x = final_norm_(x);
   return head_ ? head_(x) : at::matmul(x, embedding_->weight.t());
+}
+
+SequenceContext make_context(const pb::ParallelConfig& p, const SequenceLayout& layout, const CommPtr& sp) {
+  SequenceContext ctx{layout, sp};
+  switch (p.linear_method()) {
+    case pb::LASP2: ctx.linear_method = linear_attention::LinearAttentionMethod::kLasp2; break;
+    case pb::LASP2_ALLSCAN: ctx.linear_method = linear_attention::LinearAttentionMethod::kLasp2AllScan; break;
+    case pb::LASP1: ctx.linear_method = linear_attention::LinearAttentionMethod::kLasp1; break;
+  }
+  switch (p.softmax_method()) {
+    case pb::LOCAL: ctx.softmax_method = softmax_attention::SoftmaxMethod::kLocal; break;
+    case pb::RING: ctx.softmax_method = softmax_attention::SoftmaxMethod::kRing; break;
+    case pb::ALLGATHER: ctx.softmax_method = softmax_attention::SoftmaxMethod::kAllGather; break;
+    case pb::OFFLOAD: ctx.softmax_method = softmax_attention::SoftmaxMethod::kOffload; break;
+  }
+  return ctx;
+}
+
+namespace {
+bool has_any(const std::string& pattern, const std::string& letters) {
+  return pattern.find_first_of(letters) != std::string::npos;
+}
+// Tokens a chunk must hold at least, and the multiple it must be.
+std::pair<int64_t, int64_t> chunk_requirements(const pb::ModelConfig& m) {
+  int64_t min_len = 1, multiple = 1;
+  if (has_any(m.pattern(), "WMG")) min_len = std::max<int64_t>(min_len, m.window() - 1);
+  if (has_any(m.pattern(), "CMG")) min_len = std::max<int64_t>(min_len, m.conv_kernel() - 1);
+  if (has_any(m.pattern(), "MGX")) multiple = m.memory_chunk();
+  return {min_len, multiple};
+}
+}  // namespace
+
+void check_sequence_length(const pb::ModelConfig& m, const SequenceLayout& layout) {
+  const auto [min_len, multiple] = chunk_requirements(m);
+  if (layout.chunk_len() < min_len || layout.chunk_len() % multiple != 0) {
+    const int64_t good = admissible_length(m, layout.kind(), layout.world_size(), layout.global_len());
+    throw ConfigError("train.seq_len = " + std::to_string(layout.global_len()) + ": the " + layout.describe() +
+                      " gives chunks of " + std::to_string(layout.chunk_len()) + " tokens, but model '" + m.pattern() +
+                      "' needs chunks of at least " + std::to_string(min_len) + " tokens (window/convolution halos)" +
+                      (multiple > 1 ? " and a multiple of model.memory_chunk = " + std::to_string(multiple) : "") +
+                      "; the next length that works is " + std::to_string(good));
+  }
+}
+
+int64_t admissible_length(const pb::ModelConfig& m, LayoutKind kind, int sp, int64_t n) {
+  const auto [min_len, multiple] = chunk_requirements(m);
+  const int64_t chunks = static_cast<int64_t>(sp) * (kind == LayoutKind::kZigzag ? 2 : 1);
+  const int64_t chunk = std::max(min_len, (n + chunks - 1) / chunks);
+  return ((chunk + multiple - 1) / multiple) * multiple * chunks;
+}
+
+Trainer::LossFn language_model_loss(const pb::ParallelConfig& parallel) {
+  return [parallel](torch::nn::Module& module, const Batch& local, const SequenceLayout& layout, const CommPtr& sp) {
+    auto& model = dynamic_cast<HybridLMImpl&>(module);
+    const at::Tensor logits = model.forward(local.inputs, make_context(parallel, layout, sp));
+    // Log-softmax in float32 at least (float64 stays float64).
+    const at::Tensor flat = logits.reshape({-1, logits.size(-1)});
+    return at::nll_loss(at::log_softmax(flat.scalar_type() == at::kDouble ? flat : flat.to(at::kFloat), -1),
+                        local.labels.reshape({-1}), {}, at::Reduction::Sum, -100);
+  };
+}
+
+std::vector<int64_t> generate_greedy(HybridLMImpl& model, const std::vector<int64_t>& prompt, int64_t new_tokens,
+                                     const pb::ParallelConfig& parallel, const CommPtr& sp) {
+  TORCH_CHECK(!prompt.empty(), "generate: the prompt is empty");
+  const LayoutKind kind = parallel.layout() == pb::ZIGZAG ? LayoutKind::kZigzag : LayoutKind::kContiguous;
+  at::NoGradGuard no_grad;
+  std::vector<int64_t> tokens = prompt;
+  for (int64_t i = 0; i < new_tokens; ++i) {
+    // Recompute the whole prefix, padded (after the real tokens) to a length
+    // every mixer accepts; causality makes the padding invisible.
+    const int64_t n = static_cast<int64_t>(tokens.size());
+    const int64_t padded = admissible_length(model.config(), kind, sp->size(), n);
+    at::Tensor seq = at::zeros({1, padded}, at::kLong);
+    std::memcpy(seq.data_ptr<int64_t>(), tokens.data(), n * sizeof(int64_t));
+    const SequenceLayout layout(kind, padded, sp->size());
+    const at::Tensor logits = model.forward(layout.shard(seq, sp->rank(), 1), make_context(parallel, layout, sp));
+    const at::Tensor all = layout.gather(logits, *sp, 1);
+    tokens.push_back(all[0][n - 1].argmax().item<int64_t>());
+  }
+  return tokens;
 }
 
 int64_t HybridLMImpl::parameter_count() {

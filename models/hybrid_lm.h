@@ -25,6 +25,7 @@
 #include "models/mixers.h"
 #include "models/sequence_context.h"
 #include "runtime/proto/loom.pb.h"
+#include "runtime/trainer.h"
 
 namespace loom::models {
 
@@ -52,5 +53,20 @@ class HybridLMImpl : public torch::nn::Module {
   torch::nn::Linear head_{nullptr};  // null when tied to the embedding
 };
 TORCH_MODULE(HybridLM);
+
+// The SequenceContext that a config's parallel section asks for.
+SequenceContext make_context(const pb::ParallelConfig& parallel, const SequenceLayout& layout, const CommPtr& sp);
+// Checks that every chunk of `layout` can carry the model: sliding-window and
+// convolution halos fit in a chunk, Titans chunks align. ConfigError otherwise,
+// naming the numbers and a length that works.
+void check_sequence_length(const pb::ModelConfig& model, const SequenceLayout& layout);
+// The smallest length >= n that check_sequence_length accepts for `sp` ranks.
+int64_t admissible_length(const pb::ModelConfig& model, LayoutKind kind, int sp, int64_t n);
+// Trainer::LossFn of a HybridLM: summed cross-entropy of the shard's labels.
+Trainer::LossFn language_model_loss(const pb::ParallelConfig& parallel);
+// Greedy continuation of `prompt` by `new_tokens` tokens, computed by the sp
+// group together (every rank returns the same tokens).
+std::vector<int64_t> generate_greedy(HybridLMImpl& model, const std::vector<int64_t>& prompt, int64_t new_tokens,
+                                     const pb::ParallelConfig& parallel, const CommPtr& sp);
 
 }  // namespace loom::models

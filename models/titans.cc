@@ -46,11 +46,14 @@ ChunkFactors chunk_factors(const at::Tensor& theta, const at::Tensor& log_eta, c
   return f;
 }
 
-// theta = max_lr * sigmoid, log eta = logsigmoid, log(1 - alpha) = logsigmoid(-.)
-void split_gates(const at::Tensor& logits, int64_t heads, double max_lr, at::Tensor& theta, at::Tensor& log_eta,
-                 at::Tensor& log_beta) {
+// theta = max_lr / chunk * sigmoid, log eta = logsigmoid, log(1 - alpha) = logsigmoid(-.)
+// theta is divided by the chunk length: the chunk's tokens all take their
+// gradient at the same starting weights, so their summed step must not grow
+// with b (correlated keys would otherwise overshoot and the memory diverge).
+void split_gates(const at::Tensor& logits, int64_t heads, double max_lr, int64_t chunk, at::Tensor& theta,
+                 at::Tensor& log_eta, at::Tensor& log_beta) {
   // logits [B, b, 3H] -> each [B, H, b]
-  theta = at::sigmoid(logits.narrow(-1, 0, heads)).transpose(1, 2) * max_lr;
+  theta = at::sigmoid(logits.narrow(-1, 0, heads)).transpose(1, 2) * (max_lr / static_cast<double>(chunk));
   log_eta = at::log_sigmoid(logits.narrow(-1, heads, heads)).transpose(1, 2);
   log_beta = at::log_sigmoid(-logits.narrow(-1, 2 * heads, heads)).transpose(1, 2);
 }
@@ -148,7 +151,7 @@ at::Tensor NeuralMemoryImpl::read(const std::vector<at::Tensor>& weights, const 
 void NeuralMemoryImpl::update(std::vector<at::Tensor>& weights, std::vector<at::Tensor>& momentum,
                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& gate_logits) const {
   at::Tensor theta, log_eta, log_beta;
-  split_gates(gate_logits, heads_, max_lr_, theta, log_eta, log_beta);
+  split_gates(gate_logits, heads_, max_lr_, k.size(2), theta, log_eta, log_beta);
   const ChunkFactors f = chunk_factors(theta, log_eta, log_beta);
   // Forward of the memory MLP at the chunk's starting weights, keeping what the
   // hand-written backward needs.
@@ -247,7 +250,7 @@ at::Tensor NeuralMemoryImpl::forward_affine(const at::Tensor& q, const at::Tenso
   const int64_t m = cpr * nc;
   const at::Tensor K = k.reshape({B, H, m, b, d}), V = v.reshape({B, H, m, b, d});
   at::Tensor theta, log_eta, log_beta;
-  split_gates(gates, H, max_lr_, theta, log_eta, log_beta);  // [B, H, n]
+  split_gates(gates, H, max_lr_, b, theta, log_eta, log_beta);  // [B, H, n]
   const ChunkFactors f = chunk_factors(theta.reshape({B, H, m, b}), log_eta.reshape({B, H, m, b}),
                                        log_beta.reshape({B, H, m, b}));
   const at::Tensor KhK = at::matmul((K * f.weight_h.unsqueeze(-1)).transpose(-1, -2), K);  // [B,H,m,d,d]

@@ -5,7 +5,7 @@
 // time. k, v, q come from SiLU(short conv(x W)) with L2-normalised q, k. The
 // inner loss is l_t(M) = ||M(k_t) - v_t||^2. Tokens are taken in chunks of b;
 // inside chunk c every gradient is taken at the chunk's starting weights W_c:
-//     u_t = theta_t grad l_t(W_c),  S_t = eta_t S_(t-1) - u_t,  W_t = (1 - alpha_t) W_(t-1) + S_t
+//     u_t = theta_t grad l_t(W_c) (theta_t <= max_lr / b),  S_t = eta_t S_(t-1) - u_t,  W_t = (1 - alpha_t) W_(t-1) + S_t
 // with data-dependent gates theta (learning rate), eta (momentum), alpha
 // (forgetting). Retrieval for chunk c reads M with W_c (strictly causal). The
 // inner gradient is derived by hand as batched matmuls, so the outer loss

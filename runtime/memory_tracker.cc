@@ -2,10 +2,12 @@
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
 
 #include <atomic>
 #include <cstring>
 #include <mutex>
+#include <unordered_map>
 
 namespace loom {
 namespace {
@@ -21,32 +23,44 @@ void count(int64_t delta) {
   }
 }
 
+// Allocates with c10::alloc_cpu (what libtorch's default CPU allocator uses)
+// and records each block's size, so that the context is the data pointer
+// itself, as code calling raw_allocate()/raw_deleter() requires.
+std::mutex g_sizes_mutex;
+std::unordered_map<void*, int64_t>& sizes() {
+  static std::unordered_map<void*, int64_t> s;
+  return s;
+}
+
+void release(void* ptr) {
+  if (ptr == nullptr) return;
+  int64_t bytes = 0;
+  {
+    std::lock_guard<std::mutex> lock(g_sizes_mutex);
+    auto it = sizes().find(ptr);
+    if (it != sizes().end()) {
+      bytes = it->second;
+      sizes().erase(it);
+    }
+  }
+  count(-bytes);
+  c10::free_cpu(ptr);
+}
+
 class CountingAllocator final : public c10::Allocator {
  public:
-  explicit CountingAllocator(c10::Allocator* base) : base_(base) {}
-
   c10::DataPtr allocate(size_t bytes) const override {
-    auto* ctx = new Context{base_->allocate(bytes), static_cast<int64_t>(bytes)};
-    count(ctx->bytes);
-    void* data = ctx->inner.get();
-    const c10::Device device = ctx->inner.device();
-    return c10::DataPtr(data, ctx, &release, device);
+    void* data = bytes == 0 ? nullptr : c10::alloc_cpu(bytes);
+    if (data != nullptr) {
+      std::lock_guard<std::mutex> lock(g_sizes_mutex);
+      sizes()[data] = static_cast<int64_t>(bytes);
+    }
+    count(static_cast<int64_t>(bytes));
+    return c10::DataPtr(data, data, &release, c10::Device(c10::DeviceType::CPU));
   }
-  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
   // Required by newer libtorch (2.x) allocators; harmless on 1.13.
   void copy_data(void* dest, const void* src, std::size_t count) const { std::memcpy(dest, src, count); }
-
- private:
-  struct Context {
-    c10::DataPtr inner;
-    int64_t bytes;
-  };
-  static void release(void* ctx) {
-    auto* c = static_cast<Context*>(ctx);
-    count(-c->bytes);
-    delete c;
-  }
-  c10::Allocator* base_;
 };
 
 }  // namespace
@@ -54,7 +68,7 @@ class CountingAllocator final : public c10::Allocator {
 void MemoryTracker::install() {
   static std::once_flag once;
   std::call_once(once, [] {
-    static CountingAllocator allocator(c10::GetCPUAllocator());
+    static CountingAllocator allocator;
     c10::SetCPUAllocator(&allocator, /*priority=*/100);
     g_installed = true;
   });

@@ -131,14 +131,16 @@ void attend_pair_backward(const at::Tensor& q, int64_t q_start, const at::Tensor
 
   for (int64_t t0 = 0; t0 < Lq; t0 += blk) {
     const int64_t bq = std::min(blk, Lq - t0);
-    const at::Tensor qb = qg.narrow(3, t0, bq), dob = dog.narrow(3, t0, bq);
+    // Scaled exactly as in forward, so that recomputed scores match the saved
+    // LSE to the last bit even when logits are large.
+    const at::Tensor qb = qg.narrow(3, t0, bq), qs = qb * scale, dob = dog.narrow(3, t0, bq);
     const at::Tensor lb = lseg.narrow(3, t0, bq), db = deltag.narrow(3, t0, bq);
     const at::Tensor l_safe = at::where(at::isinf(lb), at::zeros_like(lb), lb).unsqueeze(-1);
     for (int64_t s0 = 0; s0 < Lk; s0 += blk) {
       const int64_t bk = std::min(blk, Lk - s0);
       if (pair_fully_masked(q_start + t0, bq, k_start + s0, bk, spec)) continue;
       const at::Tensor kb = kg.narrow(3, s0, bk), vb = vg.narrow(3, s0, bk);
-      at::Tensor scores = at::matmul(qb, kb.transpose(-1, -2)) * scale;
+      at::Tensor scores = at::matmul(qs, kb.transpose(-1, -2));
       const at::Tensor vis = visibility(q_start + t0, bq, k_start + s0, bk, spec);
       if (vis.defined()) scores.masked_fill_(vis.logical_not(), kNegInf);
       const at::Tensor p = at::exp(scores - l_safe);  // masked entries: exp(-inf) = 0

@@ -1,0 +1,182 @@
+// Training: the trainer at sp = W matches one rank; checkpoint save + resume
+// reproduces the next losses exactly; truncated or corrupt checkpoints and
+// token files are refused with messages naming the file.
+#include <gtest/gtest.h>
+#include <torch/utils.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "distributed_reference.h"
+#include "models/hybrid_lm.h"
+#include "runtime/checkpoint.h"
+#include "runtime/error.h"
+#include "runtime/mpi_communicator.h"
+#include "runtime/token_file.h"
+#include "runtime/trainer.h"
+
+namespace loom {
+namespace {
+
+namespace fs = std::filesystem;
+namespace lm = models;
+
+// A small shared scratch directory (rank 0 creates, everyone uses).
+std::string scratch(const CommPtr& world, const std::string& name) {
+  const std::string dir = (fs::temp_directory_path() / ("loom-test-" + name)).string();
+  if (world->rank() == 0) {
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+  }
+  world->barrier()->wait();
+  return dir;
+}
+
+pb::LoomConfig tiny_config(const std::string& dir, const std::string& preset) {
+  pb::LoomConfig c;
+  c.mutable_model()->set_preset(preset);
+  auto* t = c.mutable_train();
+  t->set_steps(10);
+  t->set_batch_size(2);
+  t->set_seq_len(48);
+  t->set_lr(3e-3);
+  t->set_warmup_steps(2);
+  t->set_log_interval(100);
+  t->set_eval_interval(0);
+  t->set_eval_batches(1);
+  t->set_checkpoint_dir(dir + "/ckpt");
+  t->set_dtype("float64");
+  c.mutable_parallel()->set_layout(pb::ZIGZAG);
+  return c;
+}
+
+// Byte-ish random tokens, the same on every rank.
+std::shared_ptr<TokenWindowSampler> sampler(const CommPtr& world, const std::string& dir) {
+  const std::string path = dir + "/tokens.tok";
+  if (world->rank() == 0) {
+    std::vector<uint32_t> tokens;
+    for (int i = 0; i < 4000; ++i) tokens.push_back(static_cast<uint32_t>((i * 7 + (i / 13) * 3) % 251));
+    write_token_file(path, tokens, 256);
+  }
+  world->barrier()->wait();
+  return open_data(path, 0.1, 48, 256, 7).train;
+}
+
+struct TrainingRun {
+  std::vector<double> losses;
+  std::vector<at::Tensor> params;
+};
+
+TrainingRun train(const pb::LoomConfig& config, ProcessMesh& mesh, const std::shared_ptr<TokenWindowSampler>& data,
+                  int64_t stop_after, bool resume) {
+  const pb::LoomConfig& c = config;
+  torch::manual_seed(11);
+  lm::HybridLM model(lm::resolve_model_config(c.model()));
+  model->to(at::kDouble);
+  auto batches = [data](int64_t first, int64_t n) { return data->batch(first, n); };
+  Trainer trainer(c, mesh, model.ptr(), lm::language_model_loss(c.parallel()), batches, batches);
+  if (resume) trainer.resume();
+  trainer.fit(stop_after);
+  TrainingRun run{trainer.losses(), {}};
+  for (const auto& p : model->parameters()) run.params.push_back(p.detach().clone());
+  return run;
+}
+
+TEST(Training, SequenceParallelTrainingMatchesOneRank) {
+  auto world = MpiCommunicator::world();
+  const std::string dir = scratch(world, "sp");
+  auto data = sampler(world, dir);
+  pb::LoomConfig config = tiny_config(dir, "tiny-based");
+  config.mutable_train()->set_checkpoint_dir(dir + "/ckpt-rank" + std::to_string(world->rank()));
+  auto self = world->split(world->rank(), 0);
+  ProcessMesh one(self, 1, 1), all(world, 1, 0);
+  const TrainingRun ref = train(config, one, data, 3, false);
+  config.mutable_train()->set_checkpoint_dir(dir + "/ckpt-all");
+  const TrainingRun got = train(config, all, data, 3, false);
+  testing::ReferenceCheck check(world->rank(), 1e-8);
+  check.same("losses", at::tensor(got.losses, at::kDouble), at::tensor(ref.losses, at::kDouble));
+  for (size_t i = 0; i < ref.params.size(); ++i) check.same("param" + std::to_string(i), got.params[i], ref.params[i]);
+  EXPECT_TRUE(check.verdict());
+}
+
+TEST(Training, ResumeReproducesTheNextFiveLossesExactly) {
+  auto world = MpiCommunicator::world();
+  const std::string dir = scratch(world, "resume");
+  auto data = sampler(world, dir);
+  ProcessMesh mesh(world, 1, 0);
+  pb::LoomConfig straight = tiny_config(dir + "/a", "tiny-titans-mag");
+  straight.mutable_train()->set_checkpoint_dir(dir + "/straight");
+  const TrainingRun full = train(straight, mesh, data, 10, false);
+  pb::LoomConfig split = straight;
+  split.mutable_train()->set_checkpoint_dir(dir + "/split");
+  const TrainingRun first = train(split, mesh, data, 5, false);   // saves step 5 at the end
+  const TrainingRun second = train(split, mesh, data, 10, true);  // resumes at 5
+  ASSERT_EQ(full.losses.size(), 10u);
+  ASSERT_EQ(second.losses.size(), 5u);
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(second.losses[i], full.losses[5 + i]) << "step " << 6 + i;
+  for (size_t i = 0; i < full.params.size(); ++i) EXPECT_TRUE(at::equal(second.params[i], full.params[i]));
+  (void)first;
+}
+
+TEST(Training, CorruptOrTruncatedCheckpointIsRefused) {
+  auto world = MpiCommunicator::world();
+  const std::string dir = scratch(world, "corrupt") + "/r" + std::to_string(world->rank());
+  CheckpointData data;
+  data.manifest.set_step(3);
+  data.tensors.emplace_back("w", at::arange(1000, at::kDouble));
+  const std::string path = save_checkpoint(dir, data, 2);
+  EXPECT_EQ(latest_checkpoint(dir).value(), path);
+  EXPECT_TRUE(at::equal(load_checkpoint(path).tensors[0].second, data.tensors[0].second));
+  const std::string state = path + "/state.bin";
+  {  // flip one byte
+    std::fstream f(state, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(100);
+    f.put('\x7f');
+  }
+  try {
+    load_checkpoint(path);
+    FAIL() << "expected a checksum error";
+  } catch (const LoomError& e) {
+    EXPECT_NE(std::string(e.what()).find("state.bin': checksum mismatch"), std::string::npos) << e.what();
+  }
+  fs::resize_file(state, 4000);
+  try {
+    load_checkpoint(path);
+    FAIL() << "expected a size error";
+  } catch (const LoomError& e) {
+    EXPECT_NE(std::string(e.what()).find("truncated or corrupt"), std::string::npos) << e.what();
+  }
+  // An unfinished save directory is never taken for a checkpoint.
+  fs::create_directories(dir + "/step-00000009.tmp");
+  EXPECT_EQ(latest_checkpoint(dir).value(), path);
+}
+
+TEST(Training, TokenFileErrorsNameTheFile) {
+  auto world = MpiCommunicator::world();
+  const std::string dir = scratch(world, "tokens") + "/r" + std::to_string(world->rank());
+  fs::create_directories(dir);
+  EXPECT_THROW(TokenFile(dir + "/missing.tok"), LoomError);
+  { std::ofstream(dir + "/empty.tok"); }
+  try {
+    TokenFile f(dir + "/empty.tok");
+    FAIL();
+  } catch (const LoomError& e) {
+    EXPECT_NE(std::string(e.what()).find("empty.tok': file is empty"), std::string::npos) << e.what();
+  }
+  write_token_file(dir + "/ok.tok", {1, 2, 3, 250}, 256);
+  EXPECT_EQ(TokenFile(dir + "/ok.tok").at(3), 250u);
+  fs::resize_file(dir + "/ok.tok", 66);
+  EXPECT_THROW(TokenFile(dir + "/ok.tok"), LoomError);
+  EXPECT_THROW(write_token_file(dir + "/bad.tok", {1, 300}, 256), LoomError);  // id >= vocab
+  // A model vocabulary smaller than the file's.
+  write_token_file(dir + "/big.tok", std::vector<uint32_t>(200, 5), 256);
+  try {
+    open_data(dir + "/big.tok", 0.1, 16, 100, 1);
+    FAIL();
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("model.vocab_size is 100"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace loom
