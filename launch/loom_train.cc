@@ -23,6 +23,7 @@
 #include "runtime/job.h"
 #include "runtime/logging.h"
 #include "runtime/mpi_communicator.h"
+#include "runtime/synthetic_tasks.h"
 #include "runtime/token_file.h"
 #include "runtime/trainer.h"
 
@@ -55,7 +56,7 @@ int run_job(loom::Job& job, const Options& opt) {
   const auto& config = job.config();
   const bool root = job.world()->rank() == 0;
   lm::HybridLM model{nullptr};
-  std::shared_ptr<loom::TokenWindowSampler> train_data, val_data;
+  loom::Trainer::BatchFn train_batches, val_batches;
   try {
     if (config.train().dtype() == "bfloat16" || config.train().device() == "cuda")
       throw loom::ConfigError("train.dtype = bfloat16 and train.device = cuda are not supported by this build yet");
@@ -74,18 +75,29 @@ int run_job(loom::Job& job, const Options& opt) {
     torch::manual_seed(config.train().seed());  // identical parameters on every rank
     model = lm::HybridLM(model_config);
     if (config.train().dtype() == "float64") model->to(at::kDouble);
-    auto data = loom::open_data(config.data().train_path(), config.data().val_fraction(), config.train().seq_len(),
-                                model_config.vocab_size(), config.train().seed());
-    train_data = data.train;
-    val_data = data.validation;
+    if (config.data().task() == "text") {
+      auto data = loom::open_data(config.data().train_path(), config.data().val_fraction(), config.train().seq_len(),
+                                  model_config.vocab_size(), config.train().seed());
+      train_batches = [s = data.train](int64_t first, int64_t n) { return s->batch(first, n); };
+      val_batches = [s = data.validation](int64_t first, int64_t n) { return s->batch(first, n); };
+    } else {
+      const int64_t len = config.train().seq_len(), vocab = model_config.vocab_size(), pairs = config.data().mqar_pairs();
+      const uint64_t seed = config.train().seed();
+      const bool mqar = config.data().task() == "mqar";
+      if (!mqar && vocab < 256) throw loom::ConfigError("S-NIAH uses byte tokens: model.vocab_size must be >= 256");
+      auto make = [=](uint64_t s) -> loom::Trainer::BatchFn {
+        if (mqar) return [=](int64_t first, int64_t n) { return loom::mqar_batch(first, n, len, pairs, vocab, s); };
+        return [=](int64_t first, int64_t n) { return loom::sniah_batch(first, n, len, s); };
+      };
+      make(seed)(0, 1);  // validates the task's parameters now, on every rank
+      train_batches = make(seed);
+      val_batches = make(loom::splitmix64(seed + 1));
+    }
   } catch (const std::exception& e) {
     throw SetupError(e.what());
   }
-  auto batches = [](std::shared_ptr<loom::TokenWindowSampler> s) {
-    return [s](int64_t first, int64_t n) { return s->batch(first, n); };
-  };
-  loom::Trainer trainer(job.config(), job.mesh(), model.ptr(), lm::language_model_loss(config.parallel()), batches(train_data),
-                        batches(val_data));
+  loom::Trainer trainer(job.config(), job.mesh(), model.ptr(), lm::language_model_loss(config.parallel()),
+                        train_batches, val_batches);
   if (opt.eval_only) {
     if (trainer.resume().empty())
       throw SetupError("--eval-only: no complete checkpoint in '" + config.train().checkpoint_dir() + "'");
@@ -98,6 +110,33 @@ int run_job(loom::Job& job, const Options& opt) {
       std::cout << "trained " << result.steps << " steps: last loss " << result.loss << ", validation loss "
                 << result.validation_loss << ", checkpoint " << result.checkpoint << std::endl;
     if (result.interrupted) return 0;
+  }
+  if (config.data().task() != "text") {
+    // Recall accuracy on fresh validation examples.
+    const bool mqar = config.data().task() == "mqar";
+    const loom::SequenceLayout layout(config.parallel().layout() == loom::pb::ZIGZAG ? loom::LayoutKind::kZigzag
+                                                                                      : loom::LayoutKind::kContiguous,
+                                      config.train().seq_len(), job.mesh().sp_size());
+    at::NoGradGuard no_grad;
+    model->eval();
+    int64_t correct = 0, total = 0;
+    for (int64_t b = 0; b < config.train().eval_batches(); ++b) {
+      const int64_t first = (b * job.mesh().dp_size() + job.mesh().dp_index()) * config.train().batch_size();
+      const loom::Batch batch = val_batches(first, config.train().batch_size());
+      const int r = job.mesh().sp_index();
+      const at::Tensor logits = model->forward(layout.shard(batch.inputs, r, 1, 0),
+                                               lm::make_context(config.parallel(), layout, job.mesh().sp()));
+      const auto [c, t] = loom::labelled_accuracy(logits, layout.shard(batch.labels, r, 1, -100), mqar ? 1 : 5);
+      correct += c;
+      total += t;
+    }
+    at::Tensor counts = at::tensor({correct, total}, at::kLong);
+    job.world()->all_reduce(counts)->wait();
+    if (root)
+      std::cout << (mqar ? "MQAR" : "S-NIAH") << " accuracy " << static_cast<double>(counts[0].item<int64_t>()) /
+                                                                   std::max<int64_t>(1, counts[1].item<int64_t>())
+                << " (" << counts[0].item<int64_t>() << " of " << counts[1].item<int64_t>()
+                << (mqar ? " queries)" : " pass keys)") << std::endl;
   }
   if (!opt.generate.empty()) {
     std::vector<int64_t> prompt;

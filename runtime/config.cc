@@ -332,6 +332,8 @@ void validate_config(const pb::LoomConfig& c) {
   const auto& d = c.data();
   v.one_of("data.tokenizer", d.tokenizer(), {"byte", "sentencepiece"});
   v.in_range("data.val_fraction", d.val_fraction(), 0, 1);
+  v.one_of("data.task", d.task(), {"text", "mqar", "sniah"});
+  v.at_least("data.mqar_pairs", d.mqar_pairs(), 1);
 
   v.at_least("offload.memory_ranks", c.offload().memory_ranks(), 0);
   v.at_least("offload.capacity_mb", c.offload().capacity_mb(), 1);

@@ -58,6 +58,11 @@ case "$scenario" in
     wait $pid; c=$?
     expect 0 "interrupted: saving a checkpoint" $c "$(cat "$work/log")"
     ls "$work/ckpt" | grep -q '^step-' || { echo "FAIL: no checkpoint after SIGTERM"; exit 1; } ;;
+  mqar_eval)
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set data.task=mqar --set data.mqar_pairs=4 --set train.steps=3 2>&1); c=$?
+    expect 0 "MQAR accuracy [0-9.]+ \\([0-9]+ of [0-9]+ queries\\)" $c "$out"
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set data.task=mqar --set data.mqar_pairs=4 --eval-only 2>&1); c=$?
+    expect 0 "MQAR accuracy" $c "$out" ;;
   *) echo "unknown scenario $scenario"; exit 2 ;;
 esac
 echo "PASS: $scenario"
