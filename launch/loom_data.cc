@@ -1,45 +1,47 @@
 // loom-data: turns text into Loom token files.
 //
-//   loom-data prepare --input corpus.txt[.gz|.dz] --output data/corpus.tok [--tokenizer byte]
+//   loom-data prepare --input corpus.txt[.gz|.dz] --output data/corpus.tok
+//                     [--tokenizer byte | --tokenizer sentencepiece --model tok.model]
+//   loom-data train-tokenizer --input corpus.txt --model-prefix data/tok --vocab-size 4096 [--model-type bpe|unigram]
 //   loom-data info data/corpus.tok
-// The byte tokenizer is built in (vocabulary 256). SentencePiece tokenizers
-// (loom-data train-tokenizer) are not supported by this build yet.
-// Exit codes: 0 success, 2 bad arguments or input (the message names it),
-// 3 not supported.
+// Exit codes: 0 success, 2 bad arguments or input (the message names it).
 #include <CLI/CLI.hpp>
 
 #include <iostream>
 
 #include "runtime/error.h"
 #include "runtime/token_file.h"
+#include "runtime/tokenizer.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"loom-data: prepare token files for loom-train"};
   app.require_subcommand(1);
-  std::string input, output, tokenizer = "byte", info_path;
+  std::string input, output, tokenizer = "byte", model, prefix, model_type = "bpe", info_path;
+  int vocab_size = 4096;
   auto* prepare = app.add_subcommand("prepare", "Tokenize a text file (plain, .gz or dictzip .dz) into a token file");
   prepare->add_option("--input", input, "Text file")->required();
   prepare->add_option("--output", output, "Token file to write")->required();
-  prepare->add_option("--tokenizer", tokenizer, "Tokenizer: byte");
-  auto* train_tok = app.add_subcommand("train-tokenizer", "Train a SentencePiece tokenizer (not supported yet)");
-  train_tok->allow_extras();
+  prepare->add_option("--tokenizer", tokenizer, "byte or sentencepiece");
+  prepare->add_option("--model", model, "SentencePiece .model file (with --tokenizer sentencepiece)");
+  auto* train = app.add_subcommand("train-tokenizer", "Train a SentencePiece BPE or unigram tokenizer");
+  train->add_option("--input", input, "Text file")->required();
+  train->add_option("--model-prefix", prefix, "Writes <prefix>.model and <prefix>.vocab")->required();
+  train->add_option("--vocab-size", vocab_size, "Vocabulary size")->check(CLI::Range(16, 1 << 20));
+  train->add_option("--model-type", model_type, "bpe or unigram");
   auto* info = app.add_subcommand("info", "Print a token file's header");
   info->add_option("file", info_path, "Token file")->required();
   CLI11_PARSE(app, argc, argv);
   try {
-    if (*train_tok) {
-      std::cerr << "loom-data: train-tokenizer (SentencePiece) is not supported by this build yet; use --tokenizer byte"
-                << std::endl;
-      return 3;
-    }
-    if (*prepare) {
-      if (tokenizer != "byte") {
-        std::cerr << "loom-data: --tokenizer '" << tokenizer << "': only 'byte' is supported by this build" << std::endl;
-        return tokenizer == "sentencepiece" ? 3 : 2;
-      }
+    if (*train) {
+      loom::train_sentencepiece(input, prefix, vocab_size, model_type);
+      std::cout << "wrote " << prefix << ".model (" << model_type << ", vocabulary " << vocab_size << ")" << std::endl;
+    } else if (*prepare) {
+      const auto tok = loom::make_tokenizer(tokenizer, model);
       const std::string text = loom::read_text_file(input);
-      loom::write_token_file(output, loom::byte_tokenize(text), 256);
-      std::cout << "wrote " << text.size() << " tokens (byte tokenizer, vocabulary 256) to " << output << std::endl;
+      const auto ids = tok->encode(text);
+      loom::write_token_file(output, ids, tok->vocab_size());
+      std::cout << "wrote " << ids.size() << " tokens (" << tokenizer << ", vocabulary " << tok->vocab_size() << ") to "
+                << output << std::endl;
     } else if (*info) {
       loom::TokenFile f(info_path);
       std::cout << info_path << ": " << f.size() << " tokens, vocabulary " << f.vocab_size() << ", "

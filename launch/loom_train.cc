@@ -25,6 +25,7 @@
 #include "runtime/mpi_communicator.h"
 #include "runtime/synthetic_tasks.h"
 #include "runtime/token_file.h"
+#include "runtime/tokenizer.h"
 #include "runtime/trainer.h"
 
 namespace {
@@ -139,10 +140,11 @@ int run_job(loom::Job& job, const Options& opt) {
                 << (mqar ? " queries)" : " pass keys)") << std::endl;
   }
   if (!opt.generate.empty()) {
+    const auto tokenizer = loom::make_tokenizer(config.data().tokenizer(), config.data().tokenizer_model());
     std::vector<int64_t> prompt;
-    for (uint32_t t : loom::byte_tokenize(opt.generate)) prompt.push_back(t);
+    for (uint32_t t : tokenizer->encode(opt.generate)) prompt.push_back(t);
     const auto out = lm::generate_greedy(*model, prompt, opt.max_new_tokens, config.parallel(), job.mesh().sp());
-    if (root) std::cout << "generated: " << loom::byte_detokenize(out) << std::endl;
+    if (root) std::cout << "generated: " << tokenizer->decode(out) << std::endl;
   }
   return 0;
 }

@@ -63,6 +63,14 @@ case "$scenario" in
     expect 0 "MQAR accuracy [0-9.]+ \\([0-9]+ of [0-9]+ queries\\)" $c "$out"
     out=$("${mpi[@]}" "$train" "${common[@]}" --set data.task=mqar --set data.mqar_pairs=4 --eval-only 2>&1); c=$?
     expect 0 "MQAR accuracy" $c "$out" ;;
+  sentencepiece)
+    out=$("$build/launch/loom-data" train-tokenizer --input "$work/tiny.txt" --model-prefix "$work/sp" --vocab-size 320 2>&1); c=$?
+    expect 0 "wrote .*sp.model" $c "$out"
+    out=$("$build/launch/loom-data" prepare --input "$work/tiny.txt" --output "$work/sp.tok" --tokenizer sentencepiece --model "$work/sp.model" 2>&1); c=$?
+    expect 0 "vocabulary 320" $c "$out"
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set data.train_path="$work/sp.tok" --set data.tokenizer=sentencepiece \
+          --set data.tokenizer_model="$work/sp.model" --set model.vocab_size=320 --set train.steps=2 --generate "the quick" --max-new-tokens 4 2>&1); c=$?
+    expect 0 "generated: the quick" $c "$out" ;;
   *) echo "unknown scenario $scenario"; exit 2 ;;
 esac
 echo "PASS: $scenario"
