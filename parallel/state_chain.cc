@@ -6,6 +6,7 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "runtime/autograd_state.h"
 #include "runtime/comm_order.h"
 #include "runtime/error.h"
 
@@ -82,9 +83,8 @@ struct ChainFunction : public torch::autograd::Function<ChainFunction> {
     for (const auto& p : params) saved.push_back(p);
     ctx->save_for_backward(saved);
     ctx->saved_data["step"] = step_id;
-    ctx->saved_data["comm"] = comm->id();
-    ctx->saved_data["kind"] = static_cast<int64_t>(layout.kind());
-    ctx->saved_data["global_len"] = layout.global_len();
+    save_comm(ctx, comm);
+    save_layout(ctx, layout);
     ctx->saved_data["params"] = static_cast<int64_t>(params.size());
     return {at::cat(outputs, 1), CommOrder::new_token()};
   }
@@ -93,9 +93,8 @@ struct ChainFunction : public torch::autograd::Function<ChainFunction> {
     CommOrder::backward_ran(ctx->saved_data["order"].toInt());
     const auto saved = ctx->get_saved_variables();
     const auto step = find_step(ctx->saved_data["step"].toInt());
-    const CommPtr comm = Communicator::by_id(ctx->saved_data["comm"].toInt());
-    const SequenceLayout layout(static_cast<LayoutKind>(ctx->saved_data["kind"].toInt()),
-                                ctx->saved_data["global_len"].toInt(), comm->size());
+    const CommPtr comm = saved_comm(ctx);
+    const SequenceLayout layout = saved_layout(ctx, *comm);
     const int64_t n_params = ctx->saved_data["params"].toInt();
     const int me = comm->rank();
     const int64_t L = layout.chunk_len();

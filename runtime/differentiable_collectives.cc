@@ -2,6 +2,7 @@
 
 #include <torch/autograd.h>
 
+#include "runtime/autograd_state.h"
 #include "runtime/comm_order.h"
 #include "runtime/error.h"
 
@@ -137,7 +138,7 @@ at::Tensor halo_backward_raw(const at::Tensor& grad_halo, const SequenceLayout& 
 
 namespace {
 
-CommPtr comm_of(AutogradContext* ctx) { return Communicator::by_id(ctx->saved_data["comm"].toInt()); }
+CommPtr comm_of(AutogradContext* ctx) { return saved_comm(ctx); }
 
 void remember_output(AutogradContext* ctx, const at::Tensor& out) {
   ctx->saved_data["out_sizes"] = out.sizes().vec();
@@ -156,7 +157,7 @@ struct AllGatherFunction : public torch::autograd::Function<AllGatherFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& x,
                                const CommPtr& comm, int64_t dim) {
     ctx->saved_data["order"] = CommOrder::claim();
-    ctx->saved_data["comm"] = comm->id();
+    save_comm(ctx, comm);
     ctx->saved_data["dim"] = dim;
     at::Tensor out = all_gather_along(x, *comm, dim);
     remember_output(ctx, out);
@@ -173,7 +174,7 @@ struct ReduceScatterFunction : public torch::autograd::Function<ReduceScatterFun
   static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& x,
                                const CommPtr& comm, int64_t dim) {
     ctx->saved_data["order"] = CommOrder::claim();
-    ctx->saved_data["comm"] = comm->id();
+    save_comm(ctx, comm);
     ctx->saved_data["dim"] = dim;
     at::Tensor out = reduce_scatter_along(x, *comm, dim);
     remember_output(ctx, out);
@@ -190,7 +191,7 @@ struct AllReduceFunction : public torch::autograd::Function<AllReduceFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& x,
                                const CommPtr& comm) {
     ctx->saved_data["order"] = CommOrder::claim();
-    ctx->saved_data["comm"] = comm->id();
+    save_comm(ctx, comm);
     at::Tensor out = x.clone(at::MemoryFormat::Contiguous);
     comm->all_reduce(out)->wait();
     remember_output(ctx, out);
@@ -208,7 +209,7 @@ struct RingShiftFunction : public torch::autograd::Function<RingShiftFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& x,
                                const CommPtr& comm, int64_t shift) {
     ctx->saved_data["order"] = CommOrder::claim();
-    ctx->saved_data["comm"] = comm->id();
+    save_comm(ctx, comm);
     ctx->saved_data["shift"] = shift;
     at::Tensor out = ring_shift_raw(x, *comm, static_cast<int>(shift));
     remember_output(ctx, out);
@@ -226,11 +227,10 @@ struct HaloExchangeFunction : public torch::autograd::Function<HaloExchangeFunct
   static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& x,
                                const SequenceLayout& layout, int64_t halo, const CommPtr& comm, int64_t dim) {
     ctx->saved_data["order"] = CommOrder::claim();
-    ctx->saved_data["comm"] = comm->id();
+    save_comm(ctx, comm);
     ctx->saved_data["dim"] = dim;
     ctx->saved_data["halo"] = halo;
-    ctx->saved_data["kind"] = static_cast<int64_t>(layout.kind());
-    ctx->saved_data["global_len"] = layout.global_len();
+    save_layout(ctx, layout);
     ctx->saved_data["x_sizes"] = x.sizes().vec();
     at::Tensor out = halo_forward_raw(x, layout, halo, *comm, dim);
     ctx->saved_data["out_sizes"] = out.sizes().vec();
@@ -239,8 +239,7 @@ struct HaloExchangeFunction : public torch::autograd::Function<HaloExchangeFunct
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     CommOrder::backward_ran(ctx->saved_data["order"].toInt());
     auto comm = comm_of(ctx);
-    const SequenceLayout layout(static_cast<LayoutKind>(ctx->saved_data["kind"].toInt()),
-                                ctx->saved_data["global_len"].toInt(), comm->size());
+    const SequenceLayout layout = saved_layout(ctx, *comm);
     at::Tensor grad_x =
         halo_backward_raw(grads[0].defined() ? grads[0] : at::zeros(ctx->saved_data["out_sizes"].toIntVector(), grads[1].options()),
                           layout, ctx->saved_data["halo"].toInt(), *comm, ctx->saved_data["dim"].toInt(),

@@ -4,6 +4,7 @@
 
 #include "parallel/linear_attention/chunked_kernel.h"
 #include "parallel/linear_attention/decay.h"
+#include "runtime/autograd_state.h"
 #include "runtime/comm_order.h"
 
 namespace loom::linear_attention {
@@ -64,11 +65,10 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
     for (int64_t i = 0; i < cpr; ++i) outs[i].add_(at::matmul(q.narrow(2, i * L, L) * f.query, entering[i]));
 
     ctx->save_for_backward({q, k, v, decay, entering, at::stack(block_states)});
-    ctx->saved_data["comm"] = comm->id();
+    save_comm(ctx, comm);
     ctx->saved_data["method"] = method;
     ctx->saved_data["block"] = block;
-    ctx->saved_data["kind"] = static_cast<int64_t>(layout.kind());
-    ctx->saved_data["global_len"] = layout.global_len();
+    save_layout(ctx, layout);
     return {at::cat(outs, 2), CommOrder::new_token()};
   }
 
@@ -77,9 +77,8 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &decay = saved[3], &entering = saved[4],
                      &block_states = saved[5];
-    const CommPtr comm = Communicator::by_id(ctx->saved_data["comm"].toInt());
-    const SequenceLayout layout(static_cast<LayoutKind>(ctx->saved_data["kind"].toInt()),
-                                ctx->saved_data["global_len"].toInt(), comm->size());
+    const CommPtr comm = saved_comm(ctx);
+    const SequenceLayout layout = saved_layout(ctx, *comm);
     const int64_t block = ctx->saved_data["block"].toInt();
     const int64_t L = layout.chunk_len(), cpr = layout.chunks_per_rank();
     const ChunkFactors f = chunk_factors(decay, q.size(1), L, q.scalar_type());

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cctype>
 
+#include "runtime/autograd_state.h"
 #include "runtime/comm_order.h"
 #include "runtime/differentiable_collectives.h"
 #include "runtime/error.h"
@@ -164,9 +165,8 @@ struct RingFunction : public torch::autograd::Function<RingFunction> {
     }
     auto [out, lse] = join(partials);
     ctx->save_for_backward({q, k, v, out, lse});
-    ctx->saved_data["comm"] = comm->id();
-    ctx->saved_data["kind"] = static_cast<int64_t>(layout.kind());
-    ctx->saved_data["global_len"] = layout.global_len();
+    save_comm(ctx, comm);
+    save_layout(ctx, layout);
     save_spec(ctx, spec);
     ctx->mark_non_differentiable({lse});
     return {out.to(q.scalar_type()), lse, CommOrder::new_token()};
@@ -176,9 +176,8 @@ struct RingFunction : public torch::autograd::Function<RingFunction> {
     CommOrder::backward_ran(ctx->saved_data["order"].toInt());
     const auto s = ctx->get_saved_variables();
     const at::Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4];
-    const CommPtr comm = Communicator::by_id(ctx->saved_data["comm"].toInt());
-    const SequenceLayout layout(static_cast<LayoutKind>(ctx->saved_data["kind"].toInt()),
-                                ctx->saved_data["global_len"].toInt(), comm->size());
+    const CommPtr comm = saved_comm(ctx);
+    const SequenceLayout layout = saved_layout(ctx, *comm);
     const AttentionSpec spec = spec_from(ctx);
     const int W = comm->size(), r = comm->rank();
     const int64_t L = layout.chunk_len();
@@ -249,9 +248,8 @@ struct AllGatherFunction : public torch::autograd::Function<AllGatherFunction> {
     // Keep the gathered K,V: backward needs every chunk again (more memory than
     // the ring, fewer steps).
     ctx->save_for_backward({q, all, out, lse});
-    ctx->saved_data["comm"] = comm->id();
-    ctx->saved_data["kind"] = static_cast<int64_t>(layout.kind());
-    ctx->saved_data["global_len"] = layout.global_len();
+    save_comm(ctx, comm);
+    save_layout(ctx, layout);
     save_spec(ctx, spec);
     ctx->mark_non_differentiable({lse});
     return {out.to(q.scalar_type()), lse, CommOrder::new_token()};
@@ -261,9 +259,8 @@ struct AllGatherFunction : public torch::autograd::Function<AllGatherFunction> {
     CommOrder::backward_ran(ctx->saved_data["order"].toInt());
     const auto s = ctx->get_saved_variables();
     const at::Tensor &q = s[0], &all = s[1], &out = s[2], &lse = s[3];
-    const CommPtr comm = Communicator::by_id(ctx->saved_data["comm"].toInt());
-    const SequenceLayout layout(static_cast<LayoutKind>(ctx->saved_data["kind"].toInt()),
-                                ctx->saved_data["global_len"].toInt(), comm->size());
+    const CommPtr comm = saved_comm(ctx);
+    const SequenceLayout layout = saved_layout(ctx, *comm);
     const AttentionSpec spec = spec_from(ctx);
     const int W = comm->size(), r = comm->rank();
     const int64_t L = layout.chunk_len();
