@@ -111,18 +111,24 @@ std::string Trainer::save(double last_loss) {
 
 double Trainer::train_step() {
   const auto& t = config_.train();
-  const auto& mesh = mesh_;
   const SequenceLayout l = layout();
-  const double total_tokens =
-      static_cast<double>(t.batch_size() * t.seq_len() * mesh.dp_size() * t.grad_accum());
   model_->train();
   model_->zero_grad();
+  // Draw every micro-batch first: the loss is the mean over the labelled
+  // tokens (labels -100 are ignored) of all of them on all ranks, so each
+  // backward needs that global count.
+  std::vector<Batch> micro;
+  double local_count = 0;
+  for (int64_t m = 0; m < t.grad_accum(); ++m) {
+    const int64_t first = ((step_ * t.grad_accum() + m) * mesh_.dp_size() + mesh_.dp_index()) * t.batch_size();
+    micro.push_back(shard(train_(first, t.batch_size())).first);
+    local_count += static_cast<double>(micro.back().labels.ne(-100).sum().item<int64_t>());
+  }
+  const double total_tokens = std::max(1.0, all_reduce_scalar(*mesh_.world(), local_count));
   double local_loss = 0;
-  for (int64_t micro = 0; micro < t.grad_accum(); ++micro) {
+  for (const Batch& local : micro) {
     CommOrder::reset();
-    const int64_t first = ((step_ * t.grad_accum() + micro) * mesh.dp_size() + mesh.dp_index()) * t.batch_size();
-    const Batch local = shard(train_(first, t.batch_size())).first;
-    at::Tensor loss = loss_(*model_, local, l, mesh.sp()) / total_tokens;
+    at::Tensor loss = loss_(*model_, local, l, mesh_.sp()) / total_tokens;
     loss.backward();
     local_loss += loss.item<double>();
   }
@@ -131,10 +137,9 @@ double Trainer::train_step() {
   if (!std::isfinite(loss))
     throw NonFiniteLoss("loss is " + std::to_string(loss) + " at step " + std::to_string(step_ + 1) +
                         "; stopping without saving (the last good checkpoint stays the latest)");
-  const double norm = clip_gradients(params_, t.grad_clip());
+  clip_gradients(params_, t.grad_clip());
   optimizer_->step(learning_rate(t, step_));
   ++step_;
-  (void)norm;
   return loss;
 }
 
@@ -144,15 +149,15 @@ double Trainer::evaluate(int64_t batches) {
   const SequenceLayout l = layout();
   at::NoGradGuard no_grad;
   model_->eval();
-  double sum = 0;
+  double sum = 0, count = 0;
   for (int64_t b = 0; b < batches; ++b) {
     const int64_t first = (b * mesh.dp_size() + mesh.dp_index()) * t.batch_size();
     const Batch local = shard(validation_(first, t.batch_size())).first;
     sum += loss_(*model_, local, l, mesh.sp()).item<double>();
+    count += static_cast<double>(local.labels.ne(-100).sum().item<int64_t>());
   }
   model_->train();
-  const double tokens = static_cast<double>(batches * t.batch_size() * t.seq_len() * mesh.dp_size());
-  return all_reduce_scalar(*mesh_.world(), sum) / tokens;
+  return all_reduce_scalar(*mesh_.world(), sum) / std::max(1.0, all_reduce_scalar(*mesh_.world(), count));
 }
 
 Trainer::Result Trainer::fit(int64_t stop_after) {

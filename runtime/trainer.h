@@ -5,7 +5,8 @@
 // train.batch_size windows (data position = a pure function of the step), the
 // SequenceLayout shards them over the sp group, the loss function returns the
 // summed token loss of this rank's shard, and backward runs on it divided by
-// the global token count; then gradients are summed over all dp x sp ranks in
+// the global count of labelled tokens (labels -100, padding included, are
+// ignored); then gradients are summed over all dp x sp ranks in
 // buckets, clipped by the global norm, and AdamW steps with the warm-up +
 // cosine learning rate. Rank 0 prints a progress line every
 // train.log_interval steps and appends JSON lines to the metrics file;

@@ -118,6 +118,41 @@ TEST(Training, ResumeReproducesTheNextFiveLossesExactly) {
   (void)first;
 }
 
+TEST(Training, IgnoredLabelsDoNotCountInTheMean) {
+  // Half the labels ignored: the reported loss is the mean over the other half
+  // (all ranks together), not the sum divided by every token.
+  auto world = MpiCommunicator::world();
+  const std::string dir = scratch(world, "ignored");
+  auto data = sampler(world, dir);
+  auto half = [data](int64_t first, int64_t n) {
+    Batch b = data->batch(first, n);
+    b.labels.narrow(1, 0, b.labels.size(1) / 2).fill_(-100);
+    return b;
+  };
+  pb::LoomConfig c = tiny_config(dir, "tiny-based");
+  c.mutable_train()->set_checkpoint_dir(dir + "/ckpt");
+  ProcessMesh mesh(world, 1, 0);
+  torch::manual_seed(11);
+  lm::HybridLM model(lm::resolve_model_config(c.model()));
+  model->to(at::kDouble);
+  // Reference at the initial parameters, whole sequences on this rank.
+  const Batch b = half(0, 2);
+  auto self = world->split(world->rank(), 0);
+  const SequenceLayout one(LayoutKind::kZigzag, 48, 1);
+  double expected = 0;
+  {
+    torch::NoGradGuard no_grad;
+    const at::Tensor logits = model->forward(b.inputs, lm::make_context(c.parallel(), one, self));
+    expected = at::nll_loss(at::log_softmax(logits.reshape({-1, 256}), -1), b.labels.reshape({-1}), {},
+                            at::Reduction::Mean, -100)
+                   .item<double>();
+  }
+  Trainer trainer(c, mesh, model.ptr(), lm::language_model_loss(c.parallel()), half, half);
+  trainer.fit(1);
+  ASSERT_EQ(trainer.losses().size(), 1u);
+  EXPECT_NEAR(trainer.losses()[0], expected, 1e-10 * std::abs(expected));
+}
+
 TEST(Training, CorruptOrTruncatedCheckpointIsRefused) {
   auto world = MpiCommunicator::world();
   const std::string dir = scratch(world, "corrupt") + "/r" + std::to_string(world->rank());
