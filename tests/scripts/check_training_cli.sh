@@ -58,6 +58,13 @@ case "$scenario" in
     wait $pid; c=$?
     expect 0 "interrupted: saving a checkpoint" $c "$(cat "$work/log")"
     ls "$work/ckpt" | grep -q '^step-' || { echo "FAIL: no checkpoint after SIGTERM"; exit 1; } ;;
+  resume_other_layout)
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=4 --set train.checkpoint_interval=2 2>&1); c=$?
+    expect 0 "checkpoint .*step-00000004" $c "$out"
+    # The same run continued on one rank (sp = 1): parameters are replicated.
+    out=$("$mpiexec" -np 1 "$train" "${common[@]}" --set train.steps=6 --resume 2>&1); c=$?
+    expect 0 "resuming a dp=1 x sp=2 checkpoint as dp=1 x sp=1" $c "$out"
+    grep -q "step 6/6" <<<"$out" || { echo "FAIL: did not continue to step 6"; exit 1; } ;;
   mqar_eval)
     out=$("${mpi[@]}" "$train" "${common[@]}" --set data.task=mqar --set data.mqar_pairs=4 --set train.steps=3 2>&1); c=$?
     expect 0 "MQAR accuracy [0-9.]+ \\([0-9]+ of [0-9]+ queries\\)" $c "$out"
