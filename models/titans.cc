@@ -97,22 +97,19 @@ NeuralMemoryImpl::NeuralMemoryImpl(const pb::ModelConfig& c, bool own_projection
     gates_->bias.narrow(0, 2 * heads_, heads_).fill_(-4.0);
   }
   int64_t in = dim_;
-  int64_t total = 0;
   for (int64_t l = 0; l < depth_; ++l) {
     const int64_t out = l + 1 == depth_ ? dim_ : hidden_;
     shapes_.emplace_back(out, in);
-    total += out * in;
     in = out;
   }
   std::vector<at::Tensor> init;
   for (auto [out, inner] : shapes_) init.push_back((at::randn({heads_, out, inner}) / std::sqrt(double(inner))).flatten(1));
   init_ = register_parameter("initial_weights", at::cat(init, 1));
-  (void)total;
   chain_step_ = std::make_shared<ChainStep>();
   chain_step_->output_features = model_dim_;
   // Deep memory across ranks: inputs [B, L, 3D + 3H] = q | k | v | gate logits.
   chain_step_->step = [this](const at::Tensor& inputs, const at::Tensor& state) {
-    const int64_t D = model_dim_, B = inputs.size(0), L = inputs.size(1);
+    const int64_t D = model_dim_, L = inputs.size(1);
     std::vector<at::Tensor> w, s;
     unpack_state(state, w, s);
     const at::Tensor q = split_heads(inputs.narrow(-1, 0, D), heads_);
@@ -124,7 +121,6 @@ NeuralMemoryImpl::NeuralMemoryImpl(const pb::ModelConfig& c, bool own_projection
       outs.push_back(read(w, q.narrow(2, t0, chunk_)));
       update(w, s, k.narrow(2, t0, chunk_), v.narrow(2, t0, chunk_), g.narrow(1, t0, chunk_));
     }
-    (void)B;
     return std::make_pair(merge_heads(at::cat(outs, 2)), pack_state(w, s));
   };
 }

@@ -137,7 +137,7 @@ TEST(CommunicatorScan, UserOperationIsOrderedAndNonCommutative) {
   // Matrix product is associative but not commutative: rank r must receive
   // M_0 M_1 ... M_{r-1} (identity on rank 0).
   auto comm = MpiCommunicator::world();
-  const int W = comm->size(), r = comm->rank();
+  const int r = comm->rank();
   ScanOp matmul_op;
   matmul_op.name = "matmul";
   matmul_op.combine = [](const at::Tensor& earlier, at::Tensor& later) { later.copy_(at::matmul(earlier, later)); };
@@ -147,7 +147,6 @@ TEST(CommunicatorScan, UserOperationIsOrderedAndNonCommutative) {
   at::Tensor expected = at::eye(3, at::kDouble);
   for (int q = 0; q < r; ++q) expected = at::matmul(expected, testing::seeded_randn({3, 3}, 100 + q));
   EXPECT_TRUE(testing::tensors_close(out, expected, 1e-12, "exscan(matmul)"));
-  (void)W;
 }
 
 TEST(CommunicatorScan, Bf16UserOperation) {
