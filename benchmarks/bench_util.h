@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <malloc.h>
 
+#include "runtime/memory_tracker.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -45,6 +47,34 @@ inline double matmul_gflops(int64_t n = 2048, int reps = 3) {
 inline void keep_freed_memory() {
   mallopt(M_MMAP_THRESHOLD, 1 << 30);
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
+}
+
+struct Measured {
+  double seconds = 0;     // median of the timed repetitions
+  int64_t peak_bytes = 0;  // peak tensor memory above what existed before
+};
+
+// Forward+backward of an attention-like op on q, k, v [1, heads, n, d]
+// (q and k scaled by qk_scale), after one warm-up step outside the peak.
+// Needs MemoryTracker::install().
+inline Measured measure_attention(
+    const std::function<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>& op, int64_t heads,
+    int64_t n, int64_t d, int reps, double qk_scale = 1.0) {
+  at::Tensor q = (at::randn({1, heads, n, d}) * qk_scale).requires_grad_(true);
+  at::Tensor k = (at::randn({1, heads, n, d}) * qk_scale).requires_grad_(true);
+  at::Tensor v = at::randn({1, heads, n, d}).requires_grad_(true);
+  const at::Tensor g = at::randn({1, heads, n, d});
+  auto step = [&] {
+    q.mutable_grad().reset();
+    k.mutable_grad().reset();
+    v.mutable_grad().reset();
+    op(q, k, v).backward(g);
+  };
+  step();
+  MemoryTracker::reset_peak();
+  const int64_t base = MemoryTracker::current_bytes();
+  const Timing t = time_it(step, 0, reps);
+  return {t.median_s, MemoryTracker::peak_bytes() - base};
 }
 
 inline double mib(int64_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024.0); }

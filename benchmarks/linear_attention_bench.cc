@@ -21,6 +21,8 @@
 
 namespace la = loom::linear_attention;
 using loom::bench::mib;
+using loom::bench::Measured;
+using loom::bench::measure_attention;
 using loom::bench::time_it;
 
 namespace {
@@ -33,29 +35,6 @@ double chunked_flops(int64_t n, int64_t c, int64_t dk, int64_t dv) {
   return 2 * N * C * (dk + dv) + 4 * N * dk * dv + 2 * N * C * (3 * dk + 2 * dv) + 8 * N * dk * dv;
 }
 
-struct Measured {
-  double seconds = 0;
-  int64_t peak_bytes = 0;
-};
-
-Measured measure(const std::function<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>& op,
-                 int64_t heads, int64_t n, int64_t d, int reps) {
-  at::Tensor q = (at::randn({1, heads, n, d}) * 0.1).requires_grad_(true);
-  at::Tensor k = (at::randn({1, heads, n, d}) * 0.1).requires_grad_(true);
-  at::Tensor v = at::randn({1, heads, n, d}).requires_grad_(true);
-  const at::Tensor g = at::randn({1, heads, n, d});
-  auto step = [&] {
-    q.mutable_grad().reset();
-    k.mutable_grad().reset();
-    v.mutable_grad().reset();
-    op(q, k, v).backward(g);
-  };
-  step();  // warm-up, outside the peak
-  loom::MemoryTracker::reset_peak();
-  const int64_t base = loom::MemoryTracker::current_bytes();
-  const auto t = time_it(step, 0, reps);
-  return {t.median_s, loom::MemoryTracker::peak_bytes() - base};
-}
 
 void single_rank_study(int64_t max_n, int64_t naive_max_n, int64_t heads, int64_t d, int reps) {
   std::printf("== one rank, one thread: chunked vs naive linear attention, B=1 H=%ld d_k=d_v=%ld, float32 ==\n",
@@ -71,10 +50,12 @@ void single_rank_study(int64_t max_n, int64_t naive_max_n, int64_t heads, int64_
   double best_time = 1e30;
   const int64_t sweep_n = std::min<int64_t>(8192, max_n);
   std::printf("block sweep at N=%ld:", static_cast<long>(sweep_n));
+  auto chunked = [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+    return la::linear_attention(q, k, v, opt);
+  };
   for (int64_t c : {32, 64, 128, 256}) {
     opt.block_size = c;
-    const Measured m = measure([&](auto& q, auto& k, auto& v) { return la::linear_attention(q, k, v, opt); }, heads,
-                               sweep_n, d, reps);
+    const Measured m = measure_attention(chunked, heads, sweep_n, d, reps, 0.1);
     const double gf = heads * chunked_flops(sweep_n, c, d, d) / m.seconds / 1e9;
     std::printf("  C=%ld %.1f ms (%.1f GFLOP/s)", static_cast<long>(c), m.seconds * 1e3, gf);
     if (m.seconds < best_time) best_time = m.seconds, best_block = c;
@@ -86,14 +67,13 @@ void single_rank_study(int64_t max_n, int64_t naive_max_n, int64_t heads, int64_
               "% mm", "naive ms", "peak MiB");
   double t8k = 0, t64k = 0, m8k = 0, m64k = 0;
   for (int64_t n = 1024; n <= max_n; n *= 2) {
-    const Measured c = measure([&](auto& q, auto& k, auto& v) { return la::linear_attention(q, k, v, opt); }, heads,
-                               n, d, reps);
+    const Measured c = measure_attention(chunked, heads, n, d, reps, 0.1);
     const double gf = heads * chunked_flops(n, best_block, d, d) / c.seconds / 1e9;
     std::printf("%8ld | %12.2f %12.0f %10.1f %9.1f %7.1f%% |", static_cast<long>(n), c.seconds * 1e3, n / c.seconds,
                 mib(c.peak_bytes), gf, 100.0 * gf / peak_gflops);
     if (n <= naive_max_n) {
-      const Measured nv = measure(
-          [&](auto& q, auto& k, auto& v) { return la::naive_linear_attention(q, k, v, opt); }, heads, n, d, reps);
+      const Measured nv = measure_attention(
+          [&](auto& q, auto& k, auto& v) { return la::naive_linear_attention(q, k, v, opt); }, heads, n, d, reps, 0.1);
       std::printf(" %12.2f %10.1f\n", nv.seconds * 1e3, mib(nv.peak_bytes));
     } else {
       std::printf(" %12s %10s\n", "-", "-");

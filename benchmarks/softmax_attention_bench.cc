@@ -20,33 +20,12 @@
 
 namespace sa = loom::softmax_attention;
 using loom::bench::mib;
+using loom::bench::Measured;
+using loom::bench::measure_attention;
 using loom::bench::time_it;
 
 namespace {
 
-struct Measured {
-  double seconds = 0;
-  int64_t peak_bytes = 0;
-};
-
-template <typename Op>
-Measured measure(Op op, int64_t heads, int64_t n, int64_t d, int reps) {
-  at::Tensor q = at::randn({1, heads, n, d}).requires_grad_(true);
-  at::Tensor k = at::randn({1, heads, n, d}).requires_grad_(true);
-  at::Tensor v = at::randn({1, heads, n, d}).requires_grad_(true);
-  const at::Tensor g = at::randn({1, heads, n, d});
-  auto step = [&] {
-    q.mutable_grad().reset();
-    k.mutable_grad().reset();
-    v.mutable_grad().reset();
-    op(q, k, v).backward(g);
-  };
-  step();
-  loom::MemoryTracker::reset_peak();
-  const int64_t base = loom::MemoryTracker::current_bytes();
-  const auto t = time_it(step, 0, reps);
-  return {t.median_s, loom::MemoryTracker::peak_bytes() - base};
-}
 
 void single_rank_study(const loom::CommPtr& self, int64_t max_n, int64_t naive_max_n, int64_t heads, int64_t d,
                        int64_t block, int reps) {
@@ -60,14 +39,14 @@ void single_rank_study(const loom::CommPtr& self, int64_t max_n, int64_t naive_m
   double m8k = 0, m32k = 0;
   for (int64_t n = 1024; n <= max_n; n *= 2) {
     const loom::SequenceLayout layout(loom::LayoutKind::kContiguous, n, 1);
-    const Measured b = measure(
+    const Measured b = measure_attention(
         [&](auto& q, auto& k, auto& v) { return sa::attention(q, k, v, layout, self, sa::SoftmaxMethod::kLocal, spec); },
         heads, n, d, reps);
     std::printf("%8ld | %12.1f %12.0f %10.1f |", static_cast<long>(n), b.seconds * 1e3, n / b.seconds,
                 mib(b.peak_bytes));
     if (n <= naive_max_n) {
       const Measured nv =
-          measure([&](auto& q, auto& k, auto& v) { return sa::naive_attention(q, k, v, spec).first; }, heads, n, d, reps);
+          measure_attention([&](auto& q, auto& k, auto& v) { return sa::naive_attention(q, k, v, spec).first; }, heads, n, d, reps);
       std::printf(" %12.1f %10.1f\n", nv.seconds * 1e3, mib(nv.peak_bytes));
     } else {
       std::printf(" %12s %10s\n", "-", "-");
