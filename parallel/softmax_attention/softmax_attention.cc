@@ -46,7 +46,7 @@ std::vector<int64_t> chunk_starts(const SequenceLayout& layout, int rank) {
 
 AttentionSpec spec_from(AutogradContext* ctx) {
   AttentionSpec spec;
-  spec.scale = ctx->saved_data["scale"].toDouble();
+  spec.scale = ctx->saved_data["scale"].to<double>();
   spec.window = ctx->saved_data["window"].toInt();
   spec.block = ctx->saved_data["block"].toInt();
   return spec;
@@ -134,6 +134,36 @@ struct PositionedFunction : public torch::autograd::Function<PositionedFunction>
   }
 };
 
+// The end of a cross-rank forward: what backward needs, and lse marked as not
+// differentiable.
+variable_list finish_forward(AutogradContext* ctx, const CommPtr& comm, const SequenceLayout& layout,
+                             const AttentionSpec& spec, const at::Tensor& out, const at::Tensor& lse) {
+  save_comm(ctx, comm);
+  save_layout(ctx, layout);
+  save_spec(ctx, spec);
+  ctx->mark_non_differentiable({lse});
+  return {out, lse, CommOrder::new_token()};
+}
+
+// The start of a cross-rank backward: communicator, layout, spec, this rank's
+// chunks, the output gradient (zeros when unused), delta and zeroed dq chunks.
+struct CrossRankBackward {
+  CommPtr comm;
+  SequenceLayout layout;
+  AttentionSpec spec;
+  std::vector<int64_t> starts;
+  at::Tensor dout, delta;
+  std::vector<at::Tensor> dq;
+  CrossRankBackward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& out, const at::Tensor& grad)
+      : comm(saved_comm(ctx)),
+        layout(saved_layout(ctx, *comm)),
+        spec(spec_from(ctx)),
+        starts(chunk_starts(layout, comm->rank())),
+        dout(grad.defined() ? grad : at::zeros_like(q)),
+        delta(row_delta(dout, out)),
+        dq(zero_chunks(q, starts.size(), layout.chunk_len())) {}
+};
+
 // ---- ring attention ----
 struct RingFunction : public torch::autograd::Function<RingFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& q, const at::Tensor& k,
@@ -165,26 +195,22 @@ struct RingFunction : public torch::autograd::Function<RingFunction> {
     }
     auto [out, lse] = join(partials);
     ctx->save_for_backward({q, k, v, out, lse});
-    save_comm(ctx, comm);
-    save_layout(ctx, layout);
-    save_spec(ctx, spec);
-    ctx->mark_non_differentiable({lse});
-    return {out.to(q.scalar_type()), lse, CommOrder::new_token()};
+    return finish_forward(ctx, comm, layout, spec, out.to(q.scalar_type()), lse);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     CommOrder::backward_ran(ctx->saved_data["order"].toInt());
     const auto s = ctx->get_saved_variables();
     const at::Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4];
-    const CommPtr comm = saved_comm(ctx);
-    const SequenceLayout layout = saved_layout(ctx, *comm);
-    const AttentionSpec spec = spec_from(ctx);
+    CrossRankBackward b(ctx, q, out, grads[0]);
+    const CommPtr& comm = b.comm;
+    const SequenceLayout& layout = b.layout;
+    const AttentionSpec& spec = b.spec;
     const int W = comm->size(), r = comm->rank();
     const int64_t L = layout.chunk_len();
-    const auto my_starts = chunk_starts(layout, r);
-    const at::Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(q);
-    const at::Tensor delta = row_delta(dout, out);
-    std::vector<at::Tensor> dq = zero_chunks(q, my_starts.size(), L);
+    const auto& my_starts = b.starts;
+    const at::Tensor &dout = b.dout, &delta = b.delta;
+    std::vector<at::Tensor>& dq = b.dq;
 
     at::Tensor kv = at::stack({k, v}).contiguous();
     at::Tensor dkv = at::zeros(kv.sizes(), kv.options().dtype(out.scalar_type()));
@@ -248,26 +274,22 @@ struct AllGatherFunction : public torch::autograd::Function<AllGatherFunction> {
     // Keep the gathered K,V: backward needs every chunk again (more memory than
     // the ring, fewer steps).
     ctx->save_for_backward({q, all, out, lse});
-    save_comm(ctx, comm);
-    save_layout(ctx, layout);
-    save_spec(ctx, spec);
-    ctx->mark_non_differentiable({lse});
-    return {out.to(q.scalar_type()), lse, CommOrder::new_token()};
+    return finish_forward(ctx, comm, layout, spec, out.to(q.scalar_type()), lse);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     CommOrder::backward_ran(ctx->saved_data["order"].toInt());
     const auto s = ctx->get_saved_variables();
     const at::Tensor &q = s[0], &all = s[1], &out = s[2], &lse = s[3];
-    const CommPtr comm = saved_comm(ctx);
-    const SequenceLayout layout = saved_layout(ctx, *comm);
-    const AttentionSpec spec = spec_from(ctx);
-    const int W = comm->size(), r = comm->rank();
+    CrossRankBackward b(ctx, q, out, grads[0]);
+    const CommPtr& comm = b.comm;
+    const SequenceLayout& layout = b.layout;
+    const AttentionSpec& spec = b.spec;
+    const int W = comm->size();
     const int64_t L = layout.chunk_len();
-    const auto my_starts = chunk_starts(layout, r);
-    const at::Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(q);
-    const at::Tensor delta = row_delta(dout, out);
-    std::vector<at::Tensor> dq = zero_chunks(q, my_starts.size(), L);
+    const auto& my_starts = b.starts;
+    const at::Tensor &dout = b.dout, &delta = b.delta;
+    std::vector<at::Tensor>& dq = b.dq;
     at::Tensor dall = at::zeros(all.sizes(), all.options().dtype(out.scalar_type()));
     for (int src = 0; src < W; ++src)
       backward_against(q, my_starts, all[src][0], all[src][1], chunk_starts(layout, src), L, spec, lse, dout, delta,
