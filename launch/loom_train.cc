@@ -15,7 +15,9 @@
 
 #include <iostream>
 
+#include <torch/cuda.h>
 #include <torch/utils.h>
+#include <torch/version.h>
 
 #include "models/hybrid_lm.h"
 #include "runtime/data.h"
@@ -47,9 +49,11 @@ int world_rank() {
   return rank;
 }
 
-// Set-up errors every rank sees alike (config, data, lengths): exit code 2.
+// Set-up errors every rank sees alike (config, data, lengths): exit code 2,
+// or 3 for a request this build does not support.
 struct SetupError : std::runtime_error {
-  using std::runtime_error::runtime_error;
+  SetupError(const std::string& what, int exit_code) : std::runtime_error(what), code(exit_code) {}
+  int code;
 };
 
 int run_job(loom::Job& job, const Options& opt) {
@@ -59,8 +63,16 @@ int run_job(loom::Job& job, const Options& opt) {
   lm::HybridLM model{nullptr};
   loom::Trainer::BatchFn train_batches, val_batches;
   try {
-    if (config.train().dtype() == "bfloat16" || config.train().device() == "cuda")
-      throw loom::ConfigError("train.dtype = bfloat16 and train.device = cuda are not supported by this build yet");
+    if (config.train().device() == "cuda") {
+      if (!torch::cuda::is_available())
+        throw loom::UnsupportedError("train.device = cuda: no CUDA device is visible to this process (libtorch " +
+                                std::string(TORCH_VERSION) + (torch::cuda::device_count() == 0 ? ", 0 devices)" : ")"));
+      if (job.world()->size() > 1)
+        throw loom::UnsupportedError("train.device = cuda with " + std::to_string(job.world()->size()) +
+                                     " ranks: loom-train's process mesh is MPI-only, so CUDA training runs one rank "
+                                     "per job in this version (the NCCL communicator exists but is not wired into "
+                                     "the job's mesh yet); use train.device = cpu for multi-rank runs");
+    }
     const auto model_config = lm::resolve_model_config(config.model());
     loom::validate_config([&] {
       auto c = config;
@@ -74,8 +86,10 @@ int run_job(loom::Job& job, const Options& opt) {
     LOOM_LOG(kInfo) << "model '" << model_config.pattern() << "' d_model " << model_config.d_model() << ": "
                     << lm::count_parameters(model_config) << " parameters; " << layout.describe();
     torch::manual_seed(config.train().seed());  // identical parameters on every rank
-    model = lm::HybridLM(model_config);
-    if (config.train().dtype() == "float64") model->to(at::kDouble);
+    const at::Device device(config.train().device() == "cuda" ? at::kCUDA : at::kCPU);
+    model = lm::HybridLM(model_config, at::TensorOptions().device(device));
+    const std::string& dtype = config.train().dtype();
+    model->set_precision(dtype == "float64" ? at::kDouble : dtype == "bfloat16" ? at::kBFloat16 : at::kFloat);
     if (config.data().task() == "text") {
       auto data = loom::open_data(config.data().train_path(), config.data().val_fraction(), config.train().seq_len(),
                                   model_config.vocab_size(), config.train().seed());
@@ -94,14 +108,16 @@ int run_job(loom::Job& job, const Options& opt) {
       train_batches = make(seed);
       val_batches = make(loom::splitmix64(seed + 1));
     }
+  } catch (const loom::UnsupportedError& e) {
+    throw SetupError(e.what(), 3);
   } catch (const std::exception& e) {
-    throw SetupError(e.what());
+    throw SetupError(e.what(), 2);
   }
   loom::Trainer trainer(job.config(), job.mesh(), model.ptr(), lm::language_model_loss(config.parallel()),
                         train_batches, val_batches);
   if (opt.eval_only) {
     if (trainer.resume().empty())
-      throw SetupError("--eval-only: no complete checkpoint in '" + config.train().checkpoint_dir() + "'");
+      throw SetupError("--eval-only: no complete checkpoint in '" + config.train().checkpoint_dir() + "'", 2);
     const double val = trainer.evaluate(config.train().eval_batches());
     if (root) std::cout << "validation loss " << val << " perplexity " << std::exp(val) << std::endl;
   } else {
@@ -216,7 +232,7 @@ int main(int argc, char** argv) {
     } catch (const SetupError& e) {
       // Every rank met the same set-up error (they all read the same config and data).
       if (world_rank() == 0) std::cerr << "loom-train: " << e.what() << std::endl;
-      code = 2;
+      code = e.code;
     } catch (const loom::NonFiniteLoss& e) {
       if (world_rank() == 0) std::cerr << "loom-train: " << e.what() << std::endl;
       code = 4;

@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "models/layers.h"
 #include "runtime/error.h"
 
 namespace loom::models {
@@ -45,7 +46,7 @@ FeatureMapImpl::FeatureMapImpl(FeatureMapKind kind, int64_t num_heads, int64_t h
   }
   if (kind_ == FeatureMapKind::kHedgehog) {
     // Start near the identity map with a little noise, per head.
-    at::Tensor w = at::eye(head_dim, hedgehog_dim_, at::kFloat).expand({num_heads, head_dim, hedgehog_dim_}).clone();
+    at::Tensor w = at::eye(head_dim, hedgehog_dim_, parameter_options()).expand({num_heads, head_dim, hedgehog_dim_}).clone();
     w.add_(at::randn_like(w).mul_(0.02));
     hedgehog_weight_ = register_parameter("hedgehog_weight", w);
   }

@@ -144,11 +144,12 @@ int64_t count_parameters(const pb::ModelConfig& c) {
   return n;
 }
 
-HybridLMImpl::HybridLMImpl(const pb::ModelConfig& c) : config_(c) {
+HybridLMImpl::HybridLMImpl(const pb::ModelConfig& c, at::TensorOptions options) : config_(c) {
+  ParameterScope scope(options);
   TORCH_CHECK(c.n_kv_heads() > 0 && c.d_ff() > 0 && c.feature_dim() > 0,
               "HybridLM: pass a config through resolve_model_config() first");
   const int64_t D = c.d_model();
-  embedding_ = register_module("embedding", torch::nn::Embedding(c.vocab_size(), D));
+  embedding_ = register_module("embedding", TokenEmbedding(c.vocab_size(), D));
   {
     torch::NoGradGuard no_grad;
     embedding_->weight.normal_(0, 0.02);
@@ -170,11 +171,25 @@ at::Tensor HybridLMImpl::forward(const at::Tensor& tokens, const SequenceContext
   CommOrder::reset();  // this forward's communications form one ordered chain
   at::Tensor x = embedding_(tokens);
   for (size_t i = 0; i < mixers_.size(); ++i) {
-    x = x + mixers_[i]->forward(mixer_norms_[i](x), ctx);
+    const at::Tensor mixed = mixer_norms_[i](x);
+    const auto own = mixer_dtypes_.empty() ? x.scalar_type() : mixer_dtypes_[i];
+    x = x + (own == x.scalar_type() ? mixers_[i]->forward(mixed, ctx)
+                                    : mixers_[i]->forward(mixed.to(own), ctx).to(x.scalar_type()));
     x = x + mlps_[i](mlp_norms_[i](x));
   }
   x = final_norm_(x);
   return head_ ? head_(x) : at::matmul(x, embedding_->weight.t());
+}
+
+void HybridLMImpl::set_precision(at::ScalarType dtype) {
+  to(dtype);
+  mixer_dtypes_.assign(mixers_.size(), dtype);
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return;
+  for (size_t i = 0; i < mixers_.size(); ++i)
+    if (std::string("MGX").find(config_.pattern()[i]) != std::string::npos) {
+      mixers_[i]->to(at::kFloat);
+      mixer_dtypes_[i] = at::kFloat;
+    }
 }
 
 SequenceContext make_context(const pb::ParallelConfig& p, const SequenceLayout& layout, const CommPtr& sp) {
@@ -251,7 +266,8 @@ std::vector<int64_t> generate_greedy(HybridLMImpl& model, const std::vector<int6
     at::Tensor seq = at::zeros({1, padded}, at::kLong);
     std::memcpy(seq.data_ptr<int64_t>(), tokens.data(), n * sizeof(int64_t));
     const SequenceLayout layout(kind, padded, sp->size());
-    const at::Tensor logits = model.forward(layout.shard(seq, sp->rank(), 1), make_context(parallel, layout, sp));
+    const at::Tensor local = layout.shard(seq, sp->rank(), 1).to(model.parameters().front().device());
+    const at::Tensor logits = model.forward(local, make_context(parallel, layout, sp));
     const at::Tensor all = layout.gather(logits, *sp, 1);
     tokens.push_back(all[0][n - 1].argmax().item<int64_t>());
   }

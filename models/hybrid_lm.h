@@ -16,7 +16,6 @@
 
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
-#include <torch/nn/modules/embedding.h>
 
 #include <string>
 #include <vector>
@@ -38,19 +37,27 @@ int64_t count_parameters(const pb::ModelConfig& resolved);
 
 class HybridLMImpl : public torch::nn::Module {
  public:
-  explicit HybridLMImpl(const pb::ModelConfig& resolved);
+  // Parameters are created with `options` (device, dtype; default float32 on
+  // the CPU), see ParameterScope.
+  explicit HybridLMImpl(const pb::ModelConfig& resolved, at::TensorOptions options = {});
   at::Tensor forward(const at::Tensor& tokens, const SequenceContext& ctx);
   const pb::ModelConfig& config() const { return config_; }
+  // Casts the parameters for training in `dtype`. bfloat16/float16: every
+  // parameter in that dtype except the Titans mixers', which stay float32 so
+  // that the memory's inner updates accumulate in float32 (forward casts at
+  // their boundary); float32/float64: everything.
+  void set_precision(at::ScalarType dtype);
   int64_t parameter_count();
 
  private:
   pb::ModelConfig config_;
-  torch::nn::Embedding embedding_{nullptr};
+  TokenEmbedding embedding_{nullptr};
   std::vector<Mixer> mixers_;
+  std::vector<at::ScalarType> mixer_dtypes_;  // set by set_precision; empty: the activations' dtype
   std::vector<RMSNorm> mixer_norms_, mlp_norms_;
   std::vector<SwiGLU> mlps_;
   RMSNorm final_norm_{nullptr};
-  torch::nn::Linear head_{nullptr};  // null when tied to the embedding
+  Projection head_{nullptr};  // null when tied to the embedding
 };
 TORCH_MODULE(HybridLM);
 

@@ -1,9 +1,39 @@
 #include "models/layers.h"
 
+#include <cmath>
+
 namespace loom::models {
 
+namespace {
+thread_local at::TensorOptions g_parameter_options = at::TensorOptions().dtype(at::kFloat);
+}  // namespace
+
+at::TensorOptions parameter_options() { return g_parameter_options; }
+
+ParameterScope::ParameterScope(at::TensorOptions options) : previous_(g_parameter_options) {
+  at::TensorOptions merged = previous_;
+  if (options.has_device()) merged = merged.device(options.device());
+  if (options.has_dtype()) merged = merged.dtype(options.dtype());
+  g_parameter_options = merged;
+}
+ParameterScope::~ParameterScope() { g_parameter_options = previous_; }
+
+ProjectionImpl::ProjectionImpl(int64_t in, int64_t out, bool with_bias) {
+  TORCH_CHECK(in >= 1 && out >= 1, "Projection: sizes must be >= 1, got ", in, " -> ", out);
+  const double bound = 1.0 / std::sqrt(static_cast<double>(in));
+  torch::NoGradGuard no_grad;
+  weight = register_parameter("weight", at::empty({out, in}, parameter_options()).uniform_(-bound, bound));
+  if (with_bias) bias = register_parameter("bias", at::empty({out}, parameter_options()).uniform_(-bound, bound));
+}
+
+TokenEmbeddingImpl::TokenEmbeddingImpl(int64_t vocab, int64_t dim) {
+  TORCH_CHECK(vocab >= 1 && dim >= 1, "TokenEmbedding: sizes must be >= 1, got ", vocab, " x ", dim);
+  torch::NoGradGuard no_grad;
+  weight = register_parameter("weight", at::empty({vocab, dim}, parameter_options()).normal_(0, 1));
+}
+
 RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
-  weight_ = register_parameter("weight", at::ones({dim}));
+  weight_ = register_parameter("weight", at::ones({dim}, parameter_options()));
 }
 
 at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
@@ -14,9 +44,7 @@ at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
   return (normed * weight_.to(acc)).to(x.scalar_type());
 }
 
-torch::nn::Linear make_projection(int64_t in, int64_t out) {
-  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false));
-}
+Projection make_projection(int64_t in, int64_t out) { return Projection(in, out); }
 
 SwiGLUImpl::SwiGLUImpl(int64_t dim, int64_t hidden) {
   gate_ = register_module("gate", make_projection(dim, hidden));

@@ -15,6 +15,15 @@ namespace loom::models {
 at::Tensor split_heads(const at::Tensor& x, int64_t heads) {
   return x.reshape({x.size(0), x.size(1), heads, x.size(2) / heads}).transpose(1, 2);
 }
+// [B, Hkv, n, d] -> [B, Hkv * group, n, d], each head repeated `group` times
+// in a row (GQA). A broadcast view then one copy: repeat_interleave with an
+// integer count builds a repeats tensor and syncs the device to size its output.
+at::Tensor repeat_heads(const at::Tensor& x, int64_t group) {
+  if (group == 1) return x;
+  return x.unsqueeze(2)
+      .expand({x.size(0), x.size(1), group, x.size(2), x.size(3)})
+      .reshape({x.size(0), x.size(1) * group, x.size(2), x.size(3)});
+}
 at::Tensor merge_heads(const at::Tensor& x) {
   return x.transpose(1, 2).reshape({x.size(0), x.size(2), x.size(1) * x.size(3)});
 }
@@ -44,8 +53,8 @@ at::Tensor LinearAttentionMixer::forward(const at::Tensor& x, const SequenceCont
   const int64_t group = heads_ / kv_heads_;
   at::Tensor q = feature_map_(split_heads(q_(x), heads_));
   // GQA: each key/value head serves `group` query heads.
-  at::Tensor k = split_heads(k_(x), kv_heads_).repeat_interleave(group, 1);
-  at::Tensor v = split_heads(v_(x), kv_heads_).repeat_interleave(group, 1);
+  at::Tensor k = repeat_heads(split_heads(k_(x), kv_heads_), group);
+  at::Tensor v = repeat_heads(split_heads(v_(x), kv_heads_), group);
   k = feature_map_(k);
   linear_attention::LinearAttentionOptions opt;
   opt.block_size = block_;
@@ -89,8 +98,8 @@ BaseConvMixer::BaseConvMixer(const pb::ModelConfig& c) : dim_(c.d_model()) {
   in_proj_ = register_module("in_proj", make_projection(dim_, 4 * dim_));
   out_proj_ = register_module("out_proj", make_projection(2 * dim_, dim_));
   const int64_t kernel = c.conv_kernel();
-  conv_weight_ = register_parameter("conv_weight", at::randn({2 * dim_, kernel}) / std::sqrt(double(kernel)));
-  conv_bias_ = register_parameter("conv_bias", at::zeros({2 * dim_}));
+  conv_weight_ = register_parameter("conv_weight", at::randn({2 * dim_, kernel}, parameter_options()) / std::sqrt(double(kernel)));
+  conv_bias_ = register_parameter("conv_bias", at::zeros({2 * dim_}, parameter_options()));
 }
 
 at::Tensor BaseConvMixer::forward(const at::Tensor& x, const SequenceContext& ctx) {

@@ -15,7 +15,7 @@
 #pragma once
 
 #include <torch/nn/module.h>
-#include <torch/nn/modules/linear.h>
+#include "models/layers.h"
 
 #include <memory>
 
@@ -43,7 +43,7 @@ class LinearAttentionMixer : public MixerImpl {
   int64_t heads_, kv_heads_, head_dim_, feature_dim_, block_;
   bool normalize_;
   at::Tensor decay_;  // [H] or undefined
-  torch::nn::Linear q_{nullptr}, k_{nullptr}, v_{nullptr}, o_{nullptr};
+  Projection q_{nullptr}, k_{nullptr}, v_{nullptr}, o_{nullptr};
   FeatureMap feature_map_{nullptr};
 };
 
@@ -56,7 +56,7 @@ class SoftmaxAttentionMixer : public MixerImpl {
  private:
   int64_t heads_, kv_heads_, head_dim_, window_;
   double rope_theta_;
-  torch::nn::Linear q_{nullptr}, k_{nullptr}, v_{nullptr}, o_{nullptr};
+  Projection q_{nullptr}, k_{nullptr}, v_{nullptr}, o_{nullptr};
 };
 
 // BaseConv: in_proj D -> 4D split into u1, u2 (2D each); y = out_proj(SiLU(conv(u1)) * u2).
@@ -67,7 +67,7 @@ class BaseConvMixer : public MixerImpl {
 
  private:
   int64_t dim_;
-  torch::nn::Linear in_proj_{nullptr}, out_proj_{nullptr};
+  Projection in_proj_{nullptr}, out_proj_{nullptr};
   at::Tensor conv_weight_, conv_bias_;
 };
 

@@ -33,7 +33,7 @@ ChunkFactors chunk_factors(const at::Tensor& theta, const at::Tensor& log_eta, c
   const at::Tensor le_last = le.narrow(-1, b - 1, 1), lb_last = lb.narrow(-1, b - 1, 1);
   // D[t, s] = prod_{s<r<=t} eta_r for t >= s, else 0.
   const at::Tensor diff = le.unsqueeze(-1) - le.unsqueeze(-2);
-  const at::Tensor lower = at::ones({b, b}, at::kBool).tril();
+  const at::Tensor lower = at::ones({b, b}, theta.options().dtype(at::kBool)).tril();
   const at::Tensor D = at::exp(diff.masked_fill(lower.logical_not(), -std::numeric_limits<double>::infinity()));
   const at::Tensor a = at::exp(lb_last - lb);  // prod_{r>t} (1 - alpha_r)
   const at::Tensor P = at::exp(le);
@@ -84,11 +84,11 @@ NeuralMemoryImpl::NeuralMemoryImpl(const pb::ModelConfig& c, bool own_projection
     k_ = register_module("k", make_projection(D, D));
     v_ = register_module("v", make_projection(D, D));
     o_ = register_module("o", make_projection(D, D));
-    conv_q_ = register_parameter("conv_q", at::randn({D, K}) / std::sqrt(double(K)));
-    conv_k_ = register_parameter("conv_k", at::randn({D, K}) / std::sqrt(double(K)));
-    conv_v_ = register_parameter("conv_v", at::randn({D, K}) / std::sqrt(double(K)));
+    conv_q_ = register_parameter("conv_q", at::randn({D, K}, parameter_options()) / std::sqrt(double(K)));
+    conv_k_ = register_parameter("conv_k", at::randn({D, K}, parameter_options()) / std::sqrt(double(K)));
+    conv_v_ = register_parameter("conv_v", at::randn({D, K}, parameter_options()) / std::sqrt(double(K)));
   }
-  gates_ = register_module("gates", torch::nn::Linear(torch::nn::LinearOptions(D, 3 * heads_).bias(true)));
+  gates_ = register_module("gates", Projection(D, 3 * heads_, /*bias=*/true));
   {
     torch::NoGradGuard no_grad;
     // Start with a moderate learning rate, strong momentum and little forgetting.
@@ -103,7 +103,7 @@ NeuralMemoryImpl::NeuralMemoryImpl(const pb::ModelConfig& c, bool own_projection
     in = out;
   }
   std::vector<at::Tensor> init;
-  for (auto [out, inner] : shapes_) init.push_back((at::randn({heads_, out, inner}) / std::sqrt(double(inner))).flatten(1));
+  for (auto [out, inner] : shapes_) init.push_back((at::randn({heads_, out, inner}, parameter_options()) / std::sqrt(double(inner))).flatten(1));
   init_ = register_parameter("initial_weights", at::cat(init, 1));
   chain_step_ = std::make_shared<ChainStep>();
   chain_step_->output_features = model_dim_;
@@ -209,7 +209,7 @@ at::Tensor NeuralMemoryImpl::initial_state_flat() const {
   return at::cat({init_.reshape({-1}), at::zeros({init_.numel()}, init_.options())});
 }
 
-at::Tensor NeuralMemoryImpl::project(const at::Tensor& x, torch::nn::Linear& proj, const at::Tensor& conv_weight,
+at::Tensor NeuralMemoryImpl::project(const at::Tensor& x, Projection& proj, const at::Tensor& conv_weight,
                                      const SequenceContext& ctx, bool normalise) {
   at::Tensor y = at::silu(causal_depthwise_conv(proj(x), conv_weight, at::Tensor(), ctx.layout, ctx.comm));
   y = split_heads(y, heads_);
@@ -335,7 +335,7 @@ TitansMACMixer::TitansMACMixer(const pb::ModelConfig& c)
   mem_k_ = register_module("mem_k", make_projection(D, D));
   mem_v_ = register_module("mem_v", make_projection(D, D));
   o_ = register_module("o", make_projection(D, D));
-  persistent_tokens_ = register_parameter("persistent_tokens", at::randn({std::max<int64_t>(persistent_, 1), D}) * 0.02);
+  persistent_tokens_ = register_parameter("persistent_tokens", at::randn({std::max<int64_t>(persistent_, 1), D}, parameter_options()) * 0.02);
   chain_step_ = std::make_shared<ChainStep>();
   chain_step_->output_features = dim_;
   chain_step_->step = [this](const at::Tensor& inputs, const at::Tensor& state) { return run_chunk(inputs, state); };
@@ -349,8 +349,9 @@ std::pair<at::Tensor, at::Tensor> TitansMACMixer::run_chunk(const at::Tensor& x,
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim_));
   // Mask over keys [persistent | retrieved | segment] for the segment's queries:
   // persistent always visible; retrieved and segment tokens causally.
-  const at::Tensor causal = at::ones({b, b}, at::kBool).tril();
-  const at::Tensor visible = at::cat({at::ones({b, persistent_}, at::kBool), causal, causal}, 1);
+  const auto flags = x.options().dtype(at::kBool);
+  const at::Tensor causal = at::ones({b, b}, flags).tril();
+  const at::Tensor visible = at::cat({at::ones({b, persistent_}, flags), causal, causal}, 1);
   std::vector<at::Tensor> outs;
   for (int64_t t0 = 0; t0 < L; t0 += b) {
     const at::Tensor seg = x.narrow(1, t0, b);

@@ -33,7 +33,6 @@
 // rejected with a message naming both numbers.
 #pragma once
 
-#include <torch/nn/modules/linear.h>
 
 #include "models/layers.h"
 #include "models/mixers.h"
@@ -72,7 +71,7 @@ class NeuralMemoryImpl : public torch::nn::Module {
   at::Tensor initial_state_flat() const;  // [state_numel]: initial weights, zero momentum
 
  private:
-  at::Tensor project(const at::Tensor& x, torch::nn::Linear& proj, const at::Tensor& conv_weight,
+  at::Tensor project(const at::Tensor& x, Projection& proj, const at::Tensor& conv_weight,
                      const SequenceContext& ctx, bool normalise);
   at::Tensor forward_affine(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& gates,
                             const SequenceContext& ctx);
@@ -83,7 +82,7 @@ class NeuralMemoryImpl : public torch::nn::Module {
   bool force_chain_ = false;
   double max_lr_;
   std::vector<std::pair<int64_t, int64_t>> shapes_;  // (out, in) per layer
-  torch::nn::Linear q_{nullptr}, k_{nullptr}, v_{nullptr}, gates_{nullptr}, o_{nullptr};
+  Projection q_{nullptr}, k_{nullptr}, v_{nullptr}, gates_{nullptr}, o_{nullptr};
   at::Tensor conv_q_, conv_k_, conv_v_;
   at::Tensor init_;  // [H, sum(out * in)]
   std::shared_ptr<ChainStep> chain_step_;
@@ -109,7 +108,7 @@ class TitansMAGMixer : public MixerImpl {
   NeuralMemory memory_{nullptr};
   std::shared_ptr<SoftmaxAttentionMixer> attention_;
   RMSNorm attention_norm_{nullptr}, memory_norm_{nullptr};
-  torch::nn::Linear o_{nullptr};
+  Projection o_{nullptr};
 };
 
 class TitansMACMixer : public MixerImpl {
@@ -123,8 +122,8 @@ class TitansMACMixer : public MixerImpl {
 
   int64_t dim_, heads_, head_dim_, persistent_;
   NeuralMemory memory_{nullptr};
-  torch::nn::Linear attn_q_{nullptr}, attn_k_{nullptr}, attn_v_{nullptr}, attn_o_{nullptr};
-  torch::nn::Linear mem_q_{nullptr}, mem_k_{nullptr}, mem_v_{nullptr}, o_{nullptr};
+  Projection attn_q_{nullptr}, attn_k_{nullptr}, attn_v_{nullptr}, attn_o_{nullptr};
+  Projection mem_q_{nullptr}, mem_k_{nullptr}, mem_v_{nullptr}, o_{nullptr};
   at::Tensor persistent_tokens_;
   std::shared_ptr<ChainStep> chain_step_;
 };

@@ -41,6 +41,14 @@ class ConfigError : public LoomError {
   using LoomError::LoomError;
 };
 
+// A valid request that this build or version cannot serve (a device it was
+// not built for, a combination not implemented yet): the message says which.
+class UnsupportedError : public LoomError {
+ public:
+  using LoomError::LoomError;
+};
+
+
 // Rank in MPI_COMM_WORLD (-1 before MPI_Init) and host name of this process.
 int world_rank_or_minus_one();
 const std::string& host_name();

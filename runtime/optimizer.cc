@@ -9,8 +9,13 @@ namespace loom {
 AdamW::AdamW(NamedTensors params, double weight_decay, double beta1, double beta2, double eps)
     : params_(std::move(params)), weight_decay_(weight_decay), beta1_(beta1), beta2_(beta2), eps_(eps) {
   for (const auto& [name, p] : params_) {
-    exp_avg_.push_back(at::zeros_like(p, at::MemoryFormat::Contiguous));
-    exp_avg_sq_.push_back(at::zeros_like(p, at::MemoryFormat::Contiguous));
+    // Parameters kept in bf16/fp16 get a float32 master copy that the update
+    // applies to; moments are float32 at least.
+    const bool reduced = p.scalar_type() == at::kBFloat16 || p.scalar_type() == at::kHalf;
+    master_.push_back(reduced ? p.detach().to(at::kFloat, /*non_blocking=*/false, /*copy=*/true) : at::Tensor());
+    const at::Tensor& shape = reduced ? master_.back() : p;
+    exp_avg_.push_back(at::zeros_like(shape, at::MemoryFormat::Contiguous));
+    exp_avg_sq_.push_back(at::zeros_like(shape, at::MemoryFormat::Contiguous));
   }
 }
 
@@ -20,14 +25,17 @@ void AdamW::step(double lr) {
   const double bc1 = 1.0 - std::pow(beta1_, static_cast<double>(steps_));
   const double bc2 = 1.0 - std::pow(beta2_, static_cast<double>(steps_));
   for (size_t i = 0; i < params_.size(); ++i) {
-    at::Tensor p = params_[i].second;
-    if (!p.grad().defined()) continue;
-    const at::Tensor g = p.grad();
+    const at::Tensor& param = params_[i].second;
+    if (!param.grad().defined()) continue;
+    const bool has_master = master_[i].defined();
+    at::Tensor p = has_master ? master_[i] : param;
+    const at::Tensor g = has_master ? param.grad().to(at::kFloat) : param.grad();
     if (p.dim() >= 2 && weight_decay_ > 0) p.mul_(1.0 - lr * weight_decay_);  // decoupled decay
     exp_avg_[i].mul_(beta1_).add_(g, 1.0 - beta1_);
     exp_avg_sq_[i].mul_(beta2_).addcmul_(g, g, 1.0 - beta2_);
     const at::Tensor denom = (exp_avg_sq_[i] / bc2).sqrt_().add_(eps_);
     p.addcdiv_(exp_avg_[i], denom, -lr / bc1);
+    if (has_master) param.copy_(p);  // rounded once, from the float32 master
   }
 }
 
@@ -36,6 +44,7 @@ NamedTensors AdamW::state() const {
   for (size_t i = 0; i < params_.size(); ++i) {
     s.emplace_back(params_[i].first + "/exp_avg", exp_avg_[i]);
     s.emplace_back(params_[i].first + "/exp_avg_sq", exp_avg_sq_[i]);
+    if (master_[i].defined()) s.emplace_back(params_[i].first + "/master", master_[i]);
   }
   s.emplace_back("adamw/steps", at::tensor({steps_}, at::kLong));
   return s;
@@ -53,6 +62,11 @@ void AdamW::load_state(const NamedTensors& state) {
   for (size_t i = 0; i < params_.size(); ++i) {
     take(params_[i].first + "/exp_avg", exp_avg_[i]);
     take(params_[i].first + "/exp_avg_sq", exp_avg_sq_[i]);
+    if (master_[i].defined()) {
+      take(params_[i].first + "/master", master_[i]);
+      at::NoGradGuard no_grad;
+      params_[i].second.copy_(master_[i]);
+    }
   }
   auto it = by_name.find("adamw/steps");
   if (it == by_name.end()) throw LoomError("checkpoint has no optimizer step count");

@@ -17,6 +17,9 @@ namespace loom {
 
 using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
 
+// Mixed precision: a bf16/fp16 parameter gets a float32 master copy; moments
+// and the update are float32 and the parameter is the master rounded once
+// per step. Checkpoints carry "<param>/master" so that resuming loses nothing.
 class AdamW {
  public:
   AdamW(NamedTensors params, double weight_decay, double beta1 = 0.9, double beta2 = 0.95, double eps = 1e-8);
@@ -28,6 +31,7 @@ class AdamW {
 
  private:
   NamedTensors params_;
+  std::vector<at::Tensor> master_;  // undefined for float32/float64 parameters
   std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
   double weight_decay_, beta1_, beta2_, eps_;
   int64_t steps_ = 0;

@@ -54,7 +54,10 @@ SequenceLayout Trainer::layout() const {
 std::pair<Batch, Batch> Trainer::shard(const Batch& batch) const {
   const SequenceLayout l = layout();
   const int r = mesh_.sp_index();
-  return {Batch{l.shard(batch.inputs, r, 1, 0), l.shard(batch.labels, r, 1, -100)}, Batch{}};
+  // Batches are drawn on the host; they go to the model's device here.
+  const auto params = model_->parameters();
+  const at::Device device = params.empty() ? at::Device(at::kCPU) : params.front().device();
+  return {Batch{l.shard(batch.inputs, r, 1, 0).to(device), l.shard(batch.labels, r, 1, -100).to(device)}, Batch{}};
 }
 
 std::string Trainer::resume() {

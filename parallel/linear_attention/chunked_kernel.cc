@@ -53,7 +53,7 @@ ChunkForwardResult chunk_forward(const at::Tensor& q, const at::Tensor& k, const
   check_inputs(q, k, v, block);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), dk = q.size(3), dv = v.size(3);
   const int64_t C = effective_block(N, block), nb = (N + C - 1) / C;
-  const BlockDecay f = block_decay(decay, H, C, q.scalar_type());
+  const BlockDecay f = block_decay(decay, H, C, q.options());
   const at::Tensor Q = to_blocks(q, nb, C), K = to_blocks(k, nb, C), V = to_blocks(v, nb, C);
   const at::Tensor causal = per_head(f.causal), key = per_head(f.key), query = per_head(f.query);
   const at::Tensor across = f.block.unsqueeze(0);  // [1, H, 1, 1]
@@ -93,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_backward(const at::Tensor& 
   at::NoGradGuard no_grad;
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), dk = q.size(3), dv = v.size(3);
   const int64_t C = effective_block(N, block), nb = (N + C - 1) / C;
-  const BlockDecay f = block_decay(decay, H, C, q.scalar_type());
+  const BlockDecay f = block_decay(decay, H, C, q.options());
   const at::Tensor Q = to_blocks(q, nb, C), K = to_blocks(k, nb, C), V = to_blocks(v, nb, C);
   const at::Tensor dO = to_blocks(grad_out, nb, C);
   const at::Tensor causal = per_head(f.causal), key = per_head(f.key), query = per_head(f.query);

@@ -9,10 +9,10 @@ at::Tensor default_decay(int64_t num_heads) {
 }
 
 at::Tensor decay_powers(const at::Tensor& decay, int64_t num_heads, const at::Tensor& exponents,
-                        at::ScalarType dtype) {
+                        const at::TensorOptions& options) {
   auto out_shape = exponents.sizes().vec();
   out_shape.insert(out_shape.begin(), num_heads);
-  if (!decay.defined()) return at::ones(out_shape, at::TensorOptions().dtype(dtype));
+  if (!decay.defined()) return at::ones(out_shape, options);
   TORCH_CHECK(decay.dim() == 1 && decay.size(0) == num_heads, "linear attention: decay must have shape [", num_heads,
               "] (one lambda per head), got ", decay.sizes());
   const at::Tensor lam = decay.to(at::kDouble);
@@ -21,24 +21,26 @@ at::Tensor decay_powers(const at::Tensor& decay, int64_t num_heads, const at::Te
   auto view_shape = std::vector<int64_t>(exponents.dim() + 1, 1);
   view_shape[0] = num_heads;
   const at::Tensor log_lam = lam.log().view(view_shape);
-  return at::exp(log_lam * exponents.to(at::kDouble).unsqueeze(0)).to(dtype);
+  // Powers in float64 on the host (a few numbers per head), then to the
+  // inputs' device and dtype.
+  return at::exp(log_lam * exponents.to(at::kDouble).unsqueeze(0)).to(options);
 }
 
-BlockDecay chunk_decay(const at::Tensor& decay, int64_t num_heads, int64_t n, at::ScalarType dtype) {
+BlockDecay chunk_decay(const at::Tensor& decay, int64_t num_heads, int64_t n, const at::TensorOptions& options) {
   const at::Tensor t = at::arange(n, at::kDouble);
   BlockDecay d;
-  d.query = decay_powers(decay, num_heads, t + 1, dtype).unsqueeze(-1);
-  d.key = decay_powers(decay, num_heads, (n - 1) - t, dtype).unsqueeze(-1);
-  d.block = decay_powers(decay, num_heads, at::full({1, 1}, static_cast<double>(n), at::kDouble), dtype);
+  d.query = decay_powers(decay, num_heads, t + 1, options).unsqueeze(-1);
+  d.key = decay_powers(decay, num_heads, (n - 1) - t, options).unsqueeze(-1);
+  d.block = decay_powers(decay, num_heads, at::full({1, 1}, static_cast<double>(n), at::kDouble), options);
   return d;
 }
 
-BlockDecay block_decay(const at::Tensor& decay, int64_t num_heads, int64_t n, at::ScalarType dtype) {
-  BlockDecay d = chunk_decay(decay, num_heads, n, dtype);
+BlockDecay block_decay(const at::Tensor& decay, int64_t num_heads, int64_t n, const at::TensorOptions& options) {
+  BlockDecay d = chunk_decay(decay, num_heads, n, options);
   const at::Tensor t = at::arange(n, at::kDouble);
   const at::Tensor diff = t.unsqueeze(1) - t.unsqueeze(0);  // i - j
   const at::Tensor lower = diff.ge(0);
-  d.causal = decay_powers(decay, num_heads, diff.clamp_min(0), dtype) * lower.to(dtype).unsqueeze(0);
+  d.causal = decay_powers(decay, num_heads, diff.clamp_min(0), options) * lower.to(options).unsqueeze(0);
   return d;
 }
 

@@ -16,9 +16,9 @@ namespace loom::linear_attention {
 at::Tensor default_decay(int64_t num_heads);
 
 // lambda^e for e = exponents (any shape E) and each head: returns [H, E...] in
-// `dtype`; ones when decay is undefined.
+// `options` (dtype and device); ones when decay is undefined.
 at::Tensor decay_powers(const at::Tensor& decay, int64_t num_heads, const at::Tensor& exponents,
-                        at::ScalarType dtype);
+                        const at::TensorOptions& options);
 
 // Factors of one block (or chunk) of n tokens, each shaped to broadcast over
 // [B, H, ..., n, d]:
@@ -32,10 +32,10 @@ struct BlockDecay {
   at::Tensor causal;  // [H, n, n]
   at::Tensor block;   // [H, 1, 1]
 };
-BlockDecay block_decay(const at::Tensor& decay, int64_t num_heads, int64_t n, at::ScalarType dtype);
+BlockDecay block_decay(const at::Tensor& decay, int64_t num_heads, int64_t n, const at::TensorOptions& options);
 
 // The same without the n x n causal factor (for chunks of a layout, which can
 // be long: O(n) work and memory, not O(n^2)).
-BlockDecay chunk_decay(const at::Tensor& decay, int64_t num_heads, int64_t n, at::ScalarType dtype);
+BlockDecay chunk_decay(const at::Tensor& decay, int64_t num_heads, int64_t n, const at::TensorOptions& options);
 
 }  // namespace loom::linear_attention

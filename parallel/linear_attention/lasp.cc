@@ -17,6 +17,10 @@ using torch::autograd::variable_list;
 template <typename Attend>
 at::Tensor with_normaliser(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const LinearAttentionOptions& options, Attend attend) {
+  // bf16/fp16 inputs run in float32: the chunk states, their prefixes (and
+  // the AllGather payload) and the normaliser accumulate in float32.
+  if (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf)
+    return with_normaliser(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), options, attend).to(q.scalar_type());
   if (!options.normalize) return attend(q, k, v);
   const int64_t dv = v.size(-1);
   const at::Tensor ones = at::ones({v.size(0), v.size(1), v.size(2), 1}, v.options());
@@ -30,8 +34,8 @@ struct ChunkFactors {
   at::Tensor key;    // [1, H, L, 1]
   at::Tensor across; // [H]: lambda^L
 };
-ChunkFactors chunk_factors(const at::Tensor& decay, int64_t heads, int64_t len, at::ScalarType dtype) {
-  const BlockDecay f = chunk_decay(decay, heads, len, dtype);
+ChunkFactors chunk_factors(const at::Tensor& decay, int64_t heads, int64_t len, const at::TensorOptions& options) {
+  const BlockDecay f = chunk_decay(decay, heads, len, options);
   return {f.query.unsqueeze(0), f.key.unsqueeze(0), f.block.reshape({heads})};
 }
 
@@ -45,7 +49,7 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
                 "; expected [B, H, ", layout.local_len(), ", d] for ", layout.describe());
     TORCH_CHECK(k.sizes() == q.sizes() && v.dim() == 4 && v.size(2) == q.size(2),
                 "linear attention: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), " do not agree");
-    const ChunkFactors f = chunk_factors(decay, q.size(1), L, q.scalar_type());
+    const ChunkFactors f = chunk_factors(decay, q.size(1), L, q.options());
 
     std::vector<at::Tensor> states;
     for (int64_t i = 0; i < cpr; ++i)
@@ -81,7 +85,7 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
     const SequenceLayout layout = saved_layout(ctx, *comm);
     const int64_t block = ctx->saved_data["block"].toInt();
     const int64_t L = layout.chunk_len(), cpr = layout.chunks_per_rank();
-    const ChunkFactors f = chunk_factors(decay, q.size(1), L, q.scalar_type());
+    const ChunkFactors f = chunk_factors(decay, q.size(1), L, q.options());
     // Unused output: zeros, since every rank must still take part in the exchange.
     const at::Tensor dout = grads[0].defined() ? grads[0].contiguous()
                                                : at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
@@ -142,8 +146,8 @@ at::Tensor naive_linear_attention(const at::Tensor& q, const at::Tensor& k, cons
     const int64_t n = q_.size(2);
     const at::Tensor t = at::arange(n, at::kDouble);
     const at::Tensor diff = t.unsqueeze(1) - t.unsqueeze(0);
-    const at::Tensor mask = decay_powers(options.decay, q_.size(1), diff.clamp_min(0), q_.scalar_type()) *
-                            diff.ge(0).to(q_.scalar_type()).unsqueeze(0);
+    const at::Tensor mask = decay_powers(options.decay, q_.size(1), diff.clamp_min(0), q_.options()) *
+                            diff.ge(0).to(q_.options()).unsqueeze(0);
     return at::matmul(at::matmul(q_, k_.transpose(-1, -2)) * mask.unsqueeze(0), v_);
   });
 }

@@ -20,11 +20,11 @@ void check_pair(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
 
 // Visibility of keys [k0, k0+lk) to queries [q0, q0+lq): [lq, lk] bool, or
 // undefined when everything is visible.
-at::Tensor visibility(int64_t q0, int64_t lq, int64_t k0, int64_t lk, const AttentionSpec& spec) {
+at::Tensor visibility(int64_t q0, int64_t lq, int64_t k0, int64_t lk, const AttentionSpec& spec, at::Device device) {
   const bool all_visible = k0 >= 0 && k0 + lk - 1 <= q0 && (spec.window <= 0 || k0 > q0 + lq - 1 - spec.window);
   if (all_visible) return at::Tensor();
-  const at::Tensor qp = at::arange(q0, q0 + lq, at::kLong).unsqueeze(1);
-  const at::Tensor kp = at::arange(k0, k0 + lk, at::kLong).unsqueeze(0);
+  const at::Tensor qp = at::arange(q0, q0 + lq, at::TensorOptions().dtype(at::kLong).device(device)).unsqueeze(1);
+  const at::Tensor kp = at::arange(k0, k0 + lk, at::TensorOptions().dtype(at::kLong).device(device)).unsqueeze(0);
   at::Tensor vis = kp.le(qp).logical_and(kp.ge(0));
   if (spec.window > 0) vis = vis.logical_and(kp.gt(qp - spec.window));
   return vis;
@@ -82,7 +82,7 @@ Partial attend_pair(const at::Tensor& q, int64_t q_start, const at::Tensor& k, c
       const int64_t bk = std::min(blk, Lk - s0);
       if (pair_fully_masked(q_start + t0, bq, k_start + s0, bk, spec)) continue;
       at::Tensor scores = at::matmul(qb, kg.narrow(3, s0, bk).transpose(-1, -2));  // [B,Hkv,G,bq,bk]
-      const at::Tensor vis = visibility(q_start + t0, bq, k_start + s0, bk, spec);
+      const at::Tensor vis = visibility(q_start + t0, bq, k_start + s0, bk, spec, q.device());
       if (vis.defined()) scores.masked_fill_(vis.logical_not(), kNegInf);
       const at::Tensor m_new = at::maximum(m, std::get<0>(scores.max(-1)));
       // Rows with nothing visible yet keep m = -inf: shift by 0 there instead.
@@ -141,7 +141,7 @@ void attend_pair_backward(const at::Tensor& q, int64_t q_start, const at::Tensor
       if (pair_fully_masked(q_start + t0, bq, k_start + s0, bk, spec)) continue;
       const at::Tensor kb = kg.narrow(3, s0, bk), vb = vg.narrow(3, s0, bk);
       at::Tensor scores = at::matmul(qs, kb.transpose(-1, -2));
-      const at::Tensor vis = visibility(q_start + t0, bq, k_start + s0, bk, spec);
+      const at::Tensor vis = visibility(q_start + t0, bq, k_start + s0, bk, spec, q.device());
       if (vis.defined()) scores.masked_fill_(vis.logical_not(), kNegInf);
       const at::Tensor p = at::exp(scores - l_safe);  // masked entries: exp(-inf) = 0
       dv.narrow(2, s0, bk).add_(at::matmul(p.transpose(-1, -2), dob).sum(2));
@@ -157,9 +157,12 @@ std::pair<at::Tensor, at::Tensor> naive_attention(const at::Tensor& q, const at:
                                                   const AttentionSpec& spec) {
   check_pair(q, k, v);
   const int64_t Hkv = k.size(1), G = q.size(1) / Hkv, n = q.size(2);
-  const at::Tensor ke = k.repeat_interleave(G, 1), ve = v.repeat_interleave(G, 1);
+  auto repeat = [&](const at::Tensor& x) {
+    return x.unsqueeze(2).expand({x.size(0), x.size(1), G, x.size(2), x.size(3)}).reshape({x.size(0), -1, x.size(2), x.size(3)});
+  };
+  const at::Tensor ke = repeat(k), ve = repeat(v);
   at::Tensor scores = at::matmul(q, ke.transpose(-1, -2)) * spec.resolved_scale(q.size(3));
-  const at::Tensor vis = visibility(0, n, 0, k.size(2), spec);
+  const at::Tensor vis = visibility(0, n, 0, k.size(2), spec, q.device());
   if (vis.defined()) scores = scores.masked_fill(vis.logical_not(), kNegInf);
   const at::Tensor lse = at::logsumexp(scores, -1);
   return {at::matmul(at::softmax(scores, -1), ve), lse};

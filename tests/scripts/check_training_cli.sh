@@ -78,6 +78,16 @@ case "$scenario" in
     out=$("${mpi[@]}" "$train" "${common[@]}" --set data.train_path="$work/sp.tok" --set data.tokenizer=sentencepiece \
           --set data.tokenizer_model="$work/sp.model" --set model.vocab_size=320 --set train.steps=2 --generate "the quick" --max-new-tokens 4 2>&1); c=$?
     expect 0 "generated: the quick" $c "$out" ;;
+  bfloat16)
+    # Mixed precision: bf16 parameters with float32 masters, saved and resumed.
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.dtype=bfloat16 --set train.steps=4 --set train.checkpoint_interval=2 2>&1); c=$?
+    expect 0 "checkpoint .*step-00000004" $c "$out"
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.dtype=bfloat16 --set train.steps=6 --resume 2>&1); c=$?
+    expect 0 "step 6/6" $c "$out" ;;
+  cuda_request)
+    # Exit 3 (not supported here): no CUDA device on a CPU build, or two ranks on a CUDA one.
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.device=cuda --set train.steps=2 2>&1); c=$?
+    expect 3 "train.device = cuda: no CUDA device is visible|train.device = cuda with 2 ranks" $c "$out" ;;
   *) echo "unknown scenario $scenario"; exit 2 ;;
 esac
 echo "PASS: $scenario"

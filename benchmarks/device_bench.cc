@@ -1,0 +1,185 @@
+// loom-device-bench: Loom's operators on one device (a GPU, or the CPU),
+// each next to a matrix product measured in the same run and dtype:
+//   - the same-run matmul roofline (n x n x n in --dtype),
+//   - chunked linear attention forward+backward: the raw kernel in --dtype
+//     and the training path (linear_attention(), whose states accumulate in
+//     float32 for bf16 inputs), TFLOP/s from the kernel's nominal FLOPs,
+//   - blockwise causal softmax attention forward+backward (nominal FLOPs:
+//     2 N^2 d per head forward with the causal half, backward 2.5x forward),
+//   - tokens/s of a tiny HybridLM training step (forward, backward, AdamW).
+// Launched by launch/device-check.sh on the GPU machine; CI runs it on the CPU
+// at small sizes so that it keeps working. Results go to stdout and --json.
+#include <CLI/CLI.hpp>
+#include <torch/cuda.h>
+
+#include <chrono>
+#include <fstream>
+#include <functional>
+#include <sstream>
+
+#include "models/hybrid_lm.h"
+#include "parallel/linear_attention/chunked_kernel.h"
+#include "parallel/linear_attention/lasp.h"
+#include "parallel/softmax_attention/softmax_attention.h"
+#include "runtime/mpi_communicator.h"
+#include "runtime/optimizer.h"
+
+namespace {
+
+struct Options {
+  std::string device = "cpu", dtype = "float32", json, preset = "tiny-linear-llama-hybrid";
+  int64_t matmul_n = 1024, seq = 4096, heads = 8, dim = 64, block = 64, batch = 1, model_seq = 1024,
+          model_batch = 4;
+  int reps = 5;
+};
+
+at::ScalarType parse_dtype(const std::string& name) {
+  if (name == "float32") return at::kFloat;
+  if (name == "bfloat16") return at::kBFloat16;
+  if (name == "float16") return at::kHalf;
+  throw loom::ConfigError("--dtype " + name + ": allowed values are float32, bfloat16, float16");
+}
+
+// Median seconds of `fn` over reps after one warm-up, the device drained
+// before and after each run.
+double median_seconds(const std::function<void()>& fn, bool cuda, int reps) {
+  auto sync = [&] {
+    if (cuda) torch::cuda::synchronize();
+  };
+  fn();
+  sync();
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    fn();
+    sync();
+    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+double chunked_flops(int64_t n, int64_t c, int64_t dk, int64_t dv) {  // see linear_attention_bench.cc
+  const double N = n, C = c;
+  return 2 * N * C * (dk + dv) + 4 * N * dk * dv + 2 * N * C * (3 * dk + 2 * dv) + 8 * N * dk * dv;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  loom::MpiEnvironment mpi(&argc, &argv);
+  Options o;
+  CLI::App app{"loom-device-bench: operator TFLOP/s next to the same-run matmul, and model tokens/s"};
+  app.add_option("--device", o.device, "cpu or cuda");
+  app.add_option("--dtype", o.dtype, "float32, bfloat16 or float16");
+  app.add_option("--matmul-n", o.matmul_n, "Size of the reference matmul");
+  app.add_option("--seq", o.seq, "Sequence length of the attention kernels");
+  app.add_option("--heads", o.heads, "Heads");
+  app.add_option("--dim", o.dim, "Head dimension");
+  app.add_option("--block", o.block, "Block of the chunked linear attention kernel");
+  app.add_option("--batch", o.batch, "Batch of the attention kernels");
+  app.add_option("--preset", o.preset, "Model preset of the tokens/s measurement");
+  app.add_option("--model-seq", o.model_seq, "Sequence length of the model step");
+  app.add_option("--model-batch", o.model_batch, "Sequences per model step");
+  app.add_option("--reps", o.reps, "Timed repetitions (median reported)");
+  app.add_option("--json", o.json, "Also write the results to this JSON file");
+  CLI11_PARSE(app, argc, argv);
+  try {
+    const bool cuda = o.device == "cuda";
+    if (!cuda && o.device != "cpu") throw loom::ConfigError("--device " + o.device + ": allowed values are cpu, cuda");
+    if (cuda && !torch::cuda::is_available()) throw loom::UnsupportedError("--device cuda: no CUDA device is visible");
+    const at::ScalarType dtype = parse_dtype(o.dtype);
+    if (cuda) at::globalContext().setAllowTF32CuBLAS(true);  // float32 paths may use TF32 tensor cores
+    const auto opts = at::TensorOptions().dtype(dtype).device(cuda ? at::kCUDA : at::kCPU);
+    std::ostringstream json;
+    json << "{\"device\": \"" << o.device << "\", \"dtype\": \"" << o.dtype << "\"";
+    auto report = [&](const std::string& key, double value, const std::string& line) {
+      std::printf("%s\n", line.c_str());
+      json << ", \"" << key << "\": " << value;
+    };
+    char line[256];
+
+    // 1. matmul roofline.
+    const at::Tensor a = at::randn({o.matmul_n, o.matmul_n}, opts), b = at::randn({o.matmul_n, o.matmul_n}, opts);
+    const double mm_s = median_seconds([&] { at::matmul(a, b); }, cuda, o.reps);
+    const double mm_tflops = 2.0 * o.matmul_n * o.matmul_n * o.matmul_n / mm_s / 1e12;
+    std::snprintf(line, sizeof line, "matmul %ldx%ldx%ld %s: %.2f TFLOP/s", long(o.matmul_n), long(o.matmul_n),
+                  long(o.matmul_n), o.dtype.c_str(), mm_tflops);
+    report("matmul_tflops", mm_tflops, line);
+
+    // 2. chunked linear attention, forward + backward.
+    const int64_t B = o.batch, H = o.heads, N = o.seq, d = o.dim;
+    auto leaf = [&](double scale) { return (at::randn({B, H, N, d}, opts) * scale).requires_grad_(true); };
+    at::Tensor q = leaf(0.1), k = leaf(0.1), v = leaf(1.0);
+    const at::Tensor g = at::randn({B, H, N, d}, opts);
+    auto fwd_bwd = [&](const std::function<at::Tensor()>& op) {
+      return [&, op] {
+        for (auto* t : {&q, &k, &v}) t->mutable_grad().reset();
+        op().backward(g);
+      };
+    };
+    const double lin_flops = B * H * chunked_flops(N, o.block, d, d);
+    const double raw_s = median_seconds(fwd_bwd([&] {
+      return loom::linear_attention::chunked_linear_attention(q, k, v, at::Tensor(), o.block);
+    }), cuda, o.reps);
+    std::snprintf(line, sizeof line, "chunked linear attention fwd+bwd (kernel, %s) N=%ld H=%ld d=%ld: %.2f TFLOP/s = %.1f%% of matmul",
+                  o.dtype.c_str(), long(N), long(H), long(d), lin_flops / raw_s / 1e12,
+                  100.0 * lin_flops / raw_s / 1e12 / mm_tflops);
+    report("linear_kernel_tflops", lin_flops / raw_s / 1e12, line);
+    loom::linear_attention::LinearAttentionOptions lin;
+    lin.block_size = o.block;
+    const double path_s = median_seconds(fwd_bwd([&] { return loom::linear_attention::linear_attention(q, k, v, lin); }),
+                                         cuda, o.reps);
+    std::snprintf(line, sizeof line, "chunked linear attention fwd+bwd (training path, float32 states): %.2f TFLOP/s = %.1f%% of matmul",
+                  lin_flops / path_s / 1e12, 100.0 * lin_flops / path_s / 1e12 / mm_tflops);
+    report("linear_training_path_tflops", lin_flops / path_s / 1e12, line);
+
+    // 3. blockwise causal softmax attention, forward + backward.
+    loom::softmax_attention::AttentionSpec spec;
+    const double soft_flops = 3.5 * 2.0 * B * H * double(N) * N * d;
+    const double soft_s = median_seconds(fwd_bwd([&] {
+      return loom::softmax_attention::positioned_attention(q, 0, k, v, 0, spec).first;
+    }), cuda, o.reps);
+    std::snprintf(line, sizeof line, "blockwise softmax attention fwd+bwd (causal): %.2f TFLOP/s = %.1f%% of matmul",
+                  soft_flops / soft_s / 1e12, 100.0 * soft_flops / soft_s / 1e12 / mm_tflops);
+    report("softmax_tflops", soft_flops / soft_s / 1e12, line);
+
+    // 4. a model training step.
+    auto world = loom::MpiCommunicator::world();
+    auto self = world->split(world->rank(), 0);
+    loom::pb::ModelConfig user;
+    user.set_preset(o.preset);
+    const auto config = loom::models::resolve_model_config(user);
+    loom::models::HybridLM model(config, at::TensorOptions().device(opts.device()));
+    model->set_precision(dtype);
+    loom::NamedTensors params;
+    for (const auto& p : model->named_parameters()) params.emplace_back(p.key(), p.value());
+    loom::AdamW opt(params, 0.1);
+    const loom::SequenceLayout layout(loom::LayoutKind::kContiguous, o.model_seq, 1);
+    const auto ctx = loom::models::make_context(loom::pb::ParallelConfig(), layout, self);
+    const at::Tensor tokens =
+        at::randint(0, config.vocab_size(), {o.model_batch, o.model_seq + 1}, at::TensorOptions().dtype(at::kLong))
+            .to(opts.device());
+    const at::Tensor in = tokens.narrow(1, 0, o.model_seq), labels = tokens.narrow(1, 1, o.model_seq);
+    const double step_s = median_seconds([&] {
+      model->zero_grad();
+      const at::Tensor logits = model(in, ctx);
+      at::nll_loss(at::log_softmax(logits.reshape({-1, logits.size(-1)}).to(at::kFloat), -1), labels.reshape({-1}))
+          .backward();
+      opt.step(1e-4);
+    }, cuda, o.reps);
+    const double tps = o.model_batch * o.model_seq / step_s;
+    std::snprintf(line, sizeof line, "%s training step (%ld x %ld tokens, %s): %.0f tokens/s", o.preset.c_str(),
+                  long(o.model_batch), long(o.model_seq), o.dtype.c_str(), tps);
+    report("model_tokens_per_s", tps, line);
+    json << "}\n";
+    if (!o.json.empty()) std::ofstream(o.json) << json.str();
+  } catch (const loom::UnsupportedError& e) {
+    std::fprintf(stderr, "loom-device-bench: %s\n", e.what());
+    return 3;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "loom-device-bench: %s\n", e.what());
+    return 2;
+  }
+  return 0;
+}

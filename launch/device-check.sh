@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# launch/device-check.sh [OUT_DIR]
+# The GPU check, for a machine with a CUDA GPU and PyTorch (libtorch with
+# CUDA) but possibly no MPI, protobuf, GoogleTest or network:
+#   1. unpacks the build dependencies carried in .deps/debs
+#      (launch/fetch-build-debs.sh, run on a Debian machine) into .deps/root
+#      when the machine lacks them;
+#   2. configures Loom against PyTorch's libtorch with LOOM_WITH_CUDA and
+#      LOOM_WITH_NCCL on, and builds it;
+#   3. runs the tests on the GPU: the operators and every tiny preset on CUDA
+#      against the CPU in float64 (OnCuda.*, *PresetOnCudaMatchesTheCpu*), the
+#      NCCL communicator at one rank, then the CPU suite through CTest (its
+#      MPI tests need the carried OpenMPI);
+#   4. runs loom-device-bench on the GPU in bf16 and float32: chunked linear
+#      attention and blockwise softmax attention TFLOP/s next to the same-run
+#      matmul TFLOP/s, and a tiny model's tokens/s.
+# Everything goes to OUT_DIR (default results/device-check): logs, JUnit XML,
+# JSON, and summary.txt. Exit code: 0 when the build and GPU tests passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=$(realpath -m "${1:-results/device-check}")
+mkdir -p "$out"
+summary="$out/summary.txt"
+: > "$summary"
+note() { echo "$*" | tee -a "$summary"; }
+started=$(date +%s)
+jobs=$(nproc)
+
+# 1. Dependencies.
+prefix=$PWD/.deps/root
+if ! command -v mpicxx > /dev/null || ! command -v protoc > /dev/null; then
+  if ls .deps/debs/*.deb > /dev/null 2>&1; then
+    rm -rf "$prefix" && mkdir -p "$prefix"
+    for deb in .deps/debs/*.deb; do
+      if command -v dpkg-deb > /dev/null; then dpkg-deb -x "$deb" "$prefix"
+      else (tmp=$(mktemp -d) && cd "$tmp" && ar x "$OLDPWD/$deb" && tar -xf data.tar.* -C "$prefix" && rm -rf "$tmp"); fi
+    done
+    lib=$prefix/usr/lib/x86_64-linux-gnu
+    export PATH=$prefix/usr/bin:$PATH
+    export LD_LIBRARY_PATH=$lib:$lib/openmpi/lib:${LD_LIBRARY_PATH:-}
+    export PKG_CONFIG_PATH=$lib/pkgconfig:$prefix/usr/share/pkgconfig:${PKG_CONFIG_PATH:-}
+    export OPAL_PREFIX=$prefix/usr  # relocated OpenMPI finds its components here
+    export CMAKE_PREFIX_PATH=$prefix/usr:${CMAKE_PREFIX_PATH:-}
+    # Debian's mpicxx wrapper names the real compiler and the Debian paths; point it here.
+    export OMPI_CXX=${CXX:-g++}
+    ln -sf "$lib/openmpi/include" "$prefix/usr/include/openmpi" 2> /dev/null || true
+    note "dependencies: unpacked $(ls .deps/debs/*.deb | wc -l) carried packages into $prefix"
+  else
+    note "dependencies: MPI or protoc missing and no .deps/debs carried (run launch/fetch-build-debs.sh where apt works)"
+  fi
+fi
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+
+# 2. Configure and build against PyTorch's libtorch.
+torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)') || { note "FAIL: no PyTorch"; exit 1; }
+note "torch: $(python3 -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")')"
+if ! cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$torch_prefix;${CMAKE_PREFIX_PATH:-}" \
+     -DLOOM_WITH_CUDA=ON -DLOOM_WITH_NCCL=ON > "$out/configure.log" 2>&1; then
+  note "FAIL: configure (see configure.log)"; tail -20 "$out/configure.log"; exit 1
+fi
+if ! cmake --build build-gpu -j"$jobs" > "$out/build.log" 2>&1; then
+  note "FAIL: build (see build.log)"; grep -m5 -A3 "error" "$out/build.log"; exit 1
+fi
+note "build: ok in $(( $(date +%s) - started )) s"
+
+# 3. Tests on the GPU (one rank: the MPI singleton), then the CPU suite.
+status=0
+./build-gpu/tests/loom_tests --gtest_filter='OnCuda.*:*PresetOnCudaMatchesTheCpu*:*DeviceAgnostic*:NcclCommunicator*:*MixedPrecision*' \
+  --gtest_output=xml:"$out/gpu_tests.xml" > "$out/gpu_tests.log" 2>&1 || status=1
+note "gpu tests: $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$out/gpu_tests.log" | sed 's/\x1b\[[0-9;]*m//g' | tr '\n' ' ')"
+if command -v mpirun > /dev/null; then
+  (cd build-gpu && timeout 420 ctest -j"$jobs" -LE embedding --output-junit "$out/ctest.xml" > "$out/ctest.log" 2>&1)
+  note "ctest (CPU suite, MPI): $(grep -E 'tests passed|tests failed' "$out/ctest.log")"
+else
+  note "ctest: skipped, no mpirun"
+fi
+
+# 4. Benchmarks on the GPU.
+for dtype in bfloat16 float32; do
+  timeout 180 ./build-gpu/benchmarks/loom-device-bench --device cuda --dtype "$dtype" --matmul-n 8192 --seq 16384 \
+    --heads 16 --dim 128 --block 128 --batch 2 --model-seq 4096 --model-batch 8 --reps 10 \
+    --json "$out/bench_$dtype.json" > "$out/bench_$dtype.log" 2>&1 || status=1
+  sed "s/^/bench $dtype: /" "$out/bench_$dtype.log" | tee -a "$summary"
+done
+note "device-check: $(( $(date +%s) - started )) s, exit $status"
+exit $status

@@ -1,0 +1,318 @@
+// Device independence of the operators: every sequence-parallel operator runs
+// forward and backward with its inputs on the `meta` device. The meta device
+// only computes shapes, and any tensor an operator creates on a hard-coded
+// device (a CPU arange, mask, decay table or buffer) meets a meta tensor and
+// fails: the CPU stand-in for "nothing assumes the CPU" on CUDA. A group of one
+// rank is used because only then do collectives accept non-CPU tensors on the
+// MPI backend (they are local copies).
+//
+// Modules are covered too: libtorch cannot move parameters from the CPU to
+// meta (set_data refuses the change of tensor type), so the test builds each
+// tiny preset directly on meta (HybridLM takes factory options).
+#include <gtest/gtest.h>
+#include <torch/utils.h>
+
+#include <functional>
+#include <torch/cuda.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include "models/feature_maps.h"
+#include "models/hybrid_lm.h"
+#include "parallel/linear_attention/decay.h"
+#include "parallel/linear_attention/lasp.h"
+#include "parallel/short_conv.h"
+#include "parallel/softmax_attention/rotary.h"
+#include "parallel/softmax_attention/softmax_attention.h"
+#include "runtime/mpi_communicator.h"
+
+#if TORCH_VERSION_MAJOR < 2
+// libtorch 1.13 has no Meta kernels for a few operators that Loom uses (2.x
+// has them all). These shape functions fill the gap for this test only: they
+// compute output shapes, as every Meta kernel does.
+namespace meta_shapes {
+
+at::Tensor index_select(const at::Tensor& self, int64_t dim, const at::Tensor& index) {
+  auto shape = self.sizes().vec();
+  if (!shape.empty()) shape[at::maybe_wrap_dim(dim, self.dim())] = index.numel();
+  return at::empty(shape, self.options());
+}
+
+at::Tensor& logical_and_out(const at::Tensor& self, const at::Tensor& other, at::Tensor& out) {
+  out.resize_(at::infer_size(self.sizes(), other.sizes()));
+  return out;
+}
+
+at::Tensor& unary_out(const at::Tensor& self, at::Tensor& out) {
+  out.resize_(self.sizes());
+  return out;
+}
+
+at::Tensor unary(const at::Tensor& self) { return at::empty_like(self); }
+
+at::Tensor flip(const at::Tensor& self, at::IntArrayRef /*dims*/) { return at::empty_like(self); }
+
+at::Tensor embedding_backward(const at::Tensor& grad_output, const at::Tensor& /*indices*/, c10::SymInt num_weights,
+                              int64_t /*padding_idx*/, bool /*scale_grad_by_freq*/) {
+  return at::empty({num_weights.expect_int(), grad_output.size(-1)}, grad_output.options());
+}
+
+at::Tensor where(const at::Tensor& condition, const at::Tensor& self, const at::Tensor& other) {
+  const auto shape = at::infer_size(at::infer_size(condition.sizes(), self.sizes()), other.sizes());
+  return at::empty(shape, self.options().dtype(at::promote_types(self.scalar_type(), other.scalar_type())));
+}
+
+std::tuple<at::Tensor, at::Tensor> log_sigmoid_forward(const at::Tensor& self) {
+  return {at::empty_like(self), at::empty_like(self)};
+}
+
+at::Tensor log_sigmoid_backward(const at::Tensor& grad_output, const at::Tensor& /*self*/,
+                                const at::Tensor& /*buffer*/) {
+  return at::empty_like(grad_output);
+}
+
+at::Tensor convolution(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& /*bias*/,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
+                       at::IntArrayRef /*output_padding*/, int64_t /*groups*/) {
+  TORCH_CHECK(!transposed, "meta convolution shim: transposed convolution not covered");
+  std::vector<int64_t> shape{input.size(0), weight.size(0)};
+  for (int64_t i = 2; i < input.dim(); ++i) {
+    const int64_t j = i - 2;
+    shape.push_back((input.size(i) + 2 * padding[j] - dilation[j] * (weight.size(i) - 1) - 1) / stride[j] + 1);
+  }
+  return at::empty(shape, input.options());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward(
+    const at::Tensor& /*grad_output*/, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef /*stride*/,
+    at::IntArrayRef /*padding*/, at::IntArrayRef /*dilation*/, bool /*transposed*/, at::IntArrayRef /*output_padding*/,
+    int64_t /*groups*/, std::array<bool, 3> mask) {
+  return {mask[0] ? at::empty_like(input) : at::Tensor(), mask[1] ? at::empty_like(weight) : at::Tensor(),
+          mask[2] ? at::empty({weight.size(0)}, weight.options()) : at::Tensor()};
+}
+
+}  // namespace meta_shapes
+
+TORCH_LIBRARY_IMPL(aten, Meta, m) {
+  m.impl("index_select", TORCH_FN(meta_shapes::index_select));
+  m.impl("logical_and.out", TORCH_FN(meta_shapes::logical_and_out));
+  m.impl("logical_not.out", TORCH_FN(meta_shapes::unary_out));
+  m.impl("relu", TORCH_FN(meta_shapes::unary));
+  m.impl("abs.out", TORCH_FN(meta_shapes::unary_out));
+  m.impl("where.self", TORCH_FN(meta_shapes::where));
+  m.impl("flip", TORCH_FN(meta_shapes::flip));
+  m.impl("log_sigmoid_forward", TORCH_FN(meta_shapes::log_sigmoid_forward));
+  m.impl("log_sigmoid_backward", TORCH_FN(meta_shapes::log_sigmoid_backward));
+  m.impl("embedding_dense_backward", TORCH_FN(meta_shapes::embedding_backward));
+  m.impl("convolution_overrideable", TORCH_FN(meta_shapes::convolution));
+  m.impl("convolution_backward_overrideable", TORCH_FN(meta_shapes::convolution_backward));
+}
+#endif
+
+namespace loom {
+namespace {
+
+const at::Device kMeta("meta");
+
+at::Tensor meta_leaf(at::IntArrayRef shape) {
+  return at::empty(shape, at::TensorOptions().dtype(at::kFloat).device(kMeta)).requires_grad_(true);
+}
+
+CommPtr one_rank() {
+  auto world = MpiCommunicator::world();
+  return world->split(world->rank(), 0);
+}
+
+void expect_meta_gradients(const at::Tensor& out, const std::vector<at::Tensor>& leaves, const std::string& what) {
+  EXPECT_TRUE(out.device().is_meta()) << what;
+  out.sum().backward();
+  for (size_t i = 0; i < leaves.size(); ++i) {
+    ASSERT_TRUE(leaves[i].grad().defined()) << what << ": input " << i << " has no gradient";
+    EXPECT_TRUE(leaves[i].grad().device().is_meta()) << what << ": input " << i;
+    EXPECT_EQ(leaves[i].grad().sizes(), leaves[i].sizes()) << what << ": input " << i;
+  }
+}
+
+TEST(DeviceAgnostic, LinearAttentionRunsOnTheMetaDevice) {
+  const CommPtr comm = one_rank();
+  const int64_t n = 37;  // not a multiple of the block: the ragged tail too
+  for (auto method : {linear_attention::LinearAttentionMethod::kLasp2,
+                      linear_attention::LinearAttentionMethod::kLasp2AllScan,
+                      linear_attention::LinearAttentionMethod::kLasp1})
+    for (auto kind : {LayoutKind::kContiguous, LayoutKind::kZigzag})
+      for (bool decay : {false, true}) {
+        linear_attention::LinearAttentionOptions options;
+        options.block_size = 8;
+        options.normalize = true;
+        if (decay) options.decay = linear_attention::default_decay(2);
+        const SequenceLayout layout(kind, n, 1);
+        at::Tensor q = meta_leaf({1, 2, layout.local_len(), 4}), k = meta_leaf({1, 2, layout.local_len(), 4}),
+                   v = meta_leaf({1, 2, layout.local_len(), 3});
+        const at::Tensor out =
+            linear_attention::sequence_parallel_linear_attention(q, k, v, layout, comm, method, options);
+        expect_meta_gradients(out, {q, k, v},
+                              std::string(linear_attention::method_name(method)) + " " + layout_kind_name(kind));
+      }
+}
+
+TEST(DeviceAgnostic, SoftmaxAttentionRunsOnTheMetaDevice) {
+  const CommPtr comm = one_rank();
+  const SequenceLayout layout(LayoutKind::kZigzag, 40, 1);
+  using softmax_attention::SoftmaxMethod;
+  for (auto method : {SoftmaxMethod::kLocal, SoftmaxMethod::kRing, SoftmaxMethod::kAllGather})
+    for (int64_t window : {0, 5}) {
+      softmax_attention::AttentionSpec spec;
+      spec.block = 16;
+      spec.window = window;
+      at::Tensor q = meta_leaf({1, 4, 40, 8}), k = meta_leaf({1, 2, 40, 8}), v = meta_leaf({1, 2, 40, 8});
+      const at::Tensor positions = layout.global_positions(0);
+      const at::Tensor qr = softmax_attention::apply_rotary(q, positions, 10000.0);
+      const at::Tensor kr = softmax_attention::apply_rotary(k, positions, 10000.0);
+      auto [out, lse] = softmax_attention::attention_with_lse(qr, kr, v, layout, comm, method, spec);
+      EXPECT_TRUE(lse.device().is_meta());
+      expect_meta_gradients(out, {q, k, v}, std::string(method_name(method)) + " window " + std::to_string(window));
+    }
+}
+
+TEST(DeviceAgnostic, ShortConvolutionAndFeatureMapsRunOnTheMetaDevice) {
+  const CommPtr comm = one_rank();
+  const SequenceLayout layout(LayoutKind::kContiguous, 12, 1);
+  at::Tensor x = meta_leaf({2, 12, 6}), w = meta_leaf({6, 3}), b = meta_leaf({6});
+  expect_meta_gradients(causal_depthwise_conv(x, w, b, layout, comm), {x, w, b}, "short conv");
+  for (auto kind : {models::FeatureMapKind::kElu, models::FeatureMapKind::kRelu, models::FeatureMapKind::kTaylor,
+                    models::FeatureMapKind::kHedgehog}) {
+    models::ParameterScope on_meta(at::TensorOptions().device(kMeta));  // Hedgehog's weights
+    models::FeatureMap phi(kind, 2, 4, 6);
+    at::Tensor in = meta_leaf({1, 2, 5, 4});
+    expect_meta_gradients(phi(in), {in}, models::feature_map_name(kind));
+  }
+}
+
+class DeviceAgnosticModel : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(DeviceAgnosticModel, PresetRunsForwardAndBackwardOnTheMetaDevice) {
+  const CommPtr comm = one_rank();
+  pb::ModelConfig user;
+  user.set_preset(GetParam());
+  models::HybridLM model(models::resolve_model_config(user), at::TensorOptions().device(kMeta));
+  for (const auto& p : model->named_parameters()) ASSERT_TRUE(p.value().device().is_meta()) << p.key();
+  const int64_t n = 48;
+  const models::SequenceContext ctx =
+      models::make_context(pb::ParallelConfig(), SequenceLayout(LayoutKind::kContiguous, n, 1), comm);
+  const at::Tensor tokens = at::zeros({2, n}, at::TensorOptions().dtype(at::kLong).device(kMeta));
+  const at::Tensor logits = model(tokens, ctx);
+  EXPECT_EQ(logits.sizes(), (std::vector<int64_t>{2, n, model->config().vocab_size()}));
+  std::vector<at::Tensor> params;
+  for (const auto& p : model->parameters()) params.push_back(p);
+  expect_meta_gradients(logits, params, GetParam());
+}
+
+INSTANTIATE_TEST_SUITE_P(TinyPresets, DeviceAgnosticModel,
+                         ::testing::Values("tiny-based", "tiny-linear-llama", "tiny-linear-llama-hybrid",
+                                           "tiny-titans-mac", "tiny-titans-mag", "tiny-titans-mal"),
+                         [](const ::testing::TestParamInfo<std::string>& info) {
+                           std::string s = info.param;
+                           for (auto& ch : s)
+                             if (ch == '-') ch = '_';
+                           return s;
+                         });
+
+}  // namespace
+}  // namespace loom
+
+// ---- on a GPU: the same operators and models on CUDA against the CPU ----
+// Skipped where no CUDA device is visible (CI); launch/device-check.sh runs
+// them on the GPU machine. float64 on both sides: agreement to 1e-9.
+namespace loom {
+namespace {
+
+bool cuda_visible() { return torch::cuda::is_available(); }
+
+::testing::AssertionResult close_to_cpu(const at::Tensor& cuda, const at::Tensor& cpu, const std::string& what) {
+  const at::Tensor a = cuda.to(at::kCPU);
+  const double scale = std::max(cpu.abs().max().item<double>(), 1e-3);
+  const double err = (a - cpu).abs().max().item<double>() / scale;
+  if (err <= 1e-9) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << what << ": CUDA differs from CPU by " << err << " (relative)";
+}
+
+// Runs `op` on CPU and CUDA copies of `inputs` (float64) and compares outputs
+// and input gradients.
+void expect_cuda_matches_cpu(const std::vector<at::Tensor>& inputs,
+                             const std::function<at::Tensor(const std::vector<at::Tensor>&)>& op,
+                             const std::string& what) {
+  std::vector<at::Tensor> cpu, gpu;
+  for (const auto& t : inputs) {
+    cpu.push_back(t.detach().clone().requires_grad_(true));
+    gpu.push_back(t.detach().to(at::kCUDA).requires_grad_(true));
+  }
+  const at::Tensor out_cpu = op(cpu), out_gpu = op(gpu);
+  ASSERT_TRUE(out_gpu.is_cuda()) << what;
+  EXPECT_TRUE(close_to_cpu(out_gpu, out_cpu, what + " output"));
+  const at::Tensor g = at::randn(out_cpu.sizes(), at::kDouble);
+  out_cpu.backward(g);
+  out_gpu.backward(g.to(at::kCUDA));
+  for (size_t i = 0; i < inputs.size(); ++i)
+    EXPECT_TRUE(close_to_cpu(gpu[i].grad(), cpu[i].grad(), what + " grad " + std::to_string(i)));
+}
+
+TEST(OnCuda, OperatorsMatchTheCpu) {
+  if (!cuda_visible()) GTEST_SKIP() << "no CUDA device visible";
+  const CommPtr comm = one_rank();
+  const SequenceLayout layout(LayoutKind::kZigzag, 100, 1);
+  auto r = [](at::IntArrayRef s) { return at::randn(s, at::kDouble); };
+  linear_attention::LinearAttentionOptions lin;
+  lin.block_size = 16;
+  lin.normalize = true;
+  lin.decay = linear_attention::default_decay(2);
+  expect_cuda_matches_cpu({r({1, 2, 100, 8}).abs(), r({1, 2, 100, 8}).abs(), r({1, 2, 100, 8})}, [&](const auto& x) {
+    return linear_attention::sequence_parallel_linear_attention(x[0], x[1], x[2], layout, comm,
+                                                                linear_attention::LinearAttentionMethod::kLasp2, lin);
+  }, "LASP-2");
+  for (int64_t window : {0, 7}) {
+    softmax_attention::AttentionSpec spec;
+    spec.block = 32;
+    spec.window = window;
+    expect_cuda_matches_cpu({r({1, 4, 100, 8}), r({1, 2, 100, 8}), r({1, 2, 100, 8})}, [&](const auto& x) {
+      return softmax_attention::attention(x[0], x[1], x[2], layout, comm, softmax_attention::SoftmaxMethod::kRing,
+                                          spec);
+    }, "softmax window " + std::to_string(window));
+  }
+  expect_cuda_matches_cpu({r({2, 100, 6}), r({6, 3}), r({6})}, [&](const auto& x) {
+    return causal_depthwise_conv(x[0], x[1], x[2], layout, comm);
+  }, "short conv");
+}
+
+TEST_P(DeviceAgnosticModel, PresetOnCudaMatchesTheCpu) {
+  if (!cuda_visible()) GTEST_SKIP() << "no CUDA device visible";
+  const CommPtr comm = one_rank();
+  pb::ModelConfig user;
+  user.set_preset(GetParam());
+  const auto config = models::resolve_model_config(user);
+  torch::manual_seed(3);
+  models::HybridLM cpu(config);
+  models::HybridLM gpu(config);
+  cpu->set_precision(at::kDouble);
+  gpu->set_precision(at::kDouble);
+  {
+    torch::NoGradGuard no_grad;
+    auto src = cpu->parameters(), dst = gpu->parameters();
+    for (size_t i = 0; i < src.size(); ++i) dst[i].copy_(src[i]);
+  }
+  gpu->to(at::kCUDA);
+  const int64_t n = 48;
+  const models::SequenceContext ctx =
+      models::make_context(pb::ParallelConfig(), SequenceLayout(LayoutKind::kContiguous, n, 1), comm);
+  at::Generator gen = at::detail::createCPUGenerator(8);
+  const at::Tensor tokens = at::randint(0, config.vocab_size(), {2, n}, gen, at::kLong);
+  const at::Tensor out_cpu = cpu(tokens, ctx), out_gpu = gpu(tokens.to(at::kCUDA), ctx);
+  EXPECT_TRUE(close_to_cpu(out_gpu, out_cpu, GetParam() + " logits"));
+  out_cpu.pow(2).sum().backward();
+  out_gpu.pow(2).sum().backward();
+  auto pc = cpu->named_parameters(), pg = gpu->named_parameters();
+  for (size_t i = 0; i < pc.size(); ++i)
+    EXPECT_TRUE(close_to_cpu(pg[i].value().grad(), pc[i].value().grad(), GetParam() + " grad " + pc[i].key()));
+}
+
+}  // namespace
+}  // namespace loom
