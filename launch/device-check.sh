@@ -41,9 +41,10 @@ if ! command -v mpicxx > /dev/null || ! command -v protoc > /dev/null; then
     export PKG_CONFIG_PATH=$lib/pkgconfig:$prefix/usr/share/pkgconfig:${PKG_CONFIG_PATH:-}
     export OPAL_PREFIX=$prefix/usr  # relocated OpenMPI finds its components here
     export CMAKE_PREFIX_PATH=$prefix/usr:${CMAKE_PREFIX_PATH:-}
-    # Debian's mpicxx wrapper names the real compiler and the Debian paths; point it here.
-    export OMPI_CXX=${CXX:-g++}
-    ln -sf "$lib/openmpi/include" "$prefix/usr/include/openmpi" 2> /dev/null || true
+    # The .pc files say prefix=/usr: point them at the unpacked tree.
+    find "$prefix" -name '*.pc' -exec sed -i "s|^prefix=/usr\$|prefix=$prefix/usr|" {} +
+    # The mpirun/mpicxx names are alternatives that dpkg would create.
+    for n in mpirun mpiexec mpicxx mpicc mpic++; do ln -sf "$n.openmpi" "$prefix/usr/bin/$n"; done
     note "dependencies: unpacked $(ls .deps/debs/*.deb | wc -l) carried packages into $prefix"
   else
     note "dependencies: MPI or protoc missing and no .deps/debs carried (run launch/fetch-build-debs.sh where apt works)"
@@ -55,7 +56,8 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS
 torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)') || { note "FAIL: no PyTorch"; exit 1; }
 note "torch: $(python3 -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")')"
 if ! cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$torch_prefix;${CMAKE_PREFIX_PATH:-}" \
-     -DLOOM_WITH_CUDA=ON -DLOOM_WITH_NCCL=ON > "$out/configure.log" 2>&1; then
+     -DLOOM_WITH_CUDA=ON -DLOOM_WITH_NCCL=ON \
+     > "$out/configure.log" 2>&1; then
   note "FAIL: configure (see configure.log)"; tail -20 "$out/configure.log"; exit 1
 fi
 if ! cmake --build build-gpu -j"$jobs" > "$out/build.log" 2>&1; then
