@@ -15,7 +15,7 @@ packages=(
   libopenblas0-openmp
   libcli11-dev nlohmann-json3-dev
   zlib1g-dev libsentencepiece-dev
-  dict-gcide
+  dict-gcide gnuplot-nox
 )
 
 SUDO=""

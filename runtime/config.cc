@@ -123,6 +123,15 @@ int64_t parse_integer(const std::string& path, const std::string& value, int64_t
 
 }  // namespace
 
+void parse_text_message(const std::string& text, const std::string& source, gp::Message* message) {
+  gp::TextFormat::Parser parser;
+  CollectingErrors errors(source, text);
+  parser.RecordErrorsTo(&errors);
+  if (!parser.MergeFromString(text, message))
+    throw ConfigError("invalid " + message->GetDescriptor()->name() + " " + errors.joined() + "\n(fields: " +
+                      field_names(message->GetDescriptor()) + ")");
+}
+
 void parse_config_text(const std::string& text, const std::string& source, pb::LoomConfig* config) {
   gp::TextFormat::Parser parser;
   CollectingErrors errors(source, text);

@@ -17,6 +17,9 @@
 namespace loom {
 
 // Parses text format into `config` (merging); `source` names it in errors.
+// Parses protobuf text into any message; ConfigError naming source:line:col
+// and the field on a syntax error, unknown field or wrong type.
+void parse_text_message(const std::string& text, const std::string& source, google::protobuf::Message* message);
 void parse_config_text(const std::string& text, const std::string& source, pb::LoomConfig* config);
 // Reads and parses a .pbtxt file.
 pb::LoomConfig load_config_file(const std::string& path);

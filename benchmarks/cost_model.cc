@@ -1,0 +1,189 @@
+#include "benchmarks/cost_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "runtime/error.h"
+
+namespace loom::bench {
+namespace {
+
+bool zigzag(Method m) { return m == Method::kRingZigzag || m == Method::kAllGather; }
+int64_t chunk_tokens(int64_t n, int world, Method m) {
+  const int64_t chunks = world * (zigzag(m) ? 2 : 1);
+  return (n + chunks - 1) / chunks;
+}
+int64_t state_bytes(const Shape& s) { return s.batch * s.heads * s.head_dim * s.head_dim * s.element_bytes; }
+int64_t kv_bytes(const Shape& s, int64_t tokens) { return s.batch * 2 * tokens * s.kv_heads * s.head_dim * s.element_bytes; }
+
+}  // namespace
+
+int64_t forward_bytes_formula(Subject subject, Method method, const Shape& s, int64_t n, int W) {
+  if (W == 1 || method == Method::kNone || subject == Subject::kTinyModel) return 0;
+  const int64_t per_rank_chunks = zigzag(method) ? 2 : 1;
+  switch (method) {
+    case Method::kLasp2: return (W - 1) * per_rank_chunks * state_bytes(s);  // (W-1) B H dk dv b
+    case Method::kLasp2AllScan:  // the (a, M) pair: the state and one decay factor per head
+      return state_bytes(s) + s.batch * s.heads * s.element_bytes;
+    case Method::kLasp1: return state_bytes(s);  // one state into the busiest rank (r > 0)
+    case Method::kRingContiguous:
+    case Method::kRingZigzag:
+    case Method::kAllGather:  // (W-1)/W 2 N H_kv d b
+      return (W - 1) * kv_bytes(s, chunk_tokens(n, W, method) * per_rank_chunks);
+    default: return 0;
+  }
+}
+
+std::pair<int64_t, int64_t> critical_messages(Subject subject, Method method, const Shape& s, int64_t n, int W) {
+  if (W == 1 || method == Method::kNone) return {0, 0};
+  const int64_t per_rank_chunks = zigzag(method) ? 2 : 1;
+  const int64_t kv = kv_bytes(s, chunk_tokens(n, W, method) * per_rank_chunks);
+  const int64_t steps = W - 1;
+  switch (method) {
+    case Method::kLasp2: return {2 * steps, per_rank_chunks * state_bytes(s)};          // ring AllGather fwd + bwd
+    case Method::kLasp2AllScan: return {2 * static_cast<int64_t>(std::ceil(std::log2(W))), state_bytes(s)};
+    case Method::kLasp1: return {2 * steps, state_bytes(s)};                              // serial chain fwd + bwd
+    case Method::kRingContiguous:
+    case Method::kRingZigzag: return {3 * steps, kv};  // K,V forward; K,V then dK,dV backward
+    case Method::kAllGather: return {2 * steps, kv};   // AllGather forward, reduce-scatter backward
+    default: break;
+  }
+  (void)subject;
+  return {0, 0};
+}
+
+double comm_seconds(Subject subject, Method method, const Shape& s, int64_t n, int W, const Network& net) {
+  if (subject == Subject::kTinyModel) return 0;  // folded into the fitted compute of the whole step
+  const auto [messages, bytes] = critical_messages(subject, method, s, n, W);
+  return messages * (net.alpha_s + static_cast<double>(bytes) / net.beta_bytes_per_s);
+}
+
+std::pair<double, double> work_units(Subject subject, Method method, int64_t n, int W, int concurrency) {
+  const int world = method == Method::kNone ? 1 : W;
+  const double shared = static_cast<double>(std::min(world, std::max(concurrency, 1)));
+  const double tokens = std::max(static_cast<double>(chunk_tokens(n, world, method) * (zigzag(method) ? 2 : 1)),
+                                 static_cast<double>(n) / shared);
+  if (subject == Subject::kLinearLayer) return {tokens, 0};
+  // Causal pairs of the slowest rank: contiguous: the last rank sees all N
+  // keys for its n queries (minus half a diagonal block); zigzag / all-gather:
+  // balanced, N^2 / (2W).
+  const double N = static_cast<double>(n), c = N / world;
+  const double slowest = (method == Method::kRingContiguous || world == 1) ? (N * c - c * c / 2) : N * N / (2.0 * world);
+  return {tokens, std::max(slowest, N * N / 2 / shared) / 1e6};
+}
+
+void CostModel::calibrate(const std::vector<Observation>& obs) {
+  std::map<std::pair<int, int>, std::vector<const Observation*>> groups;
+  for (const auto& o : obs) groups[{static_cast<int>(o.subject), o.world}].push_back(&o);
+  for (const auto& [key, list] : groups) {
+    // Non-negative least squares of y = c + a x1 + b x2: the best of the
+    // unconstrained fits over every subset of the three terms whose
+    // coefficients are all >= 0 (3 unknowns: 7 subsets).
+    std::vector<std::array<double, 3>> x;
+    std::vector<double> y;
+    for (const Observation* o : list) {
+      const auto [x1, x2] = work_units(o->subject, o->method, o->n_tokens, o->world, shape_.concurrency);
+      x.push_back({1.0, x1, x2});
+      y.push_back(o->measured_s - comm_seconds(o->subject, o->method, shape_, o->n_tokens, o->world, net_));
+    }
+    std::array<double, 3> best{0, 0, 0};
+    double best_residual = std::numeric_limits<double>::infinity();
+    for (int mask = 1; mask < 8; ++mask) {
+      std::vector<int> terms;
+      for (int t = 0; t < 3; ++t)
+        if (mask & (1 << t)) terms.push_back(t);
+      const int k = static_cast<int>(terms.size());
+      // Normal equations (k <= 3) by Gaussian elimination.
+      std::vector<std::vector<double>> A(k, std::vector<double>(k + 1, 0));
+      for (size_t i = 0; i < x.size(); ++i)
+        for (int r = 0; r < k; ++r) {
+          for (int c = 0; c < k; ++c) A[r][c] += x[i][terms[r]] * x[i][terms[c]];
+          A[r][k] += x[i][terms[r]] * y[i];
+        }
+      bool singular = false;
+      for (int c = 0; c < k && !singular; ++c) {
+        int pivot = c;
+        for (int r = c + 1; r < k; ++r)
+          if (std::abs(A[r][c]) > std::abs(A[pivot][c])) pivot = r;
+        std::swap(A[c], A[pivot]);
+        if (std::abs(A[c][c]) < 1e-300) { singular = true; break; }
+        for (int r = 0; r < k; ++r)
+          if (r != c) {
+            const double f = A[r][c] / A[c][c];
+            for (int cc = c; cc <= k; ++cc) A[r][cc] -= f * A[c][cc];
+          }
+      }
+      if (singular) continue;
+      std::array<double, 3> coef{0, 0, 0};
+      bool non_negative = true;
+      for (int r = 0; r < k; ++r) {
+        coef[terms[r]] = A[r][k] / A[r][r];
+        non_negative = non_negative && coef[terms[r]] >= 0;
+      }
+      if (!non_negative) continue;
+      // Relative residuals: short and long points count alike.
+      double residual = 0;
+      for (size_t i = 0; i < x.size(); ++i) {
+        const double fit = coef[0] + coef[1] * x[i][1] + coef[2] * x[i][2];
+        const double rel = (fit - y[i]) / std::max(std::abs(y[i]), 1e-9);
+        residual += rel * rel;
+      }
+      if (residual < best_residual) best_residual = residual, best = coef;
+    }
+    coef_[key] = best;
+  }
+}
+
+std::array<double, 3> CostModel::coefficients(Subject subject, int world) const {
+  auto it = coef_.find({static_cast<int>(subject), world});
+  if (it == coef_.end())
+    throw LoomError(std::string("cost model: not calibrated for ") + subject_name(subject) + " at world size " +
+                    std::to_string(world));
+  return it->second;
+}
+
+double CostModel::predict(Subject subject, Method method, int64_t n, int world) const {
+  const auto [c, a, b] = coefficients(subject, world);
+  const auto [x1, x2] = work_units(subject, method, n, world, shape_.concurrency);
+  return c + a * x1 + b * x2 + comm_seconds(subject, method, shape_, n, world, net_);
+}
+
+Projection project(Method method, const ProjectedModel& m, const pb::ClusterConstants& c, int64_t n, int W) {
+  const bool across_nodes = c.ranks_per_node() <= 1 || W > c.ranks_per_node();
+  const double alpha = across_nodes ? c.latency_s() : c.intra_latency_s();
+  const double beta = across_nodes ? c.bandwidth_bytes_per_s() : c.intra_bandwidth_bytes_per_s();
+  const int world = method == Method::kNone ? 1 : W;
+  const double tokens = static_cast<double>(n) / world;
+  const double d = static_cast<double>(m.head_dim), C = static_cast<double>(m.block);
+  // Linear attention per layer fwd+bwd (chunked kernel, see linear_attention_bench.cc).
+  const double attn_flops = m.heads * (2 * tokens * C * 2 * d + 4 * tokens * d * d + 2 * tokens * C * 5 * d + 8 * tokens * d * d);
+  const double intra_flops = m.heads * (2 * tokens * C * 2 * d + 2 * tokens * C * 5 * d);
+  Projection p;
+  p.compute_s = (6.0 * m.params_non_embedding * tokens + m.layers * attn_flops) / c.compute_flops();
+  const double state = m.heads * d * d * m.element_bytes;
+  const double kv = 2 * tokens * m.kv_heads * d * m.element_bytes;
+  double per_layer = 0;
+  switch (method) {
+    case Method::kLasp2:
+    case Method::kLasp2AllScan: {
+      const double steps = method == Method::kLasp2 ? W - 1 : std::ceil(std::log2(W));
+      per_layer = std::max(0.0, 2 * steps * (alpha + state / beta) - intra_flops / c.compute_flops());
+      break;
+    }
+    case Method::kLasp1: per_layer = 2 * (W - 1) * (alpha + state / beta); break;
+    case Method::kRingContiguous:
+    case Method::kRingZigzag:
+    case Method::kAllGather: {
+      const double step_compute = attn_flops / c.compute_flops() / W;
+      per_layer = 3 * (W - 1) * std::max(0.0, alpha + kv / beta - step_compute);
+      break;
+    }
+    case Method::kNone: break;
+  }
+  p.exposed_comm_s = m.layers * per_layer;
+  p.seconds = p.compute_s + p.exposed_comm_s;
+  return p;
+}
+
+}  // namespace loom::bench

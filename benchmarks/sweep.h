@@ -1,0 +1,29 @@
+// A loom-bench sweep: which methods, subjects, lengths and world sizes to
+// measure, and the cluster constants to project to (BenchSweep in
+// runtime/proto/loom.proto). load_sweep() parses and validates; every error is
+// a ConfigError naming the file, the field and the value.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "runtime/proto/loom.pb.h"
+
+namespace loom::bench {
+
+enum class Subject { kLinearLayer, kSoftmaxLayer, kTinyModel };
+enum class Method { kLasp2, kLasp2AllScan, kLasp1, kRingContiguous, kRingZigzag, kAllGather, kNone };
+
+Subject parse_subject(const std::string& name);
+Method parse_method(const std::string& name);
+const char* subject_name(Subject s);
+const char* method_name(Method m);
+// Whether `m` applies to `s` (linear layers: LASP variants; softmax layers:
+// ring/all-gather; the tiny model: all; every subject: none).
+bool applies(Subject s, Method m);
+
+// Parses `path` and validates it against `launched_ranks`.
+pb::BenchSweep load_sweep(const std::string& path, int launched_ranks);
+void validate_sweep(const pb::BenchSweep& sweep, int launched_ranks, const std::string& source);
+
+}  // namespace loom::bench
