@@ -22,22 +22,29 @@ struct Timing {
 };
 
 // Runs `fn` `warmup` times, then `reps` times, and returns the spread.
-inline Timing time_it(const std::function<void()>& fn, int warmup, int reps) {
+// `sync` (a device's synchronize) drains queued work before and inside
+// every timed run, so that asynchronous devices are timed too.
+inline Timing time_it(const std::function<void()>& fn, int warmup, int reps,
+                      const std::function<void()>& sync = [] {}) {
   for (int i = 0; i < warmup; ++i) fn();
+  sync();
   std::vector<double> t;
   for (int i = 0; i < reps; ++i) {
     const auto start = std::chrono::steady_clock::now();
     fn();
+    sync();
     t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
   std::sort(t.begin(), t.end());
   return {t[t.size() / 2], t.front(), t.back()};
 }
 
-// GFLOP/s of an n x n x n float32 matmul on this machine, now.
-inline double matmul_gflops(int64_t n = 2048, int reps = 3) {
-  const at::Tensor a = at::randn({n, n}), b = at::randn({n, n});
-  const Timing t = time_it([&] { at::matmul(a, b); }, 1, reps);
+// GFLOP/s of an n x n x n matmul with `options` (default float32 on the
+// CPU) here, now: the same-run roofline next to which kernels are reported.
+inline double matmul_gflops(int64_t n = 2048, int reps = 3, at::TensorOptions options = {},
+                            const std::function<void()>& sync = [] {}) {
+  const at::Tensor a = at::randn({n, n}, options), b = at::randn({n, n}, options);
+  const Timing t = time_it([&] { at::matmul(a, b); }, 1, reps, sync);
   return 2.0 * n * n * n / t.median_s / 1e9;
 }
 

@@ -17,10 +17,12 @@
 #include <functional>
 #include <sstream>
 
+#include "bench_util.h"
 #include "models/hybrid_lm.h"
 #include "parallel/linear_attention/chunked_kernel.h"
 #include "parallel/linear_attention/lasp.h"
 #include "parallel/softmax_attention/softmax_attention.h"
+#include "runtime/dtypes.h"
 #include "runtime/mpi_communicator.h"
 #include "runtime/optimizer.h"
 
@@ -32,37 +34,6 @@ struct Options {
           model_batch = 4;
   int reps = 5;
 };
-
-at::ScalarType parse_dtype(const std::string& name) {
-  if (name == "float32") return at::kFloat;
-  if (name == "bfloat16") return at::kBFloat16;
-  if (name == "float16") return at::kHalf;
-  throw loom::ConfigError("--dtype " + name + ": allowed values are float32, bfloat16, float16");
-}
-
-// Median seconds of `fn` over reps after one warm-up, the device drained
-// before and after each run.
-double median_seconds(const std::function<void()>& fn, bool cuda, int reps) {
-  auto sync = [&] {
-    if (cuda) torch::cuda::synchronize();
-  };
-  fn();
-  sync();
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    const auto start = std::chrono::steady_clock::now();
-    fn();
-    sync();
-    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
-double chunked_flops(int64_t n, int64_t c, int64_t dk, int64_t dv) {  // see linear_attention_bench.cc
-  const double N = n, C = c;
-  return 2 * N * C * (dk + dv) + 4 * N * dk * dv + 2 * N * C * (3 * dk + 2 * dv) + 8 * N * dk * dv;
-}
 
 }  // namespace
 
@@ -88,7 +59,16 @@ int main(int argc, char** argv) {
     const bool cuda = o.device == "cuda";
     if (!cuda && o.device != "cpu") throw loom::ConfigError("--device " + o.device + ": allowed values are cpu, cuda");
     if (cuda && !torch::cuda::is_available()) throw loom::UnsupportedError("--device cuda: no CUDA device is visible");
-    const at::ScalarType dtype = parse_dtype(o.dtype);
+    const auto parsed = loom::scalar_type_from_name(o.dtype);
+    if (!parsed || !at::isFloatingType(*parsed))
+      throw loom::ConfigError("--dtype " + o.dtype + ": allowed values are float32, bfloat16, float16, float64");
+    const at::ScalarType dtype = *parsed;
+    const std::function<void()> sync = [cuda] {
+      if (cuda) torch::cuda::synchronize();
+    };
+    auto median_seconds = [&](const std::function<void()>& fn) {
+      return loom::bench::time_it(fn, 1, o.reps, sync).median_s;
+    };
     if (cuda) at::globalContext().setAllowTF32CuBLAS(true);  // float32 paths may use TF32 tensor cores
     const auto opts = at::TensorOptions().dtype(dtype).device(cuda ? at::kCUDA : at::kCPU);
     std::ostringstream json;
@@ -100,9 +80,7 @@ int main(int argc, char** argv) {
     char line[256];
 
     // 1. matmul roofline.
-    const at::Tensor a = at::randn({o.matmul_n, o.matmul_n}, opts), b = at::randn({o.matmul_n, o.matmul_n}, opts);
-    const double mm_s = median_seconds([&] { at::matmul(a, b); }, cuda, o.reps);
-    const double mm_tflops = 2.0 * o.matmul_n * o.matmul_n * o.matmul_n / mm_s / 1e12;
+    const double mm_tflops = loom::bench::matmul_gflops(o.matmul_n, o.reps, opts, sync) / 1e3;
     std::snprintf(line, sizeof line, "matmul %ldx%ldx%ld %s: %.2f TFLOP/s", long(o.matmul_n), long(o.matmul_n),
                   long(o.matmul_n), o.dtype.c_str(), mm_tflops);
     report("matmul_tflops", mm_tflops, line);
@@ -118,18 +96,17 @@ int main(int argc, char** argv) {
         op().backward(g);
       };
     };
-    const double lin_flops = B * H * chunked_flops(N, o.block, d, d);
+    const double lin_flops = B * H * loom::linear_attention::chunked_linear_attention_flops(N, o.block, d, d);
     const double raw_s = median_seconds(fwd_bwd([&] {
       return loom::linear_attention::chunked_linear_attention(q, k, v, at::Tensor(), o.block);
-    }), cuda, o.reps);
+    }));
     std::snprintf(line, sizeof line, "chunked linear attention fwd+bwd (kernel, %s) N=%ld H=%ld d=%ld: %.2f TFLOP/s = %.1f%% of matmul",
                   o.dtype.c_str(), long(N), long(H), long(d), lin_flops / raw_s / 1e12,
                   100.0 * lin_flops / raw_s / 1e12 / mm_tflops);
     report("linear_kernel_tflops", lin_flops / raw_s / 1e12, line);
     loom::linear_attention::LinearAttentionOptions lin;
     lin.block_size = o.block;
-    const double path_s = median_seconds(fwd_bwd([&] { return loom::linear_attention::linear_attention(q, k, v, lin); }),
-                                         cuda, o.reps);
+    const double path_s = median_seconds(fwd_bwd([&] { return loom::linear_attention::linear_attention(q, k, v, lin); }));
     std::snprintf(line, sizeof line, "chunked linear attention fwd+bwd (training path, float32 states): %.2f TFLOP/s = %.1f%% of matmul",
                   lin_flops / path_s / 1e12, 100.0 * lin_flops / path_s / 1e12 / mm_tflops);
     report("linear_training_path_tflops", lin_flops / path_s / 1e12, line);
@@ -139,7 +116,7 @@ int main(int argc, char** argv) {
     const double soft_flops = 3.5 * 2.0 * B * H * double(N) * N * d;
     const double soft_s = median_seconds(fwd_bwd([&] {
       return loom::softmax_attention::positioned_attention(q, 0, k, v, 0, spec).first;
-    }), cuda, o.reps);
+    }));
     std::snprintf(line, sizeof line, "blockwise softmax attention fwd+bwd (causal): %.2f TFLOP/s = %.1f%% of matmul",
                   soft_flops / soft_s / 1e12, 100.0 * soft_flops / soft_s / 1e12 / mm_tflops);
     report("softmax_tflops", soft_flops / soft_s / 1e12, line);
@@ -167,7 +144,7 @@ int main(int argc, char** argv) {
       at::nll_loss(at::log_softmax(logits.reshape({-1, logits.size(-1)}).to(at::kFloat), -1), labels.reshape({-1}))
           .backward();
       opt.step(1e-4);
-    }, cuda, o.reps);
+    });
     const double tps = o.model_batch * o.model_seq / step_s;
     std::snprintf(line, sizeof line, "%s training step (%ld x %ld tokens, %s): %.0f tokens/s", o.preset.c_str(),
                   long(o.model_batch), long(o.model_seq), o.dtype.c_str(), tps);

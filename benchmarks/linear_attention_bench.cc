@@ -14,6 +14,7 @@
 #include <iostream>
 
 #include "bench_util.h"
+#include "parallel/linear_attention/chunked_kernel.h"
 #include "parallel/linear_attention/decay.h"
 #include "parallel/linear_attention/lasp.h"
 #include "runtime/memory_tracker.h"
@@ -27,13 +28,6 @@ using loom::bench::time_it;
 
 namespace {
 
-// Nominal FLOPs of chunked forward+backward per (batch, head) with block C
-// (masked halves of the C x C blocks included), from chunked_kernel.cc:
-// forward 2NC(dk+dv) + 4N dk dv, backward 2NC(3dk+2dv) + 8N dk dv.
-double chunked_flops(int64_t n, int64_t c, int64_t dk, int64_t dv) {
-  const double N = n, C = c;
-  return 2 * N * C * (dk + dv) + 4 * N * dk * dv + 2 * N * C * (3 * dk + 2 * dv) + 8 * N * dk * dv;
-}
 
 
 void single_rank_study(int64_t max_n, int64_t naive_max_n, int64_t heads, int64_t d, int reps) {
@@ -56,7 +50,7 @@ void single_rank_study(int64_t max_n, int64_t naive_max_n, int64_t heads, int64_
   for (int64_t c : {32, 64, 128, 256}) {
     opt.block_size = c;
     const Measured m = measure_attention(chunked, heads, sweep_n, d, reps, 0.1);
-    const double gf = heads * chunked_flops(sweep_n, c, d, d) / m.seconds / 1e9;
+    const double gf = heads * la::chunked_linear_attention_flops(sweep_n, c, d, d) / m.seconds / 1e9;
     std::printf("  C=%ld %.1f ms (%.1f GFLOP/s)", static_cast<long>(c), m.seconds * 1e3, gf);
     if (m.seconds < best_time) best_time = m.seconds, best_block = c;
   }
@@ -68,7 +62,7 @@ void single_rank_study(int64_t max_n, int64_t naive_max_n, int64_t heads, int64_
   double t8k = 0, t64k = 0, m8k = 0, m64k = 0;
   for (int64_t n = 1024; n <= max_n; n *= 2) {
     const Measured c = measure_attention(chunked, heads, n, d, reps, 0.1);
-    const double gf = heads * chunked_flops(n, best_block, d, d) / c.seconds / 1e9;
+    const double gf = heads * la::chunked_linear_attention_flops(n, best_block, d, d) / c.seconds / 1e9;
     std::printf("%8ld | %12.2f %12.0f %10.1f %9.1f %7.1f%% |", static_cast<long>(n), c.seconds * 1e3, n / c.seconds,
                 mib(c.peak_bytes), gf, 100.0 * gf / peak_gflops);
     if (n <= naive_max_n) {

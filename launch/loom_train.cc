@@ -21,6 +21,7 @@
 
 #include "models/hybrid_lm.h"
 #include "runtime/data.h"
+#include "runtime/dtypes.h"
 #include "runtime/error.h"
 #include "runtime/job.h"
 #include "runtime/logging.h"
@@ -66,7 +67,7 @@ int run_job(loom::Job& job, const Options& opt) {
     if (config.train().device() == "cuda") {
       if (!torch::cuda::is_available())
         throw loom::UnsupportedError("train.device = cuda: no CUDA device is visible to this process (libtorch " +
-                                std::string(TORCH_VERSION) + (torch::cuda::device_count() == 0 ? ", 0 devices)" : ")"));
+                                     std::string(TORCH_VERSION) + " built without CUDA, or no GPU)");
       if (job.world()->size() > 1)
         throw loom::UnsupportedError("train.device = cuda with " + std::to_string(job.world()->size()) +
                                      " ranks: loom-train's process mesh is MPI-only, so CUDA training runs one rank "
@@ -88,8 +89,7 @@ int run_job(loom::Job& job, const Options& opt) {
     torch::manual_seed(config.train().seed());  // identical parameters on every rank
     const at::Device device(config.train().device() == "cuda" ? at::kCUDA : at::kCPU);
     model = lm::HybridLM(model_config, at::TensorOptions().device(device));
-    const std::string& dtype = config.train().dtype();
-    model->set_precision(dtype == "float64" ? at::kDouble : dtype == "bfloat16" ? at::kBFloat16 : at::kFloat);
+    model->set_precision(*loom::scalar_type_from_name(config.train().dtype()));  // validated above
     if (config.data().task() == "text") {
       auto data = loom::open_data(config.data().train_path(), config.data().val_fraction(), config.train().seq_len(),
                                   model_config.vocab_size(), config.train().seed());

@@ -7,6 +7,7 @@
 
 #include "models/titans.h"
 #include "runtime/comm_order.h"
+#include "runtime/dtypes.h"
 #include "runtime/error.h"
 
 namespace loom::models {
@@ -158,6 +159,7 @@ HybridLMImpl::HybridLMImpl(const pb::ModelConfig& c, at::TensorOptions options) 
     const std::string id = std::to_string(i);
     mixer_norms_.push_back(register_module("block" + id + "_mixer_norm", RMSNorm(D, c.norm_eps())));
     mixers_.push_back(register_module("block" + id + "_mixer", make_mixer(c.pattern()[i], c)));
+    mixer_weights_.push_back(mixers_.back()->parameters().front());
     mlp_norms_.push_back(register_module("block" + id + "_mlp_norm", RMSNorm(D, c.norm_eps())));
     mlps_.push_back(register_module("block" + id + "_mlp", SwiGLU(D, c.d_ff())));
   }
@@ -171,8 +173,9 @@ at::Tensor HybridLMImpl::forward(const at::Tensor& tokens, const SequenceContext
   CommOrder::reset();  // this forward's communications form one ordered chain
   at::Tensor x = embedding_(tokens);
   for (size_t i = 0; i < mixers_.size(); ++i) {
+    // A mixer kept in another dtype (set_precision) works in its own.
     const at::Tensor mixed = mixer_norms_[i](x);
-    const auto own = mixer_dtypes_.empty() ? x.scalar_type() : mixer_dtypes_[i];
+    const auto own = mixer_weights_[i].scalar_type();
     x = x + (own == x.scalar_type() ? mixers_[i]->forward(mixed, ctx)
                                     : mixers_[i]->forward(mixed.to(own), ctx).to(x.scalar_type()));
     x = x + mlps_[i](mlp_norms_[i](x));
@@ -183,13 +186,9 @@ at::Tensor HybridLMImpl::forward(const at::Tensor& tokens, const SequenceContext
 
 void HybridLMImpl::set_precision(at::ScalarType dtype) {
   to(dtype);
-  mixer_dtypes_.assign(mixers_.size(), dtype);
-  if (dtype != at::kBFloat16 && dtype != at::kHalf) return;
+  if (!is_reduced_precision(dtype)) return;
   for (size_t i = 0; i < mixers_.size(); ++i)
-    if (std::string("MGX").find(config_.pattern()[i]) != std::string::npos) {
-      mixers_[i]->to(at::kFloat);
-      mixer_dtypes_[i] = at::kFloat;
-    }
+    if (is_titans_mixer(config_.pattern()[i])) mixers_[i]->to(at::kFloat);
 }
 
 SequenceContext make_context(const pb::ParallelConfig& p, const SequenceLayout& layout, const CommPtr& sp) {
@@ -258,6 +257,7 @@ std::vector<int64_t> generate_greedy(HybridLMImpl& model, const std::vector<int6
   const LayoutKind kind = parallel.layout() == pb::ZIGZAG ? LayoutKind::kZigzag : LayoutKind::kContiguous;
   at::NoGradGuard no_grad;
   std::vector<int64_t> tokens = prompt;
+  const at::Device device = model.parameters().front().device();
   for (int64_t i = 0; i < new_tokens; ++i) {
     // Recompute the whole prefix, padded (after the real tokens) to a length
     // every mixer accepts; causality makes the padding invisible.
@@ -266,7 +266,7 @@ std::vector<int64_t> generate_greedy(HybridLMImpl& model, const std::vector<int6
     at::Tensor seq = at::zeros({1, padded}, at::kLong);
     std::memcpy(seq.data_ptr<int64_t>(), tokens.data(), n * sizeof(int64_t));
     const SequenceLayout layout(kind, padded, sp->size());
-    const at::Tensor local = layout.shard(seq, sp->rank(), 1).to(model.parameters().front().device());
+    const at::Tensor local = layout.shard(seq, sp->rank(), 1).to(device);
     const at::Tensor logits = model.forward(local, make_context(parallel, layout, sp));
     const at::Tensor all = layout.gather(logits, *sp, 1);
     tokens.push_back(all[0][n - 1].argmax().item<int64_t>());

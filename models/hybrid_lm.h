@@ -53,7 +53,9 @@ class HybridLMImpl : public torch::nn::Module {
   pb::ModelConfig config_;
   TokenEmbedding embedding_{nullptr};
   std::vector<Mixer> mixers_;
-  std::vector<at::ScalarType> mixer_dtypes_;  // set by set_precision; empty: the activations' dtype
+  // One parameter of each mixer: Module::to() converts it in place, so its
+  // dtype is always the mixer's current one.
+  std::vector<at::Tensor> mixer_weights_;
   std::vector<RMSNorm> mixer_norms_, mlp_norms_;
   std::vector<SwiGLU> mlps_;
   RMSNorm final_norm_{nullptr};

@@ -7,6 +7,7 @@
 #include "parallel/linear_attention/decay.h"
 #include "parallel/linear_attention/lasp.h"
 #include "parallel/short_conv.h"
+#include "parallel/softmax_attention/blockwise_kernel.h"
 #include "parallel/softmax_attention/rotary.h"
 #include "runtime/error.h"
 
@@ -14,15 +15,6 @@ namespace loom::models {
 
 at::Tensor split_heads(const at::Tensor& x, int64_t heads) {
   return x.reshape({x.size(0), x.size(1), heads, x.size(2) / heads}).transpose(1, 2);
-}
-// [B, Hkv, n, d] -> [B, Hkv * group, n, d], each head repeated `group` times
-// in a row (GQA). A broadcast view then one copy: repeat_interleave with an
-// integer count builds a repeats tensor and syncs the device to size its output.
-at::Tensor repeat_heads(const at::Tensor& x, int64_t group) {
-  if (group == 1) return x;
-  return x.unsqueeze(2)
-      .expand({x.size(0), x.size(1), group, x.size(2), x.size(3)})
-      .reshape({x.size(0), x.size(1) * group, x.size(2), x.size(3)});
 }
 at::Tensor merge_heads(const at::Tensor& x) {
   return x.transpose(1, 2).reshape({x.size(0), x.size(2), x.size(1) * x.size(3)});
@@ -53,8 +45,8 @@ at::Tensor LinearAttentionMixer::forward(const at::Tensor& x, const SequenceCont
   const int64_t group = heads_ / kv_heads_;
   at::Tensor q = feature_map_(split_heads(q_(x), heads_));
   // GQA: each key/value head serves `group` query heads.
-  at::Tensor k = repeat_heads(split_heads(k_(x), kv_heads_), group);
-  at::Tensor v = repeat_heads(split_heads(v_(x), kv_heads_), group);
+  at::Tensor k = softmax_attention::repeat_kv_heads(split_heads(k_(x), kv_heads_), group);
+  at::Tensor v = softmax_attention::repeat_kv_heads(split_heads(v_(x), kv_heads_), group);
   k = feature_map_(k);
   linear_attention::LinearAttentionOptions opt;
   opt.block_size = block_;
@@ -108,6 +100,8 @@ at::Tensor BaseConvMixer::forward(const at::Tensor& x, const SequenceContext& ct
   const at::Tensor conv = causal_depthwise_conv(u1, conv_weight_, conv_bias_, ctx.layout, ctx.comm);
   return out_proj_(at::silu(conv) * u2);
 }
+
+bool is_titans_mixer(char letter) { return letter == 'M' || letter == 'G' || letter == 'X'; }
 
 Mixer make_mixer(char letter, const pb::ModelConfig& c) {
   switch (letter) {

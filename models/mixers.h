@@ -33,6 +33,8 @@ using Mixer = std::shared_ptr<MixerImpl>;
 
 // The mixer for one pattern letter, sized from a resolved model config.
 Mixer make_mixer(char letter, const pb::ModelConfig& config);
+// M, G, X: the mixers with a Titans neural memory.
+bool is_titans_mixer(char letter);
 
 class LinearAttentionMixer : public MixerImpl {
  public:

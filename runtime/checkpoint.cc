@@ -12,6 +12,7 @@
 #include <iomanip>
 #include <sstream>
 
+#include "runtime/dtypes.h"
 #include "runtime/error.h"
 #include "runtime/token_file.h"
 
@@ -34,20 +35,11 @@ void fsync_path(const std::string& path) {
 }
 
 at::ScalarType dtype_from_name(const std::string& name, const std::string& file) {
-  if (name == "float32") return at::kFloat;
-  if (name == "float64") return at::kDouble;
-  if (name == "bfloat16") return at::kBFloat16;
-  if (name == "int64") return at::kLong;
+  if (auto t = scalar_type_from_name(name)) return *t;
   throw LoomError("checkpoint '" + file + "': unknown dtype '" + name + "'");
 }
 std::string dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "float32";
-    case at::kDouble: return "float64";
-    case at::kBFloat16: return "bfloat16";
-    case at::kLong: return "int64";
-    default: break;
-  }
+  if (auto name = scalar_type_name(t)) return *name;
   throw LoomError(std::string("checkpoint: cannot store dtype ") + c10::toString(t));
 }
 

@@ -41,8 +41,8 @@ class ConfigError : public LoomError {
   using LoomError::LoomError;
 };
 
-// A valid request that this build or version cannot serve (a device it was
-// not built for, a combination not implemented yet): the message says which.
+// A valid request that this build cannot serve (a device it was not built
+// for, a combination loom-train does not offer): the message names it.
 class UnsupportedError : public LoomError {
  public:
   using LoomError::LoomError;

@@ -92,13 +92,11 @@ int checked_count(int64_t numel, const char* op) {
 }
 
 // Validates before anything is counted or posted, so that a rejected call
-// leaves the communicator exactly as it was.
-// A communicator of one rank moves nothing: its collectives are local copies
-// that work on any device (a single-GPU run, the meta-device test), so only
-// groups of several ranks require CPU tensors.
-void check_cpu(const at::Tensor& t, const char* op, const char* which, int world_size) {
+// leaves the communicator exactly as it was. `any_device`: the operation never
+// reaches MPI (a collective on one rank, see complete_locally).
+void check_cpu(const at::Tensor& t, const char* op, const char* which, bool any_device) {
   TORCH_CHECK(t.defined(), "mpi communicator: ", op, ": ", which, " tensor is undefined");
-  TORCH_CHECK(world_size == 1 || t.device().is_cpu(), "mpi communicator: ", op, ": ", which, " tensor is on ", t.device(),
+  TORCH_CHECK(any_device || t.device().is_cpu(), "mpi communicator: ", op, ": ", which, " tensor is on ", t.device(),
               "; the MPI backend takes CPU tensors (use the NCCL backend for CUDA)");
   (void)mpi_type(t.scalar_type(), op);
 }
@@ -113,12 +111,6 @@ struct Output {
     if (!buffer.is_same(target)) target.copy_(buffer);
   }
 };
-
-// The whole collective on a communicator of one rank.
-WorkPtr local_copy(const at::Tensor& output, const at::Tensor& input) {
-  output.view(input.sizes()).copy_(input);
-  return std::make_shared<CompletedWork>();
-}
 
 // ---- exscan with a user operation ----
 // MPI user functions get no closure, so the ScanOp travels as an attribute of
@@ -262,8 +254,8 @@ std::string MpiCommunicator::describe(OpType op, int64_t seq, int64_t bytes) con
 }
 
 WorkPtr MpiCommunicator::all_gather(const at::Tensor& output, const at::Tensor& input) {
-  check_cpu(input, "all_gather", "input", size_);
-  check_cpu(output, "all_gather", "output", size_);
+  check_cpu(input, "all_gather", "input", size_ == 1);
+  check_cpu(output, "all_gather", "output", size_ == 1);
   TORCH_CHECK(output.scalar_type() == input.scalar_type(), "all_gather: output dtype ", output.scalar_type(),
               " differs from input dtype ", input.scalar_type());
   TORCH_CHECK(output.numel() == input.numel() * size_,
@@ -273,10 +265,7 @@ WorkPtr MpiCommunicator::all_gather(const at::Tensor& output, const at::Tensor& 
   auto out = std::make_shared<Output>(output);
   const int64_t bytes = in.nbytes();
   record(OpType::kAllGather, (size_ - 1) * bytes, (size_ - 1) * bytes);
-  if (size_ == 1) {
-    ++seq_;
-    return local_copy(output, in);
-  }
+  if (size_ == 1) return complete_locally(output, in);
   auto work = std::make_shared<MpiWork>(timeout(), describe(OpType::kAllGather, ++seq_, bytes),
                                         std::vector<at::Tensor>{in, out->buffer}, [out] { out->finish(); });
   const MPI_Datatype type = mpi_type(in.scalar_type(), "all_gather");
@@ -288,17 +277,13 @@ WorkPtr MpiCommunicator::all_gather(const at::Tensor& output, const at::Tensor& 
 }
 
 WorkPtr MpiCommunicator::all_reduce(const at::Tensor& tensor, ReduceOp op) {
-  check_cpu(tensor, "all_reduce", "input/output", size_);
-  if (size_ == 1) {
-    record(OpType::kAllReduce, 0, 0);
-    ++seq_;
-    return std::make_shared<CompletedWork>();
-  }
-  auto out = std::make_shared<Output>(tensor);
-  if (!out->buffer.is_same(tensor)) out->buffer.copy_(tensor);
+  check_cpu(tensor, "all_reduce", "input/output", size_ == 1);
   const int64_t bytes = tensor.nbytes();
   const int64_t ring = size_ > 1 ? 2 * (size_ - 1) * bytes / size_ : 0;
   record(OpType::kAllReduce, ring, ring);
+  if (size_ == 1) return complete_locally({}, {});
+  auto out = std::make_shared<Output>(tensor);
+  if (!out->buffer.is_same(tensor)) out->buffer.copy_(tensor);
   auto work = std::make_shared<MpiWork>(timeout(), describe(OpType::kAllReduce, ++seq_, bytes),
                                         std::vector<at::Tensor>{out->buffer}, [out] { out->finish(); });
   LOOM_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, out->buffer.data_ptr(), checked_count(tensor.numel(), "all_reduce"),
@@ -309,8 +294,8 @@ WorkPtr MpiCommunicator::all_reduce(const at::Tensor& tensor, ReduceOp op) {
 }
 
 WorkPtr MpiCommunicator::reduce_scatter(const at::Tensor& output, const at::Tensor& input, ReduceOp op) {
-  check_cpu(input, "reduce_scatter", "input", size_);
-  check_cpu(output, "reduce_scatter", "output", size_);
+  check_cpu(input, "reduce_scatter", "input", size_ == 1);
+  check_cpu(output, "reduce_scatter", "output", size_ == 1);
   TORCH_CHECK(output.scalar_type() == input.scalar_type(), "reduce_scatter: output dtype ", output.scalar_type(),
               " differs from input dtype ", input.scalar_type());
   TORCH_CHECK(input.numel() == output.numel() * size_, "reduce_scatter: input has ", input.numel(),
@@ -319,10 +304,7 @@ WorkPtr MpiCommunicator::reduce_scatter(const at::Tensor& output, const at::Tens
   auto out = std::make_shared<Output>(output);
   const int64_t bytes = out->buffer.nbytes();
   record(OpType::kReduceScatter, (size_ - 1) * bytes, (size_ - 1) * bytes);
-  if (size_ == 1) {
-    ++seq_;
-    return local_copy(output, in);
-  }
+  if (size_ == 1) return complete_locally(output, in);
   auto work = std::make_shared<MpiWork>(timeout(), describe(OpType::kReduceScatter, ++seq_, bytes),
                                         std::vector<at::Tensor>{in, out->buffer}, [out] { out->finish(); });
   LOOM_MPI_CHECK(MPI_Ireduce_scatter_block(in.data_ptr(), out->buffer.data_ptr(),
@@ -334,7 +316,7 @@ WorkPtr MpiCommunicator::reduce_scatter(const at::Tensor& output, const at::Tens
 }
 
 WorkPtr MpiCommunicator::broadcast(const at::Tensor& tensor, int root) {
-  check_cpu(tensor, "broadcast", "input/output", size_);
+  check_cpu(tensor, "broadcast", "input/output", size_ == 1);
   TORCH_CHECK(root >= 0 && root < size_, "broadcast: root ", root, " is not a rank of a communicator of size ", size_);
   if (size_ == 1) {
     record(OpType::kBroadcast, 0, 0);
@@ -357,8 +339,8 @@ WorkPtr MpiCommunicator::broadcast(const at::Tensor& tensor, int root) {
 }
 
 WorkPtr MpiCommunicator::exscan(const at::Tensor& output, const at::Tensor& input, const ScanOp& op) {
-  check_cpu(input, "exscan", "input", size_);
-  check_cpu(output, "exscan", "output", size_);
+  check_cpu(input, "exscan", "input", size_ == 1);
+  check_cpu(output, "exscan", "output", size_ == 1);
   TORCH_CHECK(op.combine && op.identity, "exscan: scan operation '", op.name, "' needs combine and identity");
   TORCH_CHECK(output.sizes() == input.sizes() && output.scalar_type() == input.scalar_type(),
               "exscan: output (", output.sizes(), ", ", output.scalar_type(), ") must match input (", input.sizes(),
@@ -393,8 +375,8 @@ WorkPtr MpiCommunicator::exscan(const at::Tensor& output, const at::Tensor& inpu
 }
 
 WorkPtr MpiCommunicator::all_to_all(const at::Tensor& output, const at::Tensor& input) {
-  check_cpu(input, "all_to_all", "input", size_);
-  check_cpu(output, "all_to_all", "output", size_);
+  check_cpu(input, "all_to_all", "input", size_ == 1);
+  check_cpu(output, "all_to_all", "output", size_ == 1);
   TORCH_CHECK(output.scalar_type() == input.scalar_type() && output.numel() == input.numel(),
               "all_to_all: output must have the input's dtype and element count");
   TORCH_CHECK(input.numel() % size_ == 0, "all_to_all: ", input.numel(), " elements do not split into ", size_,
@@ -403,10 +385,7 @@ WorkPtr MpiCommunicator::all_to_all(const at::Tensor& output, const at::Tensor& 
   auto out = std::make_shared<Output>(output);
   const int64_t bytes = in.nbytes();
   record(OpType::kAllToAll, (size_ - 1) * bytes / size_, (size_ - 1) * bytes / size_);
-  if (size_ == 1) {
-    ++seq_;
-    return local_copy(output, in);
-  }
+  if (size_ == 1) return complete_locally(output, in);
   auto work = std::make_shared<MpiWork>(timeout(), describe(OpType::kAllToAll, ++seq_, bytes),
                                         std::vector<at::Tensor>{in, out->buffer}, [out] { out->finish(); });
   const int count = checked_count(in.numel() / size_, "all_to_all");
@@ -426,7 +405,7 @@ WorkPtr MpiCommunicator::barrier() {
 }
 
 WorkPtr MpiCommunicator::isend(const at::Tensor& tensor, int dst, int tag) {
-  check_cpu(tensor, "isend", "input", /*world_size=*/0);  // MPI moves even a self-send
+  check_cpu(tensor, "isend", "input", /*any_device=*/false);  // MPI moves even a self-send
   TORCH_CHECK(dst >= 0 && dst < size_, "isend: destination ", dst, " is not a rank of a communicator of size ", size_);
   TORCH_CHECK(tag >= 0, "isend: tag must be >= 0, got ", tag);
   const at::Tensor in = tensor.contiguous();
@@ -441,7 +420,7 @@ WorkPtr MpiCommunicator::isend(const at::Tensor& tensor, int dst, int tag) {
 }
 
 WorkPtr MpiCommunicator::irecv(const at::Tensor& tensor, int src, int tag) {
-  check_cpu(tensor, "irecv", "output", /*world_size=*/0);
+  check_cpu(tensor, "irecv", "output", /*any_device=*/false);
   TORCH_CHECK(src >= 0 && src < size_, "irecv: source ", src, " is not a rank of a communicator of size ", size_);
   TORCH_CHECK(tag >= 0, "irecv: tag must be >= 0, got ", tag);
   auto out = std::make_shared<Output>(tensor);
@@ -454,6 +433,12 @@ WorkPtr MpiCommunicator::irecv(const at::Tensor& tensor, int src, int tag) {
                            mpi_type(tensor.scalar_type(), "irecv"), src, tag, comm_, work->add_request()),
                  "irecv");
   return work;
+}
+
+WorkPtr MpiCommunicator::complete_locally(const at::Tensor& output, const at::Tensor& input) {
+  ++seq_;
+  if (output.defined()) output.view(input.sizes()).copy_(input);
+  return std::make_shared<CompletedWork>();
 }
 
 std::shared_ptr<Communicator> MpiCommunicator::split(int color, int key) {

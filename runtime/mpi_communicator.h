@@ -54,6 +54,10 @@ class MpiCommunicator final : public Communicator {
   std::string name_;
   int rank_ = 0;
   int size_ = 1;
+  // A communicator of one rank moves nothing: its collectives end here as
+  // local copies (output <- input; nothing when output is undefined), which
+  // work on any device (a single-GPU run, the meta-device test).
+  WorkPtr complete_locally(const at::Tensor& output, const at::Tensor& input);
   int64_t seq_ = 0;  // operations issued on this communicator, for watchdog messages
 };
 

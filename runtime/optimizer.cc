@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "runtime/dtypes.h"
 #include "runtime/error.h"
 
 namespace loom {
@@ -11,11 +12,11 @@ AdamW::AdamW(NamedTensors params, double weight_decay, double beta1, double beta
   for (const auto& [name, p] : params_) {
     // Parameters kept in bf16/fp16 get a float32 master copy that the update
     // applies to; moments are float32 at least.
-    const bool reduced = p.scalar_type() == at::kBFloat16 || p.scalar_type() == at::kHalf;
+    const bool reduced = is_reduced_precision(p.scalar_type());
     master_.push_back(reduced ? p.detach().to(at::kFloat, /*non_blocking=*/false, /*copy=*/true) : at::Tensor());
-    const at::Tensor& shape = reduced ? master_.back() : p;
-    exp_avg_.push_back(at::zeros_like(shape, at::MemoryFormat::Contiguous));
-    exp_avg_sq_.push_back(at::zeros_like(shape, at::MemoryFormat::Contiguous));
+    const at::Tensor& like = reduced ? master_.back() : p;
+    exp_avg_.push_back(at::zeros_like(like, at::MemoryFormat::Contiguous));
+    exp_avg_sq_.push_back(at::zeros_like(like, at::MemoryFormat::Contiguous));
   }
 }
 

@@ -42,6 +42,7 @@ Trainer::Trainer(const pb::LoomConfig& config, ProcessMesh& mesh, std::shared_pt
     : config_(config), mesh_(mesh), model_(std::move(model)), loss_(std::move(loss)), train_(std::move(train)),
       validation_(std::move(validation)), hooks_(std::move(hooks)) {
   for (const auto& item : model_->named_parameters()) params_.emplace_back(item.key(), item.value());
+  if (!params_.empty()) device_ = params_.front().second.device();
   optimizer_ = std::make_unique<AdamW>(params_, config_.train().weight_decay());
 }
 
@@ -55,9 +56,7 @@ std::pair<Batch, Batch> Trainer::shard(const Batch& batch) const {
   const SequenceLayout l = layout();
   const int r = mesh_.sp_index();
   // Batches are drawn on the host; they go to the model's device here.
-  const auto params = model_->parameters();
-  const at::Device device = params.empty() ? at::Device(at::kCPU) : params.front().device();
-  return {Batch{l.shard(batch.inputs, r, 1, 0).to(device), l.shard(batch.labels, r, 1, -100).to(device)}, Batch{}};
+  return {Batch{l.shard(batch.inputs, r, 1, 0).to(device_), l.shard(batch.labels, r, 1, -100).to(device_)}, Batch{}};
 }
 
 std::string Trainer::resume() {

@@ -87,6 +87,7 @@ class Trainer {
   const pb::LoomConfig& config_;
   ProcessMesh& mesh_;
   std::shared_ptr<torch::nn::Module> model_;
+  at::Device device_{at::kCPU};  // of the model's parameters: batches go there
   LossFn loss_;
   BatchFn train_, validation_;
   Hooks hooks_;

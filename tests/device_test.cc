@@ -17,6 +17,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "distributed_reference.h"
 #include "models/feature_maps.h"
 #include "models/hybrid_lm.h"
 #include "parallel/linear_attention/decay.h"
@@ -208,14 +209,8 @@ TEST_P(DeviceAgnosticModel, PresetRunsForwardAndBackwardOnTheMetaDevice) {
 }
 
 INSTANTIATE_TEST_SUITE_P(TinyPresets, DeviceAgnosticModel,
-                         ::testing::Values("tiny-based", "tiny-linear-llama", "tiny-linear-llama-hybrid",
-                                           "tiny-titans-mac", "tiny-titans-mag", "tiny-titans-mal"),
-                         [](const ::testing::TestParamInfo<std::string>& info) {
-                           std::string s = info.param;
-                           for (auto& ch : s)
-                             if (ch == '-') ch = '_';
-                           return s;
-                         });
+                         ::testing::ValuesIn(loom::testing::tiny_presets()),
+                         loom::testing::preset_test_name);
 
 }  // namespace
 }  // namespace loom

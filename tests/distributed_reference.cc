@@ -4,6 +4,8 @@
 
 #include <sstream>
 
+#include "models/hybrid_lm.h"
+
 namespace loom::testing {
 
 at::Tensor seeded_randn(at::IntArrayRef sizes, uint64_t seed, at::ScalarType dtype) {
@@ -60,6 +62,20 @@ ReferenceCheck& ReferenceCheck::sharded(const std::string& name, const at::Tenso
   out << "rank " << rank_ << ": " << failures_.size() << " of " << checked_ << " comparisons failed:";
   for (const auto& f : failures_) out << "\n  " << f;
   return ::testing::AssertionFailure() << out.str();
+}
+
+std::vector<std::string> tiny_presets() {
+  std::vector<std::string> out;
+  for (const auto& name : models::preset_names())
+    if (name.rfind("tiny-", 0) == 0) out.push_back(name);
+  return out;
+}
+
+std::string preset_test_name(const ::testing::TestParamInfo<std::string>& info) {
+  std::string s = info.param;
+  for (auto& ch : s)
+    if (ch == '-') ch = '_';
+  return s;
 }
 
 }  // namespace loom::testing

@@ -46,4 +46,9 @@ class ReferenceCheck {
   int checked_ = 0;
 };
 
+// The tiny model presets (every built-in preset named tiny-*), and a
+// GoogleTest-safe name for a preset parameter ("tiny-based" -> "tiny_based").
+std::vector<std::string> tiny_presets();
+std::string preset_test_name(const ::testing::TestParamInfo<std::string>& info);
+
 }  // namespace loom::testing

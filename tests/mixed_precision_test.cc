@@ -6,6 +6,7 @@
 // few dozen of them.
 #include <gtest/gtest.h>
 
+#include "distributed_reference.h"
 #include "models/hybrid_lm.h"
 #include "runtime/comm_order.h"
 #include "runtime/mpi_communicator.h"
@@ -78,7 +79,7 @@ TEST_P(MixedPrecision, Bf16StepMatchesFloat32Step) {
   for (size_t i = 0; i < ref.params.size(); ++i) {
     const auto& [name, p] = got.params[i];
     const bool titans_mixer = name.find("_mixer.") != std::string::npos &&
-                              std::string("MGX").find(config.pattern()[std::stoi(name.substr(5))]) != std::string::npos;
+                              is_titans_mixer(config.pattern()[std::stoi(name.substr(5))]);
     EXPECT_EQ(p.scalar_type(), titans_mixer ? at::kFloat : at::kBFloat16) << name;
     ASSERT_TRUE(p.grad().defined()) << name;
     EXPECT_LE(relative_l2(p.grad(), ref.params[i].second.grad()), kGradRtol) << name;
@@ -125,12 +126,7 @@ TEST_P(MixedPrecision, Bf16StepMatchesFloat32Step) {
 INSTANTIATE_TEST_SUITE_P(TinyPresets, MixedPrecision,
                          ::testing::Values("tiny-based", "tiny-linear-llama", "tiny-linear-llama-hybrid",
                                            "tiny-titans-mag", "tiny-titans-mac"),
-                         [](const ::testing::TestParamInfo<std::string>& info) {
-                           std::string s = info.param;
-                           for (auto& ch : s)
-                             if (ch == '-') ch = '_';
-                           return s;
-                         });
+                         loom::testing::preset_test_name);
 
 }  // namespace
 }  // namespace loom::models

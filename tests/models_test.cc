@@ -60,7 +60,7 @@ TEST_P(MixerAcrossRanks, MatchesOneRank) {
   const int W = comm->size(), r = comm->rank();
   pb::ModelConfig c = tiny_mixer_config();
   c.set_memory_depth(depth);
-  const bool titans = std::string("MGX").find(letter) != std::string::npos;
+  const bool titans = is_titans_mixer(letter);
   for (auto kind : {LayoutKind::kContiguous, LayoutKind::kZigzag}) {
     // Titans: chunks must hold whole memory chunks; others: also a padded length.
     std::vector<int64_t> lengths{12 * W};
@@ -306,14 +306,8 @@ TEST_P(PresetAcrossRanks, IsCausal) {
 }
 
 INSTANTIATE_TEST_SUITE_P(TinyPresets, PresetAcrossRanks,
-                         ::testing::Values("tiny-based", "tiny-linear-llama", "tiny-linear-llama-hybrid",
-                                           "tiny-titans-mac", "tiny-titans-mag", "tiny-titans-mal"),
-                         [](const ::testing::TestParamInfo<std::string>& info) {
-                           std::string s = info.param;
-                           for (auto& ch : s)
-                             if (ch == '-') ch = '_';
-                           return s;
-                         });
+                         ::testing::ValuesIn(loom::testing::tiny_presets()),
+                         loom::testing::preset_test_name);
 
 TEST(ModelPresets, ParameterCountsMatchTheReferences) {
   auto count = [](const std::string& preset) {

@@ -160,6 +160,11 @@ struct ChunkedLinearAttentionFunction : public torch::autograd::Function<Chunked
 
 }  // namespace
 
+double chunked_linear_attention_flops(int64_t n, int64_t block, int64_t dk, int64_t dv) {
+  const double N = static_cast<double>(n), C = static_cast<double>(block);
+  return 2 * N * C * (dk + dv) + 4 * N * dk * dv + 2 * N * C * (3 * dk + 2 * dv) + 8 * N * dk * dv;
+}
+
 at::Tensor chunked_linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& decay, int64_t block) {
   // Autograd functions take defined tensors only: lambda = 1 is "no decay".

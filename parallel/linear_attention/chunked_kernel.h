@@ -39,6 +39,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_backward(const at::Tensor& 
                                                               const at::Tensor& grad_out, int64_t segment = 0);
 
 // Differentiable single-rank chunked linear attention (no normaliser).
+// Nominal FLOPs of one forward+backward of the kernel per (batch, head) with
+// block C, the masked halves of the C x C blocks included: forward
+// 2NC(dk+dv) + 4N dk dv, backward 2NC(3dk+2dv) + 8N dk dv. The C terms are the
+// intra-block part; at C = 0 what is left is the inter-block (state) part.
+double chunked_linear_attention_flops(int64_t n, int64_t block, int64_t dk, int64_t dv);
+
 at::Tensor chunked_linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& decay, int64_t block);
 

@@ -20,24 +20,25 @@ at::Tensor decay_powers(const at::Tensor& decay, int64_t num_heads, const at::Te
               "linear attention: every decay lambda must be in (0, 1], got ", lam);
   auto view_shape = std::vector<int64_t>(exponents.dim() + 1, 1);
   view_shape[0] = num_heads;
-  const at::Tensor log_lam = lam.log().view(view_shape);
-  // Powers in float64 on the host (a few numbers per head), then to the
-  // inputs' device and dtype.
-  return at::exp(log_lam * exponents.to(at::kDouble).unsqueeze(0)).to(options);
+  // Powers in float64 where they are used (no host table copied per call),
+  // then in the inputs' dtype.
+  const at::Tensor log_lam = lam.to(options.device()).log().view(view_shape);
+  return at::exp(log_lam * exponents.to(options.device(), at::kDouble).unsqueeze(0)).to(options);
 }
 
 BlockDecay chunk_decay(const at::Tensor& decay, int64_t num_heads, int64_t n, const at::TensorOptions& options) {
-  const at::Tensor t = at::arange(n, at::kDouble);
+  const auto exact = options.dtype(at::kDouble);
+  const at::Tensor t = at::arange(n, exact);
   BlockDecay d;
   d.query = decay_powers(decay, num_heads, t + 1, options).unsqueeze(-1);
   d.key = decay_powers(decay, num_heads, (n - 1) - t, options).unsqueeze(-1);
-  d.block = decay_powers(decay, num_heads, at::full({1, 1}, static_cast<double>(n), at::kDouble), options);
+  d.block = decay_powers(decay, num_heads, at::full({1, 1}, static_cast<double>(n), exact), options);
   return d;
 }
 
 BlockDecay block_decay(const at::Tensor& decay, int64_t num_heads, int64_t n, const at::TensorOptions& options) {
   BlockDecay d = chunk_decay(decay, num_heads, n, options);
-  const at::Tensor t = at::arange(n, at::kDouble);
+  const at::Tensor t = at::arange(n, options.dtype(at::kDouble));
   const at::Tensor diff = t.unsqueeze(1) - t.unsqueeze(0);  // i - j
   const at::Tensor lower = diff.ge(0);
   d.causal = decay_powers(decay, num_heads, diff.clamp_min(0), options) * lower.to(options).unsqueeze(0);

@@ -6,6 +6,7 @@
 #include "parallel/linear_attention/decay.h"
 #include "runtime/autograd_state.h"
 #include "runtime/comm_order.h"
+#include "runtime/dtypes.h"
 
 namespace loom::linear_attention {
 namespace {
@@ -19,7 +20,7 @@ at::Tensor with_normaliser(const at::Tensor& q, const at::Tensor& k, const at::T
                            const LinearAttentionOptions& options, Attend attend) {
   // bf16/fp16 inputs run in float32: the chunk states, their prefixes (and
   // the AllGather payload) and the normaliser accumulate in float32.
-  if (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf)
+  if (is_reduced_precision(q.scalar_type()))
     return with_normaliser(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), options, attend).to(q.scalar_type());
   if (!options.normalize) return attend(q, k, v);
   const int64_t dv = v.size(-1);

@@ -153,14 +153,18 @@ void attend_pair_backward(const at::Tensor& q, int64_t q_start, const at::Tensor
   }
 }
 
+at::Tensor repeat_kv_heads(const at::Tensor& x, int64_t group) {
+  if (group == 1) return x;
+  return x.unsqueeze(2)
+      .expand({x.size(0), x.size(1), group, x.size(2), x.size(3)})
+      .reshape({x.size(0), x.size(1) * group, x.size(2), x.size(3)});
+}
+
 std::pair<at::Tensor, at::Tensor> naive_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   const AttentionSpec& spec) {
   check_pair(q, k, v);
   const int64_t Hkv = k.size(1), G = q.size(1) / Hkv, n = q.size(2);
-  auto repeat = [&](const at::Tensor& x) {
-    return x.unsqueeze(2).expand({x.size(0), x.size(1), G, x.size(2), x.size(3)}).reshape({x.size(0), -1, x.size(2), x.size(3)});
-  };
-  const at::Tensor ke = repeat(k), ve = repeat(v);
+  const at::Tensor ke = repeat_kv_heads(k, G), ve = repeat_kv_heads(v, G);
   at::Tensor scores = at::matmul(q, ke.transpose(-1, -2)) * spec.resolved_scale(q.size(3));
   const at::Tensor vis = visibility(0, n, 0, k.size(2), spec, q.device());
   if (vis.defined()) scores = scores.masked_fill(vis.logical_not(), kNegInf);

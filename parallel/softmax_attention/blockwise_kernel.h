@@ -34,6 +34,12 @@ struct AttentionSpec {
 // The dtype partial results and merges use: float32, or float64 for float64 inputs.
 at::ScalarType accumulation_dtype(at::ScalarType input);
 
+// GQA: [B, Hkv, n, d] -> [B, Hkv * group, n, d], each key/value head repeated
+// `group` times in a row. A broadcast view and one copy: repeat_interleave
+// with an integer count builds a repeats tensor and syncs the device to size
+// its output.
+at::Tensor repeat_kv_heads(const at::Tensor& x, int64_t group);
+
 struct Partial {
   at::Tensor out;  // [B, Hq, Lq, d], accumulation dtype
   at::Tensor lse;  // [B, Hq, Lq], accumulation dtype; -inf where nothing was visible
