@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 
+#include "parallel/linear_attention/chunked_kernel.h"
 #include "runtime/error.h"
 
 namespace loom::bench {
@@ -35,7 +36,7 @@ int64_t forward_bytes_formula(Subject subject, Method method, const Shape& s, in
   }
 }
 
-std::pair<int64_t, int64_t> critical_messages(Subject subject, Method method, const Shape& s, int64_t n, int W) {
+std::pair<int64_t, int64_t> critical_messages(Method method, const Shape& s, int64_t n, int W) {
   if (W == 1 || method == Method::kNone) return {0, 0};
   const int64_t per_rank_chunks = zigzag(method) ? 2 : 1;
   const int64_t kv = kv_bytes(s, chunk_tokens(n, W, method) * per_rank_chunks);
@@ -49,13 +50,12 @@ std::pair<int64_t, int64_t> critical_messages(Subject subject, Method method, co
     case Method::kAllGather: return {2 * steps, kv};   // AllGather forward, reduce-scatter backward
     default: break;
   }
-  (void)subject;
   return {0, 0};
 }
 
 double comm_seconds(Subject subject, Method method, const Shape& s, int64_t n, int W, const Network& net) {
   if (subject == Subject::kTinyModel) return 0;  // folded into the fitted compute of the whole step
-  const auto [messages, bytes] = critical_messages(subject, method, s, n, W);
+  const auto [messages, bytes] = critical_messages(method, s, n, W);
   return messages * (net.alpha_s + static_cast<double>(bytes) / net.beta_bytes_per_s);
 }
 
@@ -65,11 +65,12 @@ std::pair<double, double> work_units(Subject subject, Method method, int64_t n, 
   const double tokens = std::max(static_cast<double>(chunk_tokens(n, world, method) * (zigzag(method) ? 2 : 1)),
                                  static_cast<double>(n) / shared);
   if (subject == Subject::kLinearLayer) return {tokens, 0};
-  // Causal pairs of the slowest rank: contiguous: the last rank sees all N
+  // Causal pairs of the slowest rank: contiguous layouts (ring, and the tiny
+  // model's softmax layer under the LASP methods): the last rank sees all N
   // keys for its n queries (minus half a diagonal block); zigzag / all-gather:
   // balanced, N^2 / (2W).
   const double N = static_cast<double>(n), c = N / world;
-  const double slowest = (method == Method::kRingContiguous || world == 1) ? (N * c - c * c / 2) : N * N / (2.0 * world);
+  const double slowest = (!zigzag(method) || world == 1) ? (N * c - c * c / 2) : N * N / (2.0 * world);
   return {tokens, std::max(slowest, N * N / 2 / shared) / 1e6};
 }
 
@@ -155,10 +156,11 @@ Projection project(Method method, const ProjectedModel& m, const pb::ClusterCons
   const double beta = across_nodes ? c.bandwidth_bytes_per_s() : c.intra_bandwidth_bytes_per_s();
   const int world = method == Method::kNone ? 1 : W;
   const double tokens = static_cast<double>(n) / world;
-  const double d = static_cast<double>(m.head_dim), C = static_cast<double>(m.block);
-  // Linear attention per layer fwd+bwd (chunked kernel, see linear_attention_bench.cc).
-  const double attn_flops = m.heads * (2 * tokens * C * 2 * d + 4 * tokens * d * d + 2 * tokens * C * 5 * d + 8 * tokens * d * d);
-  const double intra_flops = m.heads * (2 * tokens * C * 2 * d + 2 * tokens * C * 5 * d);
+  const double d = static_cast<double>(m.head_dim);
+  // Linear attention per layer fwd+bwd; its intra-block part is what LASP-2's AllGather overlaps.
+  const int64_t local = static_cast<int64_t>(tokens);
+  const double attn_flops = m.heads * linear_attention::chunked_linear_attention_flops(local, m.block, m.head_dim, m.head_dim);
+  const double intra_flops = attn_flops - m.heads * linear_attention::chunked_linear_attention_flops(local, 0, m.head_dim, m.head_dim);
   Projection p;
   p.compute_s = (6.0 * m.params_non_embedding * tokens + m.layers * attn_flops) / c.compute_flops();
   const double state = m.heads * d * d * m.element_bytes;

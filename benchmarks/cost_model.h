@@ -37,8 +37,7 @@ struct Network {
 // Forward bytes received by the busiest rank; `zigzag` layouts hold 2 chunks.
 int64_t forward_bytes_formula(Subject subject, Method method, const Shape& s, int64_t n_tokens, int world);
 // Messages and bytes per message of one forward+backward on the critical path.
-std::pair<int64_t, int64_t> critical_messages(Subject subject, Method method, const Shape& s, int64_t n_tokens,
-                                              int world);
+std::pair<int64_t, int64_t> critical_messages(Method method, const Shape& s, int64_t n_tokens, int world);
 double comm_seconds(Subject subject, Method method, const Shape& s, int64_t n_tokens, int world, const Network& net);
 // Work that bounds the step: {tokens, causal pairs / 1e6} of the slowest rank,
 // or of the whole sequence divided by `concurrency` when ranks outnumber the

@@ -31,6 +31,7 @@
 #include "parallel/linear_attention/lasp.h"
 #include "parallel/softmax_attention/softmax_attention.h"
 #include "runtime/comm_order.h"
+#include "runtime/dtypes.h"
 #include "runtime/error.h"
 #include "runtime/memory_tracker.h"
 #include "runtime/mpi_communicator.h"
@@ -41,9 +42,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
-at::ScalarType dtype_of(const std::string& name) {
-  return name == "float64" ? at::kDouble : name == "bfloat16" ? at::kBFloat16 : at::kFloat;
-}
+at::ScalarType dtype_of(const pb::BenchSweep& w) { return *scalar_type_from_name(w.dtype()); }  // validated
 
 struct Point {
   int world = 1;
@@ -55,11 +54,13 @@ struct Point {
   double compute_s = 0, transfer_s = 0, waiting_s = 0, predicted_s = 0;
 };
 
-double max_over(Communicator& comm, double v) {
-  at::Tensor t = at::full({1}, v, at::kDouble);
+// Maxima over the ranks of `comm`, in one all-reduce.
+std::vector<double> max_over(Communicator& comm, const std::vector<double>& values) {
+  at::Tensor t = at::tensor(values, at::kDouble);
   comm.all_reduce(t, ReduceOp::kMax)->wait();
-  return t.item<double>();
+  return {t.data_ptr<double>(), t.data_ptr<double>() + t.numel()};
 }
+double max_over(Communicator& comm, double v) { return max_over(comm, std::vector<double>{v})[0]; }
 
 LayoutKind layout_for(Method m) {
   return (m == Method::kRingZigzag || m == Method::kAllGather) ? LayoutKind::kZigzag : LayoutKind::kContiguous;
@@ -81,7 +82,7 @@ using StepFn = std::function<void(const std::function<void()>& fwd_done)>;
 StepFn make_step(const pb::BenchSweep& w, Subject subject, Method method, int64_t& n,
                  const std::shared_ptr<TimedCommunicator>& comm) {
   const int W = comm->size();
-  const auto opts = at::TensorOptions().dtype(dtype_of(w.dtype()));
+  const auto opts = at::TensorOptions().dtype(dtype_of(w));
   const int64_t B = w.batch(), H = w.heads(), d = w.head_dim();
   if (subject == Subject::kTinyModel) {
     pb::ModelConfig user;
@@ -89,16 +90,16 @@ StepFn make_step(const pb::BenchSweep& w, Subject subject, Method method, int64_
     const auto config = models::resolve_model_config(user);
     n = models::admissible_length(config, layout_for(method), W, n);
     torch::manual_seed(1);
-    auto model = std::make_shared<models::HybridLM>(config);
-    (*model)->set_precision(dtype_of(w.dtype()));
+    models::HybridLM model(config);
+    model->set_precision(dtype_of(w));
     const SequenceLayout layout(layout_for(method), n, W);
     const auto ctx = models::make_context(model_parallel(method), layout, comm);
     at::Generator gen = at::detail::createCPUGenerator(2);
     const at::Tensor tokens = at::randint(0, config.vocab_size(), {B, n}, gen, at::kLong);
     const at::Tensor local = layout.shard(tokens, comm->rank(), 1);
-    return [model, ctx, local](const std::function<void()>& fwd_done) {
-      (*model)->zero_grad();
-      const at::Tensor loss = (*model)(local, ctx).to(at::kFloat).logsumexp(-1).sum();
+    return [model, ctx, local](const std::function<void()>& fwd_done) mutable {
+      model->zero_grad();
+      const at::Tensor loss = model(local, ctx).to(at::kFloat).logsumexp(-1).sum();
       fwd_done();
       loss.backward();
     };
@@ -141,20 +142,24 @@ Point run_point(const pb::BenchSweep& w, Subject subject, Method method, int64_t
   StepFn step = make_step(w, subject, method, p.n, comm);
   auto nothing = [] {};
   for (int i = 0; i < w.warmup(); ++i) step(nothing);
-  // Bytes of one step, forward alone and in all.
+  // Bytes of one step, forward alone and in all; its time sizes the repetitions.
   const CommStats s0 = comm->inner().stats();
   CommStats s_fwd;
+  const auto probe = Clock::now();
   step([&] { s_fwd = comm->inner().stats(); });
+  const double one = since(probe);
   const CommStats fwd = s_fwd - s0, all = comm->inner().stats() - s0;
   p.fwd_bytes = fwd.total_bytes_received();
   p.bytes = all.total_bytes_received();
   p.calls = all.total_calls();
-  // Timed steps.
+  // Timed steps: reps, or more for short steps (the same count on every rank).
+  const double slowest = max_over(*comm, one);
+  const int reps = std::clamp(static_cast<int>(std::ceil(w.min_time_s() / std::max(slowest, 1e-6))), w.reps(), 100);
   std::vector<double> t;
   double blocked = 0;
   MemoryTracker::reset_peak();
   const int64_t base = MemoryTracker::current_bytes();
-  for (int i = 0; i < w.reps(); ++i) {
+  for (int i = 0; i < reps; ++i) {
     comm->barrier()->wait();
     comm->reset_timers();
     const auto start = Clock::now();
@@ -162,23 +167,19 @@ Point run_point(const pb::BenchSweep& w, Subject subject, Method method, int64_t
     t.push_back(since(start));
     blocked += comm->blocked_seconds();
   }
-  p.peak_bytes = MemoryTracker::peak_bytes() - base;
-  std::vector<double> sorted = t;
-  std::sort(sorted.begin(), sorted.end());
-  p.median_s = max_over(*comm, sorted[sorted.size() / 2]);
-  p.min_s = max_over(*comm, sorted.front());
-  p.max_s = max_over(*comm, sorted.back());
-  p.tokens_per_s = w.batch() * p.n / p.median_s;
-  p.fwd_bytes = static_cast<int64_t>(max_over(*comm, p.fwd_bytes));
-  p.bytes = static_cast<int64_t>(max_over(*comm, p.bytes));
-  p.calls = static_cast<int64_t>(max_over(*comm, p.calls));
-  p.peak_bytes = static_cast<int64_t>(max_over(*comm, p.peak_bytes));
-  // Split of this rank's median step; the slowest rank's is reported.
-  const double mine = sorted[sorted.size() / 2], blocked_per_step = blocked / w.reps();
+  const int64_t peak = MemoryTracker::peak_bytes() - base;
+  std::sort(t.begin(), t.end());
+  // Split of this rank's median step into compute / transfer / waiting; the
+  // maximum over the ranks of each is reported.
+  const double median = t[t.size() / 2], blocked_per_step = blocked / reps;
   const double transfer = std::min(blocked_per_step, p.calls * net.alpha_s + p.bytes / net.beta_bytes_per_s);
-  p.compute_s = max_over(*comm, mine - blocked_per_step);
-  p.transfer_s = max_over(*comm, transfer);
-  p.waiting_s = max_over(*comm, blocked_per_step - transfer);
+  const std::vector<double> m =
+      max_over(*comm, {median, t.front(), t.back(), double(p.fwd_bytes), double(p.bytes), double(p.calls),
+                       double(peak), median - blocked_per_step, transfer, blocked_per_step - transfer});
+  p.median_s = m[0], p.min_s = m[1], p.max_s = m[2];
+  p.fwd_bytes = int64_t(m[3]), p.bytes = int64_t(m[4]), p.calls = int64_t(m[5]), p.peak_bytes = int64_t(m[6]);
+  p.compute_s = m[7], p.transfer_s = m[8], p.waiting_s = m[9];
+  p.tokens_per_s = w.batch() * p.n / p.median_s;
   return p;
 }
 
@@ -282,7 +283,7 @@ int run(int argc, char** argv) {
   shape.batch = w.batch();
   shape.heads = shape.kv_heads = w.heads();
   shape.head_dim = w.head_dim();
-  shape.element_bytes = dtype_of(w.dtype()) == at::kDouble ? 8 : dtype_of(w.dtype()) == at::kBFloat16 ? 2 : 4;
+  shape.element_bytes = c10::elementSize(dtype_of(w));
   shape.concurrency = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / w.threads());
   if (root)
     std::printf("network (ping-pong, this machine): alpha %.2f us, beta %.2f GB/s\n", net.alpha_s * 1e6,

@@ -77,6 +77,7 @@ void validate_sweep(const pb::BenchSweep& w, int launched_ranks, const std::stri
   if (w.dtype() != "float32" && w.dtype() != "float64" && w.dtype() != "bfloat16")
     bad(source, "dtype = '" + w.dtype() + "': allowed values are float32, float64, bfloat16");
   if (w.reps() < 1) bad(source, "reps = " + std::to_string(w.reps()) + ": must be >= 1");
+  if (!(w.min_time_s() >= 0)) bad(source, "min_time_s = " + std::to_string(w.min_time_s()) + ": must be >= 0");
   if (w.warmup() < 0) bad(source, "warmup = " + std::to_string(w.warmup()) + ": must be >= 0");
   if (w.batch() < 1 || w.heads() < 1 || w.head_dim() < 1 || w.block() < 1)
     bad(source, "batch, heads, head_dim and block must be >= 1");
