@@ -25,6 +25,7 @@ class TimedCommunicator final : public Communicator {
   int rank() const override { return inner_->rank(); }
   int size() const override { return inner_->size(); }
   std::string backend_name() const override { return inner_->backend_name(); }
+  at::Device device() const override { return inner_->device(); }
   const Communicator& inner() const { return *inner_; }
   double blocked_seconds() const { return *blocked_; }
   void reset_timers() { *blocked_ = 0; }

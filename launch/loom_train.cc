@@ -15,9 +15,7 @@
 
 #include <iostream>
 
-#include <torch/cuda.h>
 #include <torch/utils.h>
-#include <torch/version.h>
 
 #include "models/hybrid_lm.h"
 #include "runtime/data.h"
@@ -50,11 +48,9 @@ int world_rank() {
   return rank;
 }
 
-// Set-up errors every rank sees alike (config, data, lengths): exit code 2,
-// or 3 for a request this build does not support.
+// Set-up errors every rank sees alike (config, data, lengths): exit code 2.
 struct SetupError : std::runtime_error {
-  SetupError(const std::string& what, int exit_code) : std::runtime_error(what), code(exit_code) {}
-  int code;
+  using std::runtime_error::runtime_error;
 };
 
 int run_job(loom::Job& job, const Options& opt) {
@@ -64,16 +60,6 @@ int run_job(loom::Job& job, const Options& opt) {
   lm::HybridLM model{nullptr};
   loom::Trainer::BatchFn train_batches, val_batches;
   try {
-    if (config.train().device() == "cuda") {
-      if (!torch::cuda::is_available())
-        throw loom::UnsupportedError("train.device = cuda: no CUDA device is visible to this process (libtorch " +
-                                     std::string(TORCH_VERSION) + " built without CUDA, or no GPU)");
-      if (job.world()->size() > 1)
-        throw loom::UnsupportedError("train.device = cuda with " + std::to_string(job.world()->size()) +
-                                     " ranks: loom-train's process mesh is MPI-only, so CUDA training runs one rank "
-                                     "per job in this version (the NCCL communicator exists but is not wired into "
-                                     "the job's mesh yet); use train.device = cpu for multi-rank runs");
-    }
     const auto model_config = lm::resolve_model_config(config.model());
     loom::validate_config([&] {
       auto c = config;
@@ -87,8 +73,7 @@ int run_job(loom::Job& job, const Options& opt) {
     LOOM_LOG(kInfo) << "model '" << model_config.pattern() << "' d_model " << model_config.d_model() << ": "
                     << lm::count_parameters(model_config) << " parameters; " << layout.describe();
     torch::manual_seed(config.train().seed());  // identical parameters on every rank
-    const at::Device device(config.train().device() == "cuda" ? at::kCUDA : at::kCPU);
-    model = lm::HybridLM(model_config, at::TensorOptions().device(device));
+    model = lm::HybridLM(model_config, at::TensorOptions().device(job.device()));
     model->set_precision(*loom::scalar_type_from_name(config.train().dtype()));  // validated above
     if (config.data().task() == "text") {
       auto data = loom::open_data(config.data().train_path(), config.data().val_fraction(), config.train().seq_len(),
@@ -108,16 +93,14 @@ int run_job(loom::Job& job, const Options& opt) {
       train_batches = make(seed);
       val_batches = make(loom::splitmix64(seed + 1));
     }
-  } catch (const loom::UnsupportedError& e) {
-    throw SetupError(e.what(), 3);
   } catch (const std::exception& e) {
-    throw SetupError(e.what(), 2);
+    throw SetupError(e.what());
   }
   loom::Trainer trainer(job.config(), job.mesh(), model.ptr(), lm::language_model_loss(config.parallel()),
                         train_batches, val_batches);
   if (opt.eval_only) {
     if (trainer.resume().empty())
-      throw SetupError("--eval-only: no complete checkpoint in '" + config.train().checkpoint_dir() + "'", 2);
+      throw SetupError("--eval-only: no complete checkpoint in '" + config.train().checkpoint_dir() + "'");
     const double val = trainer.evaluate(config.train().eval_batches());
     if (root) std::cout << "validation loss " << val << " perplexity " << std::exp(val) << std::endl;
   } else {
@@ -141,13 +124,14 @@ int run_job(loom::Job& job, const Options& opt) {
       const int64_t first = (b * job.mesh().dp_size() + job.mesh().dp_index()) * config.train().batch_size();
       const loom::Batch batch = val_batches(first, config.train().batch_size());
       const int r = job.mesh().sp_index();
-      const at::Tensor logits = model->forward(layout.shard(batch.inputs, r, 1, 0),
+      const at::Tensor logits = model->forward(layout.shard(batch.inputs, r, 1, 0).to(job.device()),
                                                lm::make_context(config.parallel(), layout, job.mesh().sp()));
-      const auto [c, t] = loom::labelled_accuracy(logits, layout.shard(batch.labels, r, 1, -100), mqar ? 1 : 5);
+      const auto [c, t] =
+          loom::labelled_accuracy(logits, layout.shard(batch.labels, r, 1, -100).to(job.device()), mqar ? 1 : 5);
       correct += c;
       total += t;
     }
-    at::Tensor counts = at::tensor({correct, total}, at::kLong);
+    at::Tensor counts = at::tensor({correct, total}, at::kLong).to(job.world()->device());
     job.world()->all_reduce(counts)->wait();
     if (root)
       std::cout << (mqar ? "MQAR" : "S-NIAH") << " accuracy " << static_cast<double>(counts[0].item<int64_t>()) /
@@ -210,6 +194,9 @@ int run(int argc, char** argv) {
   } catch (const loom::ConfigError& e) {
     if (is_root) std::cerr << "loom-train: " << e.what() << std::endl;
     return 2;
+  } catch (const loom::UnsupportedError& e) {  // every rank runs the same build on alike nodes
+    if (is_root) std::cerr << "loom-train: " << e.what() << std::endl;
+    return 3;
   }
   LOOM_LOG(kInfo) << "loom-train " << LOOM_VERSION_STRING << ": " << job->world()->size() << " ranks, "
                   << job->mesh().describe() << ", " << job->threads_per_rank() << " threads per rank";
@@ -232,7 +219,7 @@ int main(int argc, char** argv) {
     } catch (const SetupError& e) {
       // Every rank met the same set-up error (they all read the same config and data).
       if (world_rank() == 0) std::cerr << "loom-train: " << e.what() << std::endl;
-      code = e.code;
+      code = 2;
     } catch (const loom::NonFiniteLoss& e) {
       if (world_rank() == 0) std::cerr << "loom-train: " << e.what() << std::endl;
       code = 4;

@@ -138,6 +138,9 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   virtual int rank() const = 0;
   virtual int size() const = 0;
   virtual std::string backend_name() const = 0;
+  // Where this backend's tensors live (MPI: the CPU; NCCL: its GPU). Small
+  // control tensors (loss sums, agreements) are created here.
+  virtual at::Device device() const { return at::Device(at::kCPU); }
 
   // Collectives. Defaults throw CommError naming the backend and the operation.
   virtual WorkPtr all_gather(const at::Tensor& output, const at::Tensor& input);

@@ -4,8 +4,15 @@
 
 #include <climits>
 #include <chrono>
+#include <utility>
+
+#include <torch/cuda.h>
+#include <torch/version.h>
 
 #include "runtime/error.h"
+#ifdef LOOM_HAVE_NCCL
+#include "runtime/nccl_communicator.h"
+#endif
 #include "runtime/logging.h"
 #include "runtime/threads.h"
 
@@ -32,12 +39,53 @@ pb::LoomConfig resolve_config_on_all_ranks(const std::string& path, const std::v
   throw ConfigError(first_failing == 0 ? error : "on rank " + std::to_string(first_failing) + ": " + error);
 }
 
+namespace {
+
+// Rank among the ranks of this node, and how many there are (collective).
+std::pair<int, int> node_local_rank(MPI_Comm world) {
+  MPI_Comm node = MPI_COMM_NULL;
+  LOOM_MPI_CHECK(MPI_Comm_split_type(world, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node), "node-local rank");
+  int rank = 0, size = 1;
+  MPI_Comm_rank(node, &rank);
+  MPI_Comm_size(node, &size);
+  MPI_Comm_free(&node);
+  return {rank, size};
+}
+
+// The communicator the mesh is built on: the MPI world, or for CUDA with
+// several ranks an NCCL communicator over it.
+CommPtr mesh_world(const std::shared_ptr<MpiCommunicator>& world, const pb::TrainConfig& train, at::Device& device) {
+  if (train.device() != "cuda") return world;
+  if (!torch::cuda::is_available())
+    throw UnsupportedError("train.device = cuda: no CUDA device is visible to this process (libtorch " +
+                           std::string(TORCH_VERSION) + " built without CUDA, or no GPU)");
+  const auto [local, local_size] = node_local_rank(world->handle());
+  const int gpus = static_cast<int>(torch::cuda::device_count());
+  if (local_size > gpus)
+    throw UnsupportedError("train.device = cuda: " + std::to_string(local_size) + " ranks on this node but only " +
+                           std::to_string(gpus) + " CUDA device(s); start one rank per GPU");
+  device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(local));
+  if (world->size() == 1) return world;  // one rank: collectives are local copies on any device
+#ifdef LOOM_HAVE_NCCL
+  auto nccl = NcclCommunicator::create(world, local);
+  nccl->set_timeout(world->timeout());
+  return nccl;
+#else
+  throw UnsupportedError("train.device = cuda with " + std::to_string(world->size()) +
+                         " ranks needs the NCCL communicator: this build has LOOM_WITH_NCCL=OFF (no CUDA toolkit or "
+                         "NCCL found at configure time)");
+#endif
+}
+
+}  // namespace
+
 Job::Job(pb::LoomConfig config) : config_(std::move(config)) {
   auto world = MpiCommunicator::world();
   configure_logging(world->rank(), world->size(), config_.log().all_ranks(), parse_log_level(config_.log().level()));
   world->set_timeout(std::chrono::milliseconds(static_cast<int64_t>(config_.parallel().comm_timeout_s() * 1000.0)));
   threads_ = configure_threads(config_.parallel().threads_per_rank(), world->handle());
-  mesh_ = std::make_unique<ProcessMesh>(world, config_.parallel().dp(), config_.parallel().sp());
+  mesh_ = std::make_unique<ProcessMesh>(mesh_world(world, config_.train(), device_), config_.parallel().dp(),
+                                        config_.parallel().sp());
 }
 
 }  // namespace loom

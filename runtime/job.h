@@ -6,7 +6,11 @@
 // goes on into a collective that the others will never join.
 // Job then applies the config: logging with the rank prefix, threads per rank,
 // the world communicator with the watchdog timeout, and the dp x sp mesh.
-// Both are collective over MPI_COMM_WORLD.
+// With train.device = cuda each rank takes the GPU of its node-local rank and,
+// with more than one rank, the mesh is built on NCCL communicators (their
+// unique ids travel over MPI); UnsupportedError names what is missing: a
+// libtorch or GPU without CUDA, a build without NCCL, fewer GPUs than ranks on
+// a node. Both are collective over MPI_COMM_WORLD.
 #pragma once
 
 #include <memory>
@@ -28,11 +32,14 @@ class Job {
   const CommPtr& world() const { return mesh_->world(); }
   ProcessMesh& mesh() { return *mesh_; }
   int threads_per_rank() const { return threads_; }
+  // This rank's device for the model and its tensors (cpu, or cuda:<local rank>).
+  at::Device device() const { return device_; }
 
  private:
   pb::LoomConfig config_;
   std::unique_ptr<ProcessMesh> mesh_;
   int threads_ = 1;
+  at::Device device_{at::kCPU};
 };
 
 }  // namespace loom

@@ -212,6 +212,7 @@ NcclCommunicator::~NcclCommunicator() {
 }
 
 int NcclCommunicator::rank() const { return impl_->rank; }
+at::Device NcclCommunicator::device() const { return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(impl_->device)); }
 int NcclCommunicator::size() const { return impl_->size; }
 
 WorkPtr NcclCommunicator::all_gather(const at::Tensor& output, const at::Tensor& input) {

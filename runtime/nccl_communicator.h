@@ -37,6 +37,7 @@ class NcclCommunicator final : public Communicator {
   int rank() const override;
   int size() const override;
   std::string backend_name() const override { return "nccl"; }
+  at::Device device() const override;
 
   WorkPtr all_gather(const at::Tensor& output, const at::Tensor& input) override;
   WorkPtr all_reduce(const at::Tensor& tensor, ReduceOp op = ReduceOp::kSum) override;

@@ -21,7 +21,7 @@ std::atomic<int> g_stop_signal{0};
 extern "C" void on_stop_signal(int sig) { g_stop_signal.store(sig); }
 
 double all_reduce_scalar(Communicator& comm, double v, ReduceOp op = ReduceOp::kSum) {
-  at::Tensor t = at::tensor({v}, at::kDouble);
+  at::Tensor t = at::tensor({v}, at::kDouble).to(comm.device());
   comm.all_reduce(t, op)->wait();
   return t.item<double>();
 }
