@@ -74,80 +74,105 @@ std::pair<double, double> work_units(Subject subject, Method method, int64_t n, 
   return {tokens, std::max(slowest, N * N / 2 / shared) / 1e6};
 }
 
+namespace {
+
+// Non-negative least squares of y = c + a x1 + b x2 (x[i] = {1, x1, x2}): the
+// best of the unconstrained fits over every subset of the three terms whose
+// coefficients are all >= 0 (3 unknowns: 7 subsets), by relative residuals so
+// that short and long points count alike.
+std::array<double, 3> fit_nonnegative(const std::vector<std::array<double, 3>>& x, const std::vector<double>& y,
+                                      double& best_residual) {
+  std::array<double, 3> best{0, 0, 0};
+  best_residual = std::numeric_limits<double>::infinity();
+  for (int mask = 1; mask < 8; ++mask) {
+    std::vector<int> terms;
+    for (int t = 0; t < 3; ++t)
+      if (mask & (1 << t)) terms.push_back(t);
+    const int k = static_cast<int>(terms.size());
+    // Normal equations (k <= 3) by Gauss-Jordan elimination.
+    std::vector<std::vector<double>> A(k, std::vector<double>(k + 1, 0));
+    for (size_t i = 0; i < x.size(); ++i)
+      for (int r = 0; r < k; ++r) {
+        for (int c = 0; c < k; ++c) A[r][c] += x[i][terms[r]] * x[i][terms[c]];
+        A[r][k] += x[i][terms[r]] * y[i];
+      }
+    bool singular = false;
+    for (int c = 0; c < k && !singular; ++c) {
+      int pivot = c;
+      for (int r = c + 1; r < k; ++r)
+        if (std::abs(A[r][c]) > std::abs(A[pivot][c])) pivot = r;
+      std::swap(A[c], A[pivot]);
+      if (std::abs(A[c][c]) < 1e-300) {
+        singular = true;
+        break;
+      }
+      for (int r = 0; r < k; ++r)
+        if (r != c) {
+          const double f = A[r][c] / A[c][c];
+          for (int cc = c; cc <= k; ++cc) A[r][cc] -= f * A[c][cc];
+        }
+    }
+    if (singular) continue;
+    std::array<double, 3> coef{0, 0, 0};
+    bool non_negative = true;
+    for (int r = 0; r < k; ++r) {
+      coef[terms[r]] = A[r][k] / A[r][r];
+      non_negative = non_negative && coef[terms[r]] >= 0;
+    }
+    if (!non_negative) continue;
+    double residual = 0;
+    for (size_t i = 0; i < x.size(); ++i) {
+      const double fit = coef[0] + coef[1] * x[i][1] + coef[2] * x[i][2];
+      const double rel = (fit - y[i]) / std::max(std::abs(y[i]), 1e-9);
+      residual += rel * rel;
+    }
+    if (residual < best_residual) best_residual = residual, best = coef;
+  }
+  return best;
+}
+
+}  // namespace
+
 void CostModel::calibrate(const std::vector<Observation>& obs) {
   std::map<std::pair<int, int>, std::vector<const Observation*>> groups;
   for (const auto& o : obs) groups[{static_cast<int>(o.subject), o.world}].push_back(&o);
   for (const auto& [key, list] : groups) {
-    // Non-negative least squares of y = c + a x1 + b x2: the best of the
-    // unconstrained fits over every subset of the three terms whose
-    // coefficients are all >= 0 (3 unknowns: 7 subsets).
-    std::vector<std::array<double, 3>> x;
     std::vector<double> y;
+    std::vector<std::pair<double, double>> units;
     for (const Observation* o : list) {
-      const auto [x1, x2] = work_units(o->subject, o->method, o->n_tokens, o->world, shape_.concurrency);
-      x.push_back({1.0, x1, x2});
+      units.push_back(work_units(o->subject, o->method, o->n_tokens, o->world, shape_.concurrency));
       y.push_back(o->measured_s - comm_seconds(o->subject, o->method, shape_, o->n_tokens, o->world, net_));
     }
-    std::array<double, 3> best{0, 0, 0};
+    // The per-token term scales as tokens^p: p = 1 for an ideal kernel, more
+    // when the working set outgrows the caches on the way; p is searched on a
+    // grid from 1 (kept on ties) and reported.
+    Fit best;
     double best_residual = std::numeric_limits<double>::infinity();
-    for (int mask = 1; mask < 8; ++mask) {
-      std::vector<int> terms;
-      for (int t = 0; t < 3; ++t)
-        if (mask & (1 << t)) terms.push_back(t);
-      const int k = static_cast<int>(terms.size());
-      // Normal equations (k <= 3) by Gaussian elimination.
-      std::vector<std::vector<double>> A(k, std::vector<double>(k + 1, 0));
-      for (size_t i = 0; i < x.size(); ++i)
-        for (int r = 0; r < k; ++r) {
-          for (int c = 0; c < k; ++c) A[r][c] += x[i][terms[r]] * x[i][terms[c]];
-          A[r][k] += x[i][terms[r]] * y[i];
-        }
-      bool singular = false;
-      for (int c = 0; c < k && !singular; ++c) {
-        int pivot = c;
-        for (int r = c + 1; r < k; ++r)
-          if (std::abs(A[r][c]) > std::abs(A[pivot][c])) pivot = r;
-        std::swap(A[c], A[pivot]);
-        if (std::abs(A[c][c]) < 1e-300) { singular = true; break; }
-        for (int r = 0; r < k; ++r)
-          if (r != c) {
-            const double f = A[r][c] / A[c][c];
-            for (int cc = c; cc <= k; ++cc) A[r][cc] -= f * A[c][cc];
-          }
-      }
-      if (singular) continue;
-      std::array<double, 3> coef{0, 0, 0};
-      bool non_negative = true;
-      for (int r = 0; r < k; ++r) {
-        coef[terms[r]] = A[r][k] / A[r][r];
-        non_negative = non_negative && coef[terms[r]] >= 0;
-      }
-      if (!non_negative) continue;
-      // Relative residuals: short and long points count alike.
+    for (int step = 0; step <= 10; ++step) {
+      const double p = 1.0 + 0.05 * step;
+      std::vector<std::array<double, 3>> x;
+      for (const auto& [x1, x2] : units) x.push_back({1.0, std::pow(x1, p), x2});
       double residual = 0;
-      for (size_t i = 0; i < x.size(); ++i) {
-        const double fit = coef[0] + coef[1] * x[i][1] + coef[2] * x[i][2];
-        const double rel = (fit - y[i]) / std::max(std::abs(y[i]), 1e-9);
-        residual += rel * rel;
-      }
-      if (residual < best_residual) best_residual = residual, best = coef;
+      const auto coef = fit_nonnegative(x, y, residual);
+      if (residual < best_residual * (1 - 1e-9)) best_residual = residual, best = Fit{coef, p};
     }
-    coef_[key] = best;
+    fits_[key] = best;
   }
 }
 
-std::array<double, 3> CostModel::coefficients(Subject subject, int world) const {
-  auto it = coef_.find({static_cast<int>(subject), world});
-  if (it == coef_.end())
+const CostModel::Fit& CostModel::fit(Subject subject, int world) const {
+  auto it = fits_.find({static_cast<int>(subject), world});
+  if (it == fits_.end())
     throw LoomError(std::string("cost model: not calibrated for ") + subject_name(subject) + " at world size " +
                     std::to_string(world));
   return it->second;
 }
 
 double CostModel::predict(Subject subject, Method method, int64_t n, int world) const {
-  const auto [c, a, b] = coefficients(subject, world);
+  const Fit& f = fit(subject, world);
   const auto [x1, x2] = work_units(subject, method, n, world, shape_.concurrency);
-  return c + a * x1 + b * x2 + comm_seconds(subject, method, shape_, n, world, net_);
+  return f.coef[0] + f.coef[1] * std::pow(x1, f.exponent) + f.coef[2] * x2 +
+         comm_seconds(subject, method, shape_, n, world, net_);
 }
 
 Projection project(Method method, const ProjectedModel& m, const pb::ClusterConstants& c, int64_t n, int W) {

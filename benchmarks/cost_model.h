@@ -1,12 +1,13 @@
 // The alpha-beta cost model of loom-bench.
 //
-//   time(point) = c + a * linear_units + b * quadratic_units + comm(method)
+//   time(point) = c + a * linear_units^p + b * quadratic_units + comm(method)
 //   comm = messages x (alpha + message_bytes / beta), fwd + bwd
 //
 // linear_units are tokens on the slowest rank (N/W, padded chunks), quadratic
 // units the causal query-key pairs on the slowest rank / 1e6; c (per-step
 // overhead), a and b are fitted per (subject, world size) by non-negative
-// least squares over all lengths and methods of the run (calibrate()); alpha and beta come from the run's
+// least squares over all lengths and methods of the run, p in [1, 1.5] by a
+// grid search (calibrate()); alpha and beta come from the run's
 // ping-pong micro-benchmark. Bytes formulas are the per-rank forward
 // receive volumes of ../shared/REFERENCES.md, in Loom's accounting (bytes that
 // arrive at the busiest rank). project() applies the same structure to a
@@ -59,14 +60,17 @@ class CostModel {
   // Fits (a, b) per (subject, world) from the observations.
   void calibrate(const std::vector<Observation>& observations);
   double predict(Subject subject, Method method, int64_t n_tokens, int world) const;
-  // {c, a, b} of (subject, world).
-  std::array<double, 3> coefficients(Subject subject, int world) const;
+  struct Fit {
+    std::array<double, 3> coef{0, 0, 0};  // c, a, b
+    double exponent = 1;                  // p
+  };
+  const Fit& fit(Subject subject, int world) const;
   const Network& network() const { return net_; }
 
  private:
   Shape shape_;
   Network net_;
-  std::map<std::pair<int, int>, std::array<double, 3>> coef_;
+  std::map<std::pair<int, int>, Fit> fits_;
 };
 
 // Projection of a model step (one sequence of n_tokens over `world` ranks) on

@@ -21,6 +21,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -367,6 +368,16 @@ int run(int argc, char** argv) {
     std::snprintf(line, sizeof line, "  W=%d %-13s %-15s N=%-7ld measured %9.2f ms predicted %9.2f ms error %+6.1f%%%s\n",
                   p.world, subject_name(p.subject), method_name(p.method), long(p.n), p.median_s * 1e3,
                   p.predicted_s * 1e3, 100 * err, p.fwd_bytes == p.fwd_bytes_formula || p.fwd_bytes_formula == 0 ? "" : "  BYTES != FORMULA");
+    report << line;
+  }
+  report << "fitted per (subject, world): time = c + a tokens^p + b pairs/1e6 + comm\n";
+  std::set<std::pair<int, int>> groups;
+  for (const auto& p : points) groups.insert({static_cast<int>(p.subject), p.world});
+  for (const auto& [s, world] : groups) {
+    const auto& f = model.fit(static_cast<Subject>(s), world);
+    char line[200];
+    std::snprintf(line, sizeof line, "  %-13s W=%d: c %.3g s, a %.3g s, p %.2f, b %.3g s\n",
+                  subject_name(static_cast<Subject>(s)), world, f.coef[0], f.coef[1], f.exponent, f.coef[2]);
     report << line;
   }
   char worst_line[128];

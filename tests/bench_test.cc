@@ -94,12 +94,29 @@ TEST(BenchCostModel, CalibrationRecoversKnownCoefficients) {
                      0.001 + 3e-6 * x1 + 0.02 * x2 + comm_seconds(Subject::kSoftmaxLayer, m, s, n, 4, net)});
     }
   truth_free.calibrate(obs);
-  const auto [c, a, b] = truth_free.coefficients(Subject::kSoftmaxLayer, 4);
+  const auto [c, a, b] = truth_free.fit(Subject::kSoftmaxLayer, 4).coef;
+  EXPECT_EQ(truth_free.fit(Subject::kSoftmaxLayer, 4).exponent, 1.0);
   EXPECT_NEAR(c, 0.001, 1e-9);
   EXPECT_NEAR(a, 3e-6, 1e-12);
   EXPECT_NEAR(b, 0.02, 1e-9);
   for (const auto& o : obs) EXPECT_NEAR(truth_free.predict(o.subject, o.method, o.n_tokens, 4) / o.measured_s, 1.0, 1e-9);
-  EXPECT_THROW(truth_free.coefficients(Subject::kLinearLayer, 4), LoomError);
+  EXPECT_THROW(truth_free.fit(Subject::kLinearLayer, 4), LoomError);
+}
+
+TEST(BenchCostModel, CalibrationFindsASuperlinearTokenExponent) {
+  Shape s;
+  const Network net{2e-6, 5e9};
+  CostModel model(s, net);
+  std::vector<Observation> obs;
+  for (auto m : {Method::kLasp2, Method::kLasp1})
+    for (int64_t n : {2048, 4096, 8192, 16384}) {
+      const double x1 = work_units(Subject::kLinearLayer, m, n, 2).first;
+      obs.push_back({Subject::kLinearLayer, m, 2, n,
+                     1e-7 * std::pow(x1, 1.2) + comm_seconds(Subject::kLinearLayer, m, s, n, 2, net)});
+    }
+  model.calibrate(obs);
+  EXPECT_NEAR(model.fit(Subject::kLinearLayer, 2).exponent, 1.2, 1e-9);
+  for (const auto& o : obs) EXPECT_NEAR(model.predict(o.subject, o.method, o.n_tokens, 2) / o.measured_s, 1.0, 1e-6);
 }
 
 TEST(BenchCostModel, ProjectionOrdersTheMethods) {
