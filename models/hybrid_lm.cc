@@ -6,6 +6,7 @@
 #include <map>
 
 #include "models/titans.h"
+#include "parallel/softmax_attention/offload_attention.h"
 #include "runtime/comm_order.h"
 #include "runtime/dtypes.h"
 #include "runtime/error.h"
@@ -171,6 +172,7 @@ at::Tensor HybridLMImpl::forward(const at::Tensor& tokens, const SequenceContext
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == ctx.layout.local_len(), "HybridLM: tokens ", tokens.sizes(),
               " must be [B, ", ctx.layout.local_len(), "] for ", ctx.layout.describe());
   CommOrder::reset();  // this forward's communications form one ordered chain
+  if (ctx.offload) ctx.offload->close_calls(ctx.comm);  // the previous step's K,V on the memory nodes
   at::Tensor x = embedding_(tokens);
   for (size_t i = 0; i < mixers_.size(); ++i) {
     // A mixer kept in another dtype (set_precision) works in its own.
@@ -191,8 +193,10 @@ void HybridLMImpl::set_precision(at::ScalarType dtype) {
     if (is_titans_mixer(config_.pattern()[i])) mixers_[i]->to(at::kFloat);
 }
 
-SequenceContext make_context(const pb::ParallelConfig& p, const SequenceLayout& layout, const CommPtr& sp) {
+SequenceContext make_context(const pb::ParallelConfig& p, const SequenceLayout& layout, const CommPtr& sp,
+                             softmax_attention::OffloadClient* offload) {
   SequenceContext ctx{layout, sp};
+  ctx.offload = offload;
   switch (p.linear_method()) {
     case pb::LASP2: ctx.linear_method = linear_attention::LinearAttentionMethod::kLasp2; break;
     case pb::LASP2_ALLSCAN: ctx.linear_method = linear_attention::LinearAttentionMethod::kLasp2AllScan; break;
@@ -240,10 +244,11 @@ int64_t admissible_length(const pb::ModelConfig& m, LayoutKind kind, int sp, int
   return ((chunk + multiple - 1) / multiple) * multiple * chunks;
 }
 
-Trainer::LossFn language_model_loss(const pb::ParallelConfig& parallel) {
-  return [parallel](torch::nn::Module& module, const Batch& local, const SequenceLayout& layout, const CommPtr& sp) {
+Trainer::LossFn language_model_loss(const pb::ParallelConfig& parallel, softmax_attention::OffloadClient* offload) {
+  return [parallel, offload](torch::nn::Module& module, const Batch& local, const SequenceLayout& layout,
+                             const CommPtr& sp) {
     auto& model = dynamic_cast<HybridLMImpl&>(module);
-    const at::Tensor logits = model.forward(local.inputs, make_context(parallel, layout, sp));
+    const at::Tensor logits = model.forward(local.inputs, make_context(parallel, layout, sp, offload));
     // Log-softmax in float32 at least (float64 stays float64).
     const at::Tensor flat = logits.reshape({-1, logits.size(-1)});
     return at::nll_loss(at::log_softmax(flat.scalar_type() == at::kDouble ? flat : flat.to(at::kFloat), -1),
@@ -252,7 +257,8 @@ Trainer::LossFn language_model_loss(const pb::ParallelConfig& parallel) {
 }
 
 std::vector<int64_t> generate_greedy(HybridLMImpl& model, const std::vector<int64_t>& prompt, int64_t new_tokens,
-                                     const pb::ParallelConfig& parallel, const CommPtr& sp) {
+                                     const pb::ParallelConfig& parallel, const CommPtr& sp,
+                                     softmax_attention::OffloadClient* offload) {
   TORCH_CHECK(!prompt.empty(), "generate: the prompt is empty");
   const LayoutKind kind = parallel.layout() == pb::ZIGZAG ? LayoutKind::kZigzag : LayoutKind::kContiguous;
   at::NoGradGuard no_grad;
@@ -267,7 +273,7 @@ std::vector<int64_t> generate_greedy(HybridLMImpl& model, const std::vector<int6
     std::memcpy(seq.data_ptr<int64_t>(), tokens.data(), n * sizeof(int64_t));
     const SequenceLayout layout(kind, padded, sp->size());
     const at::Tensor local = layout.shard(seq, sp->rank(), 1).to(device);
-    const at::Tensor logits = model.forward(local, make_context(parallel, layout, sp));
+    const at::Tensor logits = model.forward(local, make_context(parallel, layout, sp, offload));
     const at::Tensor all = layout.gather(logits, *sp, 1);
     tokens.push_back(all[0][n - 1].argmax().item<int64_t>());
   }

@@ -64,7 +64,9 @@ class HybridLMImpl : public torch::nn::Module {
 TORCH_MODULE(HybridLM);
 
 // The SequenceContext that a config's parallel section asks for.
-SequenceContext make_context(const pb::ParallelConfig& parallel, const SequenceLayout& layout, const CommPtr& sp);
+// `offload`: the job's memory nodes when parallel.softmax_method is OFFLOAD.
+SequenceContext make_context(const pb::ParallelConfig& parallel, const SequenceLayout& layout, const CommPtr& sp,
+                             softmax_attention::OffloadClient* offload = nullptr);
 // Checks that every chunk of `layout` can carry the model: sliding-window and
 // convolution halos fit in a chunk, Titans chunks align. ConfigError otherwise,
 // naming the numbers and a length that works.
@@ -72,10 +74,12 @@ void check_sequence_length(const pb::ModelConfig& model, const SequenceLayout& l
 // The smallest length >= n that check_sequence_length accepts for `sp` ranks.
 int64_t admissible_length(const pb::ModelConfig& model, LayoutKind kind, int sp, int64_t n);
 // Trainer::LossFn of a HybridLM: summed cross-entropy of the shard's labels.
-Trainer::LossFn language_model_loss(const pb::ParallelConfig& parallel);
+Trainer::LossFn language_model_loss(const pb::ParallelConfig& parallel,
+                                    softmax_attention::OffloadClient* offload = nullptr);
 // Greedy continuation of `prompt` by `new_tokens` tokens, computed by the sp
 // group together (every rank returns the same tokens).
 std::vector<int64_t> generate_greedy(HybridLMImpl& model, const std::vector<int64_t>& prompt, int64_t new_tokens,
-                                     const pb::ParallelConfig& parallel, const CommPtr& sp);
+                                     const pb::ParallelConfig& parallel, const CommPtr& sp,
+                                     softmax_attention::OffloadClient* offload = nullptr);
 
 }  // namespace loom::models

@@ -6,6 +6,7 @@
 #include <cctype>
 
 #include "runtime/autograd_state.h"
+#include "parallel/softmax_attention/offload_attention.h"
 #include "runtime/comm_order.h"
 #include "runtime/differentiable_collectives.h"
 #include "runtime/error.h"
@@ -345,7 +346,8 @@ std::pair<at::Tensor, at::Tensor> positioned_attention(const at::Tensor& q, int6
 
 std::pair<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const SequenceLayout& layout, const CommPtr& comm,
-                                                     SoftmaxMethod method, const AttentionSpec& spec) {
+                                                     SoftmaxMethod method, const AttentionSpec& spec,
+                                                     OffloadClient* offload) {
   TORCH_CHECK(comm && comm->size() == layout.world_size(), "softmax attention: communicator has ",
               comm ? comm->size() : 0, " ranks, the layout ", layout.world_size());
   TORCH_CHECK(q.dim() == 4 && q.size(2) == layout.local_len(), "softmax attention: local q has shape ", q.sizes(),
@@ -353,9 +355,12 @@ std::pair<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const 
   TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(2) == q.size(2), "softmax attention: k ", k.sizes(),
               " and v ", v.sizes(), " must match q's length ", q.size(2));
   TORCH_CHECK(spec.window >= 0, "softmax attention: window must be >= 0, got ", spec.window);
-  if (method == SoftmaxMethod::kOffload)
-    throw ConfigError("softmax attention method 'offload' is not supported by this build yet");
-  if (spec.window > 0) return windowed(q, k, v, layout, comm, spec);
+  if (spec.window > 0) return windowed(q, k, v, layout, comm, spec);  // every method, offload too
+  if (method == SoftmaxMethod::kOffload) {
+    if (!offload)
+      throw ConfigError("softmax attention method 'offload' needs memory nodes: set offload.memory_ranks > 0");
+    return offload_attention(q, k, v, layout, comm, *offload, spec);
+  }
   switch (method) {
     case SoftmaxMethod::kLocal:
       if (layout.world_size() != 1)

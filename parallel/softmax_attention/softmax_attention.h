@@ -10,8 +10,8 @@
 //               owner, while dQ stays local;
 //   kAllGather  LASP-2H's softmax half: one AllGather of K,V, local attention
 //               to the causal prefix, backward reduce-scatters dK,dV;
-//   kOffload    K,V on memory nodes: not supported by this build yet (an error
-//               naming the method).
+//   kOffload    K,V on memory nodes, attention computed there
+//               (offload_attention.h); needs an OffloadClient.
 // With a sliding window (spec.window > 0) every method uses the halo instead:
 // each chunk receives the last window-1 keys/values of the chunk before it
 // (halo_exchange), which is exact and moves O(window) tokens; a window longer
@@ -43,14 +43,18 @@ const char* method_name(SoftmaxMethod method);
 // "local", "ring", "allgather", "offload" (any case); throws ConfigError otherwise.
 SoftmaxMethod parse_method(const std::string& name);
 
+class OffloadClient;
+
+// `offload` is required by (and only used by) kOffload.
 std::pair<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const SequenceLayout& layout, const CommPtr& comm,
-                                                     SoftmaxMethod method, const AttentionSpec& spec);
+                                                     SoftmaxMethod method, const AttentionSpec& spec,
+                                                     OffloadClient* offload = nullptr);
 
 inline at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const SequenceLayout& layout, const CommPtr& comm, SoftmaxMethod method,
-                            const AttentionSpec& spec) {
-  return attention_with_lse(q, k, v, layout, comm, method, spec).first;
+                            const AttentionSpec& spec, OffloadClient* offload = nullptr) {
+  return attention_with_lse(q, k, v, layout, comm, method, spec, offload).first;
 }
 
 // Forward of this rank's query chunks against every rank's K,V already

@@ -1,0 +1,218 @@
+#include "parallel/softmax_attention/offload_attention.h"
+
+#include <torch/autograd.h>
+
+#include "runtime/autograd_state.h"
+#include "runtime/comm_order.h"
+#include "runtime/error.h"
+#include "runtime/offload_protocol.h"
+
+namespace loom::softmax_attention {
+
+using Msg = pb::OffloadMessage;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+OffloadClient::OffloadClient(CommPtr comm, std::vector<int> memory_ranks, int group)
+    : comm_(std::move(comm)), memory_ranks_(std::move(memory_ranks)), group_(group) {
+  TORCH_CHECK(!memory_ranks_.empty(), "OffloadClient: no memory nodes");
+}
+
+Msg OffloadClient::request(int node, Msg msg, const std::vector<at::Tensor>& payloads, std::vector<at::Tensor>* reply) {
+  const int peer = memory_rank(node);
+  msg.set_version(offload::kProtocolVersion);
+  msg.set_group(group_);
+  msg.clear_payloads();
+  for (const auto& t : payloads) *msg.add_payloads() = offload::spec_of(t);
+  auto fail = [&](const Msg& r) {
+    return offload::OffloadError(r.error().empty() ? std::string("memory node rank ") + std::to_string(peer) +
+                                                         " answered " + offload::type_name(r.type()) + " to " +
+                                                         offload::type_name(msg.type())
+                                                   : r.error());
+  };
+  offload::send_control(*comm_, peer, msg);
+  const Msg ack = offload::receive_message(*comm_, peer, nullptr);
+  if (ack.type() != Msg::OK) throw fail(ack);
+  offload::send_payloads(*comm_, peer, payloads);
+  std::vector<at::Tensor> received;
+  const Msg r = offload::receive_message(*comm_, peer, &received);
+  if (r.type() != Msg::OK) throw fail(r);
+  if (reply) *reply = std::move(received);
+  return r;
+}
+
+int64_t OffloadClient::next_call() { return next_call_++; }
+
+void OffloadClient::close_calls(const CommPtr& sp) {
+  if (first_open_call_ == next_call_) return;
+  sp->barrier()->wait();  // every rank of the group is done with them
+  if (sp->rank() == 0)
+    for (int64_t call = first_open_call_; call < next_call_; ++call)
+      for (int node = 0; node < nodes(); ++node) {
+        Msg m;
+        m.set_type(Msg::CLOSE);
+        m.set_call(call);
+        request(node, m, {});
+      }
+  sp->barrier()->wait();  // on return, the memory is free for every rank
+  first_open_call_ = next_call_;
+}
+
+void OffloadClient::shutdown() {
+  for (int node = 0; node < nodes(); ++node) {
+    Msg m;
+    m.set_type(Msg::SHUTDOWN);
+    request(node, m, {});
+  }
+}
+
+offload::OffloadKernels offload_kernels() {
+  auto spec_of = [](const Msg& m) { return AttentionSpec{m.scale(), m.window(), m.block()}; };
+  offload::OffloadKernels k;
+  k.attend = [spec_of](const at::Tensor& q, int64_t q_start, const std::vector<offload::StoredChunk>& chunks,
+                       const Msg& req) {
+    const AttentionSpec spec = spec_of(req);
+    Partial acc = empty_partial(q);
+    for (const auto& c : chunks)
+      if (!pair_fully_masked(q_start, q.size(2), c.start, c.k.size(2), spec))
+        merge_partial(acc, attend_pair(q, q_start, c.k, c.v, c.start, spec));
+    return std::make_pair(acc.out, acc.lse);
+  };
+  k.attend_backward = [spec_of](const at::Tensor& q, const at::Tensor& out, const at::Tensor& dout,
+                                const at::Tensor& lse, int64_t q_start, std::vector<offload::StoredChunk>& chunks,
+                                const Msg& req) {
+    const AttentionSpec spec = spec_of(req);
+    const auto acc = out.scalar_type();
+    const at::Tensor delta = (dout.to(acc) * out).sum(-1);
+    at::Tensor dq = at::zeros(q.sizes(), q.options().dtype(acc));
+    for (auto& c : chunks) {
+      if (!c.dk.defined()) {
+        c.dk = at::zeros(c.k.sizes(), c.k.options().dtype(acc));
+        c.dv = at::zeros(c.v.sizes(), c.v.options().dtype(acc));
+      }
+      if (!pair_fully_masked(q_start, q.size(2), c.start, c.k.size(2), spec))
+        attend_pair_backward(q, q_start, c.k, c.v, c.start, spec, lse, dout, delta, dq, c.dk, c.dv);
+    }
+    return dq;
+  };
+  return k;
+}
+
+namespace {
+
+// The slices of a [B, H, n, d] shard: local chunk i, heads of memory node j.
+at::Tensor piece(const at::Tensor& x, int64_t chunk, int64_t L, int node, int nodes) {
+  const int64_t h = x.size(1) / nodes;
+  return x.narrow(2, chunk * L, L).narrow(1, node * h, h);
+}
+
+// Inverse of piece(): pieces[chunk][node] back into [B, H, n, d] (or [B, H, n]).
+at::Tensor assemble(const std::vector<std::vector<at::Tensor>>& pieces) {
+  std::vector<at::Tensor> chunks;
+  for (const auto& by_node : pieces) chunks.push_back(at::cat(by_node, 1));
+  return at::cat(chunks, 2);
+}
+
+struct OffloadFunction : public torch::autograd::Function<OffloadFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const SequenceLayout& layout, const CommPtr& comm,
+                               OffloadClient* client, double scale, int64_t block) {
+    ctx->saved_data["order"] = CommOrder::claim();
+    const int64_t call = client->next_call(), L = layout.chunk_len();
+    const auto chunks = layout.chunks_of(comm->rank());
+    const int M = client->nodes();
+    auto message = [&](Msg::Type type, int64_t chunk) {
+      Msg m;
+      m.set_type(type);
+      m.set_call(call);
+      m.set_start(layout.chunk_start(chunks[chunk]));
+      m.set_scale(scale);
+      m.set_window(0);
+      m.set_block(block);
+      return m;
+    };
+    for (size_t i = 0; i < chunks.size(); ++i)
+      for (int j = 0; j < M; ++j)
+        client->request(j, message(Msg::STORE_KV, i), {piece(k, i, L, j, M), piece(v, i, L, j, M)});
+    comm->barrier()->wait();  // the whole causal prefix is stored
+    std::vector<std::vector<at::Tensor>> outs(chunks.size()), lses(chunks.size());
+    for (size_t i = 0; i < chunks.size(); ++i)
+      for (int j = 0; j < M; ++j) {
+        std::vector<at::Tensor> reply;
+        client->request(j, message(Msg::ATTEND, i), {piece(q, i, L, j, M)}, &reply);
+        outs[i].push_back(reply[0]);
+        lses[i].push_back(reply[1]);
+      }
+    const at::Tensor out = assemble(outs), lse = assemble(lses);
+    ctx->save_for_backward({q, k, v, out, lse});
+    ctx->saved_data["call"] = call;
+    ctx->saved_data["client"] = reinterpret_cast<int64_t>(client);  // the job's; outlives the graph
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["block"] = block;
+    save_comm(ctx, comm);
+    save_layout(ctx, layout);
+    ctx->mark_non_differentiable({lse});
+    return {out.to(q.scalar_type()), lse, CommOrder::new_token()};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    CommOrder::backward_ran(ctx->saved_data["order"].toInt());
+    const auto s = ctx->get_saved_variables();
+    const at::Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4];
+    auto* client = reinterpret_cast<OffloadClient*>(ctx->saved_data["client"].toInt());
+    const CommPtr comm = saved_comm(ctx);
+    const SequenceLayout layout = saved_layout(ctx, *comm);
+    const at::Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(q);
+    const int64_t L = layout.chunk_len();
+    const auto chunks = layout.chunks_of(comm->rank());
+    const int M = client->nodes();
+    auto message = [&](Msg::Type type, int64_t chunk) {
+      Msg m;
+      m.set_type(type);
+      m.set_call(ctx->saved_data["call"].toInt());
+      m.set_start(layout.chunk_start(chunks[chunk]));
+      m.set_scale(ctx->saved_data["scale"].toDouble());
+      m.set_window(0);
+      m.set_block(ctx->saved_data["block"].toInt());
+      return m;
+    };
+    std::vector<std::vector<at::Tensor>> dq(chunks.size()), dk(chunks.size()), dv(chunks.size());
+    for (size_t i = 0; i < chunks.size(); ++i)
+      for (int j = 0; j < M; ++j) {
+        std::vector<at::Tensor> reply;
+        client->request(j, message(Msg::ATTEND_BACKWARD, i),
+                        {piece(q, i, L, j, M), piece(out, i, L, j, M), piece(dout, i, L, j, M),
+                         lse.narrow(2, i * L, L).narrow(1, j * (lse.size(1) / M), lse.size(1) / M)},
+                        &reply);
+        dq[i].push_back(reply[0]);
+      }
+    comm->barrier()->wait();  // every query chunk has added into dK, dV
+    for (size_t i = 0; i < chunks.size(); ++i)
+      for (int j = 0; j < M; ++j) {
+        std::vector<at::Tensor> reply;
+        client->request(j, message(Msg::FETCH_DKV, i), {}, &reply);
+        dk[i].push_back(reply[0]);
+        dv[i].push_back(reply[1]);
+      }
+    return {at::Tensor(), assemble(dq).to(q.scalar_type()), assemble(dk).to(k.scalar_type()),
+            assemble(dv).to(v.scalar_type()), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+std::pair<at::Tensor, at::Tensor> offload_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    const SequenceLayout& layout, const CommPtr& comm,
+                                                    OffloadClient& client, const AttentionSpec& spec) {
+  TORCH_CHECK(spec.window == 0, "offload attention: sliding windows use the halo, not the memory nodes");
+  const int M = client.nodes();
+  if (k.size(1) % M != 0)
+    throw ConfigError("offload: " + std::to_string(k.size(1)) + " key/value heads do not split over " +
+                      std::to_string(M) + " memory nodes (offload.memory_ranks must divide n_kv_heads)");
+  TORCH_CHECK(q.device().is_cpu(), "offload attention: the memory nodes' MPI transport takes CPU tensors, got ",
+              q.device());
+  auto res = apply_in_order<OffloadFunction>(q, k, v, layout, comm, &client, spec.scale, spec.block);
+  return {res[0], res[1]};
+}
+
+}  // namespace loom::softmax_attention
