@@ -18,6 +18,7 @@
 #include <torch/utils.h>
 
 #include "models/hybrid_lm.h"
+#include "parallel/softmax_attention/offload_attention.h"
 #include "runtime/data.h"
 #include "runtime/dtypes.h"
 #include "runtime/error.h"
@@ -96,7 +97,7 @@ int run_job(loom::Job& job, const Options& opt) {
   } catch (const std::exception& e) {
     throw SetupError(e.what());
   }
-  loom::Trainer trainer(job.config(), job.mesh(), model.ptr(), lm::language_model_loss(config.parallel()),
+  loom::Trainer trainer(job.config(), job.mesh(), model.ptr(), lm::language_model_loss(config.parallel(), job.offload_client()),
                         train_batches, val_batches);
   if (opt.eval_only) {
     if (trainer.resume().empty())
@@ -125,7 +126,7 @@ int run_job(loom::Job& job, const Options& opt) {
       const loom::Batch batch = val_batches(first, config.train().batch_size());
       const int r = job.mesh().sp_index();
       const at::Tensor logits = model->forward(layout.shard(batch.inputs, r, 1, 0).to(job.device()),
-                                               lm::make_context(config.parallel(), layout, job.mesh().sp()));
+                                               lm::make_context(config.parallel(), layout, job.mesh().sp(), job.offload_client()));
       const auto [c, t] =
           loom::labelled_accuracy(logits, layout.shard(batch.labels, r, 1, -100).to(job.device()), mqar ? 1 : 5);
       correct += c;
@@ -143,7 +144,8 @@ int run_job(loom::Job& job, const Options& opt) {
     const auto tokenizer = loom::make_tokenizer(config.data().tokenizer(), config.data().tokenizer_model());
     std::vector<int64_t> prompt;
     for (uint32_t t : tokenizer->encode(opt.generate)) prompt.push_back(t);
-    const auto out = lm::generate_greedy(*model, prompt, opt.max_new_tokens, config.parallel(), job.mesh().sp());
+    const auto out = lm::generate_greedy(*model, prompt, opt.max_new_tokens, config.parallel(), job.mesh().sp(),
+                                          job.offload_client());
     if (root) std::cout << "generated: " << tokenizer->decode(out) << std::endl;
   }
   return 0;
@@ -198,14 +200,32 @@ int run(int argc, char** argv) {
     if (is_root) std::cerr << "loom-train: " << e.what() << std::endl;
     return 3;
   }
-  LOOM_LOG(kInfo) << "loom-train " << LOOM_VERSION_STRING << ": " << job->world()->size() << " ranks, "
-                  << job->mesh().describe() << ", " << job->threads_per_rank() << " threads per rank";
-  if (opt.dry_run) {
-    job->world()->barrier()->wait();
-    LOOM_LOG(kInfo) << "dry run complete";
+  if (job->is_memory_node()) {
+    job->serve(loom::softmax_attention::offload_kernels());  // until every compute rank is done
     return 0;
   }
-  return run_job(*job, opt);
+  LOOM_LOG(kInfo) << "loom-train " << LOOM_VERSION_STRING << ": " << job->world()->size() << " compute ranks"
+                  << (config.offload().memory_ranks() > 0
+                          ? " + " + std::to_string(config.offload().memory_ranks()) + " memory nodes"
+                          : std::string())
+                  << ", " << job->mesh().describe() << ", " << job->threads_per_rank() << " threads per rank";
+  int code = 0;
+  try {
+    if (opt.dry_run) {
+      job->world()->barrier()->wait();
+      LOOM_LOG(kInfo) << "dry run complete";
+    } else {
+      code = run_job(*job, opt);
+    }
+  } catch (const SetupError&) {  // every compute rank stops alike: release the memory nodes
+    job->finish();
+    throw;
+  } catch (const loom::NonFiniteLoss&) {
+    job->finish();
+    throw;
+  }
+  job->finish();  // releases the memory nodes (any other error aborts the whole job)
+  return code;
 }
 
 }  // namespace

@@ -194,7 +194,7 @@ void HybridLMImpl::set_precision(at::ScalarType dtype) {
 }
 
 SequenceContext make_context(const pb::ParallelConfig& p, const SequenceLayout& layout, const CommPtr& sp,
-                             softmax_attention::OffloadClient* offload) {
+                             offload::OffloadClient* offload) {
   SequenceContext ctx{layout, sp};
   ctx.offload = offload;
   switch (p.linear_method()) {
@@ -244,7 +244,7 @@ int64_t admissible_length(const pb::ModelConfig& m, LayoutKind kind, int sp, int
   return ((chunk + multiple - 1) / multiple) * multiple * chunks;
 }
 
-Trainer::LossFn language_model_loss(const pb::ParallelConfig& parallel, softmax_attention::OffloadClient* offload) {
+Trainer::LossFn language_model_loss(const pb::ParallelConfig& parallel, offload::OffloadClient* offload) {
   return [parallel, offload](torch::nn::Module& module, const Batch& local, const SequenceLayout& layout,
                              const CommPtr& sp) {
     auto& model = dynamic_cast<HybridLMImpl&>(module);
@@ -258,7 +258,7 @@ Trainer::LossFn language_model_loss(const pb::ParallelConfig& parallel, softmax_
 
 std::vector<int64_t> generate_greedy(HybridLMImpl& model, const std::vector<int64_t>& prompt, int64_t new_tokens,
                                      const pb::ParallelConfig& parallel, const CommPtr& sp,
-                                     softmax_attention::OffloadClient* offload) {
+                                     offload::OffloadClient* offload) {
   TORCH_CHECK(!prompt.empty(), "generate: the prompt is empty");
   const LayoutKind kind = parallel.layout() == pb::ZIGZAG ? LayoutKind::kZigzag : LayoutKind::kContiguous;
   at::NoGradGuard no_grad;

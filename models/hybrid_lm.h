@@ -66,7 +66,7 @@ TORCH_MODULE(HybridLM);
 // The SequenceContext that a config's parallel section asks for.
 // `offload`: the job's memory nodes when parallel.softmax_method is OFFLOAD.
 SequenceContext make_context(const pb::ParallelConfig& parallel, const SequenceLayout& layout, const CommPtr& sp,
-                             softmax_attention::OffloadClient* offload = nullptr);
+                             offload::OffloadClient* offload = nullptr);
 // Checks that every chunk of `layout` can carry the model: sliding-window and
 // convolution halos fit in a chunk, Titans chunks align. ConfigError otherwise,
 // naming the numbers and a length that works.
@@ -75,11 +75,11 @@ void check_sequence_length(const pb::ModelConfig& model, const SequenceLayout& l
 int64_t admissible_length(const pb::ModelConfig& model, LayoutKind kind, int sp, int64_t n);
 // Trainer::LossFn of a HybridLM: summed cross-entropy of the shard's labels.
 Trainer::LossFn language_model_loss(const pb::ParallelConfig& parallel,
-                                    softmax_attention::OffloadClient* offload = nullptr);
+                                    offload::OffloadClient* offload = nullptr);
 // Greedy continuation of `prompt` by `new_tokens` tokens, computed by the sp
 // group together (every rank returns the same tokens).
 std::vector<int64_t> generate_greedy(HybridLMImpl& model, const std::vector<int64_t>& prompt, int64_t new_tokens,
                                      const pb::ParallelConfig& parallel, const CommPtr& sp,
-                                     softmax_attention::OffloadClient* offload = nullptr);
+                                     offload::OffloadClient* offload = nullptr);
 
 }  // namespace loom::models

@@ -17,7 +17,7 @@ struct SequenceContext {
   linear_attention::LinearAttentionMethod linear_method = linear_attention::LinearAttentionMethod::kLasp2;
   softmax_attention::SoftmaxMethod softmax_method = softmax_attention::SoftmaxMethod::kRing;
   // The memory nodes of the offload method (owned by the job; null without).
-  softmax_attention::OffloadClient* offload = nullptr;
+  offload::OffloadClient* offload = nullptr;
 
   int rank() const { return comm->rank(); }
   at::Tensor positions() const { return layout.global_positions(comm->rank()); }

@@ -346,6 +346,14 @@ void validate_config(const pb::LoomConfig& c) {
 
   v.at_least("offload.memory_ranks", c.offload().memory_ranks(), 0);
   v.at_least("offload.capacity_mb", c.offload().capacity_mb(), 1);
+  const bool offload = c.parallel().softmax_method() == pb::OFFLOAD;
+  v.require(!offload || c.offload().memory_ranks() > 0,
+            "field parallel.softmax_method = OFFLOAD needs memory nodes: set offload.memory_ranks >= 1");
+  v.require(offload || c.offload().memory_ranks() == 0,
+            "field offload.memory_ranks = " + std::to_string(c.offload().memory_ranks()) +
+                ": memory nodes serve only parallel.softmax_method = OFFLOAD (they would sit idle)");
+  v.require(!offload || c.train().device() == "cpu",
+            "field parallel.softmax_method = OFFLOAD: the memory nodes' transport is MPI, so train.device must be cpu");
   v.one_of("log.level", c.log().level(), {"debug", "info", "warn", "error"});
   v.throw_if_any();
 }

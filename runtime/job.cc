@@ -80,12 +80,36 @@ CommPtr mesh_world(const std::shared_ptr<MpiCommunicator>& world, const pb::Trai
 }  // namespace
 
 Job::Job(pb::LoomConfig config) : config_(std::move(config)) {
-  auto world = MpiCommunicator::world();
+  mpi_world_ = MpiCommunicator::world();
+  const auto& world = mpi_world_;
   configure_logging(world->rank(), world->size(), config_.log().all_ranks(), parse_log_level(config_.log().level()));
   world->set_timeout(std::chrono::milliseconds(static_cast<int64_t>(config_.parallel().comm_timeout_s() * 1000.0)));
   threads_ = configure_threads(config_.parallel().threads_per_rank(), world->handle());
-  mesh_ = std::make_unique<ProcessMesh>(mesh_world(world, config_.train(), device_), config_.parallel().dp(),
+  const int M = config_.offload().memory_ranks(), S = world->size();
+  if (M >= S)
+    throw ConfigError("offload.memory_ranks = " + std::to_string(M) + " leaves no compute rank in a world of " +
+                      std::to_string(S) + " ranks");
+  for (int r = 0; r < S; ++r) (r >= S - M ? memory_ranks_ : compute_ranks_).push_back(r);
+  const bool memory = world->rank() >= S - M;
+  // Compute ranks (color 0) get the mesh; memory nodes (color 1) serve.
+  auto compute = M > 0 ? std::dynamic_pointer_cast<MpiCommunicator>(world->split(memory ? 1 : 0, world->rank())) : world;
+  if (memory) return;
+  mesh_ = std::make_unique<ProcessMesh>(mesh_world(compute, config_.train(), device_), config_.parallel().dp(),
                                         config_.parallel().sp());
+  if (M > 0) offload_ = std::make_unique<offload::OffloadClient>(world, memory_ranks_, mesh_->dp_index());
+}
+
+Job::~Job() = default;
+
+void Job::serve(const offload::OffloadKernels& kernels) {
+  TORCH_CHECK(is_memory_node(), "Job::serve: rank ", mpi_world_->rank(), " is a compute rank");
+  LOOM_LOG(kInfo) << "memory node: serving " << compute_ranks_.size() << " compute ranks, capacity "
+                  << config_.offload().capacity_mb() << " MiB";
+  offload::OffloadServer(mpi_world_, compute_ranks_, config_.offload().capacity_mb() << 20, kernels).serve();
+}
+
+void Job::finish() {
+  if (offload_) offload_->shutdown();
 }
 
 }  // namespace loom

@@ -1,6 +1,8 @@
 #include "runtime/offload_server.h"
 
 #include <chrono>
+#include <csignal>
+#include <cstdlib>
 #include <thread>
 
 #include "runtime/logging.h"
@@ -179,6 +181,11 @@ void OffloadServer::handle(int client, const at::Tensor& header, bool& shutdown)
 }
 
 void OffloadServer::serve() {
+  // Fault injection for the tests: stop answering, or die, after n requests.
+  const char* stall = std::getenv("LOOM_FAULT_MEMORY_NODE_STALL_AFTER");
+  const char* die = std::getenv("LOOM_FAULT_MEMORY_NODE_KILL_AFTER");
+  const int64_t stall_after = stall ? std::atoll(stall) : -1, die_after = die ? std::atoll(die) : -1;
+  int64_t handled = 0;
   struct Pending {
     int client;
     at::Tensor header;
@@ -200,6 +207,9 @@ void OffloadServer::serve() {
       }
       progressed = true;
       pending[i].work->wait();
+      if (handled == die_after) std::raise(SIGKILL);
+      while (handled == stall_after) std::this_thread::sleep_for(std::chrono::seconds(1));
+      ++handled;
       bool shutdown = false;
       handle(pending[i].client, pending[i].header, shutdown);
       if (shutdown) {

@@ -48,6 +48,18 @@ void add_abort_hook(std::function<void()> hook) {
   hooks().push_back(std::move(hook));
 }
 
+namespace {
+std::string& watchdog_context() {
+  thread_local std::string context;
+  return context;
+}
+}  // namespace
+
+WatchdogContext::WatchdogContext(std::string what) : previous_(std::move(watchdog_context())) {
+  watchdog_context() = std::move(what);
+}
+WatchdogContext::~WatchdogContext() { watchdog_context() = std::move(previous_); }
+
 void wait_with_watchdog(const std::function<bool()>& is_done, std::chrono::milliseconds timeout,
                         const std::function<std::string()>& describe) {
   using clock = std::chrono::steady_clock;
@@ -70,8 +82,9 @@ void wait_with_watchdog(const std::function<bool()>& is_done, std::chrono::milli
   }
   const double seconds = std::chrono::duration<double>(timeout).count();
   std::ostringstream msg;
-  msg << "loom watchdog: rank " << world_rank_or_minus_one() << " on host " << host_name() << ": "
-      << describe() << " did not complete within " << seconds
+  msg << "loom watchdog: rank " << world_rank_or_minus_one() << " on host " << host_name() << ": " << describe();
+  if (!watchdog_context().empty()) msg << " (" << watchdog_context() << ")";
+  msg << " did not complete within " << seconds
       << " s (a rank skipped or reordered a collective, a peer died, or the timeout is too short; "
       << "set parallel.comm_timeout_s or LOOM_COMM_TIMEOUT_S)";
   if (watchdog_action() == WatchdogAction::kThrow) throw CommTimeout(msg.str());

@@ -32,6 +32,21 @@ constexpr int kWatchdogExitCode = 124;
 void wait_with_watchdog(const std::function<bool()>& is_done, std::chrono::milliseconds timeout,
                         const std::function<std::string()>& describe);
 
+// Names what the code waiting in this scope is doing (say, "offload ATTEND of
+// call 3 with memory node rank 2"): the watchdog adds it to its message, since
+// a point-to-point receive alone does not say which request it belongs to.
+// Thread-local; scopes nest (the innermost is reported).
+class WatchdogContext {
+ public:
+  explicit WatchdogContext(std::string what);
+  ~WatchdogContext();
+  WatchdogContext(const WatchdogContext&) = delete;
+  WatchdogContext& operator=(const WatchdogContext&) = delete;
+
+ private:
+  std::string previous_;
+};
+
 // Runs before the watchdog aborts the job.
 void add_abort_hook(std::function<void()> hook);
 

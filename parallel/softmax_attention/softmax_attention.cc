@@ -347,7 +347,7 @@ std::pair<at::Tensor, at::Tensor> positioned_attention(const at::Tensor& q, int6
 std::pair<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const SequenceLayout& layout, const CommPtr& comm,
                                                      SoftmaxMethod method, const AttentionSpec& spec,
-                                                     OffloadClient* offload) {
+                                                     offload::OffloadClient* offload) {
   TORCH_CHECK(comm && comm->size() == layout.world_size(), "softmax attention: communicator has ",
               comm ? comm->size() : 0, " ranks, the layout ", layout.world_size());
   TORCH_CHECK(q.dim() == 4 && q.size(2) == layout.local_len(), "softmax attention: local q has shape ", q.sizes(),

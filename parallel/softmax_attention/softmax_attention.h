@@ -36,6 +36,10 @@
 #include "runtime/communicator.h"
 #include "runtime/sequence_layout.h"
 
+namespace loom::offload {
+class OffloadClient;
+}
+
 namespace loom::softmax_attention {
 
 enum class SoftmaxMethod { kLocal, kRing, kAllGather, kOffload };
@@ -43,17 +47,15 @@ const char* method_name(SoftmaxMethod method);
 // "local", "ring", "allgather", "offload" (any case); throws ConfigError otherwise.
 SoftmaxMethod parse_method(const std::string& name);
 
-class OffloadClient;
-
 // `offload` is required by (and only used by) kOffload.
 std::pair<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const SequenceLayout& layout, const CommPtr& comm,
                                                      SoftmaxMethod method, const AttentionSpec& spec,
-                                                     OffloadClient* offload = nullptr);
+                                                     offload::OffloadClient* offload = nullptr);
 
 inline at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const SequenceLayout& layout, const CommPtr& comm, SoftmaxMethod method,
-                            const AttentionSpec& spec, OffloadClient* offload = nullptr) {
+                            const AttentionSpec& spec, offload::OffloadClient* offload = nullptr) {
   return attention_with_lse(q, k, v, layout, comm, method, spec, offload).first;
 }
 

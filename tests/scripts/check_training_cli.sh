@@ -90,6 +90,26 @@ case "$scenario" in
     out=$("${mpi[@]}" "$train" "${common[@]}" --set train.device=cuda --set train.steps=2 2>&1); c=$?
     if [ $c -eq 0 ]; then expect 0 "step 2/2" $c "$out"
     else expect 3 "train.device = cuda: (no CUDA device is visible|2 ranks on this node but only 1 CUDA)" $c "$out"; fi ;;
+  offload | offload_stalled_memory_node | offload_killed_memory_node)
+    # 2 compute ranks + 1 memory node holding the softmax layer's K,V.
+    offload=(--set model.preset=tiny-linear-llama-hybrid --set parallel.softmax_method=OFFLOAD
+             --set offload.memory_ranks=1 --set parallel.comm_timeout_s=10)
+    np3=("$mpiexec" --oversubscribe -np 3)
+    case "$scenario" in
+      offload)
+        out=$("${np3[@]}" "$train" "${common[@]}" "${offload[@]}" --set train.steps=4 --generate "the quick" --max-new-tokens 4 2>&1); c=$?
+        expect 0 "2 compute ranks \+ 1 memory nodes" $c "$out"
+        grep -q "generated: the quick" <<<"$out" || { echo "FAIL: no generation"; exit 1; } ;;
+      offload_stalled_memory_node)
+        # The node stops answering: the compute ranks' watchdog names it and the request.
+        start=$(date +%s)
+        out=$(LOOM_FAULT_MEMORY_NODE_STALL_AFTER=6 timeout 120 "${np3[@]}" "$train" "${common[@]}" "${offload[@]}" --set train.steps=4 2>&1); c=$?
+        expect nonzero "offload [A-Z_]+ of call [0-9]+ with memory node rank 2\) did not complete within 10 s" $c "$out"
+        [ $(( $(date +%s) - start )) -lt 60 ] || { echo "FAIL: took too long to stop"; exit 1; } ;;
+      offload_killed_memory_node)
+        out=$(LOOM_FAULT_MEMORY_NODE_KILL_AFTER=6 timeout 120 "${np3[@]}" "$train" "${common[@]}" "${offload[@]}" --set train.steps=4 2>&1); c=$?
+        expect nonzero "rank 2 .*(exited on signal 9|Killed)" $c "$out" ;;
+    esac ;;
   *) echo "unknown scenario $scenario"; exit 2 ;;
 esac
 echo "PASS: $scenario"
