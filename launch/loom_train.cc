@@ -144,8 +144,23 @@ int run_job(loom::Job& job, const Options& opt) {
     const auto tokenizer = loom::make_tokenizer(config.data().tokenizer(), config.data().tokenizer_model());
     std::vector<int64_t> prompt;
     for (uint32_t t : tokenizer->encode(opt.generate)) prompt.push_back(t);
-    const auto out = lm::generate_greedy(*model, prompt, opt.max_new_tokens, config.parallel(), job.mesh().sp(),
-                                          job.offload_client());
+    std::vector<int64_t> out;
+    if (job.offload_client()) {
+      // Lamina: rank 0 decodes token by token with the softmax layers' KV cache
+      // on the memory nodes; the other compute ranks wait.
+      if (root) {
+        const auto before = job.offload_client()->payload_bytes_sent() + job.offload_client()->payload_bytes_received();
+        out = lm::generate_incremental(*model, {prompt}, opt.max_new_tokens, job.offload_client())[0];
+        const auto bytes =
+            job.offload_client()->payload_bytes_sent() + job.offload_client()->payload_bytes_received() - before;
+        LOOM_LOG(kInfo) << "generation with the KV cache on " << config.offload().memory_ranks()
+                        << " memory node(s): " << bytes / static_cast<int64_t>(out.size() - 1)
+                        << " payload bytes per token";
+      }
+      job.world()->barrier()->wait();
+    } else {
+      out = lm::generate_greedy(*model, prompt, opt.max_new_tokens, config.parallel(), job.mesh().sp());
+    }
     if (root) std::cout << "generated: " << tokenizer->decode(out) << std::endl;
   }
   return 0;

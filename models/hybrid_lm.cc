@@ -186,6 +186,53 @@ at::Tensor HybridLMImpl::forward(const at::Tensor& tokens, const SequenceContext
   return head_ ? head_(x) : at::matmul(x, embedding_->weight.t());
 }
 
+at::Tensor HybridLMImpl::decode_step(const at::Tensor& tokens, std::vector<DecodeCache>& caches, DecodeContext ctx) {
+  TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == 1, "HybridLM::decode_step: tokens ", tokens.sizes(),
+              " must be [sequences, 1]");
+  caches.resize(mixers_.size());
+  at::Tensor x = embedding_(tokens);
+  for (size_t i = 0; i < mixers_.size(); ++i) {
+    ctx.layer = static_cast<int64_t>(i);
+    const at::Tensor mixed = mixer_norms_[i](x);
+    const auto own = mixer_weights_[i].scalar_type();
+    x = x + mixers_[i]->decode(mixed.to(own), caches[i], ctx).to(x.scalar_type());
+    x = x + mlps_[i](mlp_norms_[i](x));
+  }
+  x = final_norm_(x);
+  return head_ ? head_(x) : at::matmul(x, embedding_->weight.t());
+}
+
+std::vector<std::vector<int64_t>> generate_incremental(HybridLMImpl& model,
+                                                       const std::vector<std::vector<int64_t>>& prompts,
+                                                       int64_t new_tokens, offload::OffloadClient* offload,
+                                                       int64_t first_sequence) {
+  TORCH_CHECK(!prompts.empty() && !prompts[0].empty(), "generate: no prompt");
+  for (const auto& p : prompts)
+    TORCH_CHECK(p.size() == prompts[0].size(), "generate: batched prompts must have the same length, got ",
+                p.size(), " and ", prompts[0].size());
+  at::NoGradGuard no_grad;
+  const int64_t S = static_cast<int64_t>(prompts.size()), n = static_cast<int64_t>(prompts[0].size());
+  const at::Device device = model.parameters().front().device();
+  DecodeContext ctx;
+  ctx.offload = offload;
+  for (int64_t s = 0; s < S; ++s) ctx.sequences.push_back(first_sequence + s);
+  std::vector<DecodeCache> caches;
+  std::vector<std::vector<int64_t>> out = prompts;
+  at::Tensor logits;
+  for (int64_t t = 0; t < n + new_tokens - 1; ++t) {
+    at::Tensor column = at::empty({S, 1}, at::kLong);
+    for (int64_t s = 0; s < S; ++s) column[s][0] = out[s][t];
+    ctx.position = t;
+    logits = model.decode_step(column.to(device), caches, ctx);
+    if (t + 1 >= n) {
+      const at::Tensor next = logits.select(1, 0).argmax(-1).cpu();
+      for (int64_t s = 0; s < S; ++s) out[s].push_back(next[s].item<int64_t>());
+    }
+  }
+  if (offload) offload->close_sequences(ctx.sequences);
+  return out;
+}
+
 void HybridLMImpl::set_precision(at::ScalarType dtype) {
   to(dtype);
   if (!is_reduced_precision(dtype)) return;

@@ -41,6 +41,9 @@ class HybridLMImpl : public torch::nn::Module {
   // the CPU), see ParameterScope.
   explicit HybridLMImpl(const pb::ModelConfig& resolved, at::TensorOptions options = {});
   at::Tensor forward(const at::Tensor& tokens, const SequenceContext& ctx);
+  // Incremental decoding: tokens [S, 1] at ctx.position -> logits [S, 1, V];
+  // `caches` (one per layer) carry the mixers' state between calls.
+  at::Tensor decode_step(const at::Tensor& tokens, std::vector<DecodeCache>& caches, DecodeContext ctx);
   const pb::ModelConfig& config() const { return config_; }
   // Casts the parameters for training in `dtype`. bfloat16/float16: every
   // parameter in that dtype except the Titans mixers', which stay float32 so
@@ -81,5 +84,15 @@ Trainer::LossFn language_model_loss(const pb::ParallelConfig& parallel,
 std::vector<int64_t> generate_greedy(HybridLMImpl& model, const std::vector<int64_t>& prompt, int64_t new_tokens,
                                      const pb::ParallelConfig& parallel, const CommPtr& sp,
                                      offload::OffloadClient* offload = nullptr);
+
+// Greedy continuation of several prompts of equal length, one token at a time
+// with per-layer caches, on this rank alone (no sequence parallelism). With
+// `offload`, the full-attention layers' KV caches live on the memory nodes
+// (Lamina), as sequences first_sequence, first_sequence + 1, ..., closed at
+// the end. Mixers without incremental decoding (Titans) throw UnsupportedError.
+std::vector<std::vector<int64_t>> generate_incremental(HybridLMImpl& model,
+                                                       const std::vector<std::vector<int64_t>>& prompts,
+                                                       int64_t new_tokens, offload::OffloadClient* offload = nullptr,
+                                                       int64_t first_sequence = 0);
 
 }  // namespace loom::models

@@ -8,6 +8,7 @@
 #include "parallel/linear_attention/lasp.h"
 #include "parallel/short_conv.h"
 #include "parallel/softmax_attention/blockwise_kernel.h"
+#include "parallel/softmax_attention/offload_attention.h"
 #include "parallel/softmax_attention/rotary.h"
 #include "runtime/error.h"
 
@@ -23,6 +24,11 @@ at::Tensor merge_heads(const at::Tensor& x) {
 namespace {
 int64_t kv_heads_of(const pb::ModelConfig& c) { return c.n_kv_heads() > 0 ? c.n_kv_heads() : c.n_heads(); }
 }  // namespace
+
+at::Tensor MixerImpl::decode(const at::Tensor&, DecodeCache&, const DecodeContext&) {
+  throw UnsupportedError(std::string("incremental decoding is not offered by the ") + name() +
+                         " mixer (Titans memories update per chunk); generate by recomputing the prefix");
+}
 
 // ---- L ----
 LinearAttentionMixer::LinearAttentionMixer(const pb::ModelConfig& c)
@@ -57,6 +63,26 @@ at::Tensor LinearAttentionMixer::forward(const at::Tensor& x, const SequenceCont
   return o_(merge_heads(out));
 }
 
+// S_t = lambda S_(t-1) + k_t v_t^T (v with a column of ones for the
+// normaliser), o_t = q_t^T S_t: the recurrence the chunked kernel computes.
+at::Tensor LinearAttentionMixer::decode(const at::Tensor& x, DecodeCache& cache, const DecodeContext&) {
+  const int64_t group = heads_ / kv_heads_;
+  const at::Tensor q = feature_map_(split_heads(q_(x), heads_));
+  const at::Tensor k = feature_map_(softmax_attention::repeat_kv_heads(split_heads(k_(x), kv_heads_), group));
+  at::Tensor v = softmax_attention::repeat_kv_heads(split_heads(v_(x), kv_heads_), group);
+  const int64_t dv = v.size(-1);
+  if (normalize_) v = at::cat({v, at::ones({v.size(0), v.size(1), 1, 1}, v.options())}, -1);
+  at::Tensor S = at::matmul(k.transpose(-1, -2), v);  // [S, H, f, dv(+1)]
+  if (!cache.tensors.empty()) {
+    const at::Tensor& prev = cache.tensors[0];
+    S = S + (decay_.defined() ? prev * decay_.to(prev.options()).view({1, heads_, 1, 1}) : prev);
+  }
+  cache.tensors = {S};
+  at::Tensor out = at::matmul(q, S);
+  if (normalize_) out = out.narrow(-1, 0, dv) / (out.narrow(-1, dv, 1) + linear_attention::LinearAttentionOptions().eps);
+  return o_(merge_heads(out));
+}
+
 // ---- A, W ----
 SoftmaxAttentionMixer::SoftmaxAttentionMixer(const pb::ModelConfig& c, int64_t window)
     : heads_(c.n_heads()),
@@ -85,6 +111,25 @@ at::Tensor SoftmaxAttentionMixer::forward(const at::Tensor& x, const SequenceCon
   return o_(merge_heads(softmax_attention::attention(q, k, v, ctx.layout, ctx.comm, method, spec, ctx.offload)));
 }
 
+at::Tensor SoftmaxAttentionMixer::decode(const at::Tensor& x, DecodeCache& cache, const DecodeContext& ctx) {
+  const at::Tensor pos = at::full({1}, ctx.position, at::kLong);
+  const at::Tensor q = softmax_attention::apply_rotary(split_heads(q_(x), heads_), pos, rope_theta_);
+  const at::Tensor k = softmax_attention::apply_rotary(split_heads(k_(x), kv_heads_), pos, rope_theta_);
+  const at::Tensor v = split_heads(v_(x), kv_heads_);
+  softmax_attention::AttentionSpec spec;
+  if (window_ == 0 && ctx.offload)  // Lamina: the KV cache lives on the memory nodes
+    return o_(merge_heads(
+        softmax_attention::offload_decode_attention(q, k, v, *ctx.offload, ctx.layer, ctx.sequences, spec)));
+  at::Tensor K = cache.tensors.empty() ? k : at::cat({cache.tensors[0], k}, 2);
+  at::Tensor V = cache.tensors.empty() ? v : at::cat({cache.tensors[1], v}, 2);
+  if (window_ > 0 && K.size(2) > window_) {  // the last `window` positions, itself included
+    K = K.narrow(2, K.size(2) - window_, window_);
+    V = V.narrow(2, V.size(2) - window_, window_);
+  }
+  cache.tensors = {K, V};
+  return o_(merge_heads(softmax_attention::attend_newest(q, K, V, spec)));
+}
+
 // ---- C ----
 BaseConvMixer::BaseConvMixer(const pb::ModelConfig& c) : dim_(c.d_model()) {
   in_proj_ = register_module("in_proj", make_projection(dim_, 4 * dim_));
@@ -102,6 +147,20 @@ at::Tensor BaseConvMixer::forward(const at::Tensor& x, const SequenceContext& ct
 }
 
 bool is_titans_mixer(char letter) { return letter == 'M' || letter == 'G' || letter == 'X'; }
+
+// y_t = bias + sum_i weight[:, i] * u1_(t-K+1+i): the window of the last K inputs.
+at::Tensor BaseConvMixer::decode(const at::Tensor& x, DecodeCache& cache, const DecodeContext&) {
+  const at::Tensor u = in_proj_(x);
+  const at::Tensor u1 = u.narrow(-1, 0, 2 * dim_), u2 = u.narrow(-1, 2 * dim_, 2 * dim_);
+  const int64_t K = conv_weight_.size(1);
+  const at::Tensor past = cache.tensors.empty() ? at::zeros({u1.size(0), K - 1, 2 * dim_}, u1.options())
+                                                : cache.tensors[0];
+  const at::Tensor window = at::cat({past, u1}, 1);  // [S, K, 2D]
+  cache.tensors = {window.narrow(1, 1, K - 1)};
+  at::Tensor conv = (window * conv_weight_.t().unsqueeze(0)).sum(1, /*keepdim=*/true);
+  if (conv_bias_.defined()) conv = conv + conv_bias_;
+  return out_proj_(at::silu(conv) * u2);
+}
 
 Mixer make_mixer(char letter, const pb::ModelConfig& c) {
   switch (letter) {

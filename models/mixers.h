@@ -25,9 +25,25 @@
 
 namespace loom::models {
 
+// Incremental decoding (generation), one new token per sequence at a time.
+// What a mixer keeps between tokens (L: the state S; A, W: cached keys and
+// values, or nothing when the memory nodes hold them; C: the last K-1 inputs).
+struct DecodeCache {
+  std::vector<at::Tensor> tensors;
+};
+struct DecodeContext {
+  int64_t position = 0;  // global position of the new token (the same for the whole batch)
+  int64_t layer = 0;     // the mixer's layer index
+  offload::OffloadClient* offload = nullptr;  // full-attention KV caches on memory nodes when set
+  std::vector<int64_t> sequences;             // the batch's sequence ids (memory-node caches)
+};
+
 class MixerImpl : public torch::nn::Module {
  public:
   virtual at::Tensor forward(const at::Tensor& x, const SequenceContext& ctx) = 0;
+  // x [S, 1, D]: the new token of S sequences; equals forward() on the whole
+  // prefix at that position. Mixers without it throw UnsupportedError.
+  virtual at::Tensor decode(const at::Tensor& x, DecodeCache& cache, const DecodeContext& ctx);
 };
 using Mixer = std::shared_ptr<MixerImpl>;
 
@@ -40,6 +56,7 @@ class LinearAttentionMixer : public MixerImpl {
  public:
   explicit LinearAttentionMixer(const pb::ModelConfig& config);
   at::Tensor forward(const at::Tensor& x, const SequenceContext& ctx) override;
+  at::Tensor decode(const at::Tensor& x, DecodeCache& cache, const DecodeContext& ctx) override;
 
  private:
   int64_t heads_, kv_heads_, head_dim_, feature_dim_, block_;
@@ -54,6 +71,7 @@ class SoftmaxAttentionMixer : public MixerImpl {
   // window 0: full causal attention.
   SoftmaxAttentionMixer(const pb::ModelConfig& config, int64_t window);
   at::Tensor forward(const at::Tensor& x, const SequenceContext& ctx) override;
+  at::Tensor decode(const at::Tensor& x, DecodeCache& cache, const DecodeContext& ctx) override;
 
  private:
   int64_t heads_, kv_heads_, head_dim_, window_;
@@ -66,6 +84,7 @@ class BaseConvMixer : public MixerImpl {
  public:
   explicit BaseConvMixer(const pb::ModelConfig& config);
   at::Tensor forward(const at::Tensor& x, const SequenceContext& ctx) override;
+  at::Tensor decode(const at::Tensor& x, DecodeCache& cache, const DecodeContext& ctx) override;
 
  private:
   int64_t dim_;

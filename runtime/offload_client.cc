@@ -32,6 +32,8 @@ Msg OffloadClient::request(int node, Msg msg, const std::vector<at::Tensor>& pay
   std::vector<at::Tensor> received;
   const Msg r = receive_message(*comm_, peer, &received);
   if (r.type() != Msg::OK) throw fail(r);
+  for (const auto& t : payloads) payload_sent_ += static_cast<int64_t>(t.nbytes());
+  for (const auto& t : received) payload_received_ += static_cast<int64_t>(t.nbytes());
   if (reply) *reply = std::move(received);
   return r;
 }
@@ -51,6 +53,13 @@ void OffloadClient::close_calls(const CommPtr& sp) {
       }
   sp->barrier()->wait();  // on return, the memory is free for every rank
   first_open_call_ = next_call_;
+}
+
+void OffloadClient::close_sequences(const std::vector<int64_t>& sequences) {
+  Msg m;
+  m.set_type(Msg::CLOSE);
+  for (int64_t s : sequences) m.add_sequences(s);
+  for (int node = 0; node < nodes(); ++node) request(node, m, {});
 }
 
 void OffloadClient::shutdown() {

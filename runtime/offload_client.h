@@ -32,6 +32,12 @@ class OffloadClient {
   // Frees the K,V of every call so far: a barrier over `sp`, its rank 0 sends
   // CLOSE to every node, a barrier again. Collective over `sp`.
   void close_calls(const CommPtr& sp);
+  // Generation: frees these sequences' KV caches on every node.
+  void close_sequences(const std::vector<int64_t>& sequences);
+  // Payload bytes this client sent and received (tensors only, without the
+  // control messages): what the Lamina cost model counts.
+  int64_t payload_bytes_sent() const { return payload_sent_; }
+  int64_t payload_bytes_received() const { return payload_received_; }
   // Every compute rank, once, at the end: the nodes' serve() returns when all have.
   void shutdown();
 
@@ -40,6 +46,7 @@ class OffloadClient {
   std::vector<int> memory_ranks_;
   int group_;
   int64_t next_call_ = 0, first_open_call_ = 0;
+  int64_t payload_sent_ = 0, payload_received_ = 0;
 };
 
 }  // namespace loom::offload

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <csignal>
+#include <set>
 #include <cstdlib>
 #include <thread>
 
@@ -24,7 +25,8 @@ int64_t bytes_of(const at::Tensor& t) { return t.defined() ? static_cast<int64_t
 
 OffloadServer::OffloadServer(CommPtr comm, std::vector<int> clients, int64_t capacity_bytes, OffloadKernels kernels)
     : comm_(std::move(comm)), clients_(std::move(clients)), capacity_bytes_(capacity_bytes), kernels_(std::move(kernels)) {
-  TORCH_CHECK(kernels_.attend && kernels_.attend_backward, "OffloadServer: attention kernels are missing");
+  TORCH_CHECK(kernels_.attend && kernels_.attend_backward && kernels_.attend_newest,
+              "OffloadServer: attention kernels are missing");
 }
 
 std::string OffloadServer::describe(const Msg& req) const {
@@ -76,6 +78,26 @@ void OffloadServer::validate(const Msg& req) const {
         if (c.start == req.start()) return;
       throw OffloadError(what + ": no chunk stored at position " + std::to_string(req.start()));
     }
+    case Msg::DECODE: {
+      payloads(3);
+      const auto& q = req.payloads(0);
+      if (q.shape_size() != 4 || q.shape(0) != req.sequences_size() || q.shape(2) != 1)
+        throw OffloadError(what + ": q must be [sequences = " + std::to_string(req.sequences_size()) +
+                           ", heads, 1, d]");
+      Msg kv;  // what stays: the new keys and values
+      *kv.add_payloads() = req.payloads(1);
+      *kv.add_payloads() = req.payloads(2);
+      const int64_t kept = payload_bytes(kv, kMaxPayloadBytes);
+      int64_t fresh = 0;
+      for (int64_t s : req.sequences())
+        if (!caches_.count({req.group(), req.call(), s})) ++fresh;
+      if (bytes_in_use_ + kept > capacity_bytes_)
+        throw OffloadError(what + ": memory node full: caching " + std::to_string(req.sequences_size()) +
+                           " sequence(s) (" + std::to_string(fresh) + " new) needs " + std::to_string(kept) +
+                           " more bytes, " + std::to_string(bytes_in_use_) + " of " + std::to_string(capacity_bytes_) +
+                           " in use (close finished sequences or raise offload.capacity_mb)");
+      return;
+    }
     case Msg::CLOSE:
     case Msg::STATS:
     case Msg::SHUTDOWN:
@@ -83,8 +105,8 @@ void OffloadServer::validate(const Msg& req) const {
       return;
     default:
       throw OffloadError("message type " + std::to_string(static_cast<int>(req.type())) +
-                         " is not a request (expected STORE_KV, ATTEND, ATTEND_BACKWARD, FETCH_DKV, CLOSE, STATS or "
-                         "SHUTDOWN)");
+                         " is not a request (expected STORE_KV, ATTEND, ATTEND_BACKWARD, FETCH_DKV, DECODE, CLOSE, "
+                         "STATS or SHUTDOWN)");
   }
 }
 
@@ -131,7 +153,32 @@ Msg OffloadServer::execute(const Msg& req, std::vector<at::Tensor>& in, std::vec
           out = {c.dk.defined() ? c.dk : at::zeros_like(c.k), c.dv.defined() ? c.dv : at::zeros_like(c.v)};
       return reply(Msg::OK);
     }
+    case Msg::DECODE: {
+      std::vector<at::Tensor> outs;
+      for (int i = 0; i < req.sequences_size(); ++i) {
+        DecodeCache& c = caches_[{req.group(), req.call(), req.sequences(i)}];
+        const at::Tensor k = in[1].narrow(0, i, 1), v = in[2].narrow(0, i, 1);
+        c.k = c.k.defined() ? at::cat({c.k, k}, 2) : k.clone();
+        c.v = c.v.defined() ? at::cat({c.v, v}, 2) : v.clone();
+        bytes_in_use_ += bytes_of(k) + bytes_of(v);
+        outs.push_back(kernels_.attend_newest(in[0].narrow(0, i, 1), c.k, c.v, req));
+      }
+      out = {at::cat(outs, 0)};
+      return reply(Msg::OK);
+    }
     case Msg::CLOSE: {
+      if (req.sequences_size() > 0) {  // generation: these sequences' caches, every layer
+        const std::set<int64_t> closing(req.sequences().begin(), req.sequences().end());
+        for (auto it = caches_.begin(); it != caches_.end();) {
+          if (std::get<0>(it->first) == req.group() && closing.count(std::get<2>(it->first))) {
+            bytes_in_use_ -= bytes_of(it->second.k) + bytes_of(it->second.v);
+            it = caches_.erase(it);
+          } else {
+            ++it;
+          }
+        }
+        return reply(Msg::OK);
+      }
       auto it = calls_.find({req.group(), req.call()});
       if (it != calls_.end()) {
         bytes_in_use_ -= it->second.bytes;
@@ -143,6 +190,9 @@ Msg OffloadServer::execute(const Msg& req, std::vector<at::Tensor>& in, std::vec
       Msg r = reply(Msg::OK);
       r.set_bytes_in_use(bytes_in_use_);
       r.set_calls_open(static_cast<int64_t>(calls_.size()));
+      std::set<std::pair<int, int64_t>> sequences;
+      for (const auto& [key, cache] : caches_) sequences.insert({std::get<0>(key), std::get<2>(key)});
+      r.set_sequences_open(static_cast<int64_t>(sequences.size()));
       return r;
     }
     case Msg::SHUTDOWN:

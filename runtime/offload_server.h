@@ -3,7 +3,10 @@
 // store, split by KV head across memory nodes, computes attention for the
 // query chunks they send (forward: out and lse; backward: dq, accumulating dK,
 // dV of the stored chunks until they are fetched) and answers STATS, CLOSE
-// and SHUTDOWN. Messages follow runtime/offload_protocol.h.
+// and SHUTDOWN. For generation (Lamina) it keeps each sequence's KV cache of
+// each softmax layer: a DECODE request brings one token's q, k, v per
+// sequence, appends k, v and returns the attention output; CLOSE with
+// sequence ids frees their caches. Messages follow runtime/offload_protocol.h.
 //
 // Every request is validated before its payloads travel: a known type, sizes
 // within limits, a dtype it can hold, a call, group and chunk that exist, and
@@ -18,6 +21,7 @@
 
 #include <functional>
 #include <map>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -42,6 +46,10 @@ struct OffloadKernels {
   std::function<at::Tensor(const at::Tensor& q, const at::Tensor& out, const at::Tensor& dout, const at::Tensor& lse,
                            int64_t q_start, std::vector<StoredChunk>& chunks, const pb::OffloadMessage& request)>
       attend_backward;
+  // Generation: the newest token's out [S, Hq_node, 1, d] against the cached k, v.
+  std::function<at::Tensor(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const pb::OffloadMessage& request)>
+      attend_newest;
 };
 
 class OffloadServer {
@@ -57,6 +65,10 @@ class OffloadServer {
     int64_t bytes = 0;
   };
   using Key = std::pair<int, int64_t>;  // (group, call)
+  struct DecodeCache {
+    at::Tensor k, v;  // [1, Hkv_node, T, d]
+  };
+  using CacheKey = std::tuple<int, int64_t, int64_t>;  // (group, layer, sequence)
 
   // Throws OffloadError naming the problem.
   void validate(const pb::OffloadMessage& req) const;
@@ -72,6 +84,7 @@ class OffloadServer {
   int64_t capacity_bytes_, bytes_in_use_ = 0;
   OffloadKernels kernels_;
   std::map<Key, Call> calls_;
+  std::map<CacheKey, DecodeCache> caches_;
 };
 
 }  // namespace loom::offload

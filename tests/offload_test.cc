@@ -166,6 +166,56 @@ TEST(OffloadModel, StepMatchesRingAttention) {
   }
 }
 
+// Generation with the KV caches on the memory nodes (Lamina): the same tokens
+// as generation without offload, (2 + 2/G) e d payload bytes per token per
+// layer, sequences freed at the end, and a full node refusing new sequences.
+TEST(OffloadGeneration, SameTokensAndLaminaBytesPerToken) {
+  for (int M : {1, 2}) {
+    if (MpiCommunicator::world()->size() <= M) continue;
+    run_offloaded(M, /*capacity_bytes=*/64 << 10, [&](OffloadWorld& w, sa::OffloadClient& client) {
+      pb::ModelConfig user;
+      user.set_preset("tiny-linear-llama-hybrid");  // L L L A: d = 32, 4 query heads, 2 KV heads
+      const auto config = models::resolve_model_config(user);
+      torch::manual_seed(9);
+      models::HybridLM model(config);
+      model->to(at::kDouble);
+      const int r = w.compute->rank();  // every compute rank generates its own sequences
+      const std::vector<std::vector<int64_t>> prompts{{72, 101, 108, 108, 111}, {87, 111, 114, 108, 100}};
+      const auto local = models::generate_incremental(*model, prompts, 10);
+      const auto offloaded = models::generate_incremental(*model, prompts, 10, &client, 100 * r);
+      EXPECT_EQ(offloaded, local);
+      // One decode step of both sequences: q, k, v out and the output back.
+      std::vector<models::DecodeCache> caches;
+      models::DecodeContext ctx;
+      ctx.offload = &client;
+      ctx.sequences = {100 * r + 50, 100 * r + 51};
+      torch::NoGradGuard no_grad;
+      const int64_t sent = client.payload_bytes_sent(), received = client.payload_bytes_received();
+      const CommStats before = w.world->stats();
+      model->decode_step(at::zeros({2, 1}, at::kLong), caches, ctx);
+      const CommStats step = w.world->stats() - before;
+      const int64_t e = 8, d = 32, G = 2, per_token = (2 * d + 2 * d / G) * e;  // (2 + 2/G) e d
+      EXPECT_EQ(client.payload_bytes_sent() - sent + client.payload_bytes_received() - received, 2 * per_token);
+      EXPECT_GE(step.total_bytes_sent() + step.total_bytes_received(), 2 * per_token);  // plus control messages
+      client.close_sequences(ctx.sequences);
+      // A full node refuses new sequences with a named error and stays up.
+      try {
+        models::generate_incremental(*model, {std::vector<int64_t>(600, 65)}, 1, &client, 100 * r + 70);
+        ADD_FAILURE() << "a 600-token cache fit in 64 KiB";
+      } catch (const offload::OffloadError& e) {
+        EXPECT_NE(std::string(e.what()).find("memory node full"), std::string::npos) << e.what();
+      }
+      client.close_sequences({100 * r + 70});
+      w.compute->barrier()->wait();
+      for (int node = 0; node < M; ++node) {
+        const Msg st = stats(client, node);
+        EXPECT_EQ(st.sequences_open(), 0) << "node " << node;
+        EXPECT_EQ(st.bytes_in_use(), 0) << "node " << node;
+      }
+    });
+  }
+}
+
 // Bad requests get ERROR replies naming the problem; the node keeps serving.
 TEST(OffloadServer, RefusesBadRequestsAndKeepsServing) {
   if (MpiCommunicator::world()->size() < 2) GTEST_SKIP() << "needs a compute rank and a memory node";

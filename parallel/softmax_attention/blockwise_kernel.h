@@ -64,6 +64,11 @@ void attend_pair_backward(const at::Tensor& q, int64_t q_start, const at::Tensor
                           int64_t k_start, const AttentionSpec& spec, const at::Tensor& lse, const at::Tensor& dout,
                           const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv);
 
+// Generation: the newest token's query q [B, Hq, 1, d] against every cached
+// key and value k, v [B, Hkv, T, d] (all visible), with the spec's scale:
+// [B, Hq, 1, d] in q's dtype.
+at::Tensor attend_newest(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionSpec& spec);
+
 // The definition with full masked matrices over one contiguous sequence
 // starting at position 0 (the reference of the tests): returns {out, lse}.
 std::pair<at::Tensor, at::Tensor> naive_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -42,7 +42,34 @@ offload::OffloadKernels offload_kernels() {
     }
     return dq;
   };
+  k.attend_newest = [spec_of](const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const Msg& req) {
+    return attend_newest(q, kc, vc, spec_of(req));
+  };
   return k;
+}
+
+at::Tensor offload_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    OffloadClient& client, int64_t layer, const std::vector<int64_t>& sequences,
+                                    const AttentionSpec& spec) {
+  const int M = client.nodes();
+  if (k.size(1) % M != 0)
+    throw ConfigError("offload: " + std::to_string(k.size(1)) + " key/value heads do not split over " +
+                      std::to_string(M) + " memory nodes (offload.memory_ranks must divide n_kv_heads)");
+  TORCH_CHECK(q.size(0) == static_cast<int64_t>(sequences.size()), "offload decode: ", q.size(0), " queries for ",
+              sequences.size(), " sequences");
+  Msg m;
+  m.set_type(Msg::DECODE);
+  m.set_call(layer);
+  m.set_scale(spec.scale);
+  for (int64_t s : sequences) m.add_sequences(s);
+  std::vector<at::Tensor> outs;
+  for (int j = 0; j < M; ++j) {
+    const int64_t hq = q.size(1) / M, hk = k.size(1) / M;
+    std::vector<at::Tensor> reply;
+    client.request(j, m, {q.narrow(1, j * hq, hq), k.narrow(1, j * hk, hk), v.narrow(1, j * hk, hk)}, &reply);
+    outs.push_back(reply[0]);
+  }
+  return at::cat(outs, 1);
 }
 
 namespace {

@@ -33,6 +33,14 @@ using offload::OffloadClient;
 
 
 
+// Generation (Lamina): q [S, Hq, 1, d], k, v [S, Hkv, 1, d] of the newest
+// token of S sequences; k, v append to those sequences' caches of `layer` on
+// the memory nodes (split by KV head), which return out [S, Hq, 1, d]. Per
+// token per layer (2 + 2/G) e d payload bytes cross the network.
+at::Tensor offload_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    OffloadClient& client, int64_t layer, const std::vector<int64_t>& sequences,
+                                    const AttentionSpec& spec);
+
 // The attention arithmetic memory nodes run (blockwise kernel, positions).
 offload::OffloadKernels offload_kernels();
 
