@@ -25,12 +25,15 @@ Msg OffloadClient::request(int node, Msg msg, const std::vector<at::Tensor>& pay
   };
   const WatchdogContext waiting("offload " + std::string(type_name(msg.type())) + " of call " +
                                 std::to_string(msg.call()) + " with memory node rank " + std::to_string(peer));
-  send_control(*comm_, peer, msg);
-  const Msg ack = receive_message(*comm_, peer, nullptr);
+  int64_t ack_bytes = 0, reply_bytes = 0;
+  control_ += send_control(*comm_, peer, msg);
+  const Msg ack = receive_message(*comm_, peer, nullptr, &ack_bytes);
+  control_ += ack_bytes;
   if (ack.type() != Msg::OK) throw fail(ack);
   send_payloads(*comm_, peer, payloads);
   std::vector<at::Tensor> received;
-  const Msg r = receive_message(*comm_, peer, &received);
+  const Msg r = receive_message(*comm_, peer, &received, &reply_bytes);
+  control_ += reply_bytes;
   if (r.type() != Msg::OK) throw fail(r);
   for (const auto& t : payloads) payload_sent_ += static_cast<int64_t>(t.nbytes());
   for (const auto& t : received) payload_received_ += static_cast<int64_t>(t.nbytes());

@@ -38,6 +38,9 @@ class OffloadClient {
   // control messages): what the Lamina cost model counts.
   int64_t payload_bytes_sent() const { return payload_sent_; }
   int64_t payload_bytes_received() const { return payload_received_; }
+  // Header and control-message bytes: with the payload bytes, everything the
+  // communicator counts for this client's requests.
+  int64_t control_bytes() const { return control_; }
   // Every compute rank, once, at the end: the nodes' serve() returns when all have.
   void shutdown();
 
@@ -46,7 +49,7 @@ class OffloadClient {
   std::vector<int> memory_ranks_;
   int group_;
   int64_t next_call_ = 0, first_open_call_ = 0;
-  int64_t payload_sent_ = 0, payload_received_ = 0;
+  int64_t payload_sent_ = 0, payload_received_ = 0, control_ = 0;
 };
 
 }  // namespace loom::offload

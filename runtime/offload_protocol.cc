@@ -52,7 +52,7 @@ int64_t payload_bytes(const pb::OffloadMessage& msg, int64_t limit_bytes) {
   return total;
 }
 
-void send_control(Communicator& comm, int peer, const pb::OffloadMessage& msg) {
+int64_t send_control(Communicator& comm, int peer, const pb::OffloadMessage& msg) {
   std::string bytes;
   TORCH_CHECK(msg.SerializeToString(&bytes), "offload: cannot serialize a control message");
   at::Tensor header = at::tensor({int64_t{kProtocolVersion}, static_cast<int64_t>(bytes.size()),
@@ -64,6 +64,7 @@ void send_control(Communicator& comm, int peer, const pb::OffloadMessage& msg) {
   auto c = comm.isend(control, peer, kTag + 1);
   h->wait();
   c->wait();
+  return static_cast<int64_t>(header.nbytes() + control.nbytes());
 }
 
 WorkPtr post_header(Communicator& comm, int peer, at::Tensor& header) {
@@ -120,9 +121,11 @@ void send_message(Communicator& comm, int peer, pb::OffloadMessage msg, const st
   send_payloads(comm, peer, payloads);
 }
 
-pb::OffloadMessage receive_message(Communicator& comm, int peer, std::vector<at::Tensor>* payloads) {
+pb::OffloadMessage receive_message(Communicator& comm, int peer, std::vector<at::Tensor>* payloads,
+                                   int64_t* control_bytes) {
   at::Tensor header;
   post_header(comm, peer, header)->wait();
+  if (control_bytes) *control_bytes = static_cast<int64_t>(header.nbytes()) + header[1].item<int64_t>();
   pb::OffloadMessage msg = receive_control(comm, peer, header);
   payload_bytes(msg, std::numeric_limits<int64_t>::max() / 2);  // validates the specs
   std::vector<at::Tensor> received = receive_payloads(comm, peer, msg);

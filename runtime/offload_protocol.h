@@ -45,8 +45,9 @@ pb::OffloadTensorSpec spec_of(const at::Tensor& t);
 // first bad spec (unknown dtype, negative or oversized shape, too many).
 int64_t payload_bytes(const pb::OffloadMessage& msg, int64_t limit_bytes);
 
-// Sends header + control to `peer` (does not wait for the acknowledgement).
-void send_control(Communicator& comm, int peer, const pb::OffloadMessage& msg);
+// Sends header + control to `peer` (does not wait for the acknowledgement);
+// returns the bytes sent.
+int64_t send_control(Communicator& comm, int peer, const pb::OffloadMessage& msg);
 // Receives header + control from `peer`; a wrong version or size, or a control
 // message that does not parse, throws OffloadError (the header was consumed;
 // the caller answers ERROR).
@@ -59,6 +60,8 @@ std::vector<at::Tensor> receive_payloads(Communicator& comm, int peer, const pb:
 
 // A whole message without acknowledgement (replies): control then payloads.
 void send_message(Communicator& comm, int peer, pb::OffloadMessage msg, const std::vector<at::Tensor>& payloads);
-pb::OffloadMessage receive_message(Communicator& comm, int peer, std::vector<at::Tensor>* payloads);
+// `control_bytes` (optional) gets the bytes of header + control received.
+pb::OffloadMessage receive_message(Communicator& comm, int peer, std::vector<at::Tensor>* payloads,
+                                   int64_t* control_bytes = nullptr);
 
 }  // namespace loom::offload

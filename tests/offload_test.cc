@@ -190,13 +190,16 @@ TEST(OffloadGeneration, SameTokensAndLaminaBytesPerToken) {
       ctx.offload = &client;
       ctx.sequences = {100 * r + 50, 100 * r + 51};
       torch::NoGradGuard no_grad;
-      const int64_t sent = client.payload_bytes_sent(), received = client.payload_bytes_received();
+      const int64_t sent = client.payload_bytes_sent(), received = client.payload_bytes_received(),
+                    control = client.control_bytes();
       const CommStats before = w.world->stats();
       model->decode_step(at::zeros({2, 1}, at::kLong), caches, ctx);
       const CommStats step = w.world->stats() - before;
       const int64_t e = 8, d = 32, G = 2, per_token = (2 * d + 2 * d / G) * e;  // (2 + 2/G) e d
-      EXPECT_EQ(client.payload_bytes_sent() - sent + client.payload_bytes_received() - received, 2 * per_token);
-      EXPECT_GE(step.total_bytes_sent() + step.total_bytes_received(), 2 * per_token);  // plus control messages
+      const int64_t payload = client.payload_bytes_sent() - sent + client.payload_bytes_received() - received;
+      EXPECT_EQ(payload, 2 * per_token);  // two sequences, one full-attention layer
+      // The communicator counts exactly those bytes plus the control messages.
+      EXPECT_EQ(step.total_bytes_sent() + step.total_bytes_received(), payload + client.control_bytes() - control);
       client.close_sequences(ctx.sequences);
       // A full node refuses new sequences with a named error and stays up.
       try {

@@ -87,6 +87,18 @@ at::Tensor assemble(const std::vector<std::vector<at::Tensor>>& pieces) {
   return at::cat(chunks, 2);
 }
 
+// A request about the chunk of this call that starts at `start`.
+Msg chunk_message(Msg::Type type, int64_t call, int64_t start, double scale, int64_t block) {
+  Msg m;
+  m.set_type(type);
+  m.set_call(call);
+  m.set_start(start);
+  m.set_scale(scale);
+  m.set_window(0);
+  m.set_block(block);
+  return m;
+}
+
 struct OffloadFunction : public torch::autograd::Function<OffloadFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const SequenceLayout& layout, const CommPtr& comm,
@@ -96,14 +108,7 @@ struct OffloadFunction : public torch::autograd::Function<OffloadFunction> {
     const auto chunks = layout.chunks_of(comm->rank());
     const int M = client->nodes();
     auto message = [&](Msg::Type type, int64_t chunk) {
-      Msg m;
-      m.set_type(type);
-      m.set_call(call);
-      m.set_start(layout.chunk_start(chunks[chunk]));
-      m.set_scale(scale);
-      m.set_window(0);
-      m.set_block(block);
-      return m;
+      return chunk_message(type, call, layout.chunk_start(chunks[chunk]), scale, block);
     };
     for (size_t i = 0; i < chunks.size(); ++i)
       for (int j = 0; j < M; ++j)
@@ -141,14 +146,8 @@ struct OffloadFunction : public torch::autograd::Function<OffloadFunction> {
     const auto chunks = layout.chunks_of(comm->rank());
     const int M = client->nodes();
     auto message = [&](Msg::Type type, int64_t chunk) {
-      Msg m;
-      m.set_type(type);
-      m.set_call(ctx->saved_data["call"].toInt());
-      m.set_start(layout.chunk_start(chunks[chunk]));
-      m.set_scale(ctx->saved_data["scale"].toDouble());
-      m.set_window(0);
-      m.set_block(ctx->saved_data["block"].toInt());
-      return m;
+      return chunk_message(type, ctx->saved_data["call"].toInt(), layout.chunk_start(chunks[chunk]),
+                           ctx->saved_data["scale"].toDouble(), ctx->saved_data["block"].toInt());
     };
     std::vector<std::vector<at::Tensor>> dq(chunks.size()), dk(chunks.size()), dv(chunks.size());
     for (size_t i = 0; i < chunks.size(); ++i)
