@@ -147,7 +147,7 @@ struct OffloadFunction : public torch::autograd::Function<OffloadFunction> {
     const int M = client->nodes();
     auto message = [&](Msg::Type type, int64_t chunk) {
       return chunk_message(type, ctx->saved_data["call"].toInt(), layout.chunk_start(chunks[chunk]),
-                           ctx->saved_data["scale"].toDouble(), ctx->saved_data["block"].toInt());
+                           ctx->saved_data["scale"].to<double>(), ctx->saved_data["block"].toInt());
     };
     std::vector<std::vector<at::Tensor>> dq(chunks.size()), dk(chunks.size()), dv(chunks.size());
     for (size_t i = 0; i < chunks.size(); ++i)
