@@ -5,7 +5,7 @@
 #include <ATen/ATen.h>
 #include <malloc.h>
 
-#include "runtime/memory_tracker.h"
+#include "loom/runtime/core/memory_tracker.h"
 
 #include <algorithm>
 #include <chrono>

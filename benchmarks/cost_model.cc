@@ -4,8 +4,8 @@
 #include <cmath>
 #include <limits>
 
-#include "parallel/linear_attention/chunked_kernel.h"
-#include "runtime/error.h"
+#include "loom/parallel/linear_attention/chunked_kernel.h"
+#include "loom/runtime/core/error.h"
 
 namespace loom::bench {
 namespace {

@@ -18,13 +18,13 @@
 #include <sstream>
 
 #include "bench_util.h"
-#include "models/hybrid_lm.h"
-#include "parallel/linear_attention/chunked_kernel.h"
-#include "parallel/linear_attention/lasp.h"
-#include "parallel/softmax_attention/softmax_attention.h"
-#include "runtime/dtypes.h"
-#include "runtime/mpi_communicator.h"
-#include "runtime/optimizer.h"
+#include "loom/models/hybrid_lm.h"
+#include "loom/parallel/linear_attention/chunked_kernel.h"
+#include "loom/parallel/linear_attention/lasp.h"
+#include "loom/parallel/softmax_attention/softmax_attention.h"
+#include "loom/runtime/core/dtypes.h"
+#include "loom/runtime/comm/mpi_communicator.h"
+#include "loom/runtime/train/optimizer.h"
 
 namespace {
 

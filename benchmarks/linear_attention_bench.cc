@@ -14,11 +14,11 @@
 #include <iostream>
 
 #include "bench_util.h"
-#include "parallel/linear_attention/chunked_kernel.h"
-#include "parallel/linear_attention/decay.h"
-#include "parallel/linear_attention/lasp.h"
-#include "runtime/memory_tracker.h"
-#include "runtime/mpi_communicator.h"
+#include "loom/parallel/linear_attention/chunked_kernel.h"
+#include "loom/parallel/linear_attention/decay.h"
+#include "loom/parallel/linear_attention/lasp.h"
+#include "loom/runtime/core/memory_tracker.h"
+#include "loom/runtime/comm/mpi_communicator.h"
 
 namespace la = loom::linear_attention;
 using loom::bench::mib;

@@ -28,14 +28,14 @@
 #include "benchmarks/cost_model.h"
 #include "benchmarks/sweep.h"
 #include "benchmarks/timed_communicator.h"
-#include "models/hybrid_lm.h"
-#include "parallel/linear_attention/lasp.h"
-#include "parallel/softmax_attention/softmax_attention.h"
-#include "runtime/comm_order.h"
-#include "runtime/dtypes.h"
-#include "runtime/error.h"
-#include "runtime/memory_tracker.h"
-#include "runtime/mpi_communicator.h"
+#include "loom/models/hybrid_lm.h"
+#include "loom/parallel/linear_attention/lasp.h"
+#include "loom/parallel/softmax_attention/softmax_attention.h"
+#include "loom/runtime/comm/comm_order.h"
+#include "loom/runtime/core/dtypes.h"
+#include "loom/runtime/core/error.h"
+#include "loom/runtime/core/memory_tracker.h"
+#include "loom/runtime/comm/mpi_communicator.h"
 
 namespace loom::bench {
 namespace {

@@ -18,11 +18,11 @@
 #include <cstdio>
 
 #include "bench_util.h"
-#include "models/hybrid_lm.h"
-#include "parallel/softmax_attention/offload_attention.h"
-#include "runtime/comm_order.h"
-#include "runtime/memory_tracker.h"
-#include "runtime/mpi_communicator.h"
+#include "loom/models/hybrid_lm.h"
+#include "loom/parallel/softmax_attention/offload_attention.h"
+#include "loom/runtime/comm/comm_order.h"
+#include "loom/runtime/core/memory_tracker.h"
+#include "loom/runtime/comm/mpi_communicator.h"
 
 namespace {
 

@@ -14,9 +14,9 @@
 #include <cstdio>
 
 #include "bench_util.h"
-#include "parallel/softmax_attention/softmax_attention.h"
-#include "runtime/memory_tracker.h"
-#include "runtime/mpi_communicator.h"
+#include "loom/parallel/softmax_attention/softmax_attention.h"
+#include "loom/runtime/core/memory_tracker.h"
+#include "loom/runtime/comm/mpi_communicator.h"
 
 namespace sa = loom::softmax_attention;
 using loom::bench::mib;

@@ -1,13 +1,13 @@
 // A loom-bench sweep: which methods, subjects, lengths and world sizes to
 // measure, and the cluster constants to project to (BenchSweep in
-// runtime/proto/loom.proto). load_sweep() parses and validates; every error is
+// runtime/core/proto/loom.proto). load_sweep() parses and validates; every error is
 // a ConfigError naming the file, the field and the value.
 #pragma once
 
 #include <string>
 #include <vector>
 
-#include "runtime/proto/loom.pb.h"
+#include "loom/runtime/core/proto/loom.pb.h"
 
 namespace loom::bench {
 

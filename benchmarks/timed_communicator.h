@@ -10,7 +10,7 @@
 #include <memory>
 #include <string>
 
-#include "runtime/communicator.h"
+#include "loom/runtime/comm/communicator.h"
 
 namespace loom::bench {
 

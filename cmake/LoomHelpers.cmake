@@ -19,12 +19,13 @@ function(loom_use_pch target)
 endfunction()
 
 # loom_add_mpi_test(NAME <name> TARGET <exe> [FILTER <gtest filter>]
-#                   [RANKS 1 2 3 4] [LABELS ...] [TIMEOUT s] [ARGS ...])
+#                   [RANKS 1 2 3 4] [LABELS ...] [TIMEOUT s] [ARGS ...]
+#                   [MPIRUN_FLAGS ...])
 # Registers <name>.np<k> for each rank count k: the executable under mpirun
 # with --oversubscribe and one intra-op thread per rank. A failure on any rank
 # fails the test (the test main gathers failures; mpirun exits non-zero).
 function(loom_add_mpi_test)
-  cmake_parse_arguments(T "" "NAME;TARGET;FILTER;TIMEOUT" "RANKS;LABELS;ARGS" ${ARGN})
+  cmake_parse_arguments(T "" "NAME;TARGET;FILTER;TIMEOUT" "RANKS;LABELS;ARGS;MPIRUN_FLAGS" ${ARGN})
   if(NOT T_RANKS)
     set(T_RANKS 1 2 3 4)
   endif()
@@ -38,7 +39,7 @@ function(loom_add_mpi_test)
   foreach(np IN LISTS T_RANKS)
     set(test_name ${T_NAME}.np${np})
     add_test(NAME ${test_name}
-      COMMAND ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} ${np} --oversubscribe
+      COMMAND ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} ${np} --oversubscribe ${T_MPIRUN_FLAGS}
               ${MPIEXEC_PREFLAGS} $<TARGET_FILE:${T_TARGET}> ${filter_args} ${T_ARGS} ${MPIEXEC_POSTFLAGS})
     set_tests_properties(${test_name} PROPERTIES
       LABELS "mpi;np${np};${T_LABELS}"
@@ -52,4 +53,11 @@ endfunction()
 # root), one thread per rank, shared-memory transport that works in containers.
 set(LOOM_TEST_ENVIRONMENT
   "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;LOOM_COMM_TIMEOUT_S=120;OMP_NUM_THREADS=1;LOOM_THREADS_PER_RANK=1;OMPI_MCA_btl_vader_single_copy_mechanism=none;OMPI_MCA_rmaps_base_oversubscribe=1"
+  CACHE INTERNAL "")
+
+# OpenMPI flags that make ranks on one machine talk as if on different nodes:
+# TCP between processes (no shared-memory transport), over the loopback
+# interface only (tests send nothing to other addresses). docker/README.md
+# names the same settings for a real multi-node run.
+set(LOOM_CROSS_NODE_MPIRUN_FLAGS --mca btl tcp,self --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo
   CACHE INTERNAL "")

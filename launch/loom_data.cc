@@ -9,9 +9,9 @@
 
 #include <iostream>
 
-#include "runtime/error.h"
-#include "runtime/token_file.h"
-#include "runtime/tokenizer.h"
+#include "loom/runtime/core/error.h"
+#include "loom/runtime/data/token_file.h"
+#include "loom/runtime/data/tokenizer.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"loom-data: prepare token files for loom-train"};

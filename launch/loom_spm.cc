@@ -3,7 +3,7 @@
 // Debian's libsentencepiece embeds protobuf 3.14 and aborts in a process that
 // also loads libprotobuf 3.21 (as libtorch and Loom do), so Loom runs
 // SentencePiece here, linked against nothing else, and talks to it through
-// files (runtime/tokenizer.cc):
+// files (runtime/data/tokenizer.cc):
 //   loom-spm train <trainer flags>            (--input=... --model_prefix=... ...)
 //   loom-spm encode MODEL IN_TEXT OUT_IDS     (OUT_IDS: little-endian uint32)
 //   loom-spm decode MODEL IN_IDS OUT_TEXT     (IN_IDS: little-endian uint32)

@@ -17,18 +17,20 @@
 
 #include <torch/utils.h>
 
-#include "models/hybrid_lm.h"
-#include "parallel/softmax_attention/offload_attention.h"
-#include "runtime/data.h"
-#include "runtime/dtypes.h"
-#include "runtime/error.h"
-#include "runtime/job.h"
-#include "runtime/logging.h"
-#include "runtime/mpi_communicator.h"
-#include "runtime/synthetic_tasks.h"
-#include "runtime/token_file.h"
-#include "runtime/tokenizer.h"
-#include "runtime/trainer.h"
+#include "loom/runtime/core/build_config.h"
+#include "loom/models/hybrid_lm.h"
+#include "loom/parallel/softmax_attention/offload_attention.h"
+#include "loom/runtime/data/data.h"
+#include "loom/runtime/core/dtypes.h"
+#include "loom/runtime/core/error.h"
+#include "loom/runtime/train/job.h"
+#include "loom/runtime/core/logging.h"
+#include "loom/runtime/core/memory_tracker.h"
+#include "loom/runtime/comm/mpi_communicator.h"
+#include "loom/runtime/data/synthetic_tasks.h"
+#include "loom/runtime/data/token_file.h"
+#include "loom/runtime/data/tokenizer.h"
+#include "loom/runtime/train/trainer.h"
 
 namespace {
 
@@ -249,6 +251,9 @@ int main(int argc, char** argv) {
   int code = 1;
   try {
     loom::MpiEnvironment mpi(&argc, &argv);
+    // Opt in to exact CPU memory accounting (the progress line's peak) before
+    // any tensor exists; GPU runs read the CUDA allocator's statistics.
+    loom::MemoryTracker::install();
     try {
       code = run(argc, argv);
     } catch (const SetupError& e) {

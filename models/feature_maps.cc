@@ -1,9 +1,9 @@
-#include "models/feature_maps.h"
+#include "loom/models/feature_maps.h"
 
 #include <cmath>
 
-#include "models/layers.h"
-#include "runtime/error.h"
+#include "loom/models/layers.h"
+#include "loom/runtime/core/error.h"
 
 namespace loom::models {
 

@@ -1,15 +1,15 @@
-#include "models/hybrid_lm.h"
+#include "loom/models/hybrid_lm.h"
 
 #include <google/protobuf/text_format.h>
 
 #include <cstring>
 #include <map>
 
-#include "models/titans.h"
-#include "parallel/softmax_attention/offload_attention.h"
-#include "runtime/comm_order.h"
-#include "runtime/dtypes.h"
-#include "runtime/error.h"
+#include "loom/models/titans.h"
+#include "loom/parallel/softmax_attention/offload_attention.h"
+#include "loom/runtime/comm/comm_order.h"
+#include "loom/runtime/core/dtypes.h"
+#include "loom/runtime/core/error.h"
 
 namespace loom::models {
 namespace {
@@ -291,7 +291,7 @@ int64_t admissible_length(const pb::ModelConfig& m, LayoutKind kind, int sp, int
   return ((chunk + multiple - 1) / multiple) * multiple * chunks;
 }
 
-Trainer::LossFn language_model_loss(const pb::ParallelConfig& parallel, offload::OffloadClient* offload) {
+LossFn language_model_loss(const pb::ParallelConfig& parallel, offload::OffloadClient* offload) {
   return [parallel, offload](torch::nn::Module& module, const Batch& local, const SequenceLayout& layout,
                              const CommPtr& sp) {
     auto& model = dynamic_cast<HybridLMImpl&>(module);

@@ -20,11 +20,11 @@
 #include <string>
 #include <vector>
 
-#include "models/layers.h"
-#include "models/mixers.h"
-#include "models/sequence_context.h"
-#include "runtime/proto/loom.pb.h"
-#include "runtime/trainer.h"
+#include "loom/models/layers.h"
+#include "loom/models/mixers.h"
+#include "loom/models/sequence_context.h"
+#include "loom/runtime/core/proto/loom.pb.h"
+#include "loom/runtime/data/loss_function.h"
 
 namespace loom::models {
 
@@ -76,8 +76,8 @@ SequenceContext make_context(const pb::ParallelConfig& parallel, const SequenceL
 void check_sequence_length(const pb::ModelConfig& model, const SequenceLayout& layout);
 // The smallest length >= n that check_sequence_length accepts for `sp` ranks.
 int64_t admissible_length(const pb::ModelConfig& model, LayoutKind kind, int sp, int64_t n);
-// Trainer::LossFn of a HybridLM: summed cross-entropy of the shard's labels.
-Trainer::LossFn language_model_loss(const pb::ParallelConfig& parallel,
+// LossFn of a HybridLM: summed cross-entropy of the shard's labels.
+LossFn language_model_loss(const pb::ParallelConfig& parallel,
                                     offload::OffloadClient* offload = nullptr);
 // Greedy continuation of `prompt` by `new_tokens` tokens, computed by the sp
 // group together (every rank returns the same tokens).

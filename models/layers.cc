@@ -1,4 +1,4 @@
-#include "models/layers.h"
+#include "loom/models/layers.h"
 
 #include <cmath>
 

@@ -1,16 +1,16 @@
-#include "models/mixers.h"
+#include "loom/models/mixers.h"
 
 #include <cmath>
 
-#include "models/layers.h"
-#include "models/titans.h"
-#include "parallel/linear_attention/decay.h"
-#include "parallel/linear_attention/lasp.h"
-#include "parallel/short_conv.h"
-#include "parallel/softmax_attention/blockwise_kernel.h"
-#include "parallel/softmax_attention/offload_attention.h"
-#include "parallel/softmax_attention/rotary.h"
-#include "runtime/error.h"
+#include "loom/models/layers.h"
+#include "loom/models/titans.h"
+#include "loom/parallel/linear_attention/decay.h"
+#include "loom/parallel/linear_attention/lasp.h"
+#include "loom/parallel/short_conv.h"
+#include "loom/parallel/softmax_attention/blockwise_kernel.h"
+#include "loom/parallel/softmax_attention/offload_attention.h"
+#include "loom/parallel/softmax_attention/rotary.h"
+#include "loom/runtime/core/error.h"
 
 namespace loom::models {
 

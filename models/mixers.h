@@ -15,13 +15,13 @@
 #pragma once
 
 #include <torch/nn/module.h>
-#include "models/layers.h"
+#include "loom/models/layers.h"
 
 #include <memory>
 
-#include "models/feature_maps.h"
-#include "models/sequence_context.h"
-#include "runtime/proto/loom.pb.h"
+#include "loom/models/feature_maps.h"
+#include "loom/models/sequence_context.h"
+#include "loom/runtime/core/proto/loom.pb.h"
 
 namespace loom::models {
 

@@ -4,10 +4,10 @@
 // hand the context to parallel/ operators.
 #pragma once
 
-#include "parallel/linear_attention/state_prefix.h"
-#include "parallel/softmax_attention/softmax_attention.h"
-#include "runtime/communicator.h"
-#include "runtime/sequence_layout.h"
+#include "loom/parallel/linear_attention/state_prefix.h"
+#include "loom/parallel/softmax_attention/softmax_attention.h"
+#include "loom/runtime/comm/communicator.h"
+#include "loom/runtime/comm/sequence_layout.h"
 
 namespace loom::models {
 

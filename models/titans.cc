@@ -1,11 +1,11 @@
-#include "models/titans.h"
+#include "loom/models/titans.h"
 
 #include <cmath>
 #include <limits>
 
-#include "parallel/short_conv.h"
-#include "runtime/differentiable_collectives.h"
-#include "runtime/error.h"
+#include "loom/parallel/short_conv.h"
+#include "loom/runtime/comm/differentiable_collectives.h"
+#include "loom/runtime/core/error.h"
 
 namespace loom::models {
 namespace {

@@ -34,9 +34,9 @@
 #pragma once
 
 
-#include "models/layers.h"
-#include "models/mixers.h"
-#include "parallel/state_chain.h"
+#include "loom/models/layers.h"
+#include "loom/models/mixers.h"
+#include "loom/parallel/state_chain.h"
 
 namespace loom::models {
 

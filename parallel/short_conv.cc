@@ -1,6 +1,6 @@
-#include "parallel/short_conv.h"
+#include "loom/parallel/short_conv.h"
 
-#include "runtime/differentiable_collectives.h"
+#include "loom/runtime/comm/differentiable_collectives.h"
 
 namespace loom {
 namespace {

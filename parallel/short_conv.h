@@ -9,8 +9,8 @@
 
 #include <ATen/ATen.h>
 
-#include "runtime/communicator.h"
-#include "runtime/sequence_layout.h"
+#include "loom/runtime/comm/communicator.h"
+#include "loom/runtime/comm/sequence_layout.h"
 
 namespace loom {
 

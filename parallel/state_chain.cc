@@ -1,4 +1,4 @@
-#include "parallel/state_chain.h"
+#include "loom/parallel/state_chain.h"
 
 #include <torch/autograd.h>
 
@@ -6,9 +6,9 @@
 #include <mutex>
 #include <unordered_map>
 
-#include "runtime/autograd_state.h"
-#include "runtime/comm_order.h"
-#include "runtime/error.h"
+#include "loom/runtime/comm/autograd_state.h"
+#include "loom/runtime/comm/comm_order.h"
+#include "loom/runtime/core/error.h"
 
 namespace loom {
 namespace {

@@ -23,8 +23,8 @@
 #include <memory>
 #include <utility>
 
-#include "runtime/communicator.h"
-#include "runtime/sequence_layout.h"
+#include "loom/runtime/comm/communicator.h"
+#include "loom/runtime/comm/sequence_layout.h"
 
 namespace loom {
 

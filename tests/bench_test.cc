@@ -3,8 +3,8 @@
 
 #include "benchmarks/cost_model.h"
 #include "benchmarks/sweep.h"
-#include "runtime/config.h"
-#include "runtime/error.h"
+#include "loom/runtime/core/config.h"
+#include "loom/runtime/core/error.h"
 
 namespace loom::bench {
 namespace {

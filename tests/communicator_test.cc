@@ -3,8 +3,8 @@
 #include <gtest/gtest.h>
 
 #include "distributed_reference.h"
-#include "runtime/error.h"
-#include "runtime/mpi_communicator.h"
+#include "loom/runtime/core/error.h"
+#include "loom/runtime/comm/mpi_communicator.h"
 
 namespace loom {
 namespace {

@@ -1,8 +1,8 @@
 // Config parsing, overrides and validation: every error names the field.
 #include <gtest/gtest.h>
 
-#include "runtime/config.h"
-#include "runtime/error.h"
+#include "loom/runtime/core/config.h"
+#include "loom/runtime/core/error.h"
 
 namespace loom {
 namespace {

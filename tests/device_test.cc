@@ -18,14 +18,14 @@
 #include <torch/version.h>
 
 #include "distributed_reference.h"
-#include "models/feature_maps.h"
-#include "models/hybrid_lm.h"
-#include "parallel/linear_attention/decay.h"
-#include "parallel/linear_attention/lasp.h"
-#include "parallel/short_conv.h"
-#include "parallel/softmax_attention/rotary.h"
-#include "parallel/softmax_attention/softmax_attention.h"
-#include "runtime/mpi_communicator.h"
+#include "loom/models/feature_maps.h"
+#include "loom/models/hybrid_lm.h"
+#include "loom/parallel/linear_attention/decay.h"
+#include "loom/parallel/linear_attention/lasp.h"
+#include "loom/parallel/short_conv.h"
+#include "loom/parallel/softmax_attention/rotary.h"
+#include "loom/parallel/softmax_attention/softmax_attention.h"
+#include "loom/runtime/comm/mpi_communicator.h"
 
 #if TORCH_VERSION_MAJOR < 2
 // libtorch 1.13 has no Meta kernels for a few operators that Loom uses (2.x

@@ -6,9 +6,9 @@
 #include <torch/autograd.h>
 
 #include "distributed_reference.h"
-#include "runtime/differentiable_collectives.h"
-#include "runtime/error.h"
-#include "runtime/mpi_communicator.h"
+#include "loom/runtime/comm/differentiable_collectives.h"
+#include "loom/runtime/core/error.h"
+#include "loom/runtime/comm/mpi_communicator.h"
 
 namespace loom {
 namespace {

@@ -4,7 +4,7 @@
 
 #include <sstream>
 
-#include "models/hybrid_lm.h"
+#include "loom/models/hybrid_lm.h"
 
 namespace loom::testing {
 

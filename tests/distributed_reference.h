@@ -13,8 +13,8 @@
 #include <utility>
 #include <vector>
 
-#include "runtime/communicator.h"
-#include "runtime/sequence_layout.h"
+#include "loom/runtime/comm/communicator.h"
+#include "loom/runtime/comm/sequence_layout.h"
 
 namespace loom::testing {
 

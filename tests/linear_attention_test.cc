@@ -6,12 +6,12 @@
 #include <torch/autograd.h>
 
 #include "distributed_reference.h"
-#include "models/feature_maps.h"
-#include "parallel/linear_attention/chunked_kernel.h"
-#include "parallel/linear_attention/decay.h"
-#include "parallel/linear_attention/lasp.h"
-#include "runtime/differentiable_collectives.h"
-#include "runtime/mpi_communicator.h"
+#include "loom/models/feature_maps.h"
+#include "loom/parallel/linear_attention/chunked_kernel.h"
+#include "loom/parallel/linear_attention/decay.h"
+#include "loom/parallel/linear_attention/lasp.h"
+#include "loom/runtime/comm/differentiable_collectives.h"
+#include "loom/runtime/comm/mpi_communicator.h"
 
 namespace loom {
 namespace {

@@ -7,10 +7,10 @@
 #include <gtest/gtest.h>
 
 #include "distributed_reference.h"
-#include "models/hybrid_lm.h"
-#include "runtime/comm_order.h"
-#include "runtime/mpi_communicator.h"
-#include "runtime/optimizer.h"
+#include "loom/models/hybrid_lm.h"
+#include "loom/runtime/comm/comm_order.h"
+#include "loom/runtime/comm/mpi_communicator.h"
+#include "loom/runtime/train/optimizer.h"
 
 namespace loom::models {
 namespace {

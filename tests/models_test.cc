@@ -6,11 +6,11 @@
 #include <torch/utils.h>
 
 #include "distributed_reference.h"
-#include "models/hybrid_lm.h"
-#include "models/titans.h"
-#include "runtime/error.h"
-#include "runtime/mpi_communicator.h"
-#include "runtime/process_mesh.h"
+#include "loom/models/hybrid_lm.h"
+#include "loom/models/titans.h"
+#include "loom/runtime/core/error.h"
+#include "loom/runtime/comm/mpi_communicator.h"
+#include "loom/runtime/comm/process_mesh.h"
 
 namespace loom::models {
 namespace {

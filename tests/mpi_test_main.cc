@@ -11,9 +11,9 @@
 #include <iostream>
 #include <sstream>
 
-#include "runtime/comm_order.h"
-#include "runtime/mpi_communicator.h"
-#include "runtime/threads.h"
+#include "loom/runtime/comm/comm_order.h"
+#include "loom/runtime/comm/mpi_communicator.h"
+#include "loom/runtime/core/threads.h"
 
 namespace {
 

@@ -3,11 +3,12 @@
 // operation, instead of crashing; with one, the device check covers it.
 #include <gtest/gtest.h>
 
-#include "runtime/error.h"
-#include "runtime/mpi_communicator.h"
+#include "loom/runtime/core/build_config.h"
+#include "loom/runtime/core/error.h"
+#include "loom/runtime/comm/mpi_communicator.h"
 
 #ifdef LOOM_HAVE_NCCL
-#include "runtime/nccl_communicator.h"
+#include "loom/runtime/comm/nccl_communicator.h"
 #endif
 
 namespace loom {

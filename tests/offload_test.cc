@@ -1,5 +1,5 @@
 // Attention offload onto memory nodes: the last M ranks of the job serve
-// (runtime/offload_server.h), the others compute. Checked: the offloaded
+// (runtime/offload/offload_server.h), the others compute. Checked: the offloaded
 // attention against the naive float64 reference (out, lse, dq, dk, dv) for
 // both layouts, MHA and GQA, 1 or 2 memory nodes; a whole model step with
 // offloaded softmax layers equals the same step with ring attention; compute
@@ -9,10 +9,10 @@
 #include <gtest/gtest.h>
 
 #include "distributed_reference.h"
-#include "models/hybrid_lm.h"
-#include "parallel/softmax_attention/offload_attention.h"
-#include "runtime/mpi_communicator.h"
-#include "runtime/offload_protocol.h"
+#include "loom/models/hybrid_lm.h"
+#include "loom/parallel/softmax_attention/offload_attention.h"
+#include "loom/runtime/comm/mpi_communicator.h"
+#include "loom/runtime/offload/offload_protocol.h"
 
 namespace loom {
 namespace {

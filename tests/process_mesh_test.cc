@@ -2,9 +2,9 @@
 // size that does not factor.
 #include <gtest/gtest.h>
 
-#include "runtime/error.h"
-#include "runtime/mpi_communicator.h"
-#include "runtime/process_mesh.h"
+#include "loom/runtime/core/error.h"
+#include "loom/runtime/comm/mpi_communicator.h"
+#include "loom/runtime/comm/process_mesh.h"
 
 namespace loom {
 namespace {

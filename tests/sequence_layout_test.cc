@@ -3,9 +3,9 @@
 #include <gtest/gtest.h>
 
 #include "distributed_reference.h"
-#include "runtime/error.h"
-#include "runtime/mpi_communicator.h"
-#include "runtime/sequence_layout.h"
+#include "loom/runtime/core/error.h"
+#include "loom/runtime/comm/mpi_communicator.h"
+#include "loom/runtime/comm/sequence_layout.h"
 
 namespace loom {
 namespace {

@@ -6,11 +6,11 @@
 #include <torch/autograd.h>
 
 #include "distributed_reference.h"
-#include "parallel/short_conv.h"
-#include "parallel/softmax_attention/rotary.h"
-#include "parallel/softmax_attention/softmax_attention.h"
-#include "runtime/error.h"
-#include "runtime/mpi_communicator.h"
+#include "loom/parallel/short_conv.h"
+#include "loom/parallel/softmax_attention/rotary.h"
+#include "loom/parallel/softmax_attention/softmax_attention.h"
+#include "loom/runtime/core/error.h"
+#include "loom/runtime/comm/mpi_communicator.h"
 
 namespace loom {
 namespace {

@@ -4,8 +4,8 @@
 #include <map>
 #include <set>
 
-#include "runtime/error.h"
-#include "runtime/synthetic_tasks.h"
+#include "loom/runtime/core/error.h"
+#include "loom/runtime/data/synthetic_tasks.h"
 
 namespace loom {
 namespace {

@@ -8,12 +8,12 @@
 #include <fstream>
 
 #include "distributed_reference.h"
-#include "models/hybrid_lm.h"
-#include "runtime/checkpoint.h"
-#include "runtime/error.h"
-#include "runtime/mpi_communicator.h"
-#include "runtime/token_file.h"
-#include "runtime/trainer.h"
+#include "loom/models/hybrid_lm.h"
+#include "loom/runtime/train/checkpoint.h"
+#include "loom/runtime/core/error.h"
+#include "loom/runtime/comm/mpi_communicator.h"
+#include "loom/runtime/data/token_file.h"
+#include "loom/runtime/train/trainer.h"
 
 namespace loom {
 namespace {

@@ -5,7 +5,7 @@
 #include <iostream>
 #include <thread>
 
-#include "runtime/mpi_communicator.h"
+#include "loom/runtime/comm/mpi_communicator.h"
 
 int main(int argc, char** argv) {
   loom::MpiEnvironment mpi(&argc, &argv);

@@ -1,8 +1,8 @@
-#include "parallel/linear_attention/chunked_kernel.h"
+#include "loom/parallel/linear_attention/chunked_kernel.h"
 
 #include <torch/autograd.h>
 
-#include "parallel/linear_attention/decay.h"
+#include "loom/parallel/linear_attention/decay.h"
 
 namespace loom::linear_attention {
 namespace {

@@ -1,4 +1,4 @@
-#include "parallel/linear_attention/decay.h"
+#include "loom/parallel/linear_attention/decay.h"
 
 namespace loom::linear_attention {
 

@@ -1,12 +1,12 @@
-#include "parallel/linear_attention/lasp.h"
+#include "loom/parallel/linear_attention/lasp.h"
 
 #include <torch/autograd.h>
 
-#include "parallel/linear_attention/chunked_kernel.h"
-#include "parallel/linear_attention/decay.h"
-#include "runtime/autograd_state.h"
-#include "runtime/comm_order.h"
-#include "runtime/dtypes.h"
+#include "loom/parallel/linear_attention/chunked_kernel.h"
+#include "loom/parallel/linear_attention/decay.h"
+#include "loom/runtime/comm/autograd_state.h"
+#include "loom/runtime/comm/comm_order.h"
+#include "loom/runtime/core/dtypes.h"
 
 namespace loom::linear_attention {
 namespace {

@@ -23,9 +23,9 @@
 
 #include <ATen/ATen.h>
 
-#include "parallel/linear_attention/state_prefix.h"
-#include "runtime/communicator.h"
-#include "runtime/sequence_layout.h"
+#include "loom/parallel/linear_attention/state_prefix.h"
+#include "loom/runtime/comm/communicator.h"
+#include "loom/runtime/comm/sequence_layout.h"
 
 namespace loom::linear_attention {
 

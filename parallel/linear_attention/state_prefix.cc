@@ -1,9 +1,9 @@
-#include "parallel/linear_attention/state_prefix.h"
+#include "loom/parallel/linear_attention/state_prefix.h"
 
 #include <algorithm>
 #include <cctype>
 
-#include "runtime/error.h"
+#include "loom/runtime/core/error.h"
 
 namespace loom::linear_attention {
 

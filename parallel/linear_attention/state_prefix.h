@@ -28,8 +28,8 @@
 #include <memory>
 #include <string>
 
-#include "runtime/communicator.h"
-#include "runtime/sequence_layout.h"
+#include "loom/runtime/comm/communicator.h"
+#include "loom/runtime/comm/sequence_layout.h"
 
 namespace loom::linear_attention {
 

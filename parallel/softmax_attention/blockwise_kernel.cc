@@ -1,4 +1,4 @@
-#include "parallel/softmax_attention/blockwise_kernel.h"
+#include "loom/parallel/softmax_attention/blockwise_kernel.h"
 
 #include <cmath>
 #include <limits>

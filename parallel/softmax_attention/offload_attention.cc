@@ -1,11 +1,11 @@
-#include "parallel/softmax_attention/offload_attention.h"
+#include "loom/parallel/softmax_attention/offload_attention.h"
 
 #include <torch/autograd.h>
 
-#include "runtime/autograd_state.h"
-#include "runtime/comm_order.h"
-#include "runtime/error.h"
-#include "runtime/offload_protocol.h"
+#include "loom/runtime/comm/autograd_state.h"
+#include "loom/runtime/comm/comm_order.h"
+#include "loom/runtime/core/error.h"
+#include "loom/runtime/offload/offload_protocol.h"
 
 namespace loom::softmax_attention {
 

@@ -12,7 +12,7 @@
 // (their K,V freed) at the next step's close_calls() or at shutdown().
 // Ordering: collective over the sp communicator (barriers) in forward and
 // backward; the requests of a call go to the nodes in a fixed order. The
-// client (runtime/offload_client.h) and server (runtime/offload_server.h)
+// client (runtime/offload/offload_client.h) and server (runtime/offload/offload_server.h)
 // carry the protocol; this file adds the attention on both sides.
 #pragma once
 
@@ -21,11 +21,11 @@
 #include <utility>
 #include <vector>
 
-#include "parallel/softmax_attention/blockwise_kernel.h"
-#include "runtime/communicator.h"
-#include "runtime/offload_client.h"
-#include "runtime/offload_server.h"
-#include "runtime/sequence_layout.h"
+#include "loom/parallel/softmax_attention/blockwise_kernel.h"
+#include "loom/runtime/comm/communicator.h"
+#include "loom/runtime/offload/offload_client.h"
+#include "loom/runtime/offload/offload_server.h"
+#include "loom/runtime/comm/sequence_layout.h"
 
 namespace loom::softmax_attention {
 

@@ -1,4 +1,4 @@
-#include "parallel/softmax_attention/rotary.h"
+#include "loom/parallel/softmax_attention/rotary.h"
 
 namespace loom::softmax_attention {
 

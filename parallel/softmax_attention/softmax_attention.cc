@@ -1,15 +1,15 @@
-#include "parallel/softmax_attention/softmax_attention.h"
+#include "loom/parallel/softmax_attention/softmax_attention.h"
 
 #include <torch/autograd.h>
 
 #include <algorithm>
 #include <cctype>
 
-#include "runtime/autograd_state.h"
-#include "parallel/softmax_attention/offload_attention.h"
-#include "runtime/comm_order.h"
-#include "runtime/differentiable_collectives.h"
-#include "runtime/error.h"
+#include "loom/runtime/comm/autograd_state.h"
+#include "loom/parallel/softmax_attention/offload_attention.h"
+#include "loom/runtime/comm/comm_order.h"
+#include "loom/runtime/comm/differentiable_collectives.h"
+#include "loom/runtime/core/error.h"
 
 namespace loom::softmax_attention {
 

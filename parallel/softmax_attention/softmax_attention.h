@@ -32,9 +32,9 @@
 #include <string>
 #include <utility>
 
-#include "parallel/softmax_attention/blockwise_kernel.h"
-#include "runtime/communicator.h"
-#include "runtime/sequence_layout.h"
+#include "loom/parallel/softmax_attention/blockwise_kernel.h"
+#include "loom/runtime/comm/communicator.h"
+#include "loom/runtime/comm/sequence_layout.h"
 
 namespace loom::offload {
 class OffloadClient;

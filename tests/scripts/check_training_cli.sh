@@ -84,6 +84,12 @@ case "$scenario" in
     expect 0 "checkpoint .*step-00000004" $c "$out"
     out=$("${mpi[@]}" "$train" "${common[@]}" --set train.dtype=bfloat16 --set train.steps=6 --resume 2>&1); c=$?
     expect 0 "step 6/6" $c "$out" ;;
+  cross_node)
+    # The path between nodes: TCP only, over loopback (tests/CMakeLists.txt,
+    # LOOM_CROSS_NODE_MPIRUN_FLAGS; docker/README.md names the same settings).
+    out=$("$mpiexec" --oversubscribe -np 2 --mca btl tcp,self --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo \
+          "$train" "${common[@]}" --set train.steps=4 2>&1); c=$?
+    expect 0 "step 4/4" $c "$out" ;;
   cuda_request)
     # Exit 3 (not supported here): no CUDA device on a CPU build; on a GPU
     # machine, fewer GPUs than the 2 ranks (with 2 GPUs the run trains).

@@ -2,8 +2,8 @@
 // attention -> head), synthetic data of its own, and a step hook, driven by
 // loom::Trainer. Run: mpirun -np 2 ./custom_trainer  (exits 1 unless it learns)
 #include <loom/parallel/linear_attention/lasp.h>
-#include <loom/runtime/job.h>
-#include <loom/runtime/trainer.h>
+#include <loom/runtime/train/job.h>
+#include <loom/runtime/train/trainer.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>

@@ -1,7 +1,7 @@
 // Embedding Loom in your own program: MPI, a communicator, a differentiable
 // all-gather, and its gradient. Run: mpirun -np 2 ./embed_allgather
-#include <loom/runtime/differentiable_collectives.h>
-#include <loom/runtime/mpi_communicator.h>
+#include <loom/runtime/comm/differentiable_collectives.h>
+#include <loom/runtime/comm/mpi_communicator.h>
 
 #include <iostream>
 

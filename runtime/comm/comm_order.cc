@@ -1,0 +1,73 @@
+#include "loom/runtime/comm/comm_order.h"
+
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include <mutex>
+
+namespace loom {
+namespace {
+// The head is held strongly: a communicating node whose output this rank does
+// not use (rank 0 needs no earlier chunk's state) must still run its backward,
+// since the other ranks will call the matching collective; the chain is what
+// keeps it alive and reachable from the loss.
+struct State {
+  std::mutex mutex;
+  std::shared_ptr<torch::autograd::Node> head;
+  uint32_t head_output = 0;
+  int64_t head_id = 0;
+  int64_t pending_id = 0;
+  int64_t next_id = 1;
+  bool head_consumed = true;
+};
+State& state() {
+  static State s;
+  return s;
+}
+}  // namespace
+
+at::Tensor CommOrder::token() {
+  if (!at::GradMode::is_enabled()) return at::zeros({});
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  const auto& node = s.head;
+  if (!node || s.head_consumed) return at::zeros({}).requires_grad_(true);  // a new chain
+  at::Tensor t = at::zeros({});
+  torch::autograd::impl::set_gradient_edge(t, torch::autograd::Edge(node, s.head_output));
+  return t;
+}
+
+int64_t CommOrder::claim() {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  s.pending_id = s.next_id++;
+  return s.pending_id;
+}
+
+at::Tensor CommOrder::new_token() { return at::zeros({}); }
+
+void CommOrder::advance(const at::Tensor& token_out) {
+  if (!at::GradMode::is_enabled() || !token_out.requires_grad()) return;
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  s.head = token_out.grad_fn();
+  s.head_output = token_out.output_nr();
+  s.head_id = s.pending_id;
+  s.head_consumed = false;
+}
+
+void CommOrder::backward_ran(int64_t id) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  if (id == s.head_id) s.head_consumed = true;
+}
+
+void CommOrder::reset() {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  s.head.reset();
+  s.head_consumed = true;
+}
+
+}  // namespace loom

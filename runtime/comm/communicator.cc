@@ -1,0 +1,165 @@
+#include "loom/runtime/comm/communicator.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <mutex>
+#include <sstream>
+#include <unordered_map>
+
+#include "loom/runtime/core/error.h"
+
+namespace loom {
+
+const char* reduce_op_name(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum: return "sum";
+    case ReduceOp::kProd: return "prod";
+    case ReduceOp::kMin: return "min";
+    case ReduceOp::kMax: return "max";
+  }
+  return "?";
+}
+
+const char* op_type_name(OpType op) {
+  switch (op) {
+    case OpType::kAllGather: return "all_gather";
+    case OpType::kAllReduce: return "all_reduce";
+    case OpType::kReduceScatter: return "reduce_scatter";
+    case OpType::kBroadcast: return "broadcast";
+    case OpType::kExscan: return "exscan";
+    case OpType::kAllToAll: return "all_to_all";
+    case OpType::kBarrier: return "barrier";
+    case OpType::kSend: return "send";
+    case OpType::kRecv: return "recv";
+    case OpType::kCount: break;
+  }
+  return "?";
+}
+
+void CommStats::record(OpType op, int64_t bytes_sent, int64_t bytes_received) {
+  auto& c = counters_[static_cast<int>(op)];
+  c.calls += 1;
+  c.bytes_sent += bytes_sent;
+  c.bytes_received += bytes_received;
+}
+
+int64_t CommStats::total_calls() const {
+  int64_t n = 0;
+  for (const auto& c : counters_) n += c.calls;
+  return n;
+}
+int64_t CommStats::total_bytes_sent() const {
+  int64_t n = 0;
+  for (const auto& c : counters_) n += c.bytes_sent;
+  return n;
+}
+int64_t CommStats::total_bytes_received() const {
+  int64_t n = 0;
+  for (const auto& c : counters_) n += c.bytes_received;
+  return n;
+}
+
+CommStats CommStats::operator-(const CommStats& earlier) const {
+  CommStats d;
+  for (size_t i = 0; i < counters_.size(); ++i) {
+    d.counters_[i].calls = counters_[i].calls - earlier.counters_[i].calls;
+    d.counters_[i].bytes_sent = counters_[i].bytes_sent - earlier.counters_[i].bytes_sent;
+    d.counters_[i].bytes_received = counters_[i].bytes_received - earlier.counters_[i].bytes_received;
+  }
+  return d;
+}
+
+std::string CommStats::to_string() const {
+  std::ostringstream out;
+  for (int i = 0; i < static_cast<int>(OpType::kCount); ++i) {
+    const auto& c = counters_[i];
+    if (c.calls == 0) continue;
+    out << op_type_name(static_cast<OpType>(i)) << ": calls=" << c.calls << " sent=" << c.bytes_sent
+        << "B received=" << c.bytes_received << "B\n";
+  }
+  return out.str();
+}
+
+void wait_all(const std::vector<WorkPtr>& works) {
+  for (const auto& w : works)
+    if (w) w->wait();
+}
+
+ScanOp sum_scan_op() {
+  ScanOp op;
+  op.name = "sum";
+  op.combine = [](const at::Tensor& earlier, at::Tensor& later) { later.add_(earlier); };
+  op.identity = [](at::Tensor& out) { out.zero_(); };
+  return op;
+}
+
+namespace {
+std::mutex& registry_mutex() {
+  static std::mutex m;
+  return m;
+}
+std::unordered_map<int64_t, std::weak_ptr<Communicator>>& registry() {
+  static std::unordered_map<int64_t, std::weak_ptr<Communicator>> r;
+  return r;
+}
+std::atomic<int64_t> next_comm_id{1};
+}  // namespace
+
+std::chrono::milliseconds default_comm_timeout() {
+  if (const char* env = std::getenv("LOOM_COMM_TIMEOUT_S")) {
+    char* end = nullptr;
+    double seconds = std::strtod(env, &end);
+    if (end != env && *end == '\0' && seconds > 0)
+      return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000.0));
+    throw ConfigError("environment variable LOOM_COMM_TIMEOUT_S='" + std::string(env) +
+                      "' is not a positive number of seconds");
+  }
+  return std::chrono::milliseconds(600 * 1000);
+}
+
+Communicator::Communicator() : timeout_(default_comm_timeout()), id_(next_comm_id++) {}
+
+Communicator::~Communicator() {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  registry().erase(id_);
+}
+
+void Communicator::register_self() {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  registry()[id_] = weak_from_this();
+}
+
+std::shared_ptr<Communicator> Communicator::by_id(int64_t id) {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  auto it = registry().find(id);
+  std::shared_ptr<Communicator> comm = it == registry().end() ? nullptr : it->second.lock();
+  if (!comm)
+    throw CommError("communicator #" + std::to_string(id) +
+                    " no longer exists (was it destroyed before autograd backward ran?)");
+  return comm;
+}
+
+CommPtr Communicator::reversed() {
+  if (!reversed_) reversed_ = split(0, size() - 1 - rank());
+  return reversed_;
+}
+
+void Communicator::throw_unsupported(const char* op) const {
+  throw CommError("operation '" + std::string(op) + "' is not supported by the " + backend_name() +
+                  " communicator (rank " + std::to_string(rank()) + " on host " + host_name() + ")");
+}
+
+WorkPtr Communicator::all_gather(const at::Tensor&, const at::Tensor&) { throw_unsupported("all_gather"); }
+WorkPtr Communicator::all_reduce(const at::Tensor&, ReduceOp) { throw_unsupported("all_reduce"); }
+WorkPtr Communicator::reduce_scatter(const at::Tensor&, const at::Tensor&, ReduceOp) {
+  throw_unsupported("reduce_scatter");
+}
+WorkPtr Communicator::broadcast(const at::Tensor&, int) { throw_unsupported("broadcast"); }
+WorkPtr Communicator::exscan(const at::Tensor&, const at::Tensor&, const ScanOp&) { throw_unsupported("exscan"); }
+WorkPtr Communicator::all_to_all(const at::Tensor&, const at::Tensor&) { throw_unsupported("all_to_all"); }
+WorkPtr Communicator::barrier() { throw_unsupported("barrier"); }
+WorkPtr Communicator::isend(const at::Tensor&, int, int) { throw_unsupported("isend"); }
+WorkPtr Communicator::irecv(const at::Tensor&, int, int) { throw_unsupported("irecv"); }
+std::shared_ptr<Communicator> Communicator::split(int, int) { throw_unsupported("split"); }
+
+}  // namespace loom

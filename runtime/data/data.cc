@@ -1,0 +1,57 @@
+#include "loom/runtime/data/data.h"
+
+#include "loom/runtime/core/error.h"
+
+namespace loom {
+
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+TokenWindowSampler::TokenWindowSampler(std::shared_ptr<TokenFile> file, int64_t begin, int64_t end, int64_t seq_len,
+                                       int64_t vocab_limit, uint64_t seed, const std::string& split_name)
+    : file_(std::move(file)), begin_(begin), end_(end), seq_len_(seq_len), vocab_limit_(vocab_limit), seed_(seed),
+      split_(split_name) {
+  if (end_ - begin_ < seq_len_ + 1)
+    throw ConfigError("data file '" + file_->path() + "': the " + split_ + " split has " +
+                      std::to_string(end_ - begin_) + " tokens, fewer than one window of train.seq_len + 1 = " +
+                      std::to_string(seq_len_ + 1) + " (use more data, a shorter seq_len or another val_fraction)");
+  if (static_cast<int64_t>(file_->vocab_size()) > vocab_limit_)
+    throw ConfigError("data file '" + file_->path() + "' has vocabulary " + std::to_string(file_->vocab_size()) +
+                      " but model.vocab_size is " + std::to_string(vocab_limit_) +
+                      ": token ids would not be below the model's vocabulary");
+}
+
+Batch TokenWindowSampler::batch(int64_t first, int64_t batch_size) const {
+  at::Tensor window = at::empty({batch_size, seq_len_ + 1}, at::kLong);
+  auto* out = window.data_ptr<int64_t>();
+  const uint64_t span = static_cast<uint64_t>(end_ - begin_ - seq_len_);  // >= 1
+  for (int64_t b = 0; b < batch_size; ++b) {
+    const int64_t start = begin_ + static_cast<int64_t>(splitmix64(seed_ ^ splitmix64(first + b)) % span);
+    file_->read(start, seq_len_ + 1, out + b * (seq_len_ + 1));
+    for (int64_t i = 0; i <= seq_len_; ++i)
+      if (out[b * (seq_len_ + 1) + i] >= vocab_limit_)
+        throw LoomError("data file '" + file_->path() + "': token id " + std::to_string(out[b * (seq_len_ + 1) + i]) +
+                        " at position " + std::to_string(start + i) + " is not below model.vocab_size " +
+                        std::to_string(vocab_limit_));
+  }
+  return {window.narrow(1, 0, seq_len_).contiguous(), window.narrow(1, 1, seq_len_).contiguous()};
+}
+
+DataSplits open_data(const std::string& path, double val_fraction, int64_t seq_len, int64_t vocab_limit,
+                     uint64_t seed) {
+  if (path.empty()) throw ConfigError("data.train_path is empty: name a token file (loom-data prepare makes one)");
+  auto file = std::make_shared<TokenFile>(path);
+  const int64_t n = file->size();
+  const int64_t split = static_cast<int64_t>(static_cast<double>(n) * (1.0 - val_fraction));
+  DataSplits d;
+  d.train = std::make_shared<TokenWindowSampler>(file, 0, split, seq_len, vocab_limit, seed, "train");
+  d.validation = std::make_shared<TokenWindowSampler>(file, split, n, seq_len, vocab_limit, splitmix64(seed + 1),
+                                                      "validation");
+  return d;
+}
+
+}  // namespace loom

@@ -1,0 +1,116 @@
+#include "loom/runtime/train/job.h"
+#include "loom/runtime/core/build_config.h"
+
+#include <mpi.h>
+
+#include <climits>
+#include <chrono>
+#include <utility>
+
+#include <torch/cuda.h>
+#include <torch/version.h>
+
+#include "loom/runtime/core/error.h"
+#ifdef LOOM_HAVE_NCCL
+#include "loom/runtime/comm/nccl_communicator.h"
+#endif
+#include "loom/runtime/core/logging.h"
+#include "loom/runtime/core/threads.h"
+
+namespace loom {
+
+pb::LoomConfig resolve_config_on_all_ranks(const std::string& path, const std::vector<std::string>& overrides) {
+  pb::LoomConfig config;
+  std::string error;
+  try {
+    config = resolve_config(path, overrides);
+  } catch (const std::exception& e) {
+    error = e.what();
+    if (error.empty()) error = "unknown error";
+  }
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  int first_failing = error.empty() ? INT_MAX : rank;
+  LOOM_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &first_failing, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD), "config agreement");
+  if (first_failing == INT_MAX) return config;
+  int length = static_cast<int>(error.size());
+  LOOM_MPI_CHECK(MPI_Bcast(&length, 1, MPI_INT, first_failing, MPI_COMM_WORLD), "config agreement");
+  error.resize(length);
+  LOOM_MPI_CHECK(MPI_Bcast(error.data(), length, MPI_CHAR, first_failing, MPI_COMM_WORLD), "config agreement");
+  throw ConfigError(first_failing == 0 ? error : "on rank " + std::to_string(first_failing) + ": " + error);
+}
+
+namespace {
+
+// Rank among the ranks of this node, and how many there are (collective).
+std::pair<int, int> node_local_rank(MPI_Comm world) {
+  MPI_Comm node = MPI_COMM_NULL;
+  LOOM_MPI_CHECK(MPI_Comm_split_type(world, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node), "node-local rank");
+  int rank = 0, size = 1;
+  MPI_Comm_rank(node, &rank);
+  MPI_Comm_size(node, &size);
+  MPI_Comm_free(&node);
+  return {rank, size};
+}
+
+// The communicator the mesh is built on: the MPI world, or for CUDA with
+// several ranks an NCCL communicator over it.
+CommPtr mesh_world(const std::shared_ptr<MpiCommunicator>& world, const pb::TrainConfig& train, at::Device& device) {
+  if (train.device() != "cuda") return world;
+  if (!torch::cuda::is_available())
+    throw UnsupportedError("train.device = cuda: no CUDA device is visible to this process (libtorch " +
+                           std::string(TORCH_VERSION) + " built without CUDA, or no GPU)");
+  const auto [local, local_size] = node_local_rank(world->handle());
+  const int gpus = static_cast<int>(torch::cuda::device_count());
+  if (local_size > gpus)
+    throw UnsupportedError("train.device = cuda: " + std::to_string(local_size) + " ranks on this node but only " +
+                           std::to_string(gpus) + " CUDA device(s); start one rank per GPU");
+  device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(local));
+  if (world->size() == 1) return world;  // one rank: collectives are local copies on any device
+#ifdef LOOM_HAVE_NCCL
+  auto nccl = NcclCommunicator::create(world, local);
+  nccl->set_timeout(world->timeout());
+  return nccl;
+#else
+  throw UnsupportedError("train.device = cuda with " + std::to_string(world->size()) +
+                         " ranks needs the NCCL communicator: this build has LOOM_WITH_NCCL=OFF (no CUDA toolkit or "
+                         "NCCL found at configure time)");
+#endif
+}
+
+}  // namespace
+
+Job::Job(pb::LoomConfig config) : config_(std::move(config)) {
+  mpi_world_ = MpiCommunicator::world();
+  const auto& world = mpi_world_;
+  configure_logging(world->rank(), world->size(), config_.log().all_ranks(), parse_log_level(config_.log().level()));
+  world->set_timeout(std::chrono::milliseconds(static_cast<int64_t>(config_.parallel().comm_timeout_s() * 1000.0)));
+  threads_ = configure_threads(config_.parallel().threads_per_rank(), world->handle());
+  const int M = config_.offload().memory_ranks(), S = world->size();
+  if (M >= S)
+    throw ConfigError("offload.memory_ranks = " + std::to_string(M) + " leaves no compute rank in a world of " +
+                      std::to_string(S) + " ranks");
+  for (int r = 0; r < S; ++r) (r >= S - M ? memory_ranks_ : compute_ranks_).push_back(r);
+  const bool memory = world->rank() >= S - M;
+  // Compute ranks (color 0) get the mesh; memory nodes (color 1) serve.
+  auto compute = M > 0 ? std::dynamic_pointer_cast<MpiCommunicator>(world->split(memory ? 1 : 0, world->rank())) : world;
+  if (memory) return;
+  mesh_ = std::make_unique<ProcessMesh>(mesh_world(compute, config_.train(), device_), config_.parallel().dp(),
+                                        config_.parallel().sp());
+  if (M > 0) offload_ = std::make_unique<offload::OffloadClient>(world, memory_ranks_, mesh_->dp_index());
+}
+
+Job::~Job() = default;
+
+void Job::serve(const offload::OffloadKernels& kernels) {
+  TORCH_CHECK(is_memory_node(), "Job::serve: rank ", mpi_world_->rank(), " is a compute rank");
+  LOOM_LOG(kInfo) << "memory node: serving " << compute_ranks_.size() << " compute ranks, capacity "
+                  << config_.offload().capacity_mb() << " MiB";
+  offload::OffloadServer(mpi_world_, compute_ranks_, config_.offload().capacity_mb() << 20, kernels).serve();
+}
+
+void Job::finish() {
+  if (offload_) offload_->shutdown();
+}
+
+}  // namespace loom
