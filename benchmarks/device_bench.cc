@@ -23,6 +23,7 @@
 #include "loom/parallel/linear_attention/lasp.h"
 #include "loom/parallel/softmax_attention/softmax_attention.h"
 #include "loom/runtime/core/dtypes.h"
+#include "loom/runtime/core/error.h"
 #include "loom/runtime/comm/mpi_communicator.h"
 #include "loom/runtime/train/optimizer.h"
 

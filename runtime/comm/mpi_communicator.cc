@@ -456,18 +456,24 @@ std::shared_ptr<Communicator> MpiCommunicator::split(int color, int key) {
 MpiEnvironment::MpiEnvironment(int* argc, char*** argv) {
   int initialized = 0;
   MPI_Initialized(&initialized);
-  if (initialized) return;
-  int provided = 0;
-  LOOM_MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_SERIALIZED, &provided), "MPI_Init_thread");
-  owns_ = true;
-  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  if (!initialized) {
+    int provided = 0;
+    LOOM_MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_SERIALIZED, &provided), "MPI_Init_thread");
+    owns_ = true;
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  }
+  // The watchdog's side channel (who has not arrived), collective like MPI_Init.
+  LOOM_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &peer_channel_), "MPI_Comm_dup (watchdog peer status)");
+  enable_peer_status(peer_channel_);
 }
 
 MpiEnvironment::~MpiEnvironment() {
-  if (!owns_) return;
   int finalized = 0;
   MPI_Finalized(&finalized);
-  if (!finalized) MPI_Finalize();
+  if (finalized) return;
+  enable_peer_status(MPI_COMM_NULL);
+  if (peer_channel_ != MPI_COMM_NULL) MPI_Comm_free(&peer_channel_);
+  if (owns_) MPI_Finalize();
 }
 
 }  // namespace loom

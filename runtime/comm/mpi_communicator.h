@@ -72,6 +72,7 @@ class MpiEnvironment {
 
  private:
   bool owns_ = false;
+  MPI_Comm peer_channel_ = MPI_COMM_NULL;
 };
 
 }  // namespace loom

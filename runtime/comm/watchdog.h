@@ -9,7 +9,20 @@
 // must survive (offload memory nodes) can switch the action to throwing
 // CommTimeout. Hooks registered with add_abort_hook() run before the abort
 // (the NCCL backend aborts its communicators there).
+//
+// Who did not arrive: a rank that waits can only see its own operation, while
+// the culprit is usually a peer that skipped the collective, waits in another
+// one, is stuck computing or died. With peer status enabled (MpiEnvironment
+// does it on a duplicate of MPI_COMM_WORLD), every rank that waits answers
+// small status queries on that side channel with what it waits in; a rank
+// that times out asks every other rank, waits a short grace period, and its
+// message lists the ranks that did not answer (busy outside communication:
+// computing, stuck or dead) and the ones waiting in a different operation:
+// the ranks that have not arrived. The channel costs nothing while
+// operations complete in time (one MPI_Iprobe per poll of a long wait).
 #pragma once
+
+#include <mpi.h>
 
 #include <chrono>
 #include <functional>
@@ -46,6 +59,10 @@ class WatchdogContext {
  private:
   std::string previous_;
 };
+
+// Enables peer status on `world_duplicate`, a communicator over all ranks that
+// nothing else uses (collective: every rank calls it once, after MPI_Init).
+void enable_peer_status(MPI_Comm world_duplicate);
 
 // Runs before the watchdog aborts the job.
 void add_abort_hook(std::function<void()> hook);

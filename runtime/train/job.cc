@@ -3,13 +3,13 @@
 
 #include <mpi.h>
 
-#include <climits>
 #include <chrono>
 #include <utility>
 
 #include <torch/cuda.h>
 #include <torch/version.h>
 
+#include "loom/runtime/comm/agreement.h"
 #include "loom/runtime/core/error.h"
 #ifdef LOOM_HAVE_NCCL
 #include "loom/runtime/comm/nccl_communicator.h"
@@ -21,23 +21,8 @@ namespace loom {
 
 pb::LoomConfig resolve_config_on_all_ranks(const std::string& path, const std::vector<std::string>& overrides) {
   pb::LoomConfig config;
-  std::string error;
-  try {
-    config = resolve_config(path, overrides);
-  } catch (const std::exception& e) {
-    error = e.what();
-    if (error.empty()) error = "unknown error";
-  }
-  int rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  int first_failing = error.empty() ? INT_MAX : rank;
-  LOOM_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &first_failing, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD), "config agreement");
-  if (first_failing == INT_MAX) return config;
-  int length = static_cast<int>(error.size());
-  LOOM_MPI_CHECK(MPI_Bcast(&length, 1, MPI_INT, first_failing, MPI_COMM_WORLD), "config agreement");
-  error.resize(length);
-  LOOM_MPI_CHECK(MPI_Bcast(error.data(), length, MPI_CHAR, first_failing, MPI_COMM_WORLD), "config agreement");
-  throw ConfigError(first_failing == 0 ? error : "on rank " + std::to_string(first_failing) + ": " + error);
+  agree_on_failure(MPI_COMM_WORLD, [&] { config = resolve_config(path, overrides); });
+  return config;
 }
 
 namespace {
@@ -94,10 +79,21 @@ Job::Job(pb::LoomConfig config) : config_(std::move(config)) {
   const bool memory = world->rank() >= S - M;
   // Compute ranks (color 0) get the mesh; memory nodes (color 1) serve.
   auto compute = M > 0 ? std::dynamic_pointer_cast<MpiCommunicator>(world->split(memory ? 1 : 0, world->rank())) : world;
-  if (memory) return;
-  mesh_ = std::make_unique<ProcessMesh>(mesh_world(compute, config_.train(), device_), config_.parallel().dp(),
-                                        config_.parallel().sp());
-  if (M > 0) offload_ = std::make_unique<offload::OffloadClient>(world, memory_ranks_, mesh_->dp_index());
+  // The mesh may not fit the compute ranks (or their devices) while memory
+  // nodes have nothing to check: all ranks agree, so that memory nodes stop
+  // with the same error instead of serving forever.
+  agree_on_failure(world->handle(), [&] {
+    if (memory) return;
+    try {
+      mesh_ = std::make_unique<ProcessMesh>(mesh_world(compute, config_.train(), device_), config_.parallel().dp(),
+                                            config_.parallel().sp());
+    } catch (const ConfigError& e) {
+      if (M == 0) throw;
+      throw ConfigError(std::to_string(S) + " ranks - offload.memory_ranks " + std::to_string(M) + " = " +
+                        std::to_string(S - M) + " compute ranks: " + e.what());
+    }
+  });
+  if (M > 0 && !memory) offload_ = std::make_unique<offload::OffloadClient>(world, memory_ranks_, mesh_->dp_index());
 }
 
 Job::~Job() = default;
