@@ -64,6 +64,25 @@ ReferenceCheck& ReferenceCheck::sharded(const std::string& name, const at::Tenso
   return ::testing::AssertionFailure() << out.str();
 }
 
+std::vector<int64_t> document_lengths(int64_t n, int64_t chunk, int pattern) {
+  std::vector<int64_t> out;
+  int64_t left = n;
+  auto take = [&](int64_t len) {
+    len = std::min(len, left);
+    if (len > 0) out.push_back(len), left -= len;
+  };
+  switch (pattern) {
+    case 0: break;
+    case 1: take(1), take(1), take(1); break;
+    case 2: while (left > chunk) take(chunk); break;
+    case 3: take(chunk / 2 + 1), take(chunk + 1), take(2); break;
+    case 4: take(3), take(1), take(2 * chunk - 1), take(5); break;
+    default: ADD_FAILURE() << "document_lengths: no pattern " << pattern;
+  }
+  take(left);
+  return out;
+}
+
 std::vector<std::string> tiny_presets() {
   std::vector<std::string> out;
   for (const auto& name : models::preset_names())

@@ -46,6 +46,17 @@ class ReferenceCheck {
   int checked_ = 0;
 };
 
+// Documents of a row of n tokens for the document tests (each list sums to n;
+// `chunk` is the layout's chunk length). Pattern:
+//   0  one document (the whole row);
+//   1  documents of length 1 first, then one long document;
+//   2  documents aligned with the chunks (each starts at a chunk's first
+//      token and ends at its last), the remainder last;
+//   3  a document across two chunks (ranks) between short ones;
+//   4  a mix: 3, 1, 2 chunks - 1, 5, then the rest (spans every rank).
+std::vector<int64_t> document_lengths(int64_t n, int64_t chunk, int pattern);
+constexpr int kDocumentPatterns = 5;
+
 // The tiny model presets (every built-in preset named tiny-*), and a
 // GoogleTest-safe name for a preset parameter ("tiny-based" -> "tiny_based").
 std::vector<std::string> tiny_presets();

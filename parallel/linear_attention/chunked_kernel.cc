@@ -3,6 +3,7 @@
 #include <torch/autograd.h>
 
 #include "loom/parallel/linear_attention/decay.h"
+#include "loom/runtime/comm/documents.h"
 
 namespace loom::linear_attention {
 namespace {
@@ -35,6 +36,42 @@ at::Tensor from_blocks(const at::Tensor& x, int64_t n) {
 // Head-wise factor [H, a, b] viewed to broadcast over [B, H, nb, a, b].
 at::Tensor per_head(const at::Tensor& f) { return f.unsqueeze(0).unsqueeze(2); }
 
+// The kernel's factors, each broadcastable over [B, H, nb, C, *]: decay alone
+// has batch and block dimensions of size 1; documents make query, key and
+// across per row and block, and add the same-document mask `visible`.
+struct KernelFactors {
+  at::Tensor causal;   // [1, H, 1, C, C]
+  at::Tensor visible;  // [B, 1, nb, C, C] with documents, else undefined
+  at::Tensor query;    // [1|B, H, 1|nb, C, 1]
+  at::Tensor key;      // [1|B, H, 1|nb, C, 1]
+  at::Tensor across;   // [1|B, H, 1|nb, 1, 1]
+
+  // Blocks b0 .. b0+n-1 of a factor (all of them share it when its block dimension is 1).
+  static at::Tensor blocks(const at::Tensor& f, int64_t b0, int64_t n) {
+    return f.size(2) == 1 ? f : f.narrow(2, b0, n);
+  }
+  // Decay across block b, against a [B, H, d_k, d_v] state.
+  at::Tensor across_block(int64_t b) const { return across.select(2, across.size(2) == 1 ? 0 : b); }
+  void mask_scores(at::Tensor& scores, int64_t b0, int64_t n) const {
+    scores.mul_(causal);
+    if (visible.defined()) scores.mul_(blocks(visible, b0, n));
+  }
+};
+
+KernelFactors kernel_factors(const at::Tensor& decay, int64_t H, int64_t C, int64_t nb, const at::Tensor& doc_start,
+                             int64_t first_position, const at::TensorOptions& options) {
+  const BlockDecay f = block_decay(decay, H, C, options);
+  KernelFactors k{per_head(f.causal), at::Tensor(), per_head(f.query), per_head(f.key), per_head(f.block)};
+  if (doc_start.defined()) {
+    const DocumentBlocks d = document_blocks(doc_start, first_position, nb, C, /*with_visible=*/true, options);
+    k.visible = d.visible;
+    k.query = k.query * d.query;
+    k.key = k.key * d.key;
+    k.across = k.across * d.across;
+  }
+  return k;
+}
+
 }  // namespace
 
 namespace {
@@ -48,15 +85,15 @@ int64_t segment_blocks(int64_t batch_heads, int64_t c) {
 }  // namespace
 
 ChunkForwardResult chunk_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& decay, int64_t block, int64_t segment) {
+                                 const at::Tensor& decay, int64_t block, int64_t segment, const at::Tensor& doc_start,
+                                 int64_t first_position) {
   at::NoGradGuard no_grad;  // a raw kernel: autograd wraps it from outside
   check_inputs(q, k, v, block);
+  check_document_starts(doc_start, q, 2, "linear attention");
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), dk = q.size(3), dv = v.size(3);
   const int64_t C = effective_block(N, block), nb = (N + C - 1) / C;
-  const BlockDecay f = block_decay(decay, H, C, q.options());
+  const KernelFactors f = kernel_factors(decay, H, C, nb, doc_start, first_position, q.options());
   const at::Tensor Q = to_blocks(q, nb, C), K = to_blocks(k, nb, C), V = to_blocks(v, nb, C);
-  const at::Tensor causal = per_head(f.causal), key = per_head(f.key), query = per_head(f.query);
-  const at::Tensor across = f.block.unsqueeze(0);  // [1, H, 1, 1]
 
   at::Tensor O = at::empty({B, H, nb, C, dv}, q.options());
   at::Tensor states = at::empty({B, H, nb, dk, dv}, q.options());
@@ -68,20 +105,20 @@ ChunkForwardResult chunk_forward(const at::Tensor& q, const at::Tensor& k, const
     at::Tensor Os = O.narrow(2, b0, n);
     // Intra-block: [(Q K^T) * D] V.
     at::Tensor scores = at::matmul(Qs, Ks.transpose(-1, -2));
-    scores.mul_(causal);
+    f.mask_scores(scores, b0, n);
     at::matmul_out(Os, scores, Vs);
-    // State entering block b: S_b = lambda^C S_(b-1) + K_(b-1)^T (Lk V_(b-1)).
-    const at::Tensor block_kv = at::matmul(Ks.transpose(-1, -2), Vs * key);
+    // State entering block b: S_b = a_(b-1) S_(b-1) + K_(b-1)^T (Lk V_(b-1)).
+    const at::Tensor block_kv = at::matmul(Ks.transpose(-1, -2), Vs * KernelFactors::blocks(f.key, b0, n));
     at::Tensor st = states.narrow(2, b0, n);
     st.select(2, 0).copy_(carry);
     for (int64_t b = 1; b < n; ++b) {
       at::Tensor dst = st.select(2, b);
-      at::mul_out(dst, st.select(2, b - 1), across);
+      at::mul_out(dst, st.select(2, b - 1), f.across_block(b0 + b - 1));
       dst.add_(block_kv.select(2, b - 1));
     }
-    carry = st.select(2, n - 1) * across + block_kv.select(2, n - 1);
+    carry = st.select(2, n - 1) * f.across_block(b0 + n - 1) + block_kv.select(2, n - 1);
     // Inter-block: O_b += (Lq Q_b) S_b.
-    Os.add_(at::matmul(Qs * query, st));
+    Os.add_(at::matmul(Qs * KernelFactors::blocks(f.query, b0, n), st));
   }
   return {from_blocks(O, N), states};
 }
@@ -89,15 +126,14 @@ ChunkForwardResult chunk_forward(const at::Tensor& q, const at::Tensor& k, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_backward(const at::Tensor& q, const at::Tensor& k,
                                                               const at::Tensor& v, const at::Tensor& decay,
                                                               int64_t block, const at::Tensor& block_states,
-                                                              const at::Tensor& grad_out, int64_t segment) {
+                                                              const at::Tensor& grad_out, int64_t segment,
+                                                              const at::Tensor& doc_start, int64_t first_position) {
   at::NoGradGuard no_grad;
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), dk = q.size(3), dv = v.size(3);
   const int64_t C = effective_block(N, block), nb = (N + C - 1) / C;
-  const BlockDecay f = block_decay(decay, H, C, q.options());
+  const KernelFactors f = kernel_factors(decay, H, C, nb, doc_start, first_position, q.options());
   const at::Tensor Q = to_blocks(q, nb, C), K = to_blocks(k, nb, C), V = to_blocks(v, nb, C);
   const at::Tensor dO = to_blocks(grad_out, nb, C);
-  const at::Tensor causal = per_head(f.causal), key = per_head(f.key), query = per_head(f.query);
-  const at::Tensor across = f.block.unsqueeze(0);
 
   at::Tensor dQ = at::empty({B, H, nb, C, dk}, q.options());
   at::Tensor dK = at::empty({B, H, nb, C, dk}, q.options());
@@ -114,23 +150,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_backward(const at::Tensor& 
     at::Tensor dQs = dQ.narrow(2, b0, n), dKs = dK.narrow(2, b0, n), dVs = dV.narrow(2, b0, n);
     // Intra-block: A = (Q K^T) * D, O = A V.
     at::Tensor scores = at::matmul(Qs, Ks.transpose(-1, -2));
-    scores.mul_(causal);
+    f.mask_scores(scores, b0, n);
     at::matmul_out(dVs, scores.transpose(-1, -2), dOs);
     at::Tensor dA = at::matmul(dOs, Vs.transpose(-1, -2));
-    dA.mul_(causal);
+    f.mask_scores(dA, b0, n);
     at::matmul_out(dQs, dA, Ks);
     at::matmul_out(dKs, dA.transpose(-1, -2), Qs);
     // Inter-block.
+    const at::Tensor query = KernelFactors::blocks(f.query, b0, n), key = KernelFactors::blocks(f.key, b0, n);
     dQs.add_(at::matmul(dOs, st.transpose(-1, -2)).mul_(query));
     const at::Tensor G = at::matmul((Qs * query).transpose(-1, -2), dOs);
     at::Tensor R = at::empty_like(G);
     R.select(2, n - 1).copy_(carry);
     for (int64_t b = n - 2; b >= 0; --b) {
       at::Tensor dst = R.select(2, b);
-      at::mul_out(dst, R.select(2, b + 1), across);
+      at::mul_out(dst, R.select(2, b + 1), f.across_block(b0 + b + 1));
       dst.add_(G.select(2, b + 1));
     }
-    carry = R.select(2, 0) * across + G.select(2, 0);
+    carry = R.select(2, 0) * f.across_block(b0) + G.select(2, 0);
     dKs.add_(at::matmul(Vs, R.transpose(-1, -2)).mul_(key));
     dVs.add_(at::matmul(Ks, R).mul_(key));
   }
@@ -143,18 +180,22 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 struct ChunkedLinearAttentionFunction : public torch::autograd::Function<ChunkedLinearAttentionFunction> {
+  // doc_start: [B, N] or an empty tensor for "no documents" (autograd
+  // functions take defined tensors only).
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& decay, int64_t block) {
-    auto result = chunk_forward(q, k, v, decay, block);
-    ctx->save_for_backward({q, k, v, decay, result.block_states});
+                            const at::Tensor& decay, int64_t block, const at::Tensor& doc_start) {
+    const at::Tensor docs = doc_start.numel() > 0 ? doc_start : at::Tensor();
+    auto result = chunk_forward(q, k, v, decay, block, 0, docs);
+    ctx->save_for_backward({q, k, v, decay, result.block_states, doc_start});
     ctx->saved_data["block"] = block;
     return result.out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
+    const at::Tensor docs = saved[5].numel() > 0 ? saved[5] : at::Tensor();
     auto [dq, dk, dv] = chunk_backward(saved[0], saved[1], saved[2], saved[3], ctx->saved_data["block"].toInt(),
-                                       saved[4], grads[0].contiguous());
-    return {dq, dk, dv, at::Tensor(), at::Tensor()};
+                                       saved[4], grads[0].contiguous(), 0, docs);
+    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -166,10 +207,11 @@ double chunked_linear_attention_flops(int64_t n, int64_t block, int64_t dk, int6
 }
 
 at::Tensor chunked_linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const at::Tensor& decay, int64_t block) {
+                                    const at::Tensor& decay, int64_t block, const at::Tensor& doc_start) {
   // Autograd functions take defined tensors only: lambda = 1 is "no decay".
   const at::Tensor d = decay.defined() ? decay : at::ones({q.size(1)}, at::kDouble);
-  return ChunkedLinearAttentionFunction::apply(q, k, v, d, block);
+  const at::Tensor docs = doc_start.defined() ? doc_start : at::empty({0}, at::kLong);
+  return ChunkedLinearAttentionFunction::apply(q, k, v, d, block, docs);
 }
 
 }  // namespace loom::linear_attention

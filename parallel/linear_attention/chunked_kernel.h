@@ -14,6 +14,12 @@
 // multiple of C, never truncated). `decay` is [H] in (0, 1] or undefined.
 // These functions assume a zero state before token 0; sequence-parallel
 // operators add the incoming state themselves (lasp.h).
+// Documents: with doc_start [B, N] (runtime/comm/documents.h; the global
+// positions of the tokens are first_position ..), token i sees token j only
+// when doc_start[i] <= j; a block in which a document starts passes no state
+// across itself, and the returned entering states carry only what the open
+// document may see (so the caller's own entering state, added with the query
+// factors of lasp.h, is masked the same way).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -30,13 +36,16 @@ struct ChunkForwardResult {
 // `segment`: blocks processed together (their C x C scores live at once);
 // 0 picks a size that keeps a segment's scores in cache.
 ChunkForwardResult chunk_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& decay, int64_t block, int64_t segment = 0);
+                                 const at::Tensor& decay, int64_t block, int64_t segment = 0,
+                                 const at::Tensor& doc_start = {}, int64_t first_position = 0);
 
 // Gradients of sum(out * grad_out) with respect to q, k, v.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_backward(const at::Tensor& q, const at::Tensor& k,
                                                               const at::Tensor& v, const at::Tensor& decay,
                                                               int64_t block, const at::Tensor& block_states,
-                                                              const at::Tensor& grad_out, int64_t segment = 0);
+                                                              const at::Tensor& grad_out, int64_t segment = 0,
+                                                              const at::Tensor& doc_start = {},
+                                                              int64_t first_position = 0);
 
 // Differentiable single-rank chunked linear attention (no normaliser).
 // Nominal FLOPs of one forward+backward of the kernel per (batch, head) with
@@ -46,6 +55,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_backward(const at::Tensor& 
 double chunked_linear_attention_flops(int64_t n, int64_t block, int64_t dk, int64_t dv);
 
 at::Tensor chunked_linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const at::Tensor& decay, int64_t block);
+                                    const at::Tensor& decay, int64_t block, const at::Tensor& doc_start = {});
 
 }  // namespace loom::linear_attention

@@ -45,4 +45,24 @@ BlockDecay block_decay(const at::Tensor& decay, int64_t num_heads, int64_t n, co
   return d;
 }
 
+DocumentBlocks document_blocks(const at::Tensor& doc_start, int64_t first_position, int64_t nb, int64_t c,
+                               bool with_visible, const at::TensorOptions& options) {
+  const int64_t B = doc_start.size(0), n = doc_start.size(1), padded = nb * c;
+  TORCH_CHECK(n <= padded, "document_blocks: ", n, " tokens do not fit ", nb, " blocks of ", c);
+  const auto index = options.dtype(at::kLong);
+  const at::Tensor pos = at::arange(first_position, first_position + padded, index).view({nb, c});
+  at::Tensor docs = doc_start.to(index);
+  // Padding tokens start documents of their own.
+  if (padded != n) docs = at::cat({docs, pos.reshape({padded}).narrow(0, n, padded - n).expand({B, padded - n})}, 1);
+  docs = docs.view({B, nb, c});
+  const at::Tensor block_start = pos.select(1, 0).view({1, nb, 1});     // [1, nb, 1]
+  const at::Tensor last_doc = docs.select(2, c - 1).unsqueeze(-1);      // [B, nb, 1]
+  DocumentBlocks d;
+  if (with_visible) d.visible = docs.unsqueeze(-1).le(pos.view({1, nb, 1, c})).to(options).unsqueeze(1);
+  d.query = docs.lt(block_start).to(options).view({B, 1, nb, c, 1});
+  d.key = pos.unsqueeze(0).ge(last_doc).to(options).view({B, 1, nb, c, 1});
+  d.across = last_doc.lt(block_start).to(options).view({B, 1, nb, 1, 1});
+  return d;
+}
+
 }  // namespace loom::linear_attention

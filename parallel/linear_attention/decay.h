@@ -38,4 +38,23 @@ BlockDecay block_decay(const at::Tensor& decay, int64_t num_heads, int64_t n, co
 // be long: O(n) work and memory, not O(n^2)).
 BlockDecay chunk_decay(const at::Tensor& decay, int64_t num_heads, int64_t n, const at::TensorOptions& options);
 
+// Document factors of consecutive blocks (or layout chunks) of `c` tokens,
+// the first token at global position `first_position`, for a local
+// doc_start [B, n] (runtime/comm/documents.h; n <= nb * c, the tail is
+// padding that starts documents of its own). Each is 0/1 in `options`,
+// shaped to multiply the decay factors above over [B, H, nb, c, ...]:
+//   visible[b,0,k,i,j] = doc_start[i] <= pos_j        (same document, for j <= i)
+//   query[b,0,k,t,0]   = doc_start[t] < block start   (the entering state reaches t)
+//   key[b,0,k,j,0]     = pos_j >= doc_start[last]     (token j reaches the exiting state)
+//   across[b,0,k,0,0]  = doc_start[last] < block start (no document starts inside)
+// `visible` is built only when asked for (it is O(n c)).
+struct DocumentBlocks {
+  at::Tensor visible;  // [B, 1, nb, c, c] or undefined
+  at::Tensor query;    // [B, 1, nb, c, 1]
+  at::Tensor key;      // [B, 1, nb, c, 1]
+  at::Tensor across;   // [B, 1, nb, 1, 1]
+};
+DocumentBlocks document_blocks(const at::Tensor& doc_start, int64_t first_position, int64_t nb, int64_t c,
+                               bool with_visible, const at::TensorOptions& options);
+
 }  // namespace loom::linear_attention

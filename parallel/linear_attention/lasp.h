@@ -34,6 +34,10 @@ struct LinearAttentionOptions {
   at::Tensor decay;         // [H] in (0, 1]; undefined: no decay
   bool normalize = false;
   double eps = 1e-6;
+  // Documents: this rank's doc_start [B, n] (runtime/comm/documents.h), or
+  // undefined for one document per row. A token sees only its own document;
+  // the state forgets everything before a document's first token.
+  at::Tensor doc_start;
 };
 
 // Single rank, chunked (the sequence is all local).

@@ -35,33 +35,60 @@ std::vector<int64_t> sequence_order(const SequenceLayout& layout, PrefixDirectio
   return order;
 }
 
-// [H] decay viewed against a [B, H, d_k, d_v] state.
-at::Tensor as_state_factor(const at::Tensor& a) { return a.view({1, -1, 1, 1}); }
+// Decay across a chunk, [H] (every chunk alike) or [B, H] (per row, with
+// documents), viewed against a [B, H, d_k, d_v] state.
+at::Tensor as_state_factor(const at::Tensor& a) {
+  return a.dim() == 1 ? a.view({1, -1, 1, 1}) : a.view({a.size(0), a.size(1), 1, 1});
+}
+
+// The decays of a rank's chunks: shared [H], or [chunks_per_rank, B, H].
+struct ChunkDecays {
+  at::Tensor a;
+  bool per_chunk() const { return a.dim() == 3; }
+  // Decay across local chunk i.
+  at::Tensor of(int64_t i) const { return per_chunk() ? a[i] : a; }
+};
 
 // ---- kLasp2: one AllGather ----
 class AllGatherPrefix final : public StatePrefix {
  public:
   AllGatherPrefix(const SequenceLayout& layout, CommPtr comm, at::Tensor a, PrefixDirection direction)
-      : layout_(layout), comm_(std::move(comm)), a_(std::move(a)), order_(sequence_order(layout, direction)) {}
+      : layout_(layout), comm_(std::move(comm)), a_{std::move(a)}, order_(sequence_order(layout, direction)) {}
 
   void start(const at::Tensor& local) override {
     local_ = local.contiguous();
-    auto shape = local_.sizes().vec();
+    const int64_t cpr = local_.size(0);
+    // Per-chunk decays (documents) travel with the states: B x H more
+    // numbers per chunk, still independent of N.
+    const at::Tensor payload =
+        a_.per_chunk() ? at::cat({local_.reshape({cpr, -1}), a_.a.to(local_.options()).reshape({cpr, -1})}, 1)
+                       : local_;
+    auto shape = payload.sizes().vec();
     shape[0] *= comm_->size();
-    gathered_ = at::empty(shape, local_.options());
-    work_ = comm_->all_gather(gathered_, local_);
+    gathered_ = at::empty(shape, payload.options());
+    work_ = comm_->all_gather(gathered_, payload.contiguous());
   }
 
   at::Tensor finish() override {
     work_->wait();
     const int W = comm_->size(), me = comm_->rank(), cpr = layout_.chunks_per_rank();
-    std::vector<at::Tensor> by_chunk(layout_.num_chunks());
+    const int64_t state_numel = local_[0].numel();
+    const std::vector<int64_t> state_shape = local_[0].sizes().vec();
+    std::vector<at::Tensor> by_chunk(layout_.num_chunks()), decay_of(layout_.num_chunks());
     for (int q = 0; q < W; ++q) {
       const auto owned = layout_.chunks_of(q);
-      for (int i = 0; i < cpr; ++i) by_chunk[owned[i]] = gathered_[q * cpr + i];
+      for (int i = 0; i < cpr; ++i) {
+        const at::Tensor row = gathered_[q * cpr + i];
+        if (a_.per_chunk()) {
+          by_chunk[owned[i]] = row.narrow(0, 0, state_numel).view(state_shape);
+          decay_of[owned[i]] = row.narrow(0, state_numel, a_.a[0].numel()).view(a_.a.sizes().slice(1));
+        } else {
+          by_chunk[owned[i]] = row;
+          decay_of[owned[i]] = a_.a;
+        }
+      }
     }
     at::Tensor out = at::empty_like(local_);
-    const at::Tensor factor = as_state_factor(a_);
     at::Tensor running = at::zeros_like(local_[0]);
     int remaining = cpr;
     for (int64_t c : order_) {
@@ -69,7 +96,7 @@ class AllGatherPrefix final : public StatePrefix {
         out[layout_.local_index_of(c)].copy_(running);
         if (--remaining == 0) break;
       }
-      running = running * factor + by_chunk[c];
+      running = running * as_state_factor(decay_of[c]) + by_chunk[c];
     }
     gathered_.reset();
     return out;
@@ -78,7 +105,7 @@ class AllGatherPrefix final : public StatePrefix {
  private:
   SequenceLayout layout_;
   CommPtr comm_;
-  at::Tensor a_;
+  ChunkDecays a_;
   std::vector<int64_t> order_;
   at::Tensor local_, gathered_;
   WorkPtr work_;
@@ -87,15 +114,19 @@ class AllGatherPrefix final : public StatePrefix {
 // ---- kLasp2AllScan: exclusive scans with the monoid as a user operation ----
 
 
-// Element layout in a flat buffer: [a (H) | S (B*H*d_k*d_v)], repeated `parts` times.
+// Element layout in a flat buffer: [a (H, or B*H with documents) | S (B*H*d_k*d_v)],
+// repeated `parts` times.
 struct Packing {
-  int64_t heads;
+  std::vector<int64_t> a_shape;      // [H] or [B, H]
   std::vector<int64_t> state_shape;  // [B, H, d_k, d_v]
+  int64_t a_numel() const { return a_shape.size() == 1 ? a_shape[0] : a_shape[0] * a_shape[1]; }
   int64_t state_numel() const { return state_shape[0] * state_shape[1] * state_shape[2] * state_shape[3]; }
-  int64_t part_numel() const { return heads + state_numel(); }
-  at::Tensor a(const at::Tensor& flat, int part) const { return flat.narrow(0, part * part_numel(), heads); }
+  int64_t part_numel() const { return a_numel() + state_numel(); }
+  at::Tensor a(const at::Tensor& flat, int part) const {
+    return flat.narrow(0, part * part_numel(), a_numel()).view(a_shape);
+  }
   at::Tensor s(const at::Tensor& flat, int part) const {
-    return flat.narrow(0, part * part_numel() + heads, state_numel()).view(state_shape);
+    return flat.narrow(0, part * part_numel() + a_numel(), state_numel()).view(state_shape);
   }
 };
 
@@ -144,16 +175,16 @@ ScanOp zigzag_pair_scan_op(const Packing& p) {
 class AllScanPrefix final : public StatePrefix {
  public:
   AllScanPrefix(const SequenceLayout& layout, CommPtr comm, at::Tensor a, PrefixDirection direction)
-      : layout_(layout), comm_(std::move(comm)), a_(std::move(a)), direction_(direction) {}
+      : layout_(layout), comm_(std::move(comm)), a_{std::move(a)}, direction_(direction) {}
 
   void start(const at::Tensor& local) override {
-    packing_ = Packing{a_.size(0), local[0].sizes().vec()};
+    packing_ = Packing{a_.of(0).sizes().vec(), local[0].sizes().vec()};
     local_ = local.contiguous();
     const auto opts = local_.options();
     if (layout_.kind() == LayoutKind::kContiguous) {
       // Forward runs over ranks in order; backward over the reversed ranks.
       scan_comm_ = direction_ == PrefixDirection::kForward ? comm_ : comm_->reversed();
-      element_ = pack({local_[0]}, opts);
+      element_ = pack({0}, opts);
       scanned_ = at::empty_like(element_);
       works_ = {scan_comm_->exscan(scanned_, element_, affine_scan_op(packing_))};
       return;
@@ -163,8 +194,8 @@ class AllScanPrefix final : public StatePrefix {
     // 2W-1-r; backward reads the sequence from the end: first = chunk 2W-1-r,
     // second = chunk r. Same ranks, same communicators either way.
     const int first = direction_ == PrefixDirection::kForward ? 0 : 1;
-    element_ = pack({local_[first]}, opts);
-    pair_ = pack({local_[first], local_[1 - first]}, opts);
+    element_ = pack({first}, opts);
+    pair_ = pack({first, 1 - first}, opts);
     scanned_ = at::empty_like(element_);
     scanned_pair_ = at::empty_like(pair_);
     works_ = {comm_->exscan(scanned_, element_, affine_scan_op(packing_)),
@@ -184,7 +215,7 @@ class AllScanPrefix final : public StatePrefix {
     //                      (+) [second chunks of higher ranks]
     out[first].copy_(packing_.s(scanned_, 0));
     at::Tensor acc = scanned_.clone();
-    const at::Tensor own = pack({local_[first]}, local_.options());
+    const at::Tensor own = pack({first}, local_.options());
     auto fold = [&](const at::Tensor& a_r, const at::Tensor& s_r) {
       compose_into(packing_.a(acc, 0), packing_.s(acc, 0), a_r, s_r, packing_.a(acc, 0), packing_.s(acc, 0));
     };
@@ -196,18 +227,19 @@ class AllScanPrefix final : public StatePrefix {
   }
 
  private:
-  at::Tensor pack(const std::vector<at::Tensor>& states, const at::TensorOptions& opts) const {
+  // [a | S] of the given local chunks, one part each.
+  at::Tensor pack(const std::vector<int>& chunks, const at::TensorOptions& opts) const {
     std::vector<at::Tensor> parts;
-    for (const auto& s : states) {
-      parts.push_back(a_.to(opts.dtype()));
-      parts.push_back(s.reshape({-1}));
+    for (int i : chunks) {
+      parts.push_back(a_.of(i).to(opts).reshape({-1}));
+      parts.push_back(local_[i].reshape({-1}));
     }
     return at::cat(parts).to(opts);
   }
 
   SequenceLayout layout_;
   CommPtr comm_, scan_comm_;
-  at::Tensor a_;
+  ChunkDecays a_;
   PrefixDirection direction_;
   Packing packing_{};
   at::Tensor local_, element_, pair_, scanned_, scanned_pair_;
@@ -218,7 +250,7 @@ class AllScanPrefix final : public StatePrefix {
 class ChainPrefix final : public StatePrefix {
  public:
   ChainPrefix(const SequenceLayout& layout, CommPtr comm, at::Tensor a, PrefixDirection direction)
-      : layout_(layout), comm_(std::move(comm)), a_(std::move(a)), order_(sequence_order(layout, direction)) {}
+      : layout_(layout), comm_(std::move(comm)), a_{std::move(a)}, order_(sequence_order(layout, direction)) {}
 
   void start(const at::Tensor& local) override { local_ = local.contiguous(); }
 
@@ -226,7 +258,6 @@ class ChainPrefix final : public StatePrefix {
     const int me = comm_->rank();
     const int64_t n = static_cast<int64_t>(order_.size());
     at::Tensor out = at::empty_like(local_);
-    const at::Tensor factor = as_state_factor(a_);
     std::vector<WorkPtr> sends;
     at::Tensor carried;  // prefix handed from my previous chunk in the sequence
     for (int64_t i = 0; i < n; ++i) {
@@ -243,7 +274,7 @@ class ChainPrefix final : public StatePrefix {
       }
       const int li = layout_.local_index_of(c);
       out[li].copy_(prefix);
-      at::Tensor next = prefix * factor + local_[li];
+      at::Tensor next = prefix * as_state_factor(a_.of(li)) + local_[li];
       if (i + 1 < n) {
         const int dst = layout_.owner_of(order_[i + 1]);
         if (dst == me)
@@ -259,7 +290,7 @@ class ChainPrefix final : public StatePrefix {
  private:
   SequenceLayout layout_;
   CommPtr comm_;
-  at::Tensor a_;
+  ChunkDecays a_;
   std::vector<int64_t> order_;
   at::Tensor local_;
 };
@@ -271,6 +302,8 @@ std::unique_ptr<StatePrefix> make_state_prefix(LinearAttentionMethod method, con
                                                PrefixDirection direction) {
   TORCH_CHECK(comm && comm->size() == layout.world_size(), "linear attention: communicator has ",
               comm ? comm->size() : 0, " ranks, the layout ", layout.world_size());
+  TORCH_CHECK(chunk_decay.dim() == 1 || (chunk_decay.dim() == 3 && chunk_decay.size(0) == layout.chunks_per_rank()),
+              "linear attention: chunk decay must be [H] or [chunks_per_rank, B, H], got ", chunk_decay.sizes());
   switch (method) {
     case LinearAttentionMethod::kLasp2:
       return std::make_unique<AllGatherPrefix>(layout, comm, chunk_decay, direction);

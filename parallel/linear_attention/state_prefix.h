@@ -2,7 +2,8 @@
 // variant and the LASP-1 baseline.
 //
 // Linear-attention chunks compose as an affine monoid on (a, S) pairs, a the
-// per-head decay across a chunk (lambda^L) and S a [B, H, d_k, d_v] state:
+// decay across a chunk (lambda^L per head; 0 in a row where a document starts
+// inside the chunk) and S a [B, H, d_k, d_v] state:
 //     (a1, S1) then (a2, S2)  =  (a1 a2, a2 S1 + S2).
 // The state entering chunk c is the S of the composition of every chunk before
 // it in the sequence. Backward needs the same thing read right to left: the
@@ -50,7 +51,10 @@ class StatePrefix {
   virtual at::Tensor finish() = 0;
 };
 
-// chunk_decay: [H], lambda^L of a chunk of the layout (all chunks have L tokens).
+// chunk_decay: the decay across each chunk of the layout, either [H] (lambda^L,
+// every chunk alike) or [chunks_per_rank, B, H] for this rank's chunks in
+// local order (documents: 0 where a document starts inside the chunk); the
+// per-chunk form adds B x H numbers per chunk to LASP-2's AllGather.
 std::unique_ptr<StatePrefix> make_state_prefix(LinearAttentionMethod method, const SequenceLayout& layout,
                                                const CommPtr& comm, const at::Tensor& chunk_decay,
                                                PrefixDirection direction);
