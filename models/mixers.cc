@@ -58,6 +58,7 @@ at::Tensor LinearAttentionMixer::forward(const at::Tensor& x, const SequenceCont
   opt.block_size = block_;
   opt.decay = decay_;
   opt.normalize = normalize_;
+  opt.doc_start = ctx.doc_start;
   const at::Tensor out = linear_attention::sequence_parallel_linear_attention(q, k, v, ctx.layout, ctx.comm,
                                                                               ctx.linear_method, opt);
   return o_(merge_heads(out));
@@ -98,6 +99,9 @@ SoftmaxAttentionMixer::SoftmaxAttentionMixer(const pb::ModelConfig& c, int64_t w
 }
 
 at::Tensor SoftmaxAttentionMixer::forward(const at::Tensor& x, const SequenceContext& ctx) {
+  if (ctx.doc_start.defined())
+    throw UnsupportedError(std::string("packed documents: the softmax attention mixer (") + (window_ > 0 ? "W" : "A") +
+                           ") does not take document boundaries yet");
   const at::Tensor pos = ctx.positions();
   const at::Tensor q = softmax_attention::apply_rotary(split_heads(q_(x), heads_), pos, rope_theta_);
   const at::Tensor k = softmax_attention::apply_rotary(split_heads(k_(x), kv_heads_), pos, rope_theta_);
@@ -140,6 +144,8 @@ BaseConvMixer::BaseConvMixer(const pb::ModelConfig& c) : dim_(c.d_model()) {
 }
 
 at::Tensor BaseConvMixer::forward(const at::Tensor& x, const SequenceContext& ctx) {
+  if (ctx.doc_start.defined())
+    throw UnsupportedError("packed documents: the BaseConv mixer (C) does not take document boundaries yet");
   const at::Tensor u = in_proj_(x);
   const at::Tensor u1 = u.narrow(-1, 0, 2 * dim_), u2 = u.narrow(-1, 2 * dim_, 2 * dim_);
   const at::Tensor conv = causal_depthwise_conv(u1, conv_weight_, conv_bias_, ctx.layout, ctx.comm);

@@ -7,6 +7,7 @@
 #include "loom/parallel/linear_attention/state_prefix.h"
 #include "loom/parallel/softmax_attention/softmax_attention.h"
 #include "loom/runtime/comm/communicator.h"
+#include "loom/runtime/comm/documents.h"
 #include "loom/runtime/comm/sequence_layout.h"
 
 namespace loom::models {
@@ -18,9 +19,20 @@ struct SequenceContext {
   softmax_attention::SoftmaxMethod softmax_method = softmax_attention::SoftmaxMethod::kRing;
   // The memory nodes of the offload method (owned by the job; null without).
   offload::OffloadClient* offload = nullptr;
+  // Packed documents: this rank's doc_start [B, n] (runtime/comm/documents.h),
+  // undefined for one document per row. Every mixer keeps tokens inside
+  // their own document.
+  at::Tensor doc_start;
+  // Rotary positions restart at each document (model.positions_per_document).
+  bool positions_per_document = false;
 
   int rank() const { return comm->rank(); }
-  at::Tensor positions() const { return layout.global_positions(comm->rank()); }
+  // Rotary positions of this rank's tokens: global positions [n], or with
+  // positions_per_document and documents, positions inside the document [B, n].
+  at::Tensor positions() const {
+    return positions_per_document ? positions_in_document(doc_start, layout, comm->rank())
+                                  : layout.global_positions(comm->rank());
+  }
 };
 
 }  // namespace loom::models

@@ -217,6 +217,8 @@ at::Tensor NeuralMemoryImpl::project(const at::Tensor& x, Projection& proj, cons
 }
 
 at::Tensor NeuralMemoryImpl::forward(const at::Tensor& x, const SequenceContext& ctx) {
+  if (ctx.doc_start.defined())
+    throw UnsupportedError("packed documents: the Titans neural memory (M, G) does not reset at document starts yet");
   TORCH_CHECK(q_, "NeuralMemory built without its own projections (MAC) has no forward(); use read/update");
   check_memory_chunking(ctx.layout, chunk_);
   const at::Tensor q = project(x, q_, conv_q_, ctx, true);
@@ -375,6 +377,8 @@ std::pair<at::Tensor, at::Tensor> TitansMACMixer::run_chunk(const at::Tensor& x,
 }
 
 at::Tensor TitansMACMixer::forward(const at::Tensor& x, const SequenceContext& ctx) {
+  if (ctx.doc_start.defined())
+    throw UnsupportedError("packed documents: the Titans MAC mixer (X) does not reset at document starts yet");
   check_memory_chunking(ctx.layout, memory_->chunk());
   std::vector<at::Tensor> params;
   for (const auto& p : parameters()) params.push_back(p);

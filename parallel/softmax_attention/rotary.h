@@ -1,7 +1,7 @@
 // Rotary position embedding with global positions.
 // x [B, H, n, d] (d even), positions int64 [n] (from SequenceLayout::global_positions,
 // so that every rank rotates its tokens by where they sit in the whole
-// sequence). Pairs (x_i, x_{i+d/2}) rotate by angle pos * theta^(-2i/d).
+// sequence), or [B, n] per row (positions that restart at each document). Pairs (x_i, x_{i+d/2}) rotate by angle pos * theta^(-2i/d).
 // Differentiable (plain tensor ops).
 #pragma once
 
