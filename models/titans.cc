@@ -68,6 +68,27 @@ void check_memory_chunking(const SequenceLayout& layout, int64_t memory_chunk) {
                       std::to_string(memory_chunk * layout.num_chunks()));
 }
 
+at::Tensor memory_chunk_resets(const SequenceContext& ctx, int64_t memory_chunk, const at::TensorOptions& options) {
+  if (!ctx.doc_start.defined()) return at::Tensor();
+  const SequenceLayout& layout = ctx.layout;
+  const at::Tensor& docs = ctx.doc_start;  // [B, n]
+  const at::Tensor pos = layout.global_positions(ctx.rank()).to(docs.device());
+  // Real tokens that start a document (padding, at positions >= N, is exempt).
+  const at::Tensor starts = docs.eq(pos.unsqueeze(0)).logical_and(pos.lt(layout.global_len()).unsqueeze(0));
+  const at::Tensor misaligned = starts.logical_and(pos.remainder(memory_chunk).ne(0).unsqueeze(0));
+  if (misaligned.any().item<bool>()) {
+    const at::Tensor where = misaligned.nonzero()[0];
+    const int64_t row = where[0].item<int64_t>(), position = pos[where[1]].item<int64_t>();
+    throw ConfigError("Titans memory with packed documents: a document starts at position " + std::to_string(position) +
+                      " of row " + std::to_string(row) + ", not a multiple of model.memory_chunk = " +
+                      std::to_string(memory_chunk) +
+                      " (memory chunks never straddle documents: pad documents to multiples of it)");
+  }
+  // The first token of each memory chunk.
+  const int64_t n = docs.size(1);
+  return starts.narrow(1, 0, n).reshape({docs.size(0), n / memory_chunk, memory_chunk}).select(2, 0).to(options);
+}
+
 // ---- NeuralMemory ----
 
 NeuralMemoryImpl::NeuralMemoryImpl(const pb::ModelConfig& c, bool own_projections)
@@ -107,9 +128,11 @@ NeuralMemoryImpl::NeuralMemoryImpl(const pb::ModelConfig& c, bool own_projection
   init_ = register_parameter("initial_weights", at::cat(init, 1));
   chain_step_ = std::make_shared<ChainStep>();
   chain_step_->output_features = model_dim_;
-  // Deep memory across ranks: inputs [B, L, 3D + 3H] = q | k | v | gate logits.
+  // Deep memory across ranks: inputs [B, L, 3D + 3H (+ 1)] = q | k | v | gate
+  // logits (| 1 at the first token of a memory chunk that starts a document).
   chain_step_->step = [this](const at::Tensor& inputs, const at::Tensor& state) {
     const int64_t D = model_dim_, L = inputs.size(1);
+    const bool documents = inputs.size(-1) == 3 * D + 3 * heads_ + 1;
     std::vector<at::Tensor> w, s;
     unpack_state(state, w, s);
     const at::Tensor q = split_heads(inputs.narrow(-1, 0, D), heads_);
@@ -118,6 +141,7 @@ NeuralMemoryImpl::NeuralMemoryImpl(const pb::ModelConfig& c, bool own_projection
     const at::Tensor g = inputs.narrow(-1, 3 * D, 3 * heads_);
     std::vector<at::Tensor> outs;
     for (int64_t t0 = 0; t0 < L; t0 += chunk_) {
+      if (documents) reset_where(inputs.select(-1, inputs.size(-1) - 1).select(1, t0), w, s);
       outs.push_back(read(w, q.narrow(2, t0, chunk_)));
       update(w, s, k.narrow(2, t0, chunk_), v.narrow(2, t0, chunk_), g.narrow(1, t0, chunk_));
     }
@@ -205,6 +229,16 @@ void NeuralMemoryImpl::unpack_state(const at::Tensor& flat, std::vector<at::Tens
   }
 }
 
+void NeuralMemoryImpl::reset_where(const at::Tensor& reset, std::vector<at::Tensor>& weights,
+                                   std::vector<at::Tensor>& momentum) const {
+  const at::Tensor r = reset.to(at::kBool).view({-1, 1, 1, 1});  // [B] -> against [B, H, out, in]
+  const auto init = initial_weights();
+  for (size_t l = 0; l < weights.size(); ++l) {
+    weights[l] = at::where(r, init[l].expand_as(weights[l]), weights[l]);
+    momentum[l] = at::where(r, at::zeros_like(momentum[l]), momentum[l]);
+  }
+}
+
 at::Tensor NeuralMemoryImpl::initial_state_flat() const {
   return at::cat({init_.reshape({-1}), at::zeros({init_.numel()}, init_.options())});
 }
@@ -217,8 +251,6 @@ at::Tensor NeuralMemoryImpl::project(const at::Tensor& x, Projection& proj, cons
 }
 
 at::Tensor NeuralMemoryImpl::forward(const at::Tensor& x, const SequenceContext& ctx) {
-  if (ctx.doc_start.defined())
-    throw UnsupportedError("packed documents: the Titans neural memory (M, G) does not reset at document starts yet");
   TORCH_CHECK(q_, "NeuralMemory built without its own projections (MAC) has no forward(); use read/update");
   check_memory_chunking(ctx.layout, chunk_);
   const at::Tensor q = project(x, q_, conv_q_, ctx, true);
@@ -231,7 +263,14 @@ at::Tensor NeuralMemoryImpl::forward(const at::Tensor& x, const SequenceContext&
 
 at::Tensor NeuralMemoryImpl::forward_chain(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const at::Tensor& gates, const SequenceContext& ctx) {
-  const at::Tensor inputs = at::cat({merge_heads(q), merge_heads(k), merge_heads(v), gates}, -1);
+  std::vector<at::Tensor> columns{merge_heads(q), merge_heads(k), merge_heads(v), gates};
+  const at::Tensor resets = memory_chunk_resets(ctx, chunk_, gates.options());  // [B, n / b]
+  if (resets.defined()) {  // one column: 1 at the first token of a memory chunk that starts a document
+    at::Tensor column = at::zeros({gates.size(0), gates.size(1) / chunk_, chunk_, 1}, gates.options());
+    column.select(2, 0).copy_(resets.unsqueeze(-1));
+    columns.push_back(column.view({gates.size(0), -1, 1}));
+  }
+  const at::Tensor inputs = at::cat(columns, -1);
   const std::vector<at::Tensor> params{init_};
   return run_state_chain(chain_step_, inputs, initial_state_flat(), params, ctx.layout, ctx.comm);
 }
@@ -257,8 +296,20 @@ at::Tensor NeuralMemoryImpl::forward_affine(const at::Tensor& q, const at::Tenso
   const at::Tensor VeK = at::matmul((V * f.weight_e.unsqueeze(-1)).transpose(-1, -2), K);
   const at::Tensor T_top = at::cat({f.keep_end * eye - 2 * KhK, -2 * KeK}, -1);
   const at::Tensor T_bottom = at::cat({f.momentum_into * eye.expand_as(KhK), f.momentum_end * eye.expand_as(KhK)}, -1);
-  const at::Tensor T = at::cat({T_top, T_bottom}, -2);          // [B, H, m, 2d, 2d]
-  const at::Tensor Bm = at::cat({2 * VhK, 2 * VeK}, -1);        // [B, H, m, d, 2d]
+  at::Tensor T = at::cat({T_top, T_bottom}, -2);          // [B, H, m, 2d, 2d]
+  at::Tensor Bm = at::cat({2 * VhK, 2 * VeK}, -1);        // [B, H, m, d, 2d]
+  // X0 = [W_init | 0]: the state a document starts from.
+  const at::Tensor X0 = at::cat({initial_weights()[0].expand({B, H, d, d}), at::zeros({B, H, d, d}, opts)}, -1);
+  // Documents: a memory chunk that starts one forgets what entered it, so its
+  // map becomes X -> X0 T + B (T' = 0, B' = X0 T + B): still affine, and the
+  // composition and the AllGather below are unchanged.
+  const at::Tensor resets = memory_chunk_resets(ctx, b, opts);  // [B, m] or undefined
+  at::Tensor reset_of;                                          // [B, 1, m, 1, 1]
+  if (resets.defined()) {
+    reset_of = resets.view({B, 1, m, 1, 1});
+    Bm = Bm + reset_of * at::matmul(X0.unsqueeze(2), T);
+    T = T * (1 - reset_of);
+  }
 
   // Compose each layout chunk's memory chunks: (T1, B1) then (T2, B2) = (T1 T2, B1 T2 + B2).
   std::vector<at::Tensor> composed;
@@ -279,9 +330,9 @@ at::Tensor NeuralMemoryImpl::forward_affine(const at::Tensor& q, const at::Tenso
     const auto owned = layout.chunks_of(r);
     for (size_t i = 0; i < owned.size(); ++i) by_chunk[owned[i]] = all[r * cpr + static_cast<int64_t>(i)];
   }
-  // State entering each of my chunks, from X0 = [W_init | 0].
+  // State entering each of my chunks, from X0.
   const auto mine = layout.chunks_of(ctx.rank());
-  at::Tensor X = at::cat({initial_weights()[0].expand({B, H, d, d}), at::zeros({B, H, d, d}, opts)}, -1);
+  at::Tensor X = X0;
   std::vector<at::Tensor> entering(cpr);
   for (int64_t c = 0, found = 0; c < layout.num_chunks() && found < cpr; ++c) {
     if (layout.owner_of(c) == ctx.rank()) {
@@ -296,7 +347,9 @@ at::Tensor NeuralMemoryImpl::forward_affine(const at::Tensor& q, const at::Tenso
   for (int64_t i = 0; i < cpr; ++i) {
     at::Tensor Xi = entering[i];
     for (int64_t j = 0; j < nc; ++j) {
-      outs.push_back(at::matmul(Q.select(2, i * nc + j), Xi.narrow(-1, 0, d).transpose(-1, -2)));
+      // A memory chunk that starts a document reads the initial weights.
+      const at::Tensor read_from = resets.defined() ? at::where(reset_of.select(2, i * nc + j).to(at::kBool), X0, Xi) : Xi;
+      outs.push_back(at::matmul(Q.select(2, i * nc + j), read_from.narrow(-1, 0, d).transpose(-1, -2)));
       Xi = at::matmul(Xi, T.select(2, i * nc + j)) + Bm.select(2, i * nc + j);
     }
   }
@@ -343,8 +396,11 @@ TitansMACMixer::TitansMACMixer(const pb::ModelConfig& c)
   chain_step_->step = [this](const at::Tensor& inputs, const at::Tensor& state) { return run_chunk(inputs, state); };
 }
 
-std::pair<at::Tensor, at::Tensor> TitansMACMixer::run_chunk(const at::Tensor& x, const at::Tensor& state) {
-  const int64_t B = x.size(0), L = x.size(1), b = memory_->chunk(), D = dim_;
+std::pair<at::Tensor, at::Tensor> TitansMACMixer::run_chunk(const at::Tensor& inputs, const at::Tensor& state) {
+  // inputs [B, L, D (+ 1)]: the tokens (| 1 at the first token of a segment that starts a document).
+  const int64_t B = inputs.size(0), L = inputs.size(1), b = memory_->chunk(), D = dim_;
+  const bool documents = inputs.size(-1) == D + 1;
+  const at::Tensor x = inputs.narrow(-1, 0, D);
   std::vector<at::Tensor> w, s;
   memory_->unpack_state(state, w, s);
   const at::Tensor persistent = persistent_tokens_.narrow(0, 0, persistent_).unsqueeze(0).expand({B, persistent_, D});
@@ -356,6 +412,7 @@ std::pair<at::Tensor, at::Tensor> TitansMACMixer::run_chunk(const at::Tensor& x,
   const at::Tensor visible = at::cat({at::ones({b, persistent_}, flags), causal, causal}, 1);
   std::vector<at::Tensor> outs;
   for (int64_t t0 = 0; t0 < L; t0 += b) {
+    if (documents) memory_->reset_where(inputs.select(-1, D).select(1, t0), w, s);
     const at::Tensor seg = x.narrow(1, t0, b);
     // Retrieve with the weights of the segment's start.
     const at::Tensor retrieved =
@@ -377,12 +434,18 @@ std::pair<at::Tensor, at::Tensor> TitansMACMixer::run_chunk(const at::Tensor& x,
 }
 
 at::Tensor TitansMACMixer::forward(const at::Tensor& x, const SequenceContext& ctx) {
-  if (ctx.doc_start.defined())
-    throw UnsupportedError("packed documents: the Titans MAC mixer (X) does not reset at document starts yet");
   check_memory_chunking(ctx.layout, memory_->chunk());
   std::vector<at::Tensor> params;
   for (const auto& p : parameters()) params.push_back(p);
-  return run_state_chain(chain_step_, x, memory_->initial_state_flat(), params, ctx.layout, ctx.comm);
+  at::Tensor inputs = x;
+  const at::Tensor resets = memory_chunk_resets(ctx, memory_->chunk(), x.options());  // [B, n / b]
+  if (resets.defined()) {  // segments that start a document begin from the initial memory
+    const int64_t B = x.size(0), b = memory_->chunk();
+    at::Tensor column = at::zeros({B, x.size(1) / b, b, 1}, x.options());
+    column.select(2, 0).copy_(resets.unsqueeze(-1));
+    inputs = at::cat({x, column.view({B, -1, 1})}, -1);
+  }
+  return run_state_chain(chain_step_, inputs, memory_->initial_state_flat(), params, ctx.layout, ctx.comm);
 }
 
 }  // namespace loom::models

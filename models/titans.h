@@ -31,6 +31,10 @@
 // Titans mixers need the layout's chunk length to be a multiple of
 // model.memory_chunk (memory chunks never straddle ranks); other lengths are
 // rejected with a message naming both numbers.
+// Packed documents: the memory returns to its initial state at each document
+// start (linear memory: the chunk's map becomes X -> X0 T + B; deep memory and
+// MAC: the chain step resets the rows that start a document), which needs
+// documents to start at multiples of model.memory_chunk.
 #pragma once
 
 
@@ -69,6 +73,9 @@ class NeuralMemoryImpl : public torch::nn::Module {
   at::Tensor pack_state(const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& s) const;
   void unpack_state(const at::Tensor& flat, std::vector<at::Tensor>& w, std::vector<at::Tensor>& s) const;
   at::Tensor initial_state_flat() const;  // [state_numel]: initial weights, zero momentum
+  // Rows where reset [B] is nonzero go back to the initial weights and zero
+  // momentum (a document starts), differentiably.
+  void reset_where(const at::Tensor& reset, std::vector<at::Tensor>& weights, std::vector<at::Tensor>& momentum) const;
 
  private:
   at::Tensor project(const at::Tensor& x, Projection& proj, const at::Tensor& conv_weight,
@@ -130,5 +137,12 @@ class TitansMACMixer : public MixerImpl {
 
 // Checks that the layout's chunks hold whole memory chunks.
 void check_memory_chunking(const SequenceLayout& layout, int64_t memory_chunk);
+
+// Documents: [B, n / memory_chunk], 1 where a memory chunk of this rank's
+// tokens starts a document (undefined without documents). The memory returns
+// to its initial state there. Documents must start at multiples of
+// memory_chunk (memory chunks never straddle documents, so the result equals
+// each document run alone); ConfigError names the first that does not.
+at::Tensor memory_chunk_resets(const SequenceContext& ctx, int64_t memory_chunk, const at::TensorOptions& options);
 
 }  // namespace loom::models
