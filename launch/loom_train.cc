@@ -76,7 +76,7 @@ int run_job(loom::Job& job, const Options& opt) {
     model->set_precision(*loom::scalar_type_from_name(config.train().dtype()));  // validated above
     if (config.data().task() == "text") {
       auto data = loom::open_data(config.data().train_path(), config.data().val_fraction(), config.train().seq_len(),
-                                  model_config.vocab_size(), config.train().seed());
+                                  model_config.vocab_size(), config.train().seed(), config.data().val_path());
       train_batches = [s = data.train](int64_t first, int64_t n) { return s->batch(first, n); };
       val_batches = [s = data.validation](int64_t first, int64_t n) { return s->batch(first, n); };
     } else {
