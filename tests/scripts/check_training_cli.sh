@@ -40,7 +40,9 @@ case "$scenario" in
     out=$("${mpi[@]}" "$train" "${common[@]}" --set model.preset=tiny-titans-mag --set train.seq_len=50 2>&1); c=$?
     expect 2 "train.seq_len = 50: .*not a multiple|train.seq_len = 50: .*the next length that works is" $c "$out" ;;
   nan_loss)
-    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=6 --set train.lr=1e30 --set train.warmup_steps=0 --set train.grad_clip=0 2>&1); c=$?
+    # lr and weight_decay at the top of their ranges (loom.proto): the decay
+    # multiplies the weights by 1 - lr * wd = -99 each step until the loss is NaN.
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=6 --set train.lr=10 --set train.weight_decay=10 --set train.warmup_steps=0 --set train.grad_clip=0 2>&1); c=$?
     expect 4 "loss is .*(nan|inf).*stopping without saving" $c "$out"
     [ -z "$(ls "$work/ckpt" 2>/dev/null | grep -v metrics)" ] || { echo "FAIL: a checkpoint was saved after the NaN"; exit 1; } ;;
   killed_save)
