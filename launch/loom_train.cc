@@ -19,6 +19,7 @@
 
 #include "loom/runtime/core/build_config.h"
 #include "loom/models/hybrid_lm.h"
+#include "loom/models/run_config.h"
 #include "loom/parallel/softmax_attention/offload_attention.h"
 #include "loom/runtime/data/data.h"
 #include "loom/runtime/core/dtypes.h"
@@ -63,12 +64,7 @@ int run_job(loom::Job& job, const Options& opt) {
   lm::HybridLM model{nullptr};
   loom::Trainer::BatchFn train_batches, val_batches;
   try {
-    const auto model_config = lm::resolve_model_config(config.model());
-    loom::validate_config([&] {
-      auto c = config;
-      *c.mutable_model() = model_config;
-      return c;
-    }());
+    const auto& model_config = config.model();  // resolved: preset and derived defaults applied
     const loom::SequenceLayout layout(config.parallel().layout() == loom::pb::ZIGZAG ? loom::LayoutKind::kZigzag
                                                                                       : loom::LayoutKind::kContiguous,
                                       config.train().seq_len(), job.mesh().sp_size());
@@ -80,7 +76,7 @@ int run_job(loom::Job& job, const Options& opt) {
     model->set_precision(*loom::scalar_type_from_name(config.train().dtype()));  // validated above
     if (config.data().task() == "text") {
       auto data = loom::open_data(config.data().train_path(), config.data().val_fraction(), config.train().seq_len(),
-                                  model_config.vocab_size(), config.train().seed());
+                                  model_config.vocab_size(), config.train().seed(), config.data().val_path());
       train_batches = [s = data.train](int64_t first, int64_t n) { return s->batch(first, n); };
       val_batches = [s = data.validation](int64_t first, int64_t n) { return s->batch(first, n); };
     } else {
@@ -175,7 +171,9 @@ int run(int argc, char** argv) {
   Options opt;
   app.set_version_flag("--version", std::string("loom-train ") + LOOM_VERSION_STRING);
   app.add_option("--config", opt.config_path, "Config file in protobuf text format (.pbtxt)");
-  app.add_option("--set", opt.overrides, "Override a config field: --set section.field=value (repeatable)");
+  app.add_option("--set", opt.overrides,
+                 "Override a config field: --set section.field=value (repeatable; over LOOM_COMM_TIMEOUT_S and "
+                 "LOOM_THREADS_PER_RANK, which are over the --config file)");
   app.add_flag("--print-config", opt.print_config, "Print the resolved config (rank 0) and exit");
   app.add_flag("--dry-run", opt.dry_run, "Set up MPI, threads and the process mesh, report them, and exit");
   app.add_flag("--resume", opt.resume, "Continue from the newest complete checkpoint in train.checkpoint_dir");
@@ -197,7 +195,13 @@ int run(int argc, char** argv) {
 
   loom::pb::LoomConfig config;
   try {
-    config = loom::resolve_config_on_all_ranks(opt.config_path, opt.overrides);
+    // The resolved config (preset, derived defaults, environment, --set), the
+    // same on every rank: what --print-config prints and the Trainer saves.
+    config = loom::resolve_config_on_all_ranks(
+        opt.config_path, opt.overrides,
+        [](const std::string& path, const std::vector<std::string>& overrides) {
+          return loom::models::resolve_run_config(path, overrides);
+        });
   } catch (const loom::ConfigError& e) {
     if (is_root) std::cerr << "loom-train: " << e.what() << std::endl;
     return 2;
@@ -225,7 +229,8 @@ int run(int argc, char** argv) {
                   << (config.offload().memory_ranks() > 0
                           ? " + " + std::to_string(config.offload().memory_ranks()) + " memory nodes"
                           : std::string())
-                  << ", " << job->mesh().describe() << ", " << job->threads_per_rank() << " threads per rank";
+                  << ", " << job->mesh().describe() << " on " << job->backend() << ", " << job->threads_per_rank()
+                  << " threads per rank";
   int code = 0;
   try {
     if (opt.dry_run) {

@@ -13,6 +13,7 @@
 
 #include "loom/runtime/comm/comm_order.h"
 #include "loom/runtime/comm/mpi_communicator.h"
+#include "loom/runtime/core/config.h"
 #include "loom/runtime/core/threads.h"
 
 namespace {
@@ -65,7 +66,11 @@ class CrossRankVerdict : public ::testing::EmptyTestEventListener {
 int main(int argc, char** argv) {
   loom::MpiEnvironment mpi(&argc, &argv);
   ::testing::InitGoogleTest(&argc, argv);
-  loom::configure_threads(0, MPI_COMM_WORLD);
+  {
+    loom::pb::LoomConfig environment;  // LOOM_THREADS_PER_RANK, as loom-train reads it
+    loom::apply_environment(&environment);
+    loom::configure_threads(environment.parallel().threads_per_rank(), MPI_COMM_WORLD);
+  }
   auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
   if (world_rank() != 0) {
     delete listeners.Release(listeners.default_result_printer());

@@ -13,6 +13,7 @@
 #include "loom/runtime/core/error.h"
 #include "loom/runtime/comm/mpi_communicator.h"
 #include "loom/runtime/data/token_file.h"
+#include "loom/runtime/train/optimizer.h"
 #include "loom/runtime/train/trainer.h"
 
 namespace loom {
@@ -209,6 +210,86 @@ TEST(Training, TokenFileErrorsNameTheFile) {
     FAIL();
   } catch (const ConfigError& e) {
     EXPECT_NE(std::string(e.what()).find("model.vocab_size is 100"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Training, GradNormIsTheGlobalNormBeforeClipping) {
+  // clip_gradients: the norm before clipping, and clipped gradients of norm max_norm.
+  at::Tensor a = at::zeros({1}, at::kDouble).requires_grad_(), b = at::zeros({1, 1}, at::kDouble).requires_grad_();
+  a.mutable_grad() = at::full({1}, 3.0, at::kDouble);
+  b.mutable_grad() = at::full({1, 1}, 4.0, at::kDouble);
+  const NamedTensors params = {{"a", a}, {"b", b}};
+  EXPECT_DOUBLE_EQ(clip_gradients(params, 0), 5.0);  // 0: no clipping
+  EXPECT_DOUBLE_EQ(a.grad().item<double>(), 3.0);
+  EXPECT_DOUBLE_EQ(clip_gradients(params, 1.0), 5.0);
+  EXPECT_NEAR(std::hypot(a.grad().item<double>(), b.grad().item<double>()), 1.0, 1e-9);
+
+  // The trainer reports it every step: positive, finite, the same on every rank.
+  auto world = MpiCommunicator::world();
+  const std::string dir = scratch(world, "grad-norm");
+  auto data = sampler(world, dir);
+  pb::LoomConfig config = tiny_config(dir, "tiny-based");
+  config.mutable_train()->set_grad_clip(1e-6);  // every step clips: the norm reported is the one before
+  ProcessMesh mesh(world, 1, 0);
+  torch::manual_seed(11);
+  lm::HybridLM model(lm::resolve_model_config(config.model()));
+  model->to(at::kDouble);
+  auto batches = [data](int64_t first, int64_t n) { return data->batch(first, n); };
+  std::vector<double> norms;
+  Trainer::Hooks hooks;
+  hooks.on_step = [&](const StepMetrics& m) { norms.push_back(m.grad_norm); };
+  Trainer trainer(config, mesh, model.ptr(), lm::language_model_loss(config.parallel()), batches, batches, hooks);
+  trainer.fit(2);
+  ASSERT_EQ(norms.size(), 2u);
+  for (double n : norms) {
+    EXPECT_TRUE(std::isfinite(n));
+    EXPECT_GT(n, 1e-6);
+    at::Tensor extremes = at::tensor({n, -n}, at::kDouble);  // max and -min over the ranks
+    world->all_reduce(extremes, ReduceOp::kMax)->wait();
+    EXPECT_EQ(extremes[0].item<double>(), -extremes[1].item<double>());
+  }
+  // The metrics file carries it too.
+  if (world->rank() == 0) {
+    std::ifstream metrics(dir + "/ckpt/metrics.jsonl");
+    std::string line;
+    std::getline(metrics, line);
+    EXPECT_NE(line.find("\"grad_norm\": "), std::string::npos) << line;
+  }
+}
+
+TEST(Training, ValidationWindowsComeFromValPath) {
+  auto world = MpiCommunicator::world();
+  const std::string dir = scratch(world, "val-path") + "/r" + std::to_string(world->rank());
+  fs::create_directories(dir);
+  write_token_file(dir + "/train.tok", std::vector<uint32_t>(300, 5), 256);
+  write_token_file(dir + "/val.tok", std::vector<uint32_t>(40, 7), 256);
+  const DataSplits d = open_data(dir + "/train.tok", 0.5, 16, 256, 1, dir + "/val.tok");
+  EXPECT_EQ(d.train->tokens(), 300);  // all of the train file: val_fraction is not used
+  EXPECT_EQ(d.validation->tokens(), 40);
+  EXPECT_TRUE(d.validation->batch(0, 3).inputs.eq(7).all().item<bool>());
+  EXPECT_TRUE(d.train->batch(0, 3).inputs.eq(5).all().item<bool>());
+  auto error_of = [&](const std::string& val_path, int64_t vocab) -> std::string {
+    try {
+      open_data(dir + "/train.tok", 0.5, 16, vocab, 1, val_path);
+    } catch (const ConfigError& e) {
+      return e.what();
+    }
+    return "<no error>";
+  };
+  EXPECT_NE(error_of(dir + "/none.tok", 256).find("data.val_path: token file '" + dir + "/none.tok'"), std::string::npos)
+      << error_of(dir + "/none.tok", 256);
+  write_token_file(dir + "/short.tok", std::vector<uint32_t>(10, 7), 256);
+  EXPECT_NE(error_of(dir + "/short.tok", 256).find("data.val_path: "), std::string::npos);
+  write_token_file(dir + "/other-vocab.tok", std::vector<uint32_t>(40, 7), 320);
+  EXPECT_NE(error_of(dir + "/other-vocab.tok", 512).find("not made with the same tokenizer"), std::string::npos)
+      << error_of(dir + "/other-vocab.tok", 512);
+  // The model's vocabulary is checked against the held-out file as against the train file.
+  write_token_file(dir + "/train-320.tok", std::vector<uint32_t>(300, 5), 320);
+  try {
+    open_data(dir + "/train-320.tok", 0.5, 16, 300, 1, dir + "/other-vocab.tok");
+    FAIL();
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("model.vocab_size is 300"), std::string::npos) << e.what();
   }
 }
 

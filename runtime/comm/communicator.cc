@@ -6,6 +6,7 @@
 #include <sstream>
 #include <unordered_map>
 
+#include "loom/runtime/core/config.h"
 #include "loom/runtime/core/error.h"
 
 namespace loom {
@@ -106,15 +107,11 @@ std::atomic<int64_t> next_comm_id{1};
 }  // namespace
 
 std::chrono::milliseconds default_comm_timeout() {
-  if (const char* env = std::getenv("LOOM_COMM_TIMEOUT_S")) {
-    char* end = nullptr;
-    double seconds = std::strtod(env, &end);
-    if (end != env && *end == '\0' && seconds > 0)
-      return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000.0));
-    throw ConfigError("environment variable LOOM_COMM_TIMEOUT_S='" + std::string(env) +
-                      "' is not a positive number of seconds");
-  }
-  return std::chrono::milliseconds(600 * 1000);
+  // The schema's default, or LOOM_COMM_TIMEOUT_S parsed and range-checked as
+  // the config does it (ConfigError naming the variable).
+  pb::LoomConfig config;
+  apply_environment(&config);
+  return std::chrono::milliseconds(static_cast<int64_t>(config.parallel().comm_timeout_s() * 1000.0));
 }
 
 Communicator::Communicator() : timeout_(default_comm_timeout()), id_(next_comm_id++) {}

@@ -196,7 +196,9 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   int64_t id_;
 };
 
-// Default watchdog timeout: LOOM_COMM_TIMEOUT_S if set, else 600 s.
+// Default watchdog timeout of a new communicator: LOOM_COMM_TIMEOUT_S if set,
+// else parallel.comm_timeout_s's default (600 s). A Job sets its communicators'
+// timeout from the resolved config instead.
 std::chrono::milliseconds default_comm_timeout();
 
 }  // namespace loom

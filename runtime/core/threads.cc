@@ -23,16 +23,6 @@ int default_threads_per_rank(MPI_Comm world) {
 
 int configure_threads(int requested, MPI_Comm world) {
   int threads = requested;
-  if (threads <= 0) {
-    if (const char* env = std::getenv("LOOM_THREADS_PER_RANK")) {
-      char* end = nullptr;
-      const long v = std::strtol(env, &end, 10);
-      if (end == env || *end != '\0' || v < 1)
-        throw ConfigError("environment variable LOOM_THREADS_PER_RANK='" + std::string(env) +
-                          "' is not a positive integer");
-      threads = static_cast<int>(v);
-    }
-  }
   // Collective either way, so that every rank runs the same MPI calls.
   const int fallback = default_threads_per_rank(world);
   if (threads <= 0) threads = fallback;

@@ -1,7 +1,9 @@
 // Threads per rank. Under mpirun each rank would otherwise get one intra-op
 // thread (or, worse, every core each): Loom sets the count explicitly.
-// Priority: the explicit request (config parallel.threads_per_rank > 0), then
-// LOOM_THREADS_PER_RANK, then cores on this node / ranks on this node.
+// The request is parallel.threads_per_rank of the resolved config, where
+// LOOM_THREADS_PER_RANK has already been applied (apply_environment in
+// config.h: --set over the environment over the file); 0 means cores on this
+// node / ranks on this node.
 // Collective over `world` (it counts the ranks that share a node).
 #pragma once
 

@@ -42,12 +42,27 @@ Batch TokenWindowSampler::batch(int64_t first, int64_t batch_size) const {
 }
 
 DataSplits open_data(const std::string& path, double val_fraction, int64_t seq_len, int64_t vocab_limit,
-                     uint64_t seed) {
+                     uint64_t seed, const std::string& val_path) {
   if (path.empty()) throw ConfigError("data.train_path is empty: name a token file (loom-data prepare makes one)");
   auto file = std::make_shared<TokenFile>(path);
   const int64_t n = file->size();
-  const int64_t split = static_cast<int64_t>(static_cast<double>(n) * (1.0 - val_fraction));
   DataSplits d;
+  if (!val_path.empty()) {
+    d.train = std::make_shared<TokenWindowSampler>(file, 0, n, seq_len, vocab_limit, seed, "train");
+    try {
+      auto held_out = std::make_shared<TokenFile>(val_path);
+      if (held_out->vocab_size() != file->vocab_size())
+        throw ConfigError("token file '" + val_path + "' has vocabulary " + std::to_string(held_out->vocab_size()) +
+                          " but data.train_path '" + path + "' has " + std::to_string(file->vocab_size()) +
+                          ": they were not made with the same tokenizer");
+      d.validation = std::make_shared<TokenWindowSampler>(held_out, 0, held_out->size(), seq_len, vocab_limit,
+                                                          splitmix64(seed + 1), "validation");
+    } catch (const LoomError& e) {
+      throw ConfigError(std::string("data.val_path: ") + e.what());
+    }
+    return d;
+  }
+  const int64_t split = static_cast<int64_t>(static_cast<double>(n) * (1.0 - val_fraction));
   d.train = std::make_shared<TokenWindowSampler>(file, 0, split, seq_len, vocab_limit, seed, "train");
   d.validation = std::make_shared<TokenWindowSampler>(file, split, n, seq_len, vocab_limit, splitmix64(seed + 1),
                                                       "validation");

@@ -8,8 +8,11 @@
 // SequenceLayout shards it, so the label of a chunk's last token is the first
 // token of the next chunk, wherever that chunk lives.
 // Splits: train = the first (1 - val_fraction) of the file, validation = the
-// rest. Errors name the file and the numbers: a split shorter than a window,
-// a token id not below the model's vocabulary.
+// rest; or, with a held-out file (data.val_path), train = all of the train
+// file and validation = all of the held-out file, which must have the train
+// file's vocabulary. Errors name the file and the numbers: a split shorter
+// than a window, a token id not below the model's vocabulary; errors of the
+// held-out file start with "data.val_path".
 #pragma once
 
 #include <ATen/ATen.h>
@@ -41,12 +44,13 @@ class TokenWindowSampler {
   std::string split_;
 };
 
-// The train and validation samplers of a token file.
+// The train and validation samplers of a token file (and of a held-out file,
+// when `val_path` is not empty; val_fraction is then not used).
 struct DataSplits {
   std::shared_ptr<TokenWindowSampler> train, validation;
 };
 DataSplits open_data(const std::string& path, double val_fraction, int64_t seq_len, int64_t vocab_limit,
-                     uint64_t seed);
+                     uint64_t seed, const std::string& val_path = "");
 
 uint64_t splitmix64(uint64_t x);
 

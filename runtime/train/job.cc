@@ -3,6 +3,7 @@
 
 #include <mpi.h>
 
+#include <algorithm>
 #include <chrono>
 #include <utility>
 
@@ -19,10 +20,77 @@
 
 namespace loom {
 
-pb::LoomConfig resolve_config_on_all_ranks(const std::string& path, const std::vector<std::string>& overrides) {
+namespace {
+
+// `config` of rank `root`, on every rank.
+pb::LoomConfig broadcast_config(const pb::LoomConfig& config, int root, int rank) {
+  std::string bytes;
+  if (rank == root) config.SerializeToString(&bytes);
+  int length = static_cast<int>(bytes.size());
+  LOOM_MPI_CHECK(MPI_Bcast(&length, 1, MPI_INT, root, MPI_COMM_WORLD), "config agreement");
+  bytes.resize(static_cast<size_t>(length));
+  LOOM_MPI_CHECK(MPI_Bcast(bytes.data(), length, MPI_CHAR, root, MPI_COMM_WORLD), "config agreement");
+  pb::LoomConfig received;
+  if (!received.ParseFromString(bytes)) throw LoomError("config agreement: rank " + std::to_string(root) + "'s config does not parse");
+  return received;
+}
+
+}  // namespace
+
+pb::LoomConfig resolve_config_on_all_ranks(const std::string& path, const std::vector<std::string>& overrides,
+                                           const ConfigResolver& resolve) {
   pb::LoomConfig config;
-  agree_on_failure(MPI_COMM_WORLD, [&] { config = resolve_config(path, overrides); });
-  return config;
+  agree_on_failure(MPI_COMM_WORLD, [&] { config = resolve(path, overrides); });
+  int rank = 0, size = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+
+  // Every rank must run the same resolved config: all-gather the hashes.
+  const uint64_t mine = config_hash(config);
+  std::vector<uint64_t> hashes(static_cast<size_t>(size));
+  LOOM_MPI_CHECK(MPI_Allgather(&mine, 1, MPI_UINT64_T, hashes.data(), 1, MPI_UINT64_T, MPI_COMM_WORLD),
+                 "config agreement");
+  std::vector<int> differing;
+  for (int r = 1; r < size; ++r)
+    if (hashes[static_cast<size_t>(r)] != hashes[0]) differing.push_back(r);
+  if (differing.empty()) return config;
+  // Every rank learns rank 0's config and the first differing rank's, so that
+  // every rank throws the same message, naming the fields.
+  const int other = differing.front();
+  const pb::LoomConfig reference = broadcast_config(config, 0, rank);
+  const pb::LoomConfig different = broadcast_config(config, other, rank);
+  // Ranks grouped by the config they hold, in order of their first rank.
+  std::vector<std::vector<int>> groups;
+  std::vector<uint64_t> group_hash;
+  for (int r = 0; r < size; ++r) {
+    const auto it = std::find(group_hash.begin(), group_hash.end(), hashes[static_cast<size_t>(r)]);
+    if (it == group_hash.end()) {
+      group_hash.push_back(hashes[static_cast<size_t>(r)]);
+      groups.push_back({r});
+    } else {
+      groups[static_cast<size_t>(it - group_hash.begin())].push_back(r);
+    }
+  }
+  std::string grouped;
+  for (size_t k = 0; k < groups.size(); ++k) {
+    if (k == 8) {
+      grouped += " and " + std::to_string(groups.size() - 8) + " more";
+      break;
+    }
+    const auto& g = groups[k];
+    std::string ranks;
+    for (size_t i = 0; i < g.size() && i < 16; ++i) ranks += (i ? ", " : "") + std::to_string(g[i]);
+    if (g.size() > 16) ranks += " and " + std::to_string(g.size() - 16) + " more";
+    grouped += std::string(grouped.empty() ? "" : ", ") + "{" + ranks + "}";
+  }
+  // One line, so that it reads well after "loom-train: " and in a log.
+  std::string fields = config_differences(reference, different);
+  for (size_t at = fields.find('\n'); at != std::string::npos; at = fields.find('\n', at)) fields.replace(at, 1, "; ");
+  if (fields.empty()) fields = "(no field prints differently; the serialized configs differ)";
+  throw ConfigError("the ranks resolved " + std::to_string(groups.size()) +
+                    " different configs (each rank reads its own --config file, --set options and LOOM_* environment "
+                    "variables); ranks with equal configs: " + grouped + "; rank " + std::to_string(other) + " differs from rank 0 in: " +
+                    fields + " (rank 0's value first)");
 }
 
 namespace {
@@ -38,10 +106,19 @@ std::pair<int, int> node_local_rank(MPI_Comm world) {
   return {rank, size};
 }
 
-// The communicator the mesh is built on: the MPI world, or for CUDA with
-// several ranks an NCCL communicator over it.
-CommPtr mesh_world(const std::shared_ptr<MpiCommunicator>& world, const pb::TrainConfig& train, at::Device& device) {
-  if (train.device() != "cuda") return world;
+// The communicator the mesh is built on, from parallel.backend: the MPI world,
+// or for CUDA with several ranks an NCCL communicator over it.
+CommPtr mesh_world(const std::shared_ptr<MpiCommunicator>& world, const pb::ParallelConfig& parallel,
+                   const pb::TrainConfig& train, at::Device& device) {
+  const bool cuda = train.device() == "cuda";
+  // validate_config refuses these too; a Job built from an unvalidated config must not get further.
+  if (parallel.backend() == pb::MPI && cuda)
+    throw ConfigError("parallel.backend = MPI: the MPI communicator takes CPU tensors; with train.device = cuda use "
+                      "NCCL or AUTO");
+  if (parallel.backend() == pb::NCCL && !cuda)
+    throw ConfigError("parallel.backend = NCCL: NCCL takes CUDA tensors; with train.device = " + train.device() +
+                      " use MPI or AUTO");
+  if (!cuda) return world;
   if (!torch::cuda::is_available())
     throw UnsupportedError("train.device = cuda: no CUDA device is visible to this process (libtorch " +
                            std::string(TORCH_VERSION) + " built without CUDA, or no GPU)");
@@ -85,15 +162,17 @@ Job::Job(pb::LoomConfig config) : config_(std::move(config)) {
   agree_on_failure(world->handle(), [&] {
     if (memory) return;
     try {
-      mesh_ = std::make_unique<ProcessMesh>(mesh_world(compute, config_.train(), device_), config_.parallel().dp(),
-                                            config_.parallel().sp());
+      mesh_ = std::make_unique<ProcessMesh>(mesh_world(compute, config_.parallel(), config_.train(), device_),
+                                            config_.parallel().dp(), config_.parallel().sp());
     } catch (const ConfigError& e) {
       if (M == 0) throw;
       throw ConfigError(std::to_string(S) + " ranks - offload.memory_ranks " + std::to_string(M) + " = " +
                         std::to_string(S - M) + " compute ranks: " + e.what());
     }
   });
-  if (M > 0 && !memory) offload_ = std::make_unique<offload::OffloadClient>(world, memory_ranks_, mesh_->dp_index());
+  if (memory) return;
+  backend_ = mesh_->world()->backend_name();
+  if (M > 0) offload_ = std::make_unique<offload::OffloadClient>(world, memory_ranks_, mesh_->dp_index());
 }
 
 Job::~Job() = default;

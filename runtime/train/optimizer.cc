@@ -128,10 +128,13 @@ void all_reduce_gradients(const NamedTensors& params, Communicator& comm, int64_
 
 double clip_gradients(const NamedTensors& params, double max_norm) {
   at::NoGradGuard no_grad;
-  double sq = 0;
+  // One host synchronisation for the whole norm, in float64 whatever the
+  // parameters' dtype.
+  std::vector<at::Tensor> squares;
   for (const auto& [name, p] : params)
-    if (p.grad().defined()) sq += p.grad().to(at::kDouble).pow(2).sum().item<double>();
-  const double norm = std::sqrt(sq);
+    if (p.grad().defined()) squares.push_back(p.grad().to(at::kDouble).pow(2).sum());
+  if (squares.empty()) return 0;
+  const double norm = std::sqrt(at::stack(squares).sum().item<double>());
   if (max_norm > 0 && norm > max_norm && std::isfinite(norm))
     for (const auto& [name, p] : params)
       if (p.grad().defined()) p.mutable_grad().mul_(max_norm / (norm + 1e-12));

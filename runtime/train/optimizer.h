@@ -47,8 +47,10 @@ double learning_rate(const pb::TrainConfig& train, int64_t step);
 void all_reduce_gradients(const NamedTensors& params, Communicator& comm, int64_t bucket_bytes = 16 << 20);
 
 // Scales gradients so that their global norm is at most max_norm (0: no
-// clipping); returns the norm before clipping. Gradients must already be
-// identical on every rank (after all_reduce_gradients).
+// clipping; a non-finite norm clips nothing); returns the norm before
+// clipping (the trainer reports it as StepMetrics::grad_norm). Gradients must
+// already be identical on every rank (after all_reduce_gradients), so every
+// rank returns the same norm.
 double clip_gradients(const NamedTensors& params, double max_norm);
 
 }  // namespace loom

@@ -139,7 +139,7 @@ double Trainer::train_step() {
   if (!std::isfinite(loss))
     throw NonFiniteLoss("loss is " + std::to_string(loss) + " at step " + std::to_string(step_ + 1) +
                         "; stopping without saving (the last good checkpoint stays the latest)");
-  clip_gradients(params_, t.grad_clip());
+  grad_norm_ = clip_gradients(params_, t.grad_clip());
   optimizer_->step(learning_rate(t, step_));
   ++step_;
   return loss;
@@ -192,6 +192,7 @@ Trainer::Result Trainer::fit(int64_t stop_after) {
     m.step = step_;
     m.loss = loss;
     m.lr = learning_rate(t, step_ - 1);
+    m.grad_norm = grad_norm_;
     m.ms_per_step = seconds * 1e3;
     m.tokens_per_s = tokens_per_step / seconds;
     // -1 on every rank when this process cannot know (CPU without the
@@ -200,8 +201,12 @@ Trainer::Result Trainer::fit(int64_t stop_after) {
         *mesh_.world(), static_cast<double>(MemoryTracker::peak_bytes(device_).value_or(-1)), ReduceOp::kMax));
     if (hooks_.on_step) hooks_.on_step(m);
     if (root) {
-      metrics << "{\"step\": " << m.step << ", \"loss\": " << m.loss << ", \"lr\": " << m.lr
-              << ", \"tokens_per_s\": " << m.tokens_per_s << ", \"ms_per_step\": " << m.ms_per_step
+      metrics << "{\"step\": " << m.step << ", \"loss\": " << m.loss << ", \"lr\": " << m.lr << ", \"grad_norm\": ";
+      if (std::isfinite(m.grad_norm))
+        metrics << m.grad_norm;
+      else
+        metrics << "null";  // JSON has no NaN or Infinity
+      metrics << ", \"tokens_per_s\": " << m.tokens_per_s << ", \"ms_per_step\": " << m.ms_per_step
               << (m.peak_bytes >= 0 ? ", \"peak_mib\": " + std::to_string(m.peak_bytes / 1048576.0) : std::string())
               << "}\n";
       metrics.flush();
@@ -210,8 +215,9 @@ Trainer::Result Trainer::fit(int64_t stop_after) {
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
       const double eta = elapsed / static_cast<double>(step_ - first_step) * static_cast<double>(t.steps() - step_);
       char line[256];
-      std::snprintf(line, sizeof(line), "step %ld/%ld loss %.4f lr %.2e %.0f tok/s %.1f ms/step", static_cast<long>(step_),
-                    static_cast<long>(t.steps()), loss, m.lr, m.tokens_per_s, m.ms_per_step);
+      std::snprintf(line, sizeof(line), "step %ld/%ld loss %.4f lr %.2e grad norm %.3g %.0f tok/s %.1f ms/step",
+                    static_cast<long>(step_), static_cast<long>(t.steps()), loss, m.lr, m.grad_norm, m.tokens_per_s,
+                    m.ms_per_step);
       char peak[64] = "";
       if (m.peak_bytes >= 0) std::snprintf(peak, sizeof(peak), " peak %.1f MiB", m.peak_bytes / 1048576.0);
       LOOM_LOG(kInfo) << line << peak << " eta " << format_duration(eta);

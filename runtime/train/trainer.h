@@ -41,7 +41,8 @@ class NonFiniteLoss : public LoomError {
 
 struct StepMetrics {
   int64_t step = 0;  // steps completed
-  double loss = 0, lr = 0, grad_norm = 0, tokens_per_s = 0, ms_per_step = 0;
+  double loss = 0, lr = 0, tokens_per_s = 0, ms_per_step = 0;
+  double grad_norm = 0;  // global gradient norm before clipping (clip_gradients)
   int64_t peak_bytes = 0;
 };
 
@@ -94,6 +95,7 @@ class Trainer {
   std::unique_ptr<AdamW> optimizer_;
   int64_t step_ = 0;
   std::vector<double> losses_;
+  double grad_norm_ = 0;  // of the last step, before clipping
 };
 
 }  // namespace loom

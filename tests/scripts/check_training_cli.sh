@@ -40,7 +40,9 @@ case "$scenario" in
     out=$("${mpi[@]}" "$train" "${common[@]}" --set model.preset=tiny-titans-mag --set train.seq_len=50 2>&1); c=$?
     expect 2 "train.seq_len = 50: .*not a multiple|train.seq_len = 50: .*the next length that works is" $c "$out" ;;
   nan_loss)
-    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=6 --set train.lr=1e30 --set train.warmup_steps=0 --set train.grad_clip=0 2>&1); c=$?
+    # lr and weight_decay at the top of their ranges (loom.proto): the decay
+    # multiplies the weights by 1 - lr * wd = -99 each step until the loss is NaN.
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=6 --set train.lr=10 --set train.weight_decay=10 --set train.warmup_steps=0 --set train.grad_clip=0 2>&1); c=$?
     expect 4 "loss is .*(nan|inf).*stopping without saving" $c "$out"
     [ -z "$(ls "$work/ckpt" 2>/dev/null | grep -v metrics)" ] || { echo "FAIL: a checkpoint was saved after the NaN"; exit 1; } ;;
   killed_save)
@@ -116,6 +118,24 @@ case "$scenario" in
         out=$(LOOM_FAULT_MEMORY_NODE_KILL_AFTER=6 timeout 120 "${np3[@]}" "$train" "${common[@]}" "${offload[@]}" --set train.steps=4 2>&1); c=$?
         expect nonzero "rank 2 .*(exited on signal 9|Killed)" $c "$out" ;;
     esac ;;
+  val_path)
+    # Validation on a held-out token file (data.val_path) instead of the train
+    # file's tail: another text, so another validation loss; the progress line
+    # and metrics.jsonl carry the gradient norm.
+    tr 'a-z' 'A-Z' < "$work/tiny.txt" | head -c 60000 > "$work/held.txt"
+    "$build/launch/loom-data" prepare --input "$work/held.txt" --output "$work/held.tok" > /dev/null || exit 1
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=2 --set train.checkpoint_dir="$work/tail" 2>&1); c=$?
+    expect 0 "final validation loss" $c "$out"
+    tail_loss=$(grep -Eo "final validation loss [0-9.]+" <<<"$out")
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=2 --set train.checkpoint_dir="$work/held" \
+          --set data.val_path="$work/held.tok" 2>&1); c=$?
+    expect 0 "step 2/2 loss [0-9.]+ lr [0-9.e+-]+ grad norm [0-9.e+-]+" $c "$out"
+    held_loss=$(grep -Eo "final validation loss [0-9.]+" <<<"$out")
+    echo "train-file tail: $tail_loss; held-out file: $held_loss"
+    [ -n "$held_loss" ] && [ "$held_loss" != "$tail_loss" ] || { echo "FAIL: data.val_path did not change the validation data"; exit 1; }
+    grep -Eq '"grad_norm": [0-9]' "$work/held/metrics.jsonl" || { echo "FAIL: no grad_norm in metrics.jsonl"; exit 1; }
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.checkpoint_dir="$work/none" --set data.val_path="$work/none.tok" 2>&1); c=$?
+    expect 2 "data.val_path: token file '$work/none.tok': cannot open" $c "$out" ;;
   *) echo "unknown scenario $scenario"; exit 2 ;;
 esac
 echo "PASS: $scenario"
