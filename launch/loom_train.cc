@@ -122,15 +122,13 @@ int run_job(loom::Job& job, const Options& opt) {
     if (root && result.nothing_to_do)
       std::cout << "nothing to train: already at step " << result.steps << " of train.steps = "
                 << config.train().steps() << "; nothing changed" << std::endl;
+    else if (root && result.interrupted)
+      std::cout << "stopped by " << result.stop_reason << " after step " << result.steps << ": last loss "
+                << result.loss << ", checkpoint " << result.checkpoint << " saved; continue with --resume" << std::endl;
     else if (root)
       std::cout << "trained " << result.steps << " steps: last loss " << result.loss << ", validation loss "
                 << result.validation_loss << ", checkpoint " << result.checkpoint << std::endl;
-    if (result.interrupted) {
-      if (root)
-        std::cout << "stopped by " << result.stop_reason << " after step " << result.steps << ": checkpoint "
-                  << result.checkpoint << " saved; continue with --resume" << std::endl;
-      return 0;
-    }
+    if (result.interrupted) return 0;
   }
   if (config.data().task() != "text") {
     // Recall accuracy on fresh validation examples.

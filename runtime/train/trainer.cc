@@ -580,7 +580,7 @@ Trainer::Result Trainer::fit(int64_t stop_after) {
   result.steps = step_;
   result.loss = loss;
   result.checkpoint = last_saved_step_ == step_ ? last_saved_path_ : save(loss);
-  if (result.interrupted)
+  if (result.interrupted && root)
     LOOM_LOG(kInfo) << "stopped by " << result.stop_reason << " after step " << step_ << ": checkpoint "
                     << result.checkpoint << " is the latest; continue with --resume";
   auto throw_if_metrics_failed = [&] {
