@@ -1,11 +1,26 @@
 // Training: the trainer at sp = W matches one rank; checkpoint save + resume
 // reproduces the next losses exactly; truncated or corrupt checkpoints and
-// token files are refused with messages naming the file.
+// token files are refused with messages naming the file. Nothing lost:
+// checkpoints order by manifest step, a run never deletes or shadows what it
+// did not write, one job per directory (lock), divergence of the parameters
+// saves nothing, resume at the end changes nothing, resume from another model
+// is refused, signals stop every rank with one checkpoint and the handlers
+// found are restored, metrics failures are errors and each run has a header.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/modules/linear.h>
 #include <torch/utils.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
+#include <csignal>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <regex>
 
 #include "distributed_reference.h"
 #include "loom/models/hybrid_lm.h"
@@ -159,7 +174,7 @@ TEST(Training, CorruptOrTruncatedCheckpointIsRefused) {
   CheckpointData data;
   data.manifest.set_step(3);
   data.tensors.emplace_back("w", at::arange(1000, at::kDouble));
-  const std::string path = save_checkpoint(dir, data, 2);
+  const std::string path = save_checkpoint(dir, data);
   EXPECT_EQ(latest_checkpoint(dir).value(), path);
   EXPECT_TRUE(at::equal(load_checkpoint(path).tensors[0].second, data.tensors[0].second));
   const std::string state = path + "/state.bin";
@@ -290,6 +305,411 @@ TEST(Training, ValidationWindowsComeFromValPath) {
     FAIL();
   } catch (const ConfigError& e) {
     EXPECT_NE(std::string(e.what()).find("model.vocab_size is 300"), std::string::npos) << e.what();
+
+// ---- Nothing lost: checkpoint directories, divergence, signals, metrics ----
+
+// A per-token model (no interaction across positions, so any sp sharding is
+// exact) that trains in milliseconds.
+struct TinyTokenModel : torch::nn::Module {
+  torch::nn::Embedding embed{nullptr};
+  torch::nn::Linear head{nullptr};
+  explicit TinyTokenModel(int64_t d = 8, bool bias = true) {
+    embed = register_module("embed", torch::nn::Embedding(16, d));
+    head = register_module("head", torch::nn::Linear(torch::nn::LinearOptions(d, 16).bias(bias)));
+  }
+};
+
+at::Tensor tiny_loss(torch::nn::Module& m, const Batch& local, const SequenceLayout&, const CommPtr&) {
+  auto& model = static_cast<TinyTokenModel&>(m);
+  const at::Tensor logits = model.head(model.embed(local.inputs));
+  return at::nll_loss(at::log_softmax(logits.reshape({-1, 16}), -1), local.labels.reshape({-1}), {},
+                      at::Reduction::Sum, -100);
+}
+
+Batch tiny_batch(int64_t first, int64_t n) {
+  const at::Tensor seq = (at::arange(17, at::kLong).unsqueeze(0) + at::arange(first, first + n, at::kLong).unsqueeze(1)) % 16;
+  return Batch{seq.narrow(1, 0, 16).contiguous(), seq.narrow(1, 1, 16).contiguous()};
+}
+
+pb::LoomConfig tiny_run_config(const std::string& checkpoint_dir, int64_t steps) {
+  pb::LoomConfig c;
+  c.mutable_model()->set_d_model(8);
+  auto* t = c.mutable_train();
+  t->set_steps(steps);
+  t->set_batch_size(2);
+  t->set_seq_len(16);
+  t->set_lr(1e-2);
+  t->set_warmup_steps(0);
+  t->set_log_interval(100);
+  t->set_eval_interval(0);
+  t->set_eval_batches(1);
+  t->set_checkpoint_dir(checkpoint_dir);
+  c.mutable_parallel()->set_layout(pb::CONTIGUOUS);
+  return c;
+}
+
+enum class Start { kNew, kResume, kOverwrite };
+
+// One run of the tiny model: a new trainer (and model) each time, like a new job.
+Trainer::Result run_tiny(const pb::LoomConfig& config, ProcessMesh& mesh, Start start, int64_t stop_after = -1,
+                         Trainer::Hooks hooks = {}, int64_t d_model = 8, bool bias = true) {
+  torch::manual_seed(3);
+  auto model = std::make_shared<TinyTokenModel>(d_model, bias);
+  Trainer trainer(config, mesh, model, tiny_loss, tiny_batch, tiny_batch, std::move(hooks));
+  if (start == Start::kResume) trainer.resume();
+  if (start == Start::kOverwrite) trainer.overwrite();
+  return trainer.fit(stop_after);
+}
+
+std::vector<int64_t> steps_in(const std::string& dir) {
+  std::vector<int64_t> steps;
+  for (const auto& c : list_checkpoints(dir)) steps.push_back(c.step);
+  return steps;
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path);
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// Sets an environment variable for one scope (fault injection).
+struct ScopedEnv {
+  std::string name;
+  ScopedEnv(const std::string& n, const std::string& value) : name(n) { setenv(n.c_str(), value.c_str(), 1); }
+  ~ScopedEnv() { unsetenv(name.c_str()); }
+};
+
+template <typename E, typename F>
+std::string expect_throw(F&& f) {
+  try {
+    f();
+  } catch (const E& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "expected an exception";
+  return "";
+}
+
+CheckpointData tiny_checkpoint(int64_t step, double value) {
+  CheckpointData data;
+  data.manifest.set_step(step);
+  data.tensors.emplace_back("w", at::full({4}, value, at::kDouble));
+  return data;
+}
+
+TEST(Training, CheckpointsOrderByManifestStepBeyondEightDigits) {
+  auto world = MpiCommunicator::world();
+  const std::string dir = scratch(world, "order") + "/r" + std::to_string(world->rank());
+  // A checkpoint of another run: never pruned by this one.
+  const std::string foreign = save_checkpoint(dir, tiny_checkpoint(5, 5));
+  CheckpointWriter writer(dir, /*keep=*/2);
+  const std::string nine = writer.save(tiny_checkpoint(99999999, 1));
+  const std::string ten = writer.save(tiny_checkpoint(100000000, 2));
+  const std::string ten_plus = writer.save(tiny_checkpoint(100000001, 3));
+  // By name "step-99999999" sorts after "step-100000001"; by step it is older.
+  EXPECT_EQ(steps_in(dir), (std::vector<int64_t>{5, 100000000, 100000001}));
+  EXPECT_FALSE(fs::exists(nine)) << "the oldest checkpoint of this run is pruned";
+  EXPECT_TRUE(fs::exists(foreign)) << "a checkpoint this run did not write is never pruned";
+  EXPECT_EQ(latest_checkpoint(dir).value(), ten_plus);
+  EXPECT_EQ(load_checkpoint(latest_checkpoint(dir).value()).manifest.step(), 100000001);
+  ASSERT_EQ(writer.kept().size(), 2u);
+  EXPECT_EQ(writer.kept()[0].path, ten);
+}
+
+TEST(Training, ASaveNeverReplacesACheckpointItDidNotWrite) {
+  auto world = MpiCommunicator::world();
+  const std::string dir = scratch(world, "shadow") + "/r" + std::to_string(world->rank());
+  const std::string first = save_checkpoint(dir, tiny_checkpoint(3, 1.0));
+  const std::string second = save_checkpoint(dir, tiny_checkpoint(3, 2.0));  // another run, same step
+  EXPECT_EQ(first, second);
+  EXPECT_EQ(load_checkpoint(second).tensors[0].second[0].item<double>(), 2.0);
+  std::vector<std::string> aside;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.path().filename().string().rfind("superseded-", 0) == 0) aside.push_back(e.path().string());
+  ASSERT_EQ(aside.size(), 1u) << "the earlier step-3 was moved aside, not deleted";
+  EXPECT_EQ(load_checkpoint(aside[0] + "/step-00000003").tensors[0].second[0].item<double>(), 1.0);
+  // A writer replaces only its own checkpoint of a step.
+  CheckpointWriter writer(dir, 0);
+  writer.save(tiny_checkpoint(4, 1.0));
+  writer.save(tiny_checkpoint(4, 4.0));
+  EXPECT_EQ(load_checkpoint(dir + "/step-00000004").tensors[0].second[0].item<double>(), 4.0);
+  int superseded = 0;
+  for (const auto& e : fs::directory_iterator(dir)) superseded += e.path().filename().string().rfind("superseded-", 0) == 0;
+  EXPECT_EQ(superseded, 1);
+}
+
+TEST(Training, NewRunRefusesADirectoryWithCheckpointsOverwriteMovesThemAside) {
+  auto world = MpiCommunicator::world();
+  const std::string dir = scratch(world, "reuse") + "/ckpt";
+  ProcessMesh mesh(world, 1, 0);
+  const pb::LoomConfig config = tiny_run_config(dir, 2);
+  EXPECT_EQ(run_tiny(config, mesh, Start::kNew).steps, 2);
+  const std::string message = expect_throw<RunRefused>([&] { run_tiny(config, mesh, Start::kNew); });
+  EXPECT_NE(message.find("already holds 1 checkpoint"), std::string::npos) << message;
+  EXPECT_NE(message.find("--resume"), std::string::npos) << message;
+  EXPECT_NE(message.find("--overwrite"), std::string::npos) << message;
+  EXPECT_EQ(steps_in(dir), std::vector<int64_t>{2});
+  const CheckpointData before = load_checkpoint(dir + "/step-00000002");
+  world->barrier()->wait();
+  // --overwrite: the old checkpoint moves into superseded-<time>/, intact.
+  EXPECT_EQ(run_tiny(tiny_run_config(dir, 1), mesh, Start::kOverwrite).steps, 1);
+  EXPECT_EQ(steps_in(dir), std::vector<int64_t>{1});
+  std::vector<fs::path> aside;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.path().filename().string().rfind("superseded-", 0) == 0) aside.push_back(e.path());
+  ASSERT_EQ(aside.size(), 1u);
+  const CheckpointData moved = load_checkpoint((aside[0] / "step-00000002").string());  // checksums verified
+  EXPECT_EQ(moved.manifest.state_checksum(), before.manifest.state_checksum());
+  world->barrier()->wait();
+  EXPECT_FALSE(fs::exists(dir + "/" + CheckpointDirLock::kFileName)) << "the lock is released at the end";
+}
+
+TEST(Training, LockStopsASecondWriterAndIsTakenOverWhenStale) {
+  auto world = MpiCommunicator::world();
+  const std::string dir = scratch(world, "lock") + "/r" + std::to_string(world->rank());
+  const std::string lock_file = dir + "/" + CheckpointDirLock::kFileName;
+  fs::create_directories(dir);
+  {
+    CheckpointDirLock first(dir, "run-a");
+    EXPECT_TRUE(first.takeover_note().empty());
+    const std::string message = expect_throw<RunRefused>([&] { CheckpointDirLock second(dir, "run-b"); });
+    EXPECT_NE(message.find("host " + host_name() + " pid " + std::to_string(getpid())), std::string::npos) << message;
+    EXPECT_NE(message.find(lock_file), std::string::npos) << message;
+  }
+  EXPECT_FALSE(fs::exists(lock_file)) << "released when its holder ends";
+  // A lock left by a process that is gone (this host) is taken over.
+  const pid_t child = fork();
+  if (child == 0) _exit(0);
+  ASSERT_GT(child, 0);
+  waitpid(child, nullptr, 0);
+  std::ofstream(lock_file) << "host " << host_name() << "\npid " << child << "\nstarted 1\nsince earlier\nrun dead\n";
+  {
+    CheckpointDirLock taken(dir, "run-c");
+    EXPECT_NE(taken.takeover_note().find("pid " + std::to_string(child)), std::string::npos) << taken.takeover_note();
+    EXPECT_NE(taken.takeover_note().find("no longer running"), std::string::npos) << taken.takeover_note();
+    EXPECT_NE(read_text(lock_file).find("run run-c"), std::string::npos);
+  }
+  // A pid that lives but started at another time (reused) is not the holder either.
+  std::ofstream(lock_file) << "host " << host_name() << "\npid " << getpid() << "\nstarted 1\nsince earlier\nrun old\n";
+  { CheckpointDirLock reused(dir, "run-d"); EXPECT_FALSE(reused.takeover_note().empty()); }
+  // Another host: its process cannot be checked, so the lock holds.
+  std::ofstream(lock_file) << "host some-other-host\npid 4242\nstarted 1\nsince earlier\nrun far\n";
+  const std::string message = expect_throw<RunRefused>([&] { CheckpointDirLock other(dir, "run-e"); });
+  EXPECT_NE(message.find("host some-other-host pid 4242"), std::string::npos) << message;
+  EXPECT_NE(message.find("delete the lock file"), std::string::npos) << message;
+  EXPECT_TRUE(fs::exists(lock_file));
+}
+
+TEST(Training, UnwritableCheckpointDirectoryIsRefusedBeforeTraining) {
+  auto world = MpiCommunicator::world();
+  const std::string dir = scratch(world, "unwritable");
+  if (world->rank() == 0) std::ofstream(dir + "/a-file") << "not a directory\n";
+  world->barrier()->wait();
+  ProcessMesh mesh(world, 1, 0);
+  int steps_taken = 0;
+  Trainer::Hooks hooks;
+  hooks.on_step = [&](const StepMetrics&) { ++steps_taken; };
+  const std::string message =
+      expect_throw<RunRefused>([&] { run_tiny(tiny_run_config(dir + "/a-file/ckpt", 2), mesh, Start::kNew, -1, hooks); });
+  EXPECT_NE(message.find("train.checkpoint_dir"), std::string::npos) << message;
+  EXPECT_NE(message.find(dir + "/a-file/ckpt"), std::string::npos) << message;
+  EXPECT_EQ(steps_taken, 0);
+}
+
+// Handlers of the embedding program: fit() must hand them back.
+std::atomic<int> g_program_handler_calls{0};
+extern "C" void program_handler(int) { g_program_handler_calls.fetch_add(1); }
+
+struct ProgramHandlers {
+  struct sigaction old_int {}, old_term {};
+  ProgramHandlers() {
+    struct sigaction a {};
+    a.sa_handler = program_handler;
+    sigemptyset(&a.sa_mask);
+    sigaction(SIGINT, &a, &old_int);
+    sigaction(SIGTERM, &a, &old_term);
+  }
+  ~ProgramHandlers() {
+    sigaction(SIGINT, &old_int, nullptr);
+    sigaction(SIGTERM, &old_term, nullptr);
+  }
+  static bool installed() {
+    struct sigaction now_int {}, now_term {};
+    sigaction(SIGINT, nullptr, &now_int);
+    sigaction(SIGTERM, nullptr, &now_term);
+    return now_int.sa_handler == program_handler && now_term.sa_handler == program_handler;
+  }
+};
+
+TEST(Training, DivergedParametersAreNeverSavedAtStepKOrAtTheLastStep) {
+  auto world = MpiCommunicator::world();
+  const std::string base = scratch(world, "diverge");
+  ProcessMesh mesh(world, 1, 0);
+  ProgramHandlers handlers;
+  for (const int64_t bad_step : {3, 4}) {  // mid-run, and the last step
+    const std::string dir = base + "/at" + std::to_string(bad_step);
+    pb::LoomConfig config = tiny_run_config(dir, 4);
+    config.mutable_train()->set_checkpoint_interval(2);
+    const ScopedEnv fault("LOOM_FAULT_NAN_PARAMS_AT_STEP", std::to_string(bad_step));
+    const std::string message = expect_throw<NonFiniteParameters>([&] { run_tiny(config, mesh, Start::kNew); });
+    EXPECT_NE(message.find("not finite after the update of step " + std::to_string(bad_step)), std::string::npos)
+        << message;
+    world->barrier()->wait();
+    // The NaN was on the last rank only: the all-reduced check stopped rank 0 too.
+    EXPECT_EQ(steps_in(dir), std::vector<int64_t>{2}) << "fault at step " << bad_step;
+    const CheckpointData kept = load_checkpoint(dir + "/step-00000002");  // checksums verified
+    for (const auto& [name, t] : kept.tensors) EXPECT_TRUE(at::isfinite(t).all().item<bool>()) << name;
+    EXPECT_FALSE(fs::exists(dir + "/" + CheckpointDirLock::kFileName)) << "lock released on the error path";
+    EXPECT_TRUE(ProgramHandlers::installed()) << "fit() restores the handlers it found when it throws";
+    world->barrier()->wait();
+  }
+}
+
+TEST(Training, NonFiniteLossSavesNothing) {
+  auto world = MpiCommunicator::world();
+  const std::string dir = scratch(world, "nan-loss") + "/ckpt";
+  ProcessMesh mesh(world, 1, 0);
+  pb::LoomConfig config = tiny_run_config(dir, 4);
+  config.mutable_train()->set_checkpoint_interval(2);
+  // The loss of step 3 is NaN on the last rank only (one micro-batch per step).
+  int calls = 0;
+  const bool last = world->rank() == world->size() - 1;
+  auto loss = [&](torch::nn::Module& m, const Batch& b, const SequenceLayout& l, const CommPtr& sp) {
+    const at::Tensor value = tiny_loss(m, b, l, sp);
+    return ++calls == 3 && last ? value * std::nan("") : value;
+  };
+  torch::manual_seed(3);
+  auto model = std::make_shared<TinyTokenModel>();
+  {
+    Trainer trainer(config, mesh, model, loss, tiny_batch, tiny_batch);
+    const std::string message = expect_throw<NonFiniteLoss>([&] { trainer.fit(); });
+    EXPECT_NE(message.find("nan at step 3; stopping without saving"), std::string::npos) << message;
+  }
+  world->barrier()->wait();
+  EXPECT_EQ(steps_in(dir), std::vector<int64_t>{2});
+  EXPECT_FALSE(fs::exists(dir + "/" + CheckpointDirLock::kFileName));
+}
+
+TEST(Training, ResumeAtOrPastTheEndChangesNothing) {
+  auto world = MpiCommunicator::world();
+  const std::string dir = scratch(world, "at-end") + "/ckpt";
+  ProcessMesh mesh(world, 1, 0);
+  run_tiny(tiny_run_config(dir, 3), mesh, Start::kNew);
+  world->barrier()->wait();
+  auto snapshot = [&] {
+    std::vector<std::string> entries;
+    for (const auto& e : fs::recursive_directory_iterator(dir))
+      entries.push_back(e.path().string() + " " + std::to_string(fs::last_write_time(e.path()).time_since_epoch().count()) +
+                        " " + (e.is_regular_file() ? std::to_string(fs::file_size(e.path())) : std::string("dir")));
+    std::sort(entries.begin(), entries.end());
+    return entries;
+  };
+  const auto before = snapshot();
+  world->barrier()->wait();
+  for (const int64_t steps : {3, 2}) {  // at, and past, train.steps
+    const Trainer::Result result = run_tiny(tiny_run_config(dir, steps), mesh, Start::kResume);
+    EXPECT_TRUE(result.nothing_to_do);
+    EXPECT_EQ(result.steps, 3);
+    world->barrier()->wait();
+    EXPECT_EQ(snapshot(), before) << "no checkpoint, metrics line or lock left behind";
+  }
+}
+
+TEST(Training, ResumeRefusesAnotherModelAndListsAllowedDifferences) {
+  auto world = MpiCommunicator::world();
+  const std::string dir = scratch(world, "mismatch") + "/ckpt";
+  ProcessMesh mesh(world, 1, 0);
+  run_tiny(tiny_run_config(dir, 2), mesh, Start::kNew);
+  // A different model.d_model: refused with the field named, nothing written.
+  pb::LoomConfig wider = tiny_run_config(dir, 4);
+  wider.mutable_model()->set_d_model(12);
+  std::string message = expect_throw<RunRefused>([&] { run_tiny(wider, mesh, Start::kResume, -1, {}, 12); });
+  EXPECT_NE(message.find("model.d_model 8 -> 12"), std::string::npos) << message;
+  EXPECT_NE(message.find("'embed.weight' is [16, 8] in the checkpoint, [16, 12] here"), std::string::npos) << message;
+  // The same config but a model without one of the checkpoint's parameters:
+  // its weights would be dropped silently.
+  message = expect_throw<RunRefused>([&] { run_tiny(tiny_run_config(dir, 4), mesh, Start::kResume, -1, {}, 8, false); });
+  EXPECT_NE(message.find("'head.bias' of the checkpoint is not in this model"), std::string::npos) << message;
+  world->barrier()->wait();
+  EXPECT_EQ(steps_in(dir), std::vector<int64_t>{2});
+  // Allowed: steps, lr schedule, intervals.
+  pb::LoomConfig longer = tiny_run_config(dir, 4);
+  longer.mutable_train()->set_lr(5e-3);
+  longer.mutable_train()->set_log_interval(1);
+  const Trainer::Result result = run_tiny(longer, mesh, Start::kResume);
+  EXPECT_EQ(result.steps, 4);
+  world->barrier()->wait();
+  EXPECT_EQ(steps_in(dir), (std::vector<int64_t>{2, 4}));
+}
+
+TEST(Training, SignalsStopEveryRankWithOneCheckpointAndHandlersAreRestored) {
+  auto world = MpiCommunicator::world();
+  const std::string dir = scratch(world, "signals") + "/ckpt";
+  ProcessMesh mesh(world, 1, 0);
+  ProgramHandlers handlers;
+  g_program_handler_calls = 0;
+  const int last = world->size() - 1;
+  Trainer::Hooks hooks;
+  hooks.on_step = [&](const StepMetrics& m) {
+    if (m.step != 2) return;
+    if (world->rank() == 0) {  // rank 0 twice (the second is ignored) ...
+      std::raise(SIGINT);
+      std::raise(SIGINT);
+    }
+    if (world->rank() == last) std::raise(SIGTERM);  // ... and the last rank once
+  };
+  pb::LoomConfig config = tiny_run_config(dir, 10);
+  config.mutable_train()->set_checkpoint_interval(2);  // step 2 is saved once, not twice
+  const Trainer::Result result = run_tiny(config, mesh, Start::kNew, -1, hooks);
+  EXPECT_TRUE(result.interrupted);
+  EXPECT_EQ(result.steps, 2);
+  EXPECT_EQ(result.stop_reason, "SIGTERM");
+  world->barrier()->wait();
+  EXPECT_EQ(steps_in(dir), std::vector<int64_t>{2});
+  EXPECT_EQ(load_checkpoint(dir + "/step-00000002").manifest.step(), 2);
+  EXPECT_TRUE(ProgramHandlers::installed()) << "fit() restores the handlers it found";
+  EXPECT_EQ(g_program_handler_calls.load(), 0) << "the program's handlers saw none of fit()'s signals";
+  // A stop request from a hook (loom-train: a signalled memory node) stops alike.
+  Trainer::Hooks request;
+  request.stop_requested = [&] { return world->rank() == 0 ? std::string("a test's request") : std::string(); };
+  const Trainer::Result stopped = run_tiny(tiny_run_config(dir, 10), mesh, Start::kResume, -1, request);
+  EXPECT_TRUE(stopped.interrupted);
+  EXPECT_EQ(stopped.steps, 3);
+  if (world->rank() == 0) EXPECT_EQ(stopped.stop_reason, "a test's request");
+}
+
+TEST(Training, MetricsWriteFailureIsAnErrorAndEachRunHasAHeader) {
+  auto world = MpiCommunicator::world();
+  const std::string dir = scratch(world, "metrics") + "/ckpt";
+  ProcessMesh mesh(world, 1, 0);
+  pb::LoomConfig full = tiny_run_config(dir, 2);
+  full.mutable_train()->set_metrics_path("/dev/full");
+  const std::string message = expect_throw<RunRefused>([&] { run_tiny(full, mesh, Start::kNew); });
+  EXPECT_NE(message.find("'/dev/full'"), std::string::npos) << message;
+  EXPECT_NE(message.find(std::strerror(ENOSPC)), std::string::npos) << message;
+  world->barrier()->wait();
+  EXPECT_TRUE(steps_in(dir).empty());
+  EXPECT_FALSE(fs::exists(dir + "/" + CheckpointDirLock::kFileName));
+  world->barrier()->wait();
+  // Two runs in one file (a new one, then a resumed one): each starts with a header.
+  run_tiny(tiny_run_config(dir, 2), mesh, Start::kNew);
+  run_tiny(tiny_run_config(dir, 3), mesh, Start::kResume);
+  world->barrier()->wait();
+  if (world->rank() == 0) {
+    const std::string text = read_text(dir + "/metrics.jsonl");
+    const std::regex header("\\{\"run\": \"([^\"]+)\", \"config_hash\": \"([0-9a-f]{16})\", \"start_step\": ([0-9]+), "
+                            "\"resumed_from_step\": (null|[0-9]+)");
+    std::vector<std::smatch> headers;
+    for (auto it = std::sregex_iterator(text.begin(), text.end(), header); it != std::sregex_iterator(); ++it)
+      headers.push_back(*it);
+    ASSERT_EQ(headers.size(), 2u) << text;
+    EXPECT_NE(headers[0][1].str(), headers[1][1].str()) << "distinct run ids";
+    EXPECT_EQ(headers[0][4].str(), "null");
+    EXPECT_EQ(headers[1][4].str(), "2");
+    EXPECT_EQ(headers[1][3].str(), "2");
+    EXPECT_NE(text.find("{\"step\": 3, \"loss\""), std::string::npos) << text;
   }
 }
 

@@ -35,6 +35,7 @@ Msg OffloadClient::request(int node, Msg msg, const std::vector<at::Tensor>& pay
   const Msg r = receive_message(*comm_, peer, &received, &reply_bytes);
   control_ += reply_bytes;
   if (r.type() != Msg::OK) throw fail(r);
+  if (r.stop_requested() && stopping_node_ < 0) stopping_node_ = node;
   for (const auto& t : payloads) payload_sent_ += static_cast<int64_t>(t.nbytes());
   for (const auto& t : received) payload_received_ += static_cast<int64_t>(t.nbytes());
   if (reply) *reply = std::move(received);
@@ -63,6 +64,16 @@ void OffloadClient::close_sequences(const std::vector<int64_t>& sequences) {
   m.set_type(Msg::CLOSE);
   for (int64_t s : sequences) m.add_sequences(s);
   for (int node = 0; node < nodes(); ++node) request(node, m, {});
+}
+
+std::string OffloadClient::stop_requested() {
+  for (int node = 0; node < nodes() && stopping_node_ < 0; ++node) {
+    Msg m;
+    m.set_type(Msg::STATS);
+    request(node, m, {});
+  }
+  if (stopping_node_ < 0) return "";
+  return "a signal to memory node rank " + std::to_string(memory_rank(stopping_node_));
 }
 
 void OffloadClient::shutdown() {

@@ -43,6 +43,11 @@ class OffloadClient {
   int64_t control_bytes() const { return control_; }
   // Every compute rank, once, at the end: the nodes' serve() returns when all have.
   void shutdown();
+  // Whether a memory node was signalled (SIGINT/SIGTERM) and asks the compute
+  // ranks to stop: "" when not, else which node. Sends STATS to every node
+  // unless a reply already said so; the Trainer asks it after every step
+  // (Hooks::stop_requested, on one compute rank).
+  std::string stop_requested();
 
  private:
   CommPtr comm_;
@@ -50,6 +55,7 @@ class OffloadClient {
   int group_;
   int64_t next_call_ = 0, first_open_call_ = 0;
   int64_t payload_sent_ = 0, payload_received_ = 0, control_ = 0;
+  int stopping_node_ = -1;  // the first node whose reply asked to stop
 };
 
 }  // namespace loom::offload

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "loom/runtime/core/logging.h"
+#include "loom/runtime/core/stop_signals.h"
 
 namespace loom::offload {
 namespace {
@@ -222,6 +223,7 @@ void OffloadServer::handle(int client, const at::Tensor& header, bool& shutdown)
   std::vector<at::Tensor> in = receive_payloads(*comm_, client, req), out;
   try {
     Msg r = execute(req, in, out, shutdown);
+    if (stop_requested_) r.set_stop_requested(true);  // the compute ranks stop after this step
     send_message(*comm_, client, r, out);
   } catch (const OffloadError& e) {
     error(e.what());
@@ -247,8 +249,20 @@ void OffloadServer::serve() {
     p.work = post_header(*comm_, c, p.header);
     pending.push_back(std::move(p));
   }
+  // A signalled memory node must not just die (the compute ranks would lose
+  // their step and checkpoint): it keeps serving, and its replies ask the
+  // compute ranks to stop after their current step; they then shut it down.
+  const StopSignalScope signals("[loom memory node, rank " + std::to_string(comm_->rank()) + "] ",
+                                "this memory node keeps serving; the compute ranks stop after their current step, "
+                                "save a checkpoint and shut it down",
+                                "ignored: serving until the compute ranks have stopped");
   auto idle = std::chrono::microseconds(20);
   while (!pending.empty()) {
+    if (!stop_requested_ && signals.received() > 0) {
+      stop_requested_ = true;
+      LOOM_LOG(kWarn) << "memory node: " << signal_name(signals.last_signal())
+                      << " received: asking the compute ranks to stop after their current step";
+    }
     bool progressed = false;
     for (size_t i = 0; i < pending.size();) {
       if (!pending[i].work->is_completed()) {

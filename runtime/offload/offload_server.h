@@ -12,7 +12,11 @@
 // within limits, a dtype it can hold, a call, group and chunk that exist, and
 // room under the capacity; otherwise the client gets ERROR naming the problem
 // and the node keeps serving. serve() polls one pending header per client and
-// returns when every client has sent SHUTDOWN. The attention arithmetic is
+// returns when every client has sent SHUTDOWN. SIGINT/SIGTERM during serve()
+// do not stop the node: it keeps serving and sets stop_requested in its
+// replies, so that the compute ranks stop after their current step, save a
+// checkpoint and shut it down (signal handlers are restored on return). The
+// attention arithmetic is
 // injected (OffloadKernels) so that runtime/ does not depend on parallel/;
 // parallel/softmax_attention/offload_attention.h provides it.
 #pragma once
@@ -85,6 +89,7 @@ class OffloadServer {
   OffloadKernels kernels_;
   std::map<Key, Call> calls_;
   std::map<CacheKey, DecodeCache> caches_;
+  bool stop_requested_ = false;  // a signal arrived during serve()
 };
 
 }  // namespace loom::offload

@@ -1,30 +1,31 @@
 #include "loom/runtime/train/checkpoint.h"
 
 #include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
+#include <map>
 #include <sstream>
+#include <thread>
 
 #include "loom/runtime/core/dtypes.h"
-#include "loom/runtime/core/error.h"
+#include "loom/runtime/core/logging.h"
 #include "loom/runtime/data/token_file.h"
 
 namespace loom {
 namespace fs = std::filesystem;
 namespace {
-
-std::string step_name(int64_t step) {
-  std::ostringstream s;
-  s << "step-" << std::setw(8) << std::setfill('0') << step;
-  return s.str();
-}
 
 void fsync_path(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY);
@@ -43,28 +44,70 @@ std::string dtype_name(at::ScalarType t) {
   throw LoomError(std::string("checkpoint: cannot store dtype ") + c10::toString(t));
 }
 
-}  // namespace
+bool is_step_entry(const std::string& name) { return name.rfind("step-", 0) == 0; }
+bool is_unfinished(const std::string& name) {
+  return name.size() >= 4 && name.compare(name.size() - 4, 4, ".tmp") == 0;
+}
 
-std::string save_checkpoint(const std::string& dir, const CheckpointData& data, int64_t keep) {
-  const std::string name = step_name(data.manifest.step());
+std::string utc_stamp() {
+  const std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&now, &tm);
+  char text[32];
+  std::strftime(text, sizeof(text), "%Y%m%dT%H%M%SZ", &tm);
+  return text;
+}
+
+// A new <dir>/superseded-<UTC time>[-n]/.
+fs::path make_superseded_dir(const std::string& dir) {
+  const std::string base = "superseded-" + utc_stamp();
+  for (int n = 1;; ++n) {
+    const fs::path candidate = fs::path(dir) / (n == 1 ? base : base + "-" + std::to_string(n));
+    std::error_code ec;
+    if (fs::create_directory(candidate, ec)) return candidate;
+    if (ec) throw LoomError("checkpoint: cannot create '" + candidate.string() + "': " + ec.message());
+  }
+}
+
+void move_into(const fs::path& from, const fs::path& into_dir) {
+  std::error_code ec;
+  fs::rename(from, into_dir / from.filename(), ec);
+  if (ec)
+    throw LoomError("checkpoint: cannot move '" + from.string() + "' into '" + into_dir.string() + "': " +
+                    ec.message());
+}
+
+std::optional<pb::CheckpointManifest> read_manifest(const fs::path& dir) {
+  std::ifstream in(dir / "manifest.pb", std::ios::binary);
+  pb::CheckpointManifest manifest;
+  if (!in || !manifest.ParseFromIstream(&in)) return std::nullopt;
+  return manifest;
+}
+
+// Writes the checkpoint; an existing directory of the same name is removed
+// when `replace_existing` (the caller wrote it) and moved aside otherwise.
+std::string write_checkpoint(const std::string& dir, const CheckpointData& data, bool replace_existing) {
+  const std::string name = checkpoint_name(data.manifest.step());
   const fs::path final_dir = fs::path(dir) / name, tmp_dir = fs::path(dir) / (name + ".tmp");
   std::error_code ec;
   fs::create_directories(dir, ec);
-  fs::remove_all(tmp_dir, ec);
+  fs::remove_all(tmp_dir, ec);  // an unfinished save of this step: never a checkpoint
   if (!fs::create_directories(tmp_dir, ec) && ec)
     throw LoomError("checkpoint: cannot create '" + tmp_dir.string() + "': " + ec.message());
 
   pb::CheckpointManifest manifest = data.manifest;
-  manifest.set_version(1);
+  if (!manifest.has_version()) manifest.set_version(1);
   manifest.set_state_file("state.bin");
   manifest.clear_tensors();
   const fs::path state_path = tmp_dir / "state.bin";
-  // Fault injection: die halfway through writing this step's state.
+  // Fault injection, halfway through this step's state: die, or pause.
   const char* kill_env = std::getenv("LOOM_FAULT_KILL_DURING_SAVE");
   const bool kill_now = kill_env != nullptr && std::atoll(kill_env) == data.manifest.step();
+  const char* pause_env = std::getenv("LOOM_FAULT_SLOW_SAVE_S");
+  const double pause_s = pause_env != nullptr ? std::atof(pause_env) : 0.0;
   uint64_t total = 0;
   for (const auto& entry : data.tensors) total += entry.second.nbytes();
-  const int64_t kill_after = kill_now ? static_cast<int64_t>(total / 2) : -1;
+  bool fault_done = !(kill_now || pause_s > 0);
   uint64_t offset = 0, checksum = 1469598103934665603ull;
   {
     std::ofstream out(state_path, std::ios::binary | std::ios::trunc);
@@ -78,17 +121,25 @@ std::string save_checkpoint(const std::string& dir, const CheckpointData& data, 
       entry->set_offset(offset);
       entry->set_bytes(t.nbytes());
       const char* bytes = static_cast<const char*>(t.data_ptr());
-      if (kill_after >= 0 && static_cast<int64_t>(offset + t.nbytes()) > kill_after) {
-        out.write(bytes, std::max<int64_t>(0, kill_after - static_cast<int64_t>(offset)));
+      uint64_t written = 0;
+      if (!fault_done && offset + t.nbytes() > total / 2) {
+        written = total / 2 - std::min(total / 2, offset);
+        out.write(bytes, static_cast<std::streamsize>(written));
         out.flush();
-        std::raise(SIGKILL);  // fault injection: die mid-save
+        if (kill_now) std::raise(SIGKILL);  // fault injection: die mid-save
+        LOOM_LOG(kWarn) << "fault injection: pausing " << pause_s << " s halfway through saving step "
+                        << data.manifest.step();
+        std::this_thread::sleep_for(std::chrono::duration<double>(pause_s));
+        fault_done = true;
       }
-      out.write(bytes, static_cast<std::streamsize>(t.nbytes()));
+      out.write(bytes + written, static_cast<std::streamsize>(t.nbytes() - written));
       checksum = fnv1a64(bytes, t.nbytes(), checksum);
       offset += t.nbytes();
     }
     out.flush();
-    if (!out) throw LoomError("checkpoint: writing '" + state_path.string() + "' failed (disk full?)");
+    if (!out)
+      throw LoomError("checkpoint: writing '" + state_path.string() + "' failed: " + std::strerror(errno) +
+                      " (disk full?)");
   }
   fsync_path(state_path.string());
   manifest.set_state_bytes(offset);
@@ -99,34 +150,96 @@ std::string save_checkpoint(const std::string& dir, const CheckpointData& data, 
       throw LoomError("checkpoint: writing the manifest in '" + tmp_dir.string() + "' failed");
   }
   fsync_path((tmp_dir / "manifest.pb").string());
-  fs::remove_all(final_dir, ec);
+  if (fs::exists(final_dir, ec)) {
+    if (replace_existing) {
+      fs::remove_all(final_dir, ec);
+    } else {
+      const fs::path aside = make_superseded_dir(dir);
+      move_into(final_dir, aside);
+      LOOM_LOG(kWarn) << "checkpoint: '" << final_dir.string() << "' was already there (not written by this run): "
+                      << "moved it into '" << aside.string() << "'";
+    }
+  }
   fs::rename(tmp_dir, final_dir, ec);
   if (ec) throw LoomError("checkpoint: renaming '" + tmp_dir.string() + "' failed: " + ec.message());
   fsync_path(dir);
-
-  // Keep the newest `keep` complete checkpoints.
-  std::vector<fs::path> complete;
-  for (const auto& e : fs::directory_iterator(dir))
-    if (e.is_directory() && e.path().filename().string().rfind("step-", 0) == 0 &&
-        e.path().extension() != ".tmp")
-      complete.push_back(e.path());
-  std::sort(complete.begin(), complete.end());
-  for (size_t i = 0; keep > 0 && i + static_cast<size_t>(keep) < complete.size(); ++i) fs::remove_all(complete[i], ec);
   return final_dir.string();
 }
 
-std::optional<std::string> latest_checkpoint(const std::string& dir) {
-  std::error_code ec;
-  if (!fs::is_directory(dir, ec)) return std::nullopt;
-  std::vector<std::string> complete;
-  for (const auto& e : fs::directory_iterator(dir)) {
-    const std::string name = e.path().filename().string();
-    if (e.is_directory() && name.rfind("step-", 0) == 0 && name.find(".tmp") == std::string::npos &&
-        fs::exists(e.path() / "manifest.pb"))
-      complete.push_back(e.path().string());
+// Lock files: "key value" lines.
+std::map<std::string, std::string> parse_lock(const std::string& text) {
+  std::map<std::string, std::string> fields;
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    const auto space = line.find(' ');
+    if (space != std::string::npos) fields[line.substr(0, space)] = line.substr(space + 1);
   }
+  return fields;
+}
+
+std::optional<std::string> read_small_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return std::nullopt;
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// Field 22 of /proc/<pid>/stat (clock ticks after boot): with the pid, it
+// names a process uniquely, so a reused pid is not taken for the lock holder.
+std::string process_start_ticks(long pid) {
+  const auto stat = read_small_file("/proc/" + std::to_string(pid) + "/stat");
+  if (!stat) return "";
+  const auto close = stat->rfind(')');
+  if (close == std::string::npos) return "";
+  std::istringstream rest(stat->substr(close + 1));
+  std::string field;
+  for (int i = 3; i <= 22 && rest >> field; ++i)
+    if (i == 22) return field;
+  return "";
+}
+
+bool process_alive(long pid, const std::string& start_ticks) {
+  if (pid <= 0) return false;
+  if (::kill(static_cast<pid_t>(pid), 0) != 0 && errno != EPERM) return false;
+  const std::string now = process_start_ticks(pid);
+  return start_ticks.empty() || now.empty() || now == start_ticks;
+}
+
+}  // namespace
+
+std::string checkpoint_name(int64_t step) {
+  std::ostringstream s;
+  s << "step-" << std::setw(8) << std::setfill('0') << step;
+  return s.str();
+}
+
+std::vector<CheckpointInfo> list_checkpoints(const std::string& dir) {
+  std::vector<CheckpointInfo> complete;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return complete;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (!is_step_entry(name) || is_unfinished(name) || !e.is_directory(ec)) continue;
+    if (!fs::exists(e.path() / "manifest.pb", ec)) continue;  // not a complete checkpoint
+    const auto manifest = read_manifest(e.path());
+    if (!manifest) {
+      LOOM_LOG(kWarn) << "checkpoint '" << e.path().string() << "': manifest does not parse: skipped";
+      continue;
+    }
+    complete.push_back({e.path().string(), manifest->step()});
+  }
+  std::sort(complete.begin(), complete.end(), [](const CheckpointInfo& a, const CheckpointInfo& b) {
+    return a.step != b.step ? a.step < b.step : a.path < b.path;
+  });
+  return complete;
+}
+
+std::optional<std::string> latest_checkpoint(const std::string& dir) {
+  const auto complete = list_checkpoints(dir);
   if (complete.empty()) return std::nullopt;
-  return *std::max_element(complete.begin(), complete.end());
+  return complete.back().path;
 }
 
 CheckpointData load_checkpoint(const std::string& path) {
@@ -159,6 +272,112 @@ CheckpointData load_checkpoint(const std::string& path) {
     data.tensors.emplace_back(e.name(), t);
   }
   return data;
+}
+
+std::string save_checkpoint(const std::string& dir, const CheckpointData& data) {
+  return write_checkpoint(dir, data, /*replace_existing=*/false);
+}
+
+std::string move_checkpoints_aside(const std::string& dir) {
+  std::vector<fs::path> entries;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return "";
+  for (const auto& e : fs::directory_iterator(dir, ec))
+    if (is_step_entry(e.path().filename().string())) entries.push_back(e.path());
+  if (entries.empty()) return "";
+  const fs::path aside = make_superseded_dir(dir);
+  for (const auto& e : entries) move_into(e, aside);
+  fsync_path(dir);
+  return aside.string();
+}
+
+CheckpointWriter::CheckpointWriter(std::string dir, int64_t keep) : dir_(std::move(dir)), keep_(keep) {}
+
+std::string CheckpointWriter::save(const CheckpointData& data) {
+  const int64_t step = data.manifest.step();
+  const bool mine = std::any_of(kept_.begin(), kept_.end(), [&](const CheckpointInfo& c) { return c.step == step; });
+  const std::string path = write_checkpoint(dir_, data, /*replace_existing=*/mine);
+  if (!mine) {
+    kept_.push_back({path, step});
+    std::sort(kept_.begin(), kept_.end(), [](const CheckpointInfo& a, const CheckpointInfo& b) { return a.step < b.step; });
+  }
+  while (keep_ > 0 && static_cast<int64_t>(kept_.size()) > keep_) {
+    std::error_code ec;
+    fs::remove_all(kept_.front().path, ec);
+    kept_.erase(kept_.begin());
+  }
+  return path;
+}
+
+void check_directory_writable(const std::string& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec || !fs::is_directory(dir))
+    throw RunRefused("checkpoint directory '" + dir + "' cannot be created: " +
+                     (ec ? ec.message() : std::string("a file of that name is in the way")));
+  const std::string probe = (fs::path(dir) / (".loom-write-test-" + std::to_string(::getpid()))).string();
+  const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd < 0) throw RunRefused("checkpoint directory '" + dir + "' is not writable: " + std::strerror(errno));
+  const bool ok = ::write(fd, "ok\n", 3) == 3 && ::fsync(fd) == 0;
+  const int write_errno = errno;
+  ::close(fd);
+  ::unlink(probe.c_str());
+  if (!ok) throw RunRefused("checkpoint directory '" + dir + "' is not writable: " + std::strerror(write_errno));
+}
+
+CheckpointDirLock::CheckpointDirLock(const std::string& dir, const std::string& run_id)
+    : path_((fs::path(dir) / kFileName).string()) {
+  const long pid = static_cast<long>(::getpid());
+  std::ostringstream content;
+  content << "host " << host_name() << "\npid " << pid << "\nstarted " << process_start_ticks(pid) << "\nsince "
+          << utc_stamp() << "\nrun " << run_id << "\n";
+  content_ = content.str();
+  for (int attempt = 0; attempt < 5; ++attempt) {
+    const int fd = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0644);
+    if (fd >= 0) {
+      const bool ok = ::write(fd, content_.data(), content_.size()) == static_cast<ssize_t>(content_.size()) &&
+                      ::fsync(fd) == 0;
+      const int write_errno = errno;
+      ::close(fd);
+      if (!ok) {
+        ::unlink(path_.c_str());
+        throw RunRefused("cannot write the lock file '" + path_ + "': " + std::strerror(write_errno));
+      }
+      fsync_path(dir);
+      return;
+    }
+    if (errno != EEXIST) throw RunRefused("cannot create the lock file '" + path_ + "': " + std::strerror(errno));
+    const auto held = read_small_file(path_);
+    if (!held) continue;  // released meanwhile: try again
+    auto fields = parse_lock(*held);
+    const std::string host = fields["host"], since = fields["since"];
+    const long holder = std::atol(fields["pid"].c_str());
+    const std::string who = "host " + (host.empty() ? std::string("?") : host) + " pid " + std::to_string(holder) +
+                            (since.empty() ? std::string() : " (since " + since + ")");
+    if (host != host_name() || process_alive(holder, fields["started"]))
+      throw RunRefused("checkpoint directory '" + dir + "' is in use by another job: " + who + " holds '" + path_ +
+                       "'. Two jobs must not write one directory: wait for that job to end or use another "
+                       "train.checkpoint_dir" +
+                       (host != host_name() ? " (if that job is gone, delete the lock file)" : std::string()));
+    // The holder is gone: move its lock away, making sure it is still that one.
+    const std::string stale = path_ + ".stale-" + std::to_string(pid);
+    if (::rename(path_.c_str(), stale.c_str()) != 0) continue;
+    const auto moved = read_small_file(stale);
+    if (moved && *moved != *held) {  // a live job claimed it in between: give it back
+      if (::link(stale.c_str(), path_.c_str()) != 0 && errno != EEXIST)
+        LOOM_LOG(kWarn) << "lock file '" << path_ << "': could not restore it: " << std::strerror(errno);
+      ::unlink(stale.c_str());
+      continue;
+    }
+    ::unlink(stale.c_str());
+    takeover_note_ = "took over the lock '" + path_ + "' left by " + who + ": that process is no longer running";
+  }
+  throw RunRefused("cannot claim the lock file '" + path_ + "': other jobs keep claiming it");
+}
+
+CheckpointDirLock::~CheckpointDirLock() {
+  const auto held = read_small_file(path_);
+  if (held && *held == content_) ::unlink(path_.c_str());
 }
 
 }  // namespace loom
