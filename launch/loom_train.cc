@@ -81,7 +81,10 @@ struct SetupError : std::runtime_error {
 // ("" when none): the checks are local (files on a node's disk, its memory),
 // so ranks may disagree. If any rank failed, every rank throws the same
 // SetupError with the message of the lowest failing rank, before any rank
-// goes on into a collective the others would never join.
+// goes on into a collective the others would never join. (Not
+// agree_on_failure(), runtime/comm/agreement.h: that one runs over an MPI_Comm,
+// while here the memory nodes are serving and the compute ranks'
+// communicator may be NCCL.)
 void agree_on_setup_error(const loom::CommPtr& world, const std::string& error) {
   const at::Device device = world->device();
   at::Tensor failing = at::tensor({static_cast<int64_t>(error.empty() ? world->size() : world->rank())}, at::kLong);
