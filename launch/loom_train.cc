@@ -7,7 +7,12 @@
 // aside),
 // --eval-only (validation loss of the newest checkpoint), --generate TEXT
 // (greedy continuation; after training, or of the newest checkpoint with
-// --eval-only), --print-config, --dry-run.
+// --eval-only), --print-config, --dry-run (every check a run makes before it
+// allocates a model: config, mesh, lengths, every token of the data files
+// against model.vocab_size, the tokenizer, the checkpoint directory, memory;
+// then the parameter count and memory estimate per rank). --generate checks
+// its prompt (not empty, within the vocabulary) and --max-new-tokens (at most
+// kMaxNewTokens) before any training, and prints progress every 64 tokens.
 // Exit codes: 0 success, 2 bad command line, config or data (the message names
 // the field or file), 3 the requested action is not supported by this build,
 // 4 the loss or the parameters became NaN/Inf (the last good checkpoint is
@@ -17,7 +22,15 @@
 // during set-up are agreed on by all ranks before any collective; an error in
 // the middle of a step aborts the whole job.
 #include <CLI/CLI.hpp>
+#include <fcntl.h>
+#include <unistd.h>
 
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
 #include <iostream>
 
 #include <torch/utils.h>
@@ -49,8 +62,16 @@ struct Options {
   bool overwrite = false;
   bool eval_only = false;
   std::string generate;
+  bool generate_requested = false;  // --generate given, possibly with an empty prompt
   int64_t max_new_tokens = 64;
 };
+
+// --max-new-tokens at most this: greedy generation without a cache recomputes
+// the whole prefix for every new token (time grows with the square of the
+// length); continue a longer text in several calls.
+constexpr int64_t kMaxNewTokens = 8192;
+// Generation prints a progress line every this many tokens.
+constexpr int64_t kGenerationProgressEvery = 64;
 
 int world_rank() {
   int rank = 0;
@@ -63,12 +84,228 @@ struct SetupError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Every compute rank calls this once after its set-up checks, with its error
+// ("" when none): the checks are local (files on a node's disk, its memory),
+// so ranks may disagree. If any rank failed, every rank throws the same
+// SetupError with the message of the lowest failing rank, before any rank
+// goes on into a collective the others would never join. (Not
+// agree_on_failure(), runtime/comm/agreement.h: that one runs over an MPI_Comm,
+// while here the memory nodes are serving and the compute ranks'
+// communicator may be NCCL.)
+void agree_on_setup_error(const loom::CommPtr& world, const std::string& error) {
+  const at::Device device = world->device();
+  at::Tensor failing = at::tensor({static_cast<int64_t>(error.empty() ? world->size() : world->rank())}, at::kLong);
+  failing = failing.to(device);
+  world->all_reduce(failing, loom::ReduceOp::kMin)->wait();
+  const int64_t first = failing.cpu().item<int64_t>();
+  if (first == world->size()) return;
+  at::Tensor length = at::tensor({static_cast<int64_t>(error.size())}, at::kLong).to(device);
+  world->broadcast(length, static_cast<int>(first))->wait();
+  const int64_t n = length.cpu().item<int64_t>();
+  at::Tensor bytes = at::zeros({std::max<int64_t>(n, 1)}, at::kByte);
+  if (world->rank() == first) std::memcpy(bytes.data_ptr(), error.data(), static_cast<size_t>(n));
+  bytes = bytes.to(device);
+  world->broadcast(bytes, static_cast<int>(first))->wait();
+  bytes = bytes.cpu();
+  const std::string message(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(n));
+  throw SetupError(first == 0 ? message : "on rank " + std::to_string(first) + ": " + message);
+}
+
+// "512.0 GiB", "3.2 MiB", "12.0 KiB".
+std::string human_bytes(double bytes) {
+  const char* unit = "GiB";
+  double scaled = bytes / double(1ull << 30);
+  if (bytes < double(1ull << 20)) {
+    unit = "KiB";
+    scaled = bytes / 1024.0;
+  } else if (bytes < double(1ull << 30)) {
+    unit = "MiB";
+    scaled = bytes / double(1ull << 20);
+  }
+  std::ostringstream out;
+  out << std::fixed << std::setprecision(1) << scaled << " " << unit;
+  return out.str();
+}
+
+// Memory of this node available to the job: physical memory, or a cgroup v2
+// limit (memory.max) when lower.
+double node_memory_bytes() {
+  double bytes = static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGE_SIZE));
+  std::ifstream limit_file("/sys/fs/cgroup/memory.max");
+  std::string limit;
+  if (limit_file >> limit && limit != "max") {
+    const double v = std::atof(limit.c_str());
+    if (v > 0) bytes = std::min(bytes, v);
+  }
+  return bytes;
+}
+
+// Memory per rank of one training step, estimated from the config without
+// building anything. With P parameters, w bytes per element of train.dtype
+// (4 float32, 2 bfloat16/float16, 8 float64), T = train.batch_size x
+// train.seq_len / sp tokens per rank and micro-batch, L blocks (model.pattern),
+// D = model.d_model, F = model.d_ff, V = model.vocab_size:
+//   parameters  = P w  (+ 4 P float32 master weights when w < 4)
+//   gradients   = P w
+//   optimizer   = 2 P max(w, 4)          (AdamW's two moments)
+//   activations = T L (12 D + 3 F) w     (saved for backward: norms, mixer
+//                                         projections and outputs, residuals,
+//                                         the SwiGLU's three d_ff-wide tensors)
+//               + T H 4 phi w per linear-attention block ('L'; H = n_heads,
+//                                         phi = feature size: 1 + f + f(f+1)/2
+//                                         for taylor, f = feature_dim, else f;
+//                                         q and k features and their products)
+//   logits      = 3 x 4 T V              (float32 logits, log-softmax, gradient)
+// A rough guide, below the measured peak (the progress line's "peak"): chunk
+// states, Titans memories, halos and the allocator's slack are not counted;
+// on configs/demo.pbtxt the peak is about 1.6x the estimate.
+struct MemoryEstimate {
+  double parameters = 0, gradients = 0, optimizer = 0, activations = 0, logits = 0;
+  double logits_tensor = 0;  // one [batch, seq_len / sp, vocab] float32 tensor
+  double total() const { return parameters + gradients + optimizer + activations + logits; }
+  std::string describe() const {
+    return "parameters " + human_bytes(parameters) + " + gradients " + human_bytes(gradients) + " + AdamW moments " +
+           human_bytes(optimizer) + " + activations " + human_bytes(activations) + " + logits " + human_bytes(logits) +
+           " = " + human_bytes(total());
+  }
+};
+
+MemoryEstimate estimate_memory(const loom::pb::LoomConfig& config, const loom::pb::ModelConfig& model, int sp) {
+  const auto dtype = loom::scalar_type_from_name(config.train().dtype());
+  const double w = dtype ? static_cast<double>(c10::elementSize(*dtype)) : 4.0;
+  const double P = static_cast<double>(loom::models::count_parameters(model));
+  const double T = static_cast<double>(config.train().batch_size()) * static_cast<double>(config.train().seq_len()) /
+                   static_cast<double>(std::max(1, sp));
+  const double L = static_cast<double>(model.pattern().size()), D = static_cast<double>(model.d_model()),
+               F = static_cast<double>(model.d_ff()), V = static_cast<double>(model.vocab_size());
+  MemoryEstimate m;
+  m.parameters = P * w + (w < 4 ? 4 * P : 0);
+  m.gradients = P * w;
+  m.optimizer = 2 * P * std::max(w, 4.0);
+  m.activations = T * L * (12 * D + 3 * F) * w;
+  const double f = static_cast<double>(model.feature_dim());
+  const double phi = model.feature_map() == "taylor" ? 1 + f + f * (f + 1) / 2 : f;
+  for (char letter : model.pattern())
+    if (letter == 'L') m.activations += T * static_cast<double>(model.n_heads()) * 4 * phi * w;
+  m.logits_tensor = 4 * T * V;
+  m.logits = 3 * m.logits_tensor;
+  return m;
+}
+
+// Refuses sizes whose tensors cannot be allocated on this node, naming the
+// fields (rather than an allocator's message, or the kernel's OOM killer when
+// memory is overcommitted). Only the parts the estimate knows well are hard
+// errors: the model's weights and optimizer state, and the logits. CPU only:
+// on a GPU the allocator's own limit applies.
+void check_memory(const loom::pb::LoomConfig& config, const loom::pb::ModelConfig& model, int sp,
+                  const MemoryEstimate& m) {
+  if (config.train().device() != "cpu") return;
+  const double node = node_memory_bytes();
+  const double V = static_cast<double>(model.vocab_size()), D = static_cast<double>(model.d_model());
+  const double embedding = V * D * (model.tie_embeddings() ? 1 : 2) * 4;
+  if (embedding > node)
+    throw loom::ConfigError("model.vocab_size = " + std::to_string(model.vocab_size()) + " x model.d_model = " +
+                            std::to_string(model.d_model()) + ": the embedding table alone needs " +
+                            human_bytes(embedding) +
+                            ", more than the " + human_bytes(node) + " of memory on this node");
+  if (m.parameters + m.gradients + m.optimizer > node)
+    throw loom::ConfigError(
+        "model (model.vocab_size = " + std::to_string(model.vocab_size()) + ", model.d_model = " +
+        std::to_string(model.d_model()) + ", " + std::to_string(model.pattern().size()) + " blocks in model.pattern, " +
+        "model.d_ff = " + std::to_string(model.d_ff()) + "): " + std::to_string(loom::models::count_parameters(model)) +
+        " parameters need " + human_bytes(m.parameters + m.gradients + m.optimizer) +
+        " per rank for weights, gradients and AdamW moments, more than the " + human_bytes(node) +
+        " of memory on this node");
+  if (m.logits > node)
+    throw loom::ConfigError(
+        "train.batch_size = " + std::to_string(config.train().batch_size()) + " x train.seq_len = " +
+        std::to_string(config.train().seq_len()) + " / " + std::to_string(sp) + " sp ranks x model.vocab_size = " +
+        std::to_string(model.vocab_size()) + ": the logits need " + human_bytes(m.logits) +
+        " per rank (3 float32 tensors of " +
+        human_bytes(m.logits_tensor) + "), more than the " + human_bytes(node) +
+        " of memory on this node; lower train.batch_size (train.grad_accum keeps the tokens per step), "
+        "train.seq_len or model.vocab_size, or use more sp ranks");
+  if (m.total() > node)
+    LOOM_LOG(kWarn) << "estimated memory per rank (" << m.describe() << ") exceeds the " << human_bytes(node)
+                    << " of this node: the run will likely run out of memory (lower train.batch_size or "
+                       "train.seq_len, or use more sp ranks)";
+}
+
+// The checkpoint directory can be written: a probe file created and removed in
+// it, or, when it does not exist yet, in its nearest existing ancestor (a dry
+// run creates no directories). Rank 0 writes checkpoints, so rank 0 checks.
+void check_checkpoint_dir_writable(const std::string& dir) {
+  namespace fs = std::filesystem;
+  if (dir.empty()) throw loom::ConfigError("train.checkpoint_dir is empty: name a directory for checkpoints");
+  std::error_code ec;
+  fs::path existing = fs::absolute(dir, ec);
+  if (ec) throw loom::ConfigError("train.checkpoint_dir '" + dir + "': " + ec.message());
+  while (!fs::exists(existing, ec) && existing.has_relative_path()) existing = existing.parent_path();
+  if (!fs::is_directory(existing, ec))
+    throw loom::ConfigError("train.checkpoint_dir '" + dir + "' cannot be created: '" + existing.string() +
+                            "' is not a directory");
+  const fs::path probe = existing / (".loom-write-probe-" + loom::host_name() + "-" + std::to_string(::getpid()));
+  const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0)
+    throw loom::ConfigError("train.checkpoint_dir '" + dir + "' is not writable: cannot create a file in '" +
+                            existing.string() + "': " + std::strerror(errno));
+  ::close(fd);
+  ::unlink(probe.c_str());
+}
+
+// A token file named by `field`: it opens (exists, not empty, header, size and
+// checksum; one pass over the whole file) and every token id is below
+// model.vocab_size (the whole file, not the windows a run happens to sample).
+int64_t check_token_file(const std::string& path, const std::string& field, int64_t vocab_size) {
+  try {
+    const loom::TokenFile file(path);
+    file.check_vocabulary(vocab_size, field);
+    return file.size();
+  } catch (const loom::ConfigError&) {
+    throw;
+  } catch (const loom::LoomError& e) {
+    throw loom::ConfigError(field + ": " + e.what());
+  }
+}
+
+// The --generate prompt as token ids: not empty, every id below the model's
+// vocabulary (an embedding lookup would fail on it otherwise).
+std::vector<int64_t> encode_prompt(const loom::Tokenizer& tokenizer, const Options& opt,
+                                   const loom::pb::LoomConfig& config, int64_t vocab_size) {
+  if (opt.generate.empty())
+    throw loom::ConfigError("--generate: the prompt is empty; give the text to continue, e.g. --generate \"Abjure\"");
+  std::vector<int64_t> prompt;
+  for (uint32_t t : tokenizer.encode(opt.generate)) prompt.push_back(t);
+  if (prompt.empty())
+    throw loom::ConfigError("--generate '" + opt.generate + "': the " + config.data().tokenizer() +
+                            " tokenizer turns the prompt into no tokens");
+  for (size_t i = 0; i < prompt.size(); ++i)
+    if (prompt[i] >= vocab_size) {
+      std::string what = "token " + std::to_string(prompt[i]);
+      if (config.data().tokenizer() == "byte") {
+        std::ostringstream hex;
+        hex << " (byte 0x" << std::hex << std::setw(2) << std::setfill('0') << prompt[i] << ")";
+        what += hex.str();
+      }
+      throw loom::ConfigError("--generate: prompt " + what + " at position " + std::to_string(i) +
+                              " is not below model.vocab_size " + std::to_string(vocab_size) +
+                              ": the model has no embedding for it (use a prompt within its vocabulary)");
+    }
+  return prompt;
+}
+
 int run_job(loom::Job& job, const Options& opt) {
   namespace lm = loom::models;
   const auto& config = job.config();
   const bool root = job.world()->rank() == 0;
   lm::HybridLM model{nullptr};
   loom::Trainer::BatchFn train_batches, val_batches;
+  // What a real run checks before it allocates a model; --dry-run stops after
+  // the checks and reports. The checks are local to each rank, then agreed.
+  std::string setup_error;
+  std::unique_ptr<loom::Tokenizer> tokenizer;
+  std::vector<int64_t> prompt;
+  std::ostringstream report;  // --dry-run's summary (rank 0)
   try {
     const auto& model_config = config.model();  // resolved: preset and derived defaults applied
     const loom::SequenceLayout layout(config.parallel().layout() == loom::pb::ZIGZAG ? loom::LayoutKind::kZigzag
@@ -77,10 +314,51 @@ int run_job(loom::Job& job, const Options& opt) {
     lm::check_sequence_length(model_config, layout);
     LOOM_LOG(kInfo) << "model '" << model_config.pattern() << "' d_model " << model_config.d_model() << ": "
                     << lm::count_parameters(model_config) << " parameters; " << layout.describe();
-    torch::manual_seed(config.train().seed());  // identical parameters on every rank
-    model = lm::HybridLM(model_config, at::TensorOptions().device(job.device()));
-    model->set_precision(*loom::scalar_type_from_name(config.train().dtype()));  // validated above
+    const MemoryEstimate memory = estimate_memory(config, model_config, job.mesh().sp_size());
+    check_memory(config, model_config, job.mesh().sp_size(), memory);
+    report << "model '" << model_config.pattern() << "': " << lm::count_parameters(model_config) << " parameters; "
+           << layout.describe() << "\n";
+    report << "memory per rank (estimate): " << memory.describe() << " (this node: " << human_bytes(node_memory_bytes())
+           << ")\n";
+    if (!opt.eval_only && root) {
+      check_checkpoint_dir_writable(config.train().checkpoint_dir());
+      report << "checkpoint directory '" << config.train().checkpoint_dir() << "' is writable\n";
+    }
+    // The tokenizer: loaded when configured (its model file checked) or needed
+    // for --generate, whose prompt is checked against the model here, before
+    // any training.
+    if (config.data().tokenizer() != "byte" || opt.generate_requested)
+      tokenizer = loom::make_tokenizer(config.data().tokenizer(), config.data().tokenizer_model());
+    if (tokenizer)
+      report << "tokenizer " << config.data().tokenizer() << ": vocabulary " << tokenizer->vocab_size() << "\n";
+    if (opt.generate_requested) {
+      prompt = encode_prompt(*tokenizer, opt, config, model_config.vocab_size());
+      report << "--generate: " << prompt.size() << " prompt tokens + " << opt.max_new_tokens << " new\n";
+      // Generation's largest tensors: the logits of the whole text on every
+      // rank, 3 float32 copies (as in training).
+      const double logits = 3.0 * 4.0 * static_cast<double>(prompt.size() + opt.max_new_tokens) *
+                            static_cast<double>(model_config.vocab_size());
+      if (config.train().device() == "cpu" && logits > node_memory_bytes())
+        throw loom::ConfigError("--max-new-tokens = " + std::to_string(opt.max_new_tokens) + " with " +
+                                std::to_string(prompt.size()) + " prompt tokens x model.vocab_size = " +
+                                std::to_string(model_config.vocab_size()) + ": generation's logits need " +
+                                human_bytes(logits) + ", more than the " + human_bytes(node_memory_bytes()) +
+                                " of memory on this node");
+    }
     if (config.data().task() == "text") {
+      // Every token of every file, before the model exists.
+      if (config.data().train_path().empty())
+        throw loom::ConfigError("data.train_path is empty: name a token file (loom-data prepare makes one)");
+      const int64_t train_tokens =
+          check_token_file(config.data().train_path(), "data.train_path", model_config.vocab_size());
+      report << "data.train_path '" << config.data().train_path() << "': " << train_tokens
+             << " tokens, every id below model.vocab_size " << model_config.vocab_size() << "\n";
+      if (!config.data().val_path().empty()) {
+        const int64_t val_tokens =
+            check_token_file(config.data().val_path(), "data.val_path", model_config.vocab_size());
+        report << "data.val_path '" << config.data().val_path() << "': " << val_tokens
+               << " tokens, every id below model.vocab_size " << model_config.vocab_size() << "\n";
+      }
       auto data = loom::open_data(config.data().train_path(), config.data().val_fraction(), config.train().seq_len(),
                                   model_config.vocab_size(), config.train().seed(), config.data().val_path());
       train_batches = [s = data.train](int64_t first, int64_t n) { return s->batch(first, n); };
@@ -97,9 +375,21 @@ int run_job(loom::Job& job, const Options& opt) {
       make(seed)(0, 1);  // validates the task's parameters now, on every rank
       train_batches = make(seed);
       val_batches = make(loom::splitmix64(seed + 1));
+      report << "data.task " << config.data().task() << ": parameters valid\n";
+    }
+    if (!opt.dry_run) {  // the model, only once everything above holds
+      torch::manual_seed(config.train().seed());  // identical parameters on every rank
+      model = lm::HybridLM(model_config, at::TensorOptions().device(job.device()));
+      model->set_precision(*loom::scalar_type_from_name(config.train().dtype()));  // validated above
     }
   } catch (const std::exception& e) {
-    throw SetupError(e.what());
+    setup_error = e.what();
+    if (setup_error.empty()) setup_error = "set-up failed";
+  }
+  agree_on_setup_error(job.world(), setup_error);
+  if (opt.dry_run) {
+    if (root) std::cout << report.str() << std::flush;
+    return 0;
   }
   loom::Trainer::Hooks hooks;
   if (job.offload_client() && root)  // a signalled memory node asks the compute ranks to stop
@@ -154,17 +444,23 @@ int run_job(loom::Job& job, const Options& opt) {
                 << " (" << counts[0].item<int64_t>() << " of " << counts[1].item<int64_t>()
                 << (mqar ? " queries)" : " pass keys)") << std::endl;
   }
-  if (!opt.generate.empty()) {
-    const auto tokenizer = loom::make_tokenizer(config.data().tokenizer(), config.data().tokenizer_model());
-    std::vector<int64_t> prompt;
-    for (uint32_t t : tokenizer->encode(opt.generate)) prompt.push_back(t);
+  if (opt.generate_requested) {
+    // Progress on rank 0 every kGenerationProgressEvery tokens.
+    const auto started = std::chrono::steady_clock::now();
+    const int64_t total = opt.max_new_tokens;
+    const lm::GenerationProgress progress = [&](int64_t done) {
+      if (!root || (done % kGenerationProgressEvery != 0 && done != total) || total < kGenerationProgressEvery) return;
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+      LOOM_LOG(kInfo) << "generated " << done << "/" << total << " tokens, " << std::fixed << std::setprecision(1)
+                      << static_cast<double>(done) / std::max(seconds, 1e-9) << " tokens/s";
+    };
     std::vector<int64_t> out;
     if (job.offload_client()) {
       // Lamina: rank 0 decodes token by token with the softmax layers' KV cache
       // on the memory nodes; the other compute ranks wait.
       if (root) {
         const auto before = job.offload_client()->payload_bytes_sent() + job.offload_client()->payload_bytes_received();
-        out = lm::generate_incremental(*model, {prompt}, opt.max_new_tokens, job.offload_client())[0];
+        out = lm::generate_incremental(*model, {prompt}, opt.max_new_tokens, job.offload_client(), 0, progress)[0];
         const auto bytes =
             job.offload_client()->payload_bytes_sent() + job.offload_client()->payload_bytes_received() - before;
         LOOM_LOG(kInfo) << "generation with the KV cache on " << config.offload().memory_ranks()
@@ -173,7 +469,8 @@ int run_job(loom::Job& job, const Options& opt) {
       }
       job.world()->barrier()->wait();
     } else {
-      out = lm::generate_greedy(*model, prompt, opt.max_new_tokens, config.parallel(), job.mesh().sp());
+      out = lm::generate_greedy(*model, prompt, opt.max_new_tokens, config.parallel(), job.mesh().sp(), nullptr,
+                                progress);
     }
     if (root) std::cout << "generated: " << tokenizer->decode(out) << std::endl;
   }
@@ -191,7 +488,9 @@ int run(int argc, char** argv) {
                  "Override a config field: --set section.field=value (repeatable; over LOOM_COMM_TIMEOUT_S and "
                  "LOOM_THREADS_PER_RANK, which are over the --config file)");
   app.add_flag("--print-config", opt.print_config, "Print the resolved config (rank 0) and exit");
-  app.add_flag("--dry-run", opt.dry_run, "Set up MPI, threads and the process mesh, report them, and exit");
+  app.add_flag("--dry-run", opt.dry_run,
+               "Check everything a run would (config, mesh, lengths, data files over every token, tokenizer, "
+               "checkpoint directory, memory), report the parameter count and memory estimate per rank, and exit");
   auto* resume_flag =
       app.add_flag("--resume", opt.resume, "Continue from the newest complete checkpoint in train.checkpoint_dir");
   app.add_flag("--overwrite", opt.overwrite,
@@ -200,7 +499,9 @@ int run(int argc, char** argv) {
       ->excludes(resume_flag);
   app.add_flag("--eval-only", opt.eval_only, "Evaluate the newest checkpoint (validation loss) instead of training");
   app.add_option("--generate", opt.generate, "Greedy continuation of this prompt (after training or with --eval-only)");
-  app.add_option("--max-new-tokens", opt.max_new_tokens, "Tokens generated by --generate")->check(CLI::Range(1, 100000));
+  app.add_option("--max-new-tokens", opt.max_new_tokens,
+                 "Tokens generated by --generate: 1 to " + std::to_string(kMaxNewTokens) +
+                     " (each new token recomputes the whole prefix; continue longer texts in several calls)");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -212,6 +513,15 @@ int run(int argc, char** argv) {
       std::cerr << err.str();
     }
     return code == 0 ? 0 : 2;
+  }
+  opt.generate_requested = app.count("--generate") > 0;
+  if (opt.max_new_tokens < 1 || opt.max_new_tokens > kMaxNewTokens) {  // the same on every rank: no collective yet
+    if (is_root)
+      std::cerr << "loom-train: --max-new-tokens = " << opt.max_new_tokens << ": allowed 1 to " << kMaxNewTokens
+                << " (greedy generation recomputes the whole prefix for every new token, so its time grows with "
+                   "the square of the length; continue a longer text in several calls)"
+                << std::endl;
+    return 2;
   }
 
   loom::pb::LoomConfig config;
@@ -254,12 +564,8 @@ int run(int argc, char** argv) {
                   << " threads per rank";
   int code = 0;
   try {
-    if (opt.dry_run) {
-      job->world()->barrier()->wait();
-      LOOM_LOG(kInfo) << "dry run complete";
-    } else {
-      code = run_job(*job, opt);
-    }
+    code = run_job(*job, opt);  // --dry-run returns after the checks
+    if (opt.dry_run) LOOM_LOG(kInfo) << "dry run complete";
   } catch (const SetupError&) {  // every compute rank stops alike: release the memory nodes
     job->finish();
     throw;

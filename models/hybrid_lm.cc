@@ -205,7 +205,7 @@ at::Tensor HybridLMImpl::decode_step(const at::Tensor& tokens, std::vector<Decod
 std::vector<std::vector<int64_t>> generate_incremental(HybridLMImpl& model,
                                                        const std::vector<std::vector<int64_t>>& prompts,
                                                        int64_t new_tokens, offload::OffloadClient* offload,
-                                                       int64_t first_sequence) {
+                                                       int64_t first_sequence, const GenerationProgress& progress) {
   TORCH_CHECK(!prompts.empty() && !prompts[0].empty(), "generate: no prompt");
   for (const auto& p : prompts)
     TORCH_CHECK(p.size() == prompts[0].size(), "generate: batched prompts must have the same length, got ",
@@ -227,6 +227,7 @@ std::vector<std::vector<int64_t>> generate_incremental(HybridLMImpl& model,
     if (t + 1 >= n) {
       const at::Tensor next = logits.select(1, 0).argmax(-1).cpu();
       for (int64_t s = 0; s < S; ++s) out[s].push_back(next[s].item<int64_t>());
+      if (progress) progress(t + 2 - n);
     }
   }
   if (offload) offload->close_sequences(ctx.sequences);
@@ -305,7 +306,7 @@ LossFn language_model_loss(const pb::ParallelConfig& parallel, offload::OffloadC
 
 std::vector<int64_t> generate_greedy(HybridLMImpl& model, const std::vector<int64_t>& prompt, int64_t new_tokens,
                                      const pb::ParallelConfig& parallel, const CommPtr& sp,
-                                     offload::OffloadClient* offload) {
+                                     offload::OffloadClient* offload, const GenerationProgress& progress) {
   TORCH_CHECK(!prompt.empty(), "generate: the prompt is empty");
   const LayoutKind kind = parallel.layout() == pb::ZIGZAG ? LayoutKind::kZigzag : LayoutKind::kContiguous;
   at::NoGradGuard no_grad;
@@ -323,6 +324,7 @@ std::vector<int64_t> generate_greedy(HybridLMImpl& model, const std::vector<int6
     const at::Tensor logits = model.forward(local, make_context(parallel, layout, sp, offload));
     const at::Tensor all = layout.gather(logits, *sp, 1);
     tokens.push_back(all[0][n - 1].argmax().item<int64_t>());
+    if (progress) progress(i + 1);
   }
   return tokens;
 }

@@ -17,6 +17,7 @@
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -79,11 +80,16 @@ int64_t admissible_length(const pb::ModelConfig& model, LayoutKind kind, int sp,
 // LossFn of a HybridLM: summed cross-entropy of the shard's labels.
 LossFn language_model_loss(const pb::ParallelConfig& parallel,
                                     offload::OffloadClient* offload = nullptr);
+// Called after each generated token with the number generated so far (the
+// launcher prints progress with it); may be empty.
+using GenerationProgress = std::function<void(int64_t generated)>;
+
 // Greedy continuation of `prompt` by `new_tokens` tokens, computed by the sp
 // group together (every rank returns the same tokens).
 std::vector<int64_t> generate_greedy(HybridLMImpl& model, const std::vector<int64_t>& prompt, int64_t new_tokens,
                                      const pb::ParallelConfig& parallel, const CommPtr& sp,
-                                     offload::OffloadClient* offload = nullptr);
+                                     offload::OffloadClient* offload = nullptr,
+                                     const GenerationProgress& progress = nullptr);
 
 // Greedy continuation of several prompts of equal length, one token at a time
 // with per-layer caches, on this rank alone (no sequence parallelism). With
@@ -93,6 +99,7 @@ std::vector<int64_t> generate_greedy(HybridLMImpl& model, const std::vector<int6
 std::vector<std::vector<int64_t>> generate_incremental(HybridLMImpl& model,
                                                        const std::vector<std::vector<int64_t>>& prompts,
                                                        int64_t new_tokens, offload::OffloadClient* offload = nullptr,
-                                                       int64_t first_sequence = 0);
+                                                       int64_t first_sequence = 0,
+                                                       const GenerationProgress& progress = nullptr);
 
 }  // namespace loom::models

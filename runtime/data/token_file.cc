@@ -1,25 +1,57 @@
 #include "loom/runtime/data/token_file.h"
 
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
+#include <system_error>
 
 #include "loom/runtime/core/error.h"
+#include "loom/runtime/core/logging.h"
 
 namespace loom {
 namespace {
 constexpr char kMagic[8] = {'L', 'O', 'O', 'M', 'T', 'O', 'K', '\0'};
 constexpr size_t kHeaderBytes = 64;
+constexpr size_t kScanChunkBytes = size_t{1} << 20;  // a multiple of every token width
 
 [[noreturn]] void fail(const std::string& path, const std::string& what) {
   throw LoomError("token file '" + path + "': " + what);
+}
+
+bool same_time(const timespec& a, const timespec& b) { return a.tv_sec == b.tv_sec && a.tv_nsec == b.tv_nsec; }
+
+uint32_t token_at(const unsigned char* p, uint32_t token_bytes) {
+  uint32_t v = 0;
+  std::memcpy(&v, p, token_bytes);  // little endian
+  return v;
+}
+
+// Closes a descriptor and removes the file it wrote unless the write completed.
+struct TemporaryFile {
+  std::string path;
+  int fd = -1;
+  bool keep = false;
+  ~TemporaryFile() {
+    if (fd >= 0) ::close(fd);
+    if (!keep && !path.empty()) ::unlink(path.c_str());
+  }
+};
+
+void write_all(int fd, const unsigned char* data, size_t bytes) {
+  while (bytes > 0) {
+    const ssize_t n = ::write(fd, data, bytes);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) throw std::system_error(errno, std::generic_category());
+    data += n;
+    bytes -= static_cast<size_t>(n);
+  }
 }
 }  // namespace
 
@@ -36,90 +68,239 @@ uint64_t fnv1a64(const void* data, size_t bytes, uint64_t seed) {
 void write_token_file(const std::string& path, const std::vector<uint32_t>& tokens, uint32_t vocab_size) {
   if (tokens.empty()) fail(path, "no tokens to write (the input was empty)");
   const uint32_t token_bytes = vocab_size <= 65536 ? 2 : 4;
-  std::vector<unsigned char> body(tokens.size() * token_bytes);
+  std::vector<unsigned char> file(kHeaderBytes + tokens.size() * token_bytes, 0);
+  unsigned char* body = file.data() + kHeaderBytes;
   for (size_t i = 0; i < tokens.size(); ++i) {
     if (tokens[i] >= vocab_size)
       fail(path, "token " + std::to_string(tokens[i]) + " at position " + std::to_string(i) +
                      " is not below the vocabulary size " + std::to_string(vocab_size));
-    std::memcpy(body.data() + i * token_bytes, &tokens[i], token_bytes);  // little endian
+    std::memcpy(body + i * token_bytes, &tokens[i], token_bytes);  // little endian
   }
-  unsigned char header[kHeaderBytes] = {0};
   const uint32_t version = 1, reserved = 0;
-  const uint64_t count = tokens.size(), checksum = fnv1a64(body.data(), body.size());
-  std::memcpy(header, kMagic, 8);
-  std::memcpy(header + 8, &version, 4);
-  std::memcpy(header + 12, &vocab_size, 4);
-  std::memcpy(header + 16, &token_bytes, 4);
-  std::memcpy(header + 20, &reserved, 4);
-  std::memcpy(header + 24, &count, 8);
-  std::memcpy(header + 32, &checksum, 8);
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) fail(path, std::string("cannot write: ") + std::strerror(errno));
-    out.write(reinterpret_cast<const char*>(header), kHeaderBytes);
-    out.write(reinterpret_cast<const char*>(body.data()), static_cast<std::streamsize>(body.size()));
-    if (!out) fail(path, "write failed (disk full?)");
+  const uint64_t count = tokens.size(), checksum = fnv1a64(body, tokens.size() * token_bytes);
+  std::memcpy(file.data(), kMagic, 8);
+  std::memcpy(file.data() + 8, &version, 4);
+  std::memcpy(file.data() + 12, &vocab_size, 4);
+  std::memcpy(file.data() + 16, &token_bytes, 4);
+  std::memcpy(file.data() + 20, &reserved, 4);
+  std::memcpy(file.data() + 24, &count, 8);
+  std::memcpy(file.data() + 32, &checksum, 8);
+
+  // A fresh name created exclusively: never an existing file (the input, say),
+  // and never another writer's temporary file.
+  static std::atomic<unsigned> serial{0};
+  TemporaryFile tmp;
+  for (int attempt = 0; tmp.fd < 0; ++attempt) {
+    tmp.path = path + ".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(serial++);
+    tmp.fd = ::open(tmp.path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (tmp.fd < 0 && (errno != EEXIST || attempt == 100)) {
+      const int e = errno;
+      tmp.path.clear();  // not ours: nothing to remove
+      fail(path, "cannot create a temporary file next to it: " + std::string(std::strerror(e)));
+    }
   }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) fail(path, std::string("rename failed: ") + std::strerror(errno));
+  try {
+    write_all(tmp.fd, file.data(), file.size());
+    if (::fsync(tmp.fd) != 0) throw std::system_error(errno, std::generic_category());
+  } catch (const std::system_error& e) {
+    fail(path, "writing failed (" + std::string(std::strerror(e.code().value())) + "); the partial file '" +
+                   tmp.path + "' was removed");
+  }
+  const int fd = tmp.fd;
+  tmp.fd = -1;
+  if (::close(fd) != 0)
+    fail(path, "writing failed at close (" + std::string(std::strerror(errno)) + "); the partial file '" +
+                   tmp.path + "' was removed");
+  if (std::rename(tmp.path.c_str(), path.c_str()) != 0)
+    fail(path, "cannot rename the finished temporary file over it (" + std::string(std::strerror(errno)) +
+                   "); the temporary file was removed");
+  tmp.keep = true;
 }
 
 TokenFile::TokenFile(const std::string& path) : path_(path) {
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd < 0) fail(path, std::string("cannot open: ") + std::strerror(errno));
-  struct stat st {};
-  ::fstat(fd, &st);
-  const size_t bytes = static_cast<size_t>(st.st_size);
-  if (bytes == 0) {
-    ::close(fd);
-    fail(path, "file is empty (run loom-data prepare)");
+  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0) fail(path, std::string("cannot open: ") + std::strerror(errno));
+  try {
+    struct stat st {};
+    if (::fstat(fd_, &st) != 0) fail(path, std::string("cannot stat: ") + std::strerror(errno));
+    if (S_ISDIR(st.st_mode)) fail(path, "is a directory, not a token file");
+    bytes_ = static_cast<int64_t>(st.st_size);
+    device_ = st.st_dev;
+    inode_ = st.st_ino;
+    modified_ = st.st_mtim;
+    if (bytes_ == 0) fail(path, "file is empty (run loom-data prepare)");
+    if (bytes_ < static_cast<int64_t>(kHeaderBytes))
+      fail(path, "file is " + std::to_string(bytes_) + " bytes, shorter than the 64-byte header (truncated?)");
+    unsigned char h[kHeaderBytes];
+    read_bytes(0, kHeaderBytes, h);
+    if (std::memcmp(h, kMagic, 8) != 0) fail(path, "not a Loom token file (bad magic)");
+    std::memcpy(&header_.version, h + 8, 4);
+    std::memcpy(&header_.vocab_size, h + 12, 4);
+    std::memcpy(&header_.token_bytes, h + 16, 4);
+    std::memcpy(&header_.count, h + 24, 8);
+    std::memcpy(&header_.checksum, h + 32, 8);
+    if (header_.version != 1) fail(path, "unsupported version " + std::to_string(header_.version));
+    if (header_.token_bytes != 2 && header_.token_bytes != 4)
+      fail(path, "token width " + std::to_string(header_.token_bytes) + " bytes (allowed 2 or 4)");
+    if (header_.count == 0) fail(path, "holds no tokens");
+    if (header_.count > (static_cast<uint64_t>(bytes_) - kHeaderBytes) / header_.token_bytes ||
+        static_cast<uint64_t>(bytes_) != kHeaderBytes + header_.count * header_.token_bytes)
+      fail(path, "is " + std::to_string(bytes_) + " bytes but its header promises " +
+                     std::to_string(kHeaderBytes) + " + " + std::to_string(header_.count) + " x " +
+                     std::to_string(header_.token_bytes) + " (truncated or corrupt)");
+    // One pass over the tokens: checksum and largest id.
+    std::vector<unsigned char> chunk(kScanChunkBytes);
+    uint64_t hash = fnv1a64(nullptr, 0);
+    const uint64_t body = header_.count * header_.token_bytes;
+    for (uint64_t done = 0; done < body;) {
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(kScanChunkBytes, body - done));
+      read_bytes(kHeaderBytes + done, n, chunk.data());
+      hash = fnv1a64(chunk.data(), n, hash);
+      for (size_t i = 0; i < n; i += header_.token_bytes)
+        max_token_ = std::max(max_token_, token_at(chunk.data() + i, header_.token_bytes));
+      done += n;
+    }
+    if (hash != header_.checksum) fail(path, "checksum mismatch (corrupt)");
+    if (max_token_ >= header_.vocab_size)
+      fail(path, "corrupt: holds token id " + std::to_string(max_token_) + ", not below its header's vocabulary " +
+                     std::to_string(header_.vocab_size));
+  } catch (...) {
+    ::close(fd_);
+    throw;
   }
-  if (bytes < kHeaderBytes) {
-    ::close(fd);
-    fail(path, "file is " + std::to_string(bytes) + " bytes, shorter than the 64-byte header (truncated?)");
-  }
-  map_ = ::mmap(nullptr, bytes, PROT_READ, MAP_PRIVATE, fd, 0);
-  ::close(fd);
-  if (map_ == MAP_FAILED) {
-    map_ = nullptr;
-    fail(path, std::string("mmap failed: ") + std::strerror(errno));
-  }
-  map_bytes_ = bytes;
-  const auto* h = static_cast<const unsigned char*>(map_);
-  if (std::memcmp(h, kMagic, 8) != 0) fail(path, "not a Loom token file (bad magic)");
-  std::memcpy(&header_.version, h + 8, 4);
-  std::memcpy(&header_.vocab_size, h + 12, 4);
-  std::memcpy(&header_.token_bytes, h + 16, 4);
-  std::memcpy(&header_.count, h + 24, 8);
-  std::memcpy(&header_.checksum, h + 32, 8);
-  if (header_.version != 1) fail(path, "unsupported version " + std::to_string(header_.version));
-  if (header_.token_bytes != 2 && header_.token_bytes != 4)
-    fail(path, "token width " + std::to_string(header_.token_bytes) + " bytes (allowed 2 or 4)");
-  if (header_.count == 0) fail(path, "holds no tokens");
-  const size_t expected = kHeaderBytes + header_.count * header_.token_bytes;
-  if (bytes != expected)
-    fail(path, "is " + std::to_string(bytes) + " bytes but its header promises " + std::to_string(expected) +
-                   " (truncated or corrupt)");
-  data_ = h + kHeaderBytes;
-  if (fnv1a64(data_, header_.count * header_.token_bytes) != header_.checksum)
-    fail(path, "checksum mismatch (corrupt)");
 }
 
 TokenFile::~TokenFile() {
-  if (map_) ::munmap(map_, map_bytes_);
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void TokenFile::read_bytes(uint64_t offset, size_t bytes, void* out) const {
+  auto* p = static_cast<unsigned char*>(out);
+  while (bytes > 0) {
+    const ssize_t n = ::pread(fd_, p, bytes, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) fail(path_, "read failed at byte " + std::to_string(offset) + ": " + std::strerror(errno));
+    if (n == 0)
+      fail(path_, "changed under the running job: it ends at byte " + std::to_string(offset) + " but was " +
+                      std::to_string(bytes_) + " bytes when opened (truncated)");
+    p += n;
+    offset += static_cast<uint64_t>(n);
+    bytes -= static_cast<size_t>(n);
+  }
+}
+
+uint64_t TokenFile::checksum_now() const {
+  std::vector<unsigned char> chunk(kScanChunkBytes);
+  uint64_t hash = fnv1a64(nullptr, 0);
+  const uint64_t body = header_.count * header_.token_bytes;
+  for (uint64_t done = 0; done < body;) {
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(kScanChunkBytes, body - done));
+    read_bytes(kHeaderBytes + done, n, chunk.data());
+    hash = fnv1a64(chunk.data(), n, hash);
+    done += n;
+  }
+  return hash;
+}
+
+void TokenFile::check_unchanged() const {
+  std::lock_guard<std::mutex> lock(check_mutex_);
+  struct stat st {};
+  if (::fstat(fd_, &st) != 0) fail(path_, std::string("cannot stat: ") + std::strerror(errno));
+  if (static_cast<int64_t>(st.st_size) != bytes_)
+    fail(path_, "changed under the running job: it was " + std::to_string(bytes_) + " bytes when opened and is now " +
+                    std::to_string(static_cast<int64_t>(st.st_size)) +
+                    " bytes (truncated or rewritten); restore it and resume from the last checkpoint");
+  if (!same_time(st.st_mtim, modified_)) {
+    // Written since open: accept only if header and tokens are still the same.
+    unsigned char h[kHeaderBytes];
+    read_bytes(0, kHeaderBytes, h);
+    TokenFileHeader now;
+    std::memcpy(&now.vocab_size, h + 12, 4);
+    std::memcpy(&now.count, h + 24, 8);
+    std::memcpy(&now.checksum, h + 32, 8);
+    if (std::memcmp(h, kMagic, 8) != 0 || now.vocab_size != header_.vocab_size || now.count != header_.count ||
+        now.checksum != header_.checksum || checksum_now() != header_.checksum)
+      fail(path_, "changed under the running job: modified after it was opened (still " + std::to_string(bytes_) +
+                      " bytes, but its contents no longer match the checksum recorded at open); restore it and "
+                      "resume from the last checkpoint");
+    modified_ = st.st_mtim;  // touched, contents intact
+  }
+  // The path may now name another file (loom-data prepare renames a new one
+  // in): this job keeps reading the file it opened, which must then be the
+  // same data, or a resumed run would read something else.
+  struct stat named {};
+  if (::stat(path_.c_str(), &named) != 0) {
+    if (!warned_unlinked_) {
+      LOOM_LOG(kWarn) << "token file '" << path_ << "' was removed while the job runs; reading the copy still open";
+      warned_unlinked_ = true;
+    }
+    return;
+  }
+  if (named.st_dev == device_ && named.st_ino == inode_) return;
+  if (named.st_dev == replacement_device_ && named.st_ino == replacement_inode_ &&
+      same_time(named.st_mtim, replacement_modified_))
+    return;
+  unsigned char h[kHeaderBytes] = {0};
+  bool identical = false;
+  const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd >= 0) {
+    unsigned char mine[kHeaderBytes];
+    read_bytes(0, kHeaderBytes, mine);
+    identical = named.st_size == static_cast<off_t>(bytes_) &&
+                ::pread(fd, h, kHeaderBytes, 0) == static_cast<ssize_t>(kHeaderBytes) &&
+                std::memcmp(h, mine, kHeaderBytes) == 0;  // same count, vocabulary and checksum
+    ::close(fd);
+  }
+  if (!identical)
+    fail(path_, "changed under the running job: the path now names a different file (" +
+                    std::to_string(static_cast<int64_t>(named.st_size)) + " bytes; the one opened was " +
+                    std::to_string(bytes_) +
+                    " bytes) with other tokens; restore it and resume from the last checkpoint");
+  replacement_device_ = named.st_dev;
+  replacement_inode_ = named.st_ino;
+  replacement_modified_ = named.st_mtim;
+}
+
+void TokenFile::check_vocabulary(int64_t model_vocab_size, const std::string& field) const {
+  if (static_cast<int64_t>(max_token_) < model_vocab_size) return;
+  // The first offending id, for the message (an error path: one more pass).
+  check_unchanged();
+  std::vector<unsigned char> chunk(kScanChunkBytes);
+  const uint64_t body = header_.count * header_.token_bytes;
+  for (uint64_t done = 0; done < body;) {
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(kScanChunkBytes, body - done));
+    read_bytes(kHeaderBytes + done, n, chunk.data());
+    for (size_t i = 0; i < n; i += header_.token_bytes) {
+      const uint32_t id = token_at(chunk.data() + i, header_.token_bytes);
+      if (static_cast<int64_t>(id) >= model_vocab_size)
+        throw ConfigError("data file '" + path_ + "' (" + field + ") has vocabulary " +
+                          std::to_string(header_.vocab_size) + " but model.vocab_size is " +
+                          std::to_string(model_vocab_size) + ": token id " + std::to_string(id) + " at position " +
+                          std::to_string((done + i) / header_.token_bytes) + " (of " +
+                          std::to_string(header_.count) + " tokens) is not below model.vocab_size " +
+                          std::to_string(model_vocab_size));
+    }
+    done += n;
+  }
 }
 
 uint32_t TokenFile::at(int64_t i) const {
-  uint32_t v = 0;
-  std::memcpy(&v, data_ + i * header_.token_bytes, header_.token_bytes);
-  return v;
+  if (i < 0 || i >= size())
+    fail(path_, "token " + std::to_string(i) + " is outside its " + std::to_string(size()) + " tokens");
+  check_unchanged();
+  unsigned char v[4];
+  read_bytes(kHeaderBytes + static_cast<uint64_t>(i) * header_.token_bytes, header_.token_bytes, v);
+  return token_at(v, header_.token_bytes);
 }
 
 void TokenFile::read(int64_t start, int64_t n, int64_t* out) const {
-  if (start < 0 || start + n > size())
+  if (start < 0 || n < 0 || start + n > size())
     fail(path_, "read of [" + std::to_string(start) + ", " + std::to_string(start + n) + ") outside its " +
                     std::to_string(size()) + " tokens");
-  for (int64_t i = 0; i < n; ++i) out[i] = at(start + i);
+  check_unchanged();
+  std::vector<unsigned char> bytes(static_cast<size_t>(n) * header_.token_bytes);
+  read_bytes(kHeaderBytes + static_cast<uint64_t>(start) * header_.token_bytes, bytes.size(), bytes.data());
+  for (int64_t i = 0; i < n; ++i) out[i] = token_at(bytes.data() + i * header_.token_bytes, header_.token_bytes);
 }
 
 std::vector<uint32_t> byte_tokenize(const std::string& text) {
@@ -135,17 +316,27 @@ std::string byte_detokenize(const std::vector<int64_t>& tokens) {
 }
 
 std::string read_text_file(const std::string& path) {
+  errno = 0;
   gzFile f = gzopen(path.c_str(), "rb");  // reads plain files as they are
-  if (f == nullptr) throw LoomError("input '" + path + "': cannot open: " + std::strerror(errno));
+  if (f == nullptr)
+    throw LoomError("input '" + path + "': cannot open: " + (errno != 0 ? std::strerror(errno) : "out of memory"));
   std::string text;
-  char buf[1 << 16];
+  std::vector<char> buf(1 << 16);
   int n = 0;
-  while ((n = gzread(f, buf, sizeof(buf))) > 0) text.append(buf, static_cast<size_t>(n));
-  int err = 0;
+  while ((n = gzread(f, buf.data(), static_cast<unsigned>(buf.size()))) > 0)
+    text.append(buf.data(), static_cast<size_t>(n));
+  // zlib's message lives in the gzFile: copy it before gzclose frees it.
+  int err = Z_OK;
   const char* msg = gzerror(f, &err);
-  gzclose(f);
+  std::string reason = msg != nullptr ? msg : "";
+  const std::string prefix = path + ": ";  // zlib prefixes the path; the message names it already
+  if (reason.compare(0, prefix.size(), prefix) == 0) reason.erase(0, prefix.size());
+  const int closed = gzclose(f);
   if (n < 0 || (err != Z_OK && err != Z_STREAM_END))
-    throw LoomError("input '" + path + "': read failed: " + (msg ? msg : "?"));
+    throw LoomError("input '" + path + "': read failed: " +
+                    (reason.empty() ? "zlib error " + std::to_string(err) : reason));
+  if (closed == Z_BUF_ERROR)  // the last read ended inside a gzip stream
+    throw LoomError("input '" + path + "': read failed: the compressed data ends early (truncated file?)");
   if (text.empty()) throw LoomError("input '" + path + "' is empty");
   return text;
 }

@@ -67,8 +67,22 @@ struct TempDir {
 class SentencePieceTokenizer final : public Tokenizer {
  public:
   explicit SentencePieceTokenizer(const std::string& model) : model_(model) {
-    if (!fs::exists(model)) throw ConfigError("data.tokenizer_model '" + model + "' does not exist");
-    vocab_ = static_cast<uint32_t>(std::stoul(run_helper("size " + quote(model))));
+    std::error_code ec;
+    if (!fs::exists(model, ec)) throw ConfigError("data.tokenizer_model '" + model + "' does not exist");
+    if (!fs::is_regular_file(model, ec))
+      throw ConfigError("data.tokenizer_model '" + model + "' is not a file (a SentencePiece .model file)");
+    std::string size;
+    try {
+      size = run_helper("size " + quote(model));
+    } catch (const LoomError& e) {
+      throw ConfigError("data.tokenizer_model '" + model + "' is not a SentencePiece model that loads: " + e.what());
+    }
+    char* end = nullptr;
+    const unsigned long long v = std::strtoull(size.c_str(), &end, 10);
+    if (end == size.c_str() || v == 0 || v > (1ull << 31))
+      throw ConfigError("data.tokenizer_model '" + model +
+                        "': the SentencePiece helper reported no vocabulary size ('" + size + "')");
+    vocab_ = static_cast<uint32_t>(v);
   }
   std::vector<uint32_t> encode(const std::string& text) const override {
     TempDir tmp;
