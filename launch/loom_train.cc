@@ -45,6 +45,7 @@
 #include "loom/runtime/train/job.h"
 #include "loom/runtime/core/logging.h"
 #include "loom/runtime/core/memory_tracker.h"
+#include "loom/runtime/core/stop_signals.h"
 #include "loom/runtime/comm/mpi_communicator.h"
 #include "loom/runtime/data/synthetic_tasks.h"
 #include "loom/runtime/data/token_file.h"
@@ -400,11 +401,26 @@ int run_job(loom::Job& job, const Options& opt) {
     if (trainer.resume().empty())
       throw SetupError("--eval-only: no complete checkpoint in '" + config.train().checkpoint_dir() + "'");
     const double val = trainer.evaluate(config.train().eval_batches());
+    // Finite parameters can still overflow in a forward pass (a run that was
+    // diverging when it was saved): say so instead of printing NaN with exit 0.
+    if (!std::isfinite(val))
+      throw loom::NonFiniteLoss("--eval-only: the validation loss of the checkpoint in '" +
+                                config.train().checkpoint_dir() + "' is " + std::to_string(val) +
+                                " (its parameters are finite but the model overflows: the run was diverging when "
+                                "it was saved; resume from an earlier checkpoint or start over with --overwrite)");
     if (root) std::cout << "validation loss " << val << " perplexity " << std::exp(val) << std::endl;
   } else {
     if (opt.resume) trainer.resume();
     if (opt.overwrite) trainer.overwrite();
+    // After a stop signal the job only finishes (final save, exit): signals
+    // that arrive between the trainer giving its handlers back and the exit
+    // must not kill a rank. This scope takes over from the trainer's without
+    // a gap and, after an interrupted run, lives until the process exits
+    // (deliberately never destroyed, so the default action never returns).
+    auto* after_stop = new loom::StopSignalScope(
+        "loom-train: ", "ignored: the job is finishing", "ignored: the job is finishing");
     const auto result = trainer.fit();
+    if (!result.interrupted) delete after_stop;  // Ctrl-C stops evaluation or generation as usual
     if (root && result.nothing_to_do)
       std::cout << "nothing to train: already at step " << result.steps << " of train.steps = "
                 << config.train().steps() << "; nothing changed" << std::endl;

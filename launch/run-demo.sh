@@ -13,7 +13,8 @@ if [ ! -f data/gcide.tok ]; then
   mkdir -p data
   build/launch/loom-data prepare --input /usr/share/dictd/gcide.dict.dz --output data/gcide.tok
 fi
-rm -rf checkpoints/demo
-mpirun -np 2 --oversubscribe build/launch/loom-train --config configs/demo.pbtxt \
+# --overwrite: a previous demo's checkpoints are moved aside into
+# checkpoints/demo/superseded-<time>/, never deleted.
+mpirun -np 2 --oversubscribe build/launch/loom-train --config configs/demo.pbtxt --overwrite \
   --generate 'Abjure \Ab*jure"\, v. t.' --max-new-tokens 80 "$@"
 echo "metrics: checkpoints/demo/metrics.jsonl"

@@ -1,12 +1,35 @@
 #include "loom/models/run_config.h"
 
+#include <algorithm>
+#include <cctype>
+
 #include "loom/models/hybrid_lm.h"
 #include "loom/runtime/core/config.h"
 #include "loom/runtime/core/error.h"
 
 namespace loom::models {
 
-pb::LoomConfig resolve_run_config(const pb::LoomConfig& parsed) {
+namespace {
+
+// Fields that take one of a few names accept them in any case, like enums.
+void lower_case_choices(pb::LoomConfig* c) {
+  auto lower = [](std::string s) {
+    std::transform(s.begin(), s.end(), s.begin(), [](unsigned char ch) { return std::tolower(ch); });
+    return s;
+  };
+  if (c->model().has_feature_map()) c->mutable_model()->set_feature_map(lower(c->model().feature_map()));
+  if (c->train().has_device()) c->mutable_train()->set_device(lower(c->train().device()));
+  if (c->train().has_dtype()) c->mutable_train()->set_dtype(lower(c->train().dtype()));
+  if (c->data().has_tokenizer()) c->mutable_data()->set_tokenizer(lower(c->data().tokenizer()));
+  if (c->data().has_task()) c->mutable_data()->set_task(lower(c->data().task()));
+  if (c->log().has_level()) c->mutable_log()->set_level(lower(c->log().level()));
+}
+
+}  // namespace
+
+pb::LoomConfig resolve_run_config(const pb::LoomConfig& user) {
+  pb::LoomConfig parsed = user;
+  lower_case_choices(&parsed);
   // Ranges first: the preset's derived defaults divide by fields the user may
   // have set (d_model / n_heads).
   validate_ranges(parsed);

@@ -305,6 +305,8 @@ TEST(Training, ValidationWindowsComeFromValPath) {
     FAIL();
   } catch (const ConfigError& e) {
     EXPECT_NE(std::string(e.what()).find("model.vocab_size is 300"), std::string::npos) << e.what();
+  }
+}
 
 // ---- Nothing lost: checkpoint directories, divergence, signals, metrics ----
 
