@@ -155,7 +155,7 @@ case "$scenario" in
     # Checked at start-up, before any step.
     echo "a file" > "$work/afile"
     out=$("${mpi[@]}" "$train" "${common[@]}" --set train.checkpoint_dir="$work/afile/ckpt" --set train.steps=2 2>&1); c=$?
-    expect 2 "train.checkpoint_dir: checkpoint directory '$work/afile/ckpt' cannot be created" $c "$out"
+    expect 2 "train.checkpoint_dir.*'$work/afile/ckpt' cannot be created" $c "$out"
     if grep -q "step 1/" <<<"$out"; then echo "FAIL: trained before checking the directory"; exit 1; fi
     if [ "$(id -u)" != 0 ]; then  # permissions do not stop root
       mkdir "$work/readonly" && chmod 555 "$work/readonly"
@@ -175,12 +175,13 @@ case "$scenario" in
   resume_past_end)
     out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=4 2>&1); c=$?
     expect 0 "step 4/4" $c "$out"
-    before=$(cd "$ckpt" && find . -printf '%p %s %T@\n' | sort)
+    # The entries and their contents (the start-up writability probe touches the directory itself).
+    before=$(cd "$ckpt" && find . -mindepth 1 -printf '%p %s %T@\n' | sort)
     for steps in 4 3; do  # at, and past, train.steps
       out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=$steps --resume 2>&1); c=$?
       expect 0 "nothing to train: already at step 4 of train.steps = $steps; nothing changed" $c "$out"
       if grep -q "step 5/" <<<"$out"; then echo "FAIL: it trained"; exit 1; fi
-      after=$(cd "$ckpt" && find . -printf '%p %s %T@\n' | sort)
+      after=$(cd "$ckpt" && find . -mindepth 1 -printf '%p %s %T@\n' | sort)
       [ "$before" = "$after" ] || { echo "FAIL: the checkpoint directory changed"; diff <(echo "$before") <(echo "$after"); exit 1; }
     done ;;
   resume_model_mismatch)
@@ -234,9 +235,10 @@ case "$scenario" in
   sigterm_mpirun)
     # SIGTERM to mpirun: OpenMPI sends the ranks SIGCONT, waits
     # odls_base_sigkill_timeout seconds, sends SIGTERM, waits as long again and
-    # kills. With room for a step and a save, the ranks stop with a checkpoint;
+    # kills. With room for a step and a save (20 s: CI runs two tests at once
+    # on two cores), the ranks stop with a checkpoint;
     # mpirun itself exits non-zero (it was told to abort).
-    "$mpiexec" --oversubscribe -np 2 --mca odls_base_sigkill_timeout 8 "$train" "${common[@]}" --set train.steps=100000 \
+    "$mpiexec" --oversubscribe -np 2 --mca odls_base_sigkill_timeout 20 "$train" "${common[@]}" --set train.steps=100000 \
       > "$work/log" 2>&1 &
     pid=$!
     wait_for "step 3/" "$work/log" 120
