@@ -149,17 +149,7 @@ TokenFile::TokenFile(const std::string& path) : path_(path) {
                      std::to_string(kHeaderBytes) + " + " + std::to_string(header_.count) + " x " +
                      std::to_string(header_.token_bytes) + " (truncated or corrupt)");
     // One pass over the tokens: checksum and largest id.
-    std::vector<unsigned char> chunk(kScanChunkBytes);
-    uint64_t hash = fnv1a64(nullptr, 0);
-    const uint64_t body = header_.count * header_.token_bytes;
-    for (uint64_t done = 0; done < body;) {
-      const size_t n = static_cast<size_t>(std::min<uint64_t>(kScanChunkBytes, body - done));
-      read_bytes(kHeaderBytes + done, n, chunk.data());
-      hash = fnv1a64(chunk.data(), n, hash);
-      for (size_t i = 0; i < n; i += header_.token_bytes)
-        max_token_ = std::max(max_token_, token_at(chunk.data() + i, header_.token_bytes));
-      done += n;
-    }
+    const uint64_t hash = scan_tokens(&max_token_);
     if (hash != header_.checksum) fail(path, "checksum mismatch (corrupt)");
     if (max_token_ >= header_.vocab_size)
       fail(path, "corrupt: holds token id " + std::to_string(max_token_) + ", not below its header's vocabulary " +
@@ -189,7 +179,7 @@ void TokenFile::read_bytes(uint64_t offset, size_t bytes, void* out) const {
   }
 }
 
-uint64_t TokenFile::checksum_now() const {
+uint64_t TokenFile::scan_tokens(uint32_t* max_token) const {
   std::vector<unsigned char> chunk(kScanChunkBytes);
   uint64_t hash = fnv1a64(nullptr, 0);
   const uint64_t body = header_.count * header_.token_bytes;
@@ -197,6 +187,9 @@ uint64_t TokenFile::checksum_now() const {
     const size_t n = static_cast<size_t>(std::min<uint64_t>(kScanChunkBytes, body - done));
     read_bytes(kHeaderBytes + done, n, chunk.data());
     hash = fnv1a64(chunk.data(), n, hash);
+    if (max_token != nullptr)
+      for (size_t i = 0; i < n; i += header_.token_bytes)
+        *max_token = std::max(*max_token, token_at(chunk.data() + i, header_.token_bytes));
     done += n;
   }
   return hash;
@@ -219,7 +212,7 @@ void TokenFile::check_unchanged() const {
     std::memcpy(&now.count, h + 24, 8);
     std::memcpy(&now.checksum, h + 32, 8);
     if (std::memcmp(h, kMagic, 8) != 0 || now.vocab_size != header_.vocab_size || now.count != header_.count ||
-        now.checksum != header_.checksum || checksum_now() != header_.checksum)
+        now.checksum != header_.checksum || scan_tokens() != header_.checksum)
       fail(path_, "changed under the running job: modified after it was opened (still " + std::to_string(bytes_) +
                       " bytes, but its contents no longer match the checksum recorded at open); restore it and "
                       "resume from the last checkpoint");

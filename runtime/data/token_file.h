@@ -70,8 +70,9 @@ class TokenFile {
 
  private:
   void read_bytes(uint64_t offset, size_t bytes, void* out) const;
-  // Re-reads the token bytes through the kept descriptor: their checksum.
-  uint64_t checksum_now() const;
+  // Re-reads the token bytes through the kept descriptor: their FNV-1a checksum
+  // as they are now and, with max_token, the largest id.
+  uint64_t scan_tokens(uint32_t* max_token = nullptr) const;
 
   std::string path_;
   TokenFileHeader header_;
