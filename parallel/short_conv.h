@@ -5,6 +5,10 @@
 // backward returns the halo gradient to the owner). Exact at any world size.
 // x [B, n, C] (sequence on dim 1, this rank's shard), weight [C, K], bias [C]
 // or undefined. Collective over `comm`.
+// Packed documents: with doc_start (this rank's [B, n] int64 shard, see
+// runtime/comm/documents.h) an output token never reads an input from before
+// its document: x[j] counts as zero for j < doc_start[t], halo tokens of
+// another rank included. Undefined: one document per row, today's conv1d.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,9 +19,11 @@
 namespace loom {
 
 at::Tensor causal_depthwise_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                 const SequenceLayout& layout, const CommPtr& comm);
+                                 const SequenceLayout& layout, const CommPtr& comm, const at::Tensor& doc_start = {});
 
 // The same on one whole sequence with zero left padding: the reference.
-at::Tensor naive_causal_depthwise_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
+// doc_start [B, n] int64 or undefined, as above.
+at::Tensor naive_causal_depthwise_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                       const at::Tensor& doc_start = {});
 
 }  // namespace loom

@@ -9,8 +9,10 @@
 #include <gtest/gtest.h>
 
 #include "distributed_reference.h"
+#include "documents_reference.h"
 #include "loom/models/hybrid_lm.h"
 #include "loom/parallel/softmax_attention/offload_attention.h"
+#include "loom/runtime/comm/documents.h"
 #include "loom/runtime/comm/mpi_communicator.h"
 #include "loom/runtime/offload/offload_protocol.h"
 
@@ -113,6 +115,55 @@ TEST_P(OffloadAttention, MatchesNaiveReferenceAndFreesMemory) {
       EXPECT_EQ(s.bytes_in_use(), 0) << "node " << node;
       EXPECT_EQ(s.calls_open(), 0) << "node " << node;
     }
+  });
+}
+
+// Packed documents: the memory nodes mask with the query chunks' doc_start
+// (sent beside q); the reference is each document run alone with the naive
+// attention, outputs concatenated.
+TEST_P(OffloadAttention, DocumentsMatchEachDocumentAlone) {
+  const int M = GetParam();
+  if (MpiCommunicator::world()->size() <= M) GTEST_SKIP() << "needs at least one compute rank besides " << M;
+  run_offloaded(M, int64_t(1) << 30, [&](OffloadWorld& w, sa::OffloadClient& client) {
+    const int C = w.compute->size(), r = w.compute->rank();
+    const int64_t B = 2, d = 4;
+    for (auto kind : {LayoutKind::kContiguous, LayoutKind::kZigzag})
+      for (auto [hq, hkv] : {std::pair<int64_t, int64_t>{2, 2}, std::pair<int64_t, int64_t>{4, 2}})
+        for (int64_t n : {int64_t(6 * C + 1), int64_t(17)}) {
+          const SequenceLayout layout(kind, n, C);
+          sa::AttentionSpec spec;
+          spec.block = 2;
+          for (const auto& rows : testing::document_rows(layout, 5 + n)) {
+            const at::Tensor Q = seeded_randn({B, hq, n, d}, 100 + n), K = seeded_randn({B, hkv, n, d}, 200 + n),
+                             V = seeded_randn({B, hkv, n, d}, 300 + n), G = seeded_randn({B, hq, n, d}, 400 + n);
+            at::Tensor Qr = Q.clone().requires_grad_(true), Kr = K.clone().requires_grad_(true),
+                       Vr = V.clone().requires_grad_(true);
+            const auto ref =
+                testing::each_document_alone(rows.lengths, {Qr, Kr, Vr}, 2, [&](const std::vector<at::Tensor>& x) {
+                  auto [o, l] = sa::naive_attention(x[0], x[1], x[2], spec);
+                  return std::vector<at::Tensor>{o, l};
+                });
+            (ref[0] * G).sum().backward();
+
+            const at::Tensor doc_start =
+                shard_document_starts(document_starts_from_lengths(rows.lengths, n), layout, r);
+            at::Tensor q = layout.shard(Q, r, 2).requires_grad_(true), k = layout.shard(K, r, 2).requires_grad_(true),
+                       v = layout.shard(V, r, 2).requires_grad_(true);
+            auto [out, lse] = sa::attention_with_lse(q, k, v, layout, w.compute, sa::SoftmaxMethod::kOffload, spec,
+                                                     &client, doc_start);
+            (out * layout.shard(G, r, 2)).sum().backward();
+            EXPECT_TRUE(ReferenceCheck(r, 1e-9)
+                            .sharded("out", out, ref[0], layout, 2)
+                            .sharded("lse", lse, ref[1], layout, 2)
+                            .sharded("dq", q.grad(), Qr.grad(), layout, 2)
+                            .sharded("dk", k.grad(), Kr.grad(), layout, 2)
+                            .sharded("dv", v.grad(), Vr.grad(), layout, 2)
+                            .verdict())
+                << rows.name << " " << testing::describe_lengths(rows.lengths) << " " << layout_kind_name(kind)
+                << " hq=" << hq << " n=" << n << " M=" << M;
+          }
+        }
+    client.close_calls(w.compute);
   });
 }
 
@@ -247,6 +298,19 @@ TEST(OffloadServer, RefusesBadRequestsAndKeepsServing) {
     m.set_call(1);
     refused(m, {at::zeros({1, 2, 64, 64}, at::kDouble), at::zeros({1, 2, 64, 64}, at::kDouble)}, "capacity exceeded");
     refused(m, {at::zeros({1, 2, 4, 4}, at::kLong), at::zeros({1, 2, 4, 4}, at::kLong)}, "dtype 'int64'");
+    // Documents: an int64 doc_start [B, L] of the query, last, only beside ATTEND / ATTEND_BACKWARD.
+    {
+      Msg docs = m;  // STORE_KV
+      docs.set_documents(true);
+      refused(docs, {at::zeros({1, 2, 4, 4}, at::kDouble), at::zeros({1, 4}, at::kLong)},
+              "only ATTEND and ATTEND_BACKWARD carry documents");
+      docs.set_type(Msg::ATTEND);
+      refused(docs, {at::zeros({1, 2, 4, 4}, at::kDouble), at::zeros({1, 4}, at::kDouble)},
+              "payload 1 (doc_start) has dtype 'float64' (allowed: int64)");
+      refused(docs, {at::zeros({1, 2, 4, 4}, at::kDouble), at::zeros({1, 3}, at::kLong)},
+              "doc_start [1, 3] must be [B, L] of the query [1, 2, 4, 4]");
+      refused(docs, {at::zeros({1, 2, 4, 4}, at::kDouble)}, "payload 0 (doc_start) has dtype 'float64'");
+    }
     // An oversized payload announced in the control message: refused before it travels.
     {
       Msg big;

@@ -1,5 +1,6 @@
 #include "loom/parallel/softmax_attention/blockwise_kernel.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -30,6 +31,59 @@ at::Tensor visibility(int64_t q0, int64_t lq, int64_t k0, int64_t lk, const Atte
   return vis;
 }
 
+// The same with the query block's documents, doc_start [B, lq] (defined);
+// when every key is at or after the block's largest doc_start the documents
+// add nothing. Returns [lq, lk], [B, lq, lk] or undefined (everything visible).
+at::Tensor visibility(int64_t q0, int64_t lq, int64_t k0, int64_t lk, const AttentionSpec& spec,
+                      const at::Tensor& doc_start, int64_t max_doc_start) {
+  const at::Tensor causal = visibility(q0, lq, k0, lk, spec, doc_start.device());
+  if (k0 >= max_doc_start) return causal;
+  const at::Tensor kp = at::arange(k0, k0 + lk, doc_start.options());
+  const at::Tensor same_document = kp.view({1, 1, lk}).ge(doc_start.unsqueeze(-1));  // [B, lq, lk]
+  return causal.defined() ? same_document.logical_and(causal) : same_document;
+}
+
+// Masks scores [B, Hkv, G, bq, bk] (or [B, H, bq, bk]) where `vis` ([bq, bk] or
+// [B, bq, bk]) is false.
+void mask_scores(at::Tensor& scores, const at::Tensor& vis) {
+  if (!vis.defined()) return;
+  at::Tensor keep = vis;
+  if (vis.dim() == 3) {  // per row: broadcast over the head dimensions
+    std::vector<int64_t> shape(static_cast<size_t>(scores.dim()), 1);
+    shape[0] = vis.size(0);
+    shape[shape.size() - 2] = vis.size(1);
+    shape[shape.size() - 1] = vis.size(2);
+    keep = vis.view(shape);
+  }
+  scores.masked_fill_(keep.logical_not(), kNegInf);
+}
+
+// Per query block of `blk` rows: the smallest and largest doc_start over the
+// batch (one host read for the whole chunk). Empty without documents.
+struct BlockDocuments {
+  std::vector<int64_t> min, max;
+  int64_t min_of(size_t block) const { return min.empty() ? 0 : min[block]; }
+  int64_t max_of(size_t block) const { return max.empty() ? 0 : max[block]; }
+};
+
+BlockDocuments block_documents(const at::Tensor& doc_start, int64_t lq, int64_t blk) {
+  BlockDocuments out;
+  if (!doc_start.defined() || lq == 0) return out;
+  TORCH_CHECK(doc_start.dim() == 2 && doc_start.size(1) == lq && doc_start.scalar_type() == at::kLong,
+              "attention: doc_start must be int64 [B, ", lq, "] for the query chunk, got ", doc_start.scalar_type(),
+              " ", doc_start.sizes());
+  const int64_t blocks = (lq + blk - 1) / blk, pad = blocks * blk - lq;
+  // Repeat the last column into the partial last block: it changes no extreme.
+  const at::Tensor padded =
+      pad > 0 ? at::cat({doc_start, doc_start.narrow(1, lq - 1, 1).expand({doc_start.size(0), pad})}, 1) : doc_start;
+  const at::Tensor grouped = padded.reshape({doc_start.size(0), blocks, blk});
+  const at::Tensor extremes = at::stack({grouped.amin({0, 2}), grouped.amax({0, 2})}).cpu().contiguous();
+  const int64_t* e = extremes.data_ptr<int64_t>();
+  out.min.assign(e, e + blocks);
+  out.max.assign(e + blocks, e + 2 * blocks);
+  return out;
+}
+
 // Grouped views for GQA: q [B, Hkv, G, L, d], k/v [B, Hkv, 1, L, d].
 at::Tensor group_q(const at::Tensor& q, int64_t hkv) {
   return q.reshape({q.size(0), hkv, q.size(1) / hkv, q.size(2), q.size(3)});
@@ -50,17 +104,24 @@ Partial empty_partial(const at::Tensor& q) {
   return {at::zeros(q.sizes(), acc), at::full({q.size(0), q.size(1), q.size(2)}, kNegInf, acc)};
 }
 
-bool pair_fully_masked(int64_t q_start, int64_t lq, int64_t k_start, int64_t lk, const AttentionSpec& spec) {
+int64_t smallest_document_start(const at::Tensor& doc_start) {
+  if (!doc_start.defined() || doc_start.numel() == 0) return 0;
+  return doc_start.min().item<int64_t>();
+}
+
+bool pair_fully_masked(int64_t q_start, int64_t lq, int64_t k_start, int64_t lk, const AttentionSpec& spec,
+                       int64_t min_doc_start) {
   const int64_t q_last = q_start + lq - 1, k_last = k_start + lk - 1;
   if (lq == 0 || lk == 0) return true;
   if (k_start > q_last) return true;  // all keys in the future
-  if (k_last < 0) return true;        // all keys before the sequence
+  // All keys before the sequence (min_doc_start = 0) or before every query's document.
+  if (k_last < std::max<int64_t>(0, min_doc_start)) return true;
   if (spec.window > 0 && k_last <= q_start - spec.window) return true;  // all outside every window
   return false;
 }
 
 Partial attend_pair(const at::Tensor& q, int64_t q_start, const at::Tensor& k, const at::Tensor& v, int64_t k_start,
-                    const AttentionSpec& spec) {
+                    const AttentionSpec& spec, const at::Tensor& doc_start) {
   check_pair(q, k, v);
   at::NoGradGuard no_grad;
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), d = q.size(3), Hkv = k.size(1), Lk = k.size(2);
@@ -71,19 +132,26 @@ Partial attend_pair(const at::Tensor& q, int64_t q_start, const at::Tensor& k, c
   const at::Tensor kg = k.to(acc).unsqueeze(2), vg = v.to(acc).unsqueeze(2);
   at::Tensor out = at::zeros({B, Hkv, G, Lq, d}, qg.options());
   at::Tensor lse = at::full({B, Hkv, G, Lq}, kNegInf, qg.options());
+  const BlockDocuments docs = block_documents(doc_start, Lq, blk);
 
   for (int64_t t0 = 0; t0 < Lq; t0 += blk) {
     const int64_t bq = std::min(blk, Lq - t0);
+    const size_t block = static_cast<size_t>(t0 / blk);
+    const at::Tensor doc_b = doc_start.defined() ? doc_start.narrow(1, t0, bq) : at::Tensor();
     const at::Tensor qb = qg.narrow(3, t0, bq) * scale;
     at::Tensor o = at::zeros({B, Hkv, G, bq, d}, qg.options());
     at::Tensor m = at::full({B, Hkv, G, bq}, kNegInf, qg.options());
     at::Tensor l = at::zeros({B, Hkv, G, bq}, qg.options());
     for (int64_t s0 = 0; s0 < Lk; s0 += blk) {
       const int64_t bk = std::min(blk, Lk - s0);
-      if (pair_fully_masked(q_start + t0, bq, k_start + s0, bk, spec)) continue;
+      if (pair_fully_masked(q_start + t0, bq, k_start + s0, bk, spec, docs.min_of(block))) continue;
       at::Tensor scores = at::matmul(qb, kg.narrow(3, s0, bk).transpose(-1, -2));  // [B,Hkv,G,bq,bk]
-      const at::Tensor vis = visibility(q_start + t0, bq, k_start + s0, bk, spec, q.device());
-      if (vis.defined()) scores.masked_fill_(vis.logical_not(), kNegInf);
+      if (doc_start.defined()) {
+        mask_scores(scores, visibility(q_start + t0, bq, k_start + s0, bk, spec, doc_b, docs.max_of(block)));
+      } else {
+        const at::Tensor vis = visibility(q_start + t0, bq, k_start + s0, bk, spec, q.device());
+        if (vis.defined()) scores.masked_fill_(vis.logical_not(), kNegInf);
+      }
       const at::Tensor m_new = at::maximum(m, std::get<0>(scores.max(-1)));
       // Rows with nothing visible yet keep m = -inf: shift by 0 there instead.
       const at::Tensor shift = at::where(at::isinf(m_new), at::zeros_like(m_new), m_new);
@@ -116,7 +184,8 @@ void merge_partial(Partial& acc, const Partial& part) {
 
 void attend_pair_backward(const at::Tensor& q, int64_t q_start, const at::Tensor& k, const at::Tensor& v,
                           int64_t k_start, const AttentionSpec& spec, const at::Tensor& lse, const at::Tensor& dout,
-                          const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                          const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                          const at::Tensor& doc_start) {
   check_pair(q, k, v);
   at::NoGradGuard no_grad;
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), d = q.size(3), Hkv = k.size(1), Lk = k.size(2);
@@ -128,9 +197,12 @@ void attend_pair_backward(const at::Tensor& q, int64_t q_start, const at::Tensor
   const at::Tensor kg = k.to(acc).unsqueeze(2), vg = v.to(acc).unsqueeze(2);
   at::Tensor dqg = group_q(dq, Hkv);  // a view of dq: writes land in dq
   TORCH_CHECK(dqg.is_alias_of(dq), "attention backward: dq must be contiguous");
+  const BlockDocuments docs = block_documents(doc_start, Lq, blk);
 
   for (int64_t t0 = 0; t0 < Lq; t0 += blk) {
     const int64_t bq = std::min(blk, Lq - t0);
+    const size_t block = static_cast<size_t>(t0 / blk);
+    const at::Tensor doc_b = doc_start.defined() ? doc_start.narrow(1, t0, bq) : at::Tensor();
     // Scaled exactly as in forward, so that recomputed scores match the saved
     // LSE to the last bit even when logits are large.
     const at::Tensor qb = qg.narrow(3, t0, bq), qs = qb * scale, dob = dog.narrow(3, t0, bq);
@@ -138,11 +210,15 @@ void attend_pair_backward(const at::Tensor& q, int64_t q_start, const at::Tensor
     const at::Tensor l_safe = at::where(at::isinf(lb), at::zeros_like(lb), lb).unsqueeze(-1);
     for (int64_t s0 = 0; s0 < Lk; s0 += blk) {
       const int64_t bk = std::min(blk, Lk - s0);
-      if (pair_fully_masked(q_start + t0, bq, k_start + s0, bk, spec)) continue;
+      if (pair_fully_masked(q_start + t0, bq, k_start + s0, bk, spec, docs.min_of(block))) continue;
       const at::Tensor kb = kg.narrow(3, s0, bk), vb = vg.narrow(3, s0, bk);
       at::Tensor scores = at::matmul(qs, kb.transpose(-1, -2));
-      const at::Tensor vis = visibility(q_start + t0, bq, k_start + s0, bk, spec, q.device());
-      if (vis.defined()) scores.masked_fill_(vis.logical_not(), kNegInf);
+      if (doc_start.defined()) {
+        mask_scores(scores, visibility(q_start + t0, bq, k_start + s0, bk, spec, doc_b, docs.max_of(block)));
+      } else {
+        const at::Tensor vis = visibility(q_start + t0, bq, k_start + s0, bk, spec, q.device());
+        if (vis.defined()) scores.masked_fill_(vis.logical_not(), kNegInf);
+      }
       const at::Tensor p = at::exp(scores - l_safe);  // masked entries: exp(-inf) = 0
       dv.narrow(2, s0, bk).add_(at::matmul(p.transpose(-1, -2), dob).sum(2));
       const at::Tensor dp = at::matmul(dob, vb.transpose(-1, -2));
@@ -171,13 +247,21 @@ at::Tensor attend_newest(const at::Tensor& q, const at::Tensor& k, const at::Ten
 }
 
 std::pair<at::Tensor, at::Tensor> naive_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                  const AttentionSpec& spec) {
+                                                  const AttentionSpec& spec, const at::Tensor& doc_start) {
   check_pair(q, k, v);
   const int64_t Hkv = k.size(1), G = q.size(1) / Hkv, n = q.size(2);
+  TORCH_CHECK(!doc_start.defined() || (doc_start.dim() == 2 && doc_start.size(0) == q.size(0) &&
+                                       doc_start.size(1) == n && doc_start.scalar_type() == at::kLong),
+              "naive attention: doc_start must be int64 [B, n] = [", q.size(0), ", ", n, "]");
   const at::Tensor ke = repeat_kv_heads(k, G), ve = repeat_kv_heads(v, G);
   at::Tensor scores = at::matmul(q, ke.transpose(-1, -2)) * spec.resolved_scale(q.size(3));
-  const at::Tensor vis = visibility(0, n, 0, k.size(2), spec, q.device());
-  if (vis.defined()) scores = scores.masked_fill(vis.logical_not(), kNegInf);
+  if (doc_start.defined()) {
+    // Every key is checked against every query's document (no largest doc_start to skip by).
+    mask_scores(scores, visibility(0, n, 0, k.size(2), spec, doc_start, std::numeric_limits<int64_t>::max()));
+  } else {
+    const at::Tensor vis = visibility(0, n, 0, k.size(2), spec, q.device());
+    if (vis.defined()) scores = scores.masked_fill(vis.logical_not(), kNegInf);
+  }
   const at::Tensor lse = at::logsumexp(scores, -1);
   return {at::matmul(at::softmax(scores, -1), ve), lse};
 }

@@ -7,6 +7,10 @@
 // k_start .. k_start+Lk-1. Key j is visible to query i when
 //   0 <= pos_j <= pos_i   and, with window w > 0,   pos_j > pos_i - w.
 // (Negative key positions are the zero halo before the sequence start.)
+// Packed documents (runtime/comm/documents.h): with the query chunk's
+// doc_start [B, Lq] int64 the mask also needs pos_j >= doc_start[b, i]; an
+// undefined doc_start is one document per row, and then the kernels run the
+// code and cost of the document-free path exactly.
 // GQA: Hq = G * Hkv; query head h reads key head h / G.
 //
 // Forward walks query blocks x key blocks with an online softmax and returns a
@@ -17,7 +21,9 @@
 // exactly. Backward recomputes scores block by block from q, k, v, the final
 // out/lse of the query rows and dout, and accumulates dq, dk, dv.
 // Memory: O(L * block), never a full score matrix. Blocks fully in the future
-// (or outside the window) are skipped, so causal work is about half.
+// (or outside the window) are skipped, so causal work is about half; with
+// documents, key blocks that end before the smallest doc_start of the query
+// block are skipped too, so packed short documents cost less than one long one.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -48,21 +54,30 @@ struct Partial {
 // An empty partial (lse = -inf) for a query chunk.
 Partial empty_partial(const at::Tensor& q);
 
-// True when no key of the pair is visible to any query of the pair.
-bool pair_fully_masked(int64_t q_start, int64_t lq, int64_t k_start, int64_t lk, const AttentionSpec& spec);
+// The smallest doc_start of a query chunk (one host read), 0 when undefined:
+// the argument pair_fully_masked() takes for documents.
+int64_t smallest_document_start(const at::Tensor& doc_start);
 
+// True when no key of the pair is visible to any query of the pair.
+// `min_doc_start` is the smallest doc_start of the query chunk (0: no
+// documents): keys that all end before it are invisible, like future keys.
+bool pair_fully_masked(int64_t q_start, int64_t lq, int64_t k_start, int64_t lk, const AttentionSpec& spec,
+                       int64_t min_doc_start = 0);
+
+// `doc_start`: the query chunk's [B, Lq] int64, or undefined (one document).
 Partial attend_pair(const at::Tensor& q, int64_t q_start, const at::Tensor& k, const at::Tensor& v, int64_t k_start,
-                    const AttentionSpec& spec);
+                    const AttentionSpec& spec, const at::Tensor& doc_start = {});
 
 // acc := merge(acc, part), in place.
 void merge_partial(Partial& acc, const Partial& part);
 
 // Backward of one pair. out/lse are the query rows' final (fully merged)
 // results; delta = rowsum(dout * out) [B, Hq, Lq]. Adds into dq [B, Hq, Lq, d],
-// dk, dv [B, Hkv, Lk, d] (accumulation dtype).
+// dk, dv [B, Hkv, Lk, d] (accumulation dtype). `doc_start` as in attend_pair.
 void attend_pair_backward(const at::Tensor& q, int64_t q_start, const at::Tensor& k, const at::Tensor& v,
                           int64_t k_start, const AttentionSpec& spec, const at::Tensor& lse, const at::Tensor& dout,
-                          const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv);
+                          const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                          const at::Tensor& doc_start = {});
 
 // Generation: the newest token's query q [B, Hq, 1, d] against every cached
 // key and value k, v [B, Hkv, T, d] (all visible), with the spec's scale:
@@ -71,7 +86,8 @@ at::Tensor attend_newest(const at::Tensor& q, const at::Tensor& k, const at::Ten
 
 // The definition with full masked matrices over one contiguous sequence
 // starting at position 0 (the reference of the tests): returns {out, lse}.
+// `doc_start` [B, n] int64 or undefined (one document).
 std::pair<at::Tensor, at::Tensor> naive_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                  const AttentionSpec& spec);
+                                                  const AttentionSpec& spec, const at::Tensor& doc_start = {});
 
 }  // namespace loom::softmax_attention

@@ -4,6 +4,7 @@
 
 #include "loom/runtime/comm/autograd_state.h"
 #include "loom/runtime/comm/comm_order.h"
+#include "loom/runtime/comm/documents.h"
 #include "loom/runtime/core/error.h"
 #include "loom/runtime/offload/offload_protocol.h"
 
@@ -16,19 +17,21 @@ using torch::autograd::variable_list;
 offload::OffloadKernels offload_kernels() {
   auto spec_of = [](const Msg& m) { return AttentionSpec{m.scale(), m.window(), m.block()}; };
   offload::OffloadKernels k;
-  k.attend = [spec_of](const at::Tensor& q, int64_t q_start, const std::vector<offload::StoredChunk>& chunks,
-                       const Msg& req) {
+  k.attend = [spec_of](const at::Tensor& q, int64_t q_start, const at::Tensor& doc_start,
+                       const std::vector<offload::StoredChunk>& chunks, const Msg& req) {
     const AttentionSpec spec = spec_of(req);
+    const int64_t min_doc_start = smallest_document_start(doc_start);
     Partial acc = empty_partial(q);
     for (const auto& c : chunks)
-      if (!pair_fully_masked(q_start, q.size(2), c.start, c.k.size(2), spec))
-        merge_partial(acc, attend_pair(q, q_start, c.k, c.v, c.start, spec));
+      if (!pair_fully_masked(q_start, q.size(2), c.start, c.k.size(2), spec, min_doc_start))
+        merge_partial(acc, attend_pair(q, q_start, c.k, c.v, c.start, spec, doc_start));
     return std::make_pair(acc.out, acc.lse);
   };
   k.attend_backward = [spec_of](const at::Tensor& q, const at::Tensor& out, const at::Tensor& dout,
-                                const at::Tensor& lse, int64_t q_start, std::vector<offload::StoredChunk>& chunks,
-                                const Msg& req) {
+                                const at::Tensor& lse, int64_t q_start, const at::Tensor& doc_start,
+                                std::vector<offload::StoredChunk>& chunks, const Msg& req) {
     const AttentionSpec spec = spec_of(req);
+    const int64_t min_doc_start = smallest_document_start(doc_start);
     const auto acc = out.scalar_type();
     const at::Tensor delta = (dout.to(acc) * out).sum(-1);
     at::Tensor dq = at::zeros(q.sizes(), q.options().dtype(acc));
@@ -37,8 +40,8 @@ offload::OffloadKernels offload_kernels() {
         c.dk = at::zeros(c.k.sizes(), c.k.options().dtype(acc));
         c.dv = at::zeros(c.v.sizes(), c.v.options().dtype(acc));
       }
-      if (!pair_fully_masked(q_start, q.size(2), c.start, c.k.size(2), spec))
-        attend_pair_backward(q, q_start, c.k, c.v, c.start, spec, lse, dout, delta, dq, c.dk, c.dv);
+      if (!pair_fully_masked(q_start, q.size(2), c.start, c.k.size(2), spec, min_doc_start))
+        attend_pair_backward(q, q_start, c.k, c.v, c.start, spec, lse, dout, delta, dq, c.dk, c.dv, doc_start);
     }
     return dq;
   };
@@ -99,11 +102,21 @@ Msg chunk_message(Msg::Type type, int64_t call, int64_t start, double scale, int
   return m;
 }
 
+// With documents, ATTEND / ATTEND_BACKWARD of local chunk i carry its
+// doc_start [B, L] as the last payload (every node gets all of it).
+void add_documents(Msg& m, std::vector<at::Tensor>& payloads, const at::Tensor& doc_start, int64_t chunk, int64_t L) {
+  if (!doc_start.defined()) return;
+  m.set_documents(true);
+  payloads.push_back(doc_start.narrow(1, chunk * L, L));
+}
+
 struct OffloadFunction : public torch::autograd::Function<OffloadFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const SequenceLayout& layout, const CommPtr& comm,
-                               OffloadClient* client, double scale, int64_t block) {
+                               const at::Tensor& v, const c10::optional<at::Tensor>& documents,
+                               const SequenceLayout& layout, const CommPtr& comm, OffloadClient* client, double scale,
+                               int64_t block) {
     ctx->saved_data["order"] = CommOrder::claim();
+    const at::Tensor doc_start = documents.value_or(at::Tensor());
     const int64_t call = client->next_call(), L = layout.chunk_len();
     const auto chunks = layout.chunks_of(comm->rank());
     const int M = client->nodes();
@@ -117,13 +130,15 @@ struct OffloadFunction : public torch::autograd::Function<OffloadFunction> {
     std::vector<std::vector<at::Tensor>> outs(chunks.size()), lses(chunks.size());
     for (size_t i = 0; i < chunks.size(); ++i)
       for (int j = 0; j < M; ++j) {
-        std::vector<at::Tensor> reply;
-        client->request(j, message(Msg::ATTEND, i), {piece(q, i, L, j, M)}, &reply);
+        std::vector<at::Tensor> reply, payloads{piece(q, i, L, j, M)};
+        Msg m = message(Msg::ATTEND, i);
+        add_documents(m, payloads, doc_start, i, L);
+        client->request(j, m, payloads, &reply);
         outs[i].push_back(reply[0]);
         lses[i].push_back(reply[1]);
       }
     const at::Tensor out = assemble(outs), lse = assemble(lses);
-    ctx->save_for_backward({q, k, v, out, lse});
+    ctx->save_for_backward({q, k, v, out, lse, doc_start});
     ctx->saved_data["call"] = call;
     ctx->saved_data["client"] = reinterpret_cast<int64_t>(client);  // the job's; outlives the graph
     ctx->saved_data["scale"] = scale;
@@ -137,7 +152,7 @@ struct OffloadFunction : public torch::autograd::Function<OffloadFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     CommOrder::backward_ran(ctx->saved_data["order"].toInt());
     const auto s = ctx->get_saved_variables();
-    const at::Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4];
+    const at::Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4], &doc_start = s[5];
     auto* client = reinterpret_cast<OffloadClient*>(ctx->saved_data["client"].toInt());
     const CommPtr comm = saved_comm(ctx);
     const SequenceLayout layout = saved_layout(ctx, *comm);
@@ -152,11 +167,12 @@ struct OffloadFunction : public torch::autograd::Function<OffloadFunction> {
     std::vector<std::vector<at::Tensor>> dq(chunks.size()), dk(chunks.size()), dv(chunks.size());
     for (size_t i = 0; i < chunks.size(); ++i)
       for (int j = 0; j < M; ++j) {
-        std::vector<at::Tensor> reply;
-        client->request(j, message(Msg::ATTEND_BACKWARD, i),
-                        {piece(q, i, L, j, M), piece(out, i, L, j, M), piece(dout, i, L, j, M),
-                         lse.narrow(2, i * L, L).narrow(1, j * (lse.size(1) / M), lse.size(1) / M)},
-                        &reply);
+        std::vector<at::Tensor> reply,
+            payloads{piece(q, i, L, j, M), piece(out, i, L, j, M), piece(dout, i, L, j, M),
+                     lse.narrow(2, i * L, L).narrow(1, j * (lse.size(1) / M), lse.size(1) / M)};
+        Msg m = message(Msg::ATTEND_BACKWARD, i);
+        add_documents(m, payloads, doc_start, i, L);
+        client->request(j, m, payloads, &reply);
         dq[i].push_back(reply[0]);
       }
     comm->barrier()->wait();  // every query chunk has added into dK, dV
@@ -168,7 +184,8 @@ struct OffloadFunction : public torch::autograd::Function<OffloadFunction> {
         dv[i].push_back(reply[1]);
       }
     return {at::Tensor(), assemble(dq).to(q.scalar_type()), assemble(dk).to(k.scalar_type()),
-            assemble(dv).to(v.scalar_type()), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            assemble(dv).to(v.scalar_type()), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -176,7 +193,8 @@ struct OffloadFunction : public torch::autograd::Function<OffloadFunction> {
 
 std::pair<at::Tensor, at::Tensor> offload_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                     const SequenceLayout& layout, const CommPtr& comm,
-                                                    OffloadClient& client, const AttentionSpec& spec) {
+                                                    OffloadClient& client, const AttentionSpec& spec,
+                                                    const at::Tensor& doc_start) {
   TORCH_CHECK(spec.window == 0, "offload attention: sliding windows use the halo, not the memory nodes");
   const int M = client.nodes();
   if (k.size(1) % M != 0)
@@ -184,7 +202,12 @@ std::pair<at::Tensor, at::Tensor> offload_attention(const at::Tensor& q, const a
                       std::to_string(M) + " memory nodes (offload.memory_ranks must divide n_kv_heads)");
   TORCH_CHECK(q.device().is_cpu(), "offload attention: the memory nodes' MPI transport takes CPU tensors, got ",
               q.device());
-  auto res = apply_in_order<OffloadFunction>(q, k, v, layout, comm, &client, spec.scale, spec.block);
+  check_document_starts(doc_start, q, 2, "offload attention");
+  TORCH_CHECK(!doc_start.defined() || doc_start.device().is_cpu(),
+              "offload attention: doc_start must be on the CPU, got ", doc_start.device());
+  // An optional: libtorch 1.13 rejects undefined at::Tensor arguments of autograd functions.
+  const c10::optional<at::Tensor> documents = doc_start.defined() ? c10::optional<at::Tensor>(doc_start) : c10::nullopt;
+  auto res = apply_in_order<OffloadFunction>(q, k, v, documents, layout, comm, &client, spec.scale, spec.block);
   return {res[0], res[1]};
 }
 

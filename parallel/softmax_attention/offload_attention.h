@@ -8,7 +8,10 @@
 // gets back (out, lse) computed against the stored causal prefix at global
 // positions, merged per head group. Backward: each rank sends (q, out, dOut,
 // lse) and gets dq; the nodes accumulate dK, dV of every stored chunk; after a
-// barrier each rank fetches the dK, dV of its own chunks. Calls are closed
+// barrier each rank fetches the dK, dV of its own chunks. With packed
+// documents every ATTEND / ATTEND_BACKWARD also carries the query chunk's
+// doc_start (int64 [B, L], the same for every node) and the nodes skip the
+// stored chunks that end before its smallest value. Calls are closed
 // (their K,V freed) at the next step's close_calls() or at shutdown().
 // Ordering: collective over the sp communicator (barriers) in forward and
 // backward; the requests of a call go to the nodes in a fixed order. The
@@ -46,8 +49,10 @@ offload::OffloadKernels offload_kernels();
 
 // out [B, Hq, n, d] in q's dtype and lse [B, Hq, n] for this rank's shard,
 // as attention_with_lse() (without a window: sliding windows stay on the halo).
+// doc_start: this rank's [B, n] int64, or undefined (one document per row).
 std::pair<at::Tensor, at::Tensor> offload_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                     const SequenceLayout& layout, const CommPtr& comm,
-                                                    OffloadClient& client, const AttentionSpec& spec);
+                                                    OffloadClient& client, const AttentionSpec& spec,
+                                                    const at::Tensor& doc_start = {});
 
 }  // namespace loom::softmax_attention

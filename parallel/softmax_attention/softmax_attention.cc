@@ -9,6 +9,7 @@
 #include "loom/parallel/softmax_attention/offload_attention.h"
 #include "loom/runtime/comm/comm_order.h"
 #include "loom/runtime/comm/differentiable_collectives.h"
+#include "loom/runtime/comm/documents.h"
 #include "loom/runtime/core/error.h"
 
 namespace loom::softmax_attention {
@@ -38,11 +39,42 @@ SoftmaxMethod parse_method(const std::string& name) {
 
 namespace {
 
+// doc_start enters the autograd functions as an optional: libtorch 1.13
+// registers every at::Tensor argument as an input and rejects undefined ones.
+using OptionalTensor = c10::optional<at::Tensor>;
+OptionalTensor optional_tensor(const at::Tensor& t) { return t.defined() ? OptionalTensor(t) : c10::nullopt; }
+
 // Global start positions of a rank's chunks, in local order.
 std::vector<int64_t> chunk_starts(const SequenceLayout& layout, int rank) {
   std::vector<int64_t> starts;
   for (int64_t c : layout.chunks_of(rank)) starts.push_back(layout.chunk_start(c));
   return starts;
+}
+
+// This rank's query chunks in local order: their start positions and, with
+// documents, each chunk's doc_start [B, L] and its smallest value (what
+// decides that a K,V chunk ending before it is skipped). Without documents:
+// undefined tensors and 0.
+struct QueryChunks {
+  std::vector<int64_t> starts;
+  std::vector<at::Tensor> doc_start;
+  std::vector<int64_t> min_doc_start;
+};
+
+QueryChunks query_chunks(const SequenceLayout& layout, int rank, const at::Tensor& doc_start) {
+  QueryChunks c;
+  c.starts = chunk_starts(layout, rank);
+  c.doc_start.resize(c.starts.size());
+  c.min_doc_start.assign(c.starts.size(), 0);
+  if (!doc_start.defined()) return c;
+  const int64_t L = layout.chunk_len(), chunks = static_cast<int64_t>(c.starts.size());
+  // One host read for every chunk's minimum.
+  const at::Tensor mins = doc_start.reshape({doc_start.size(0), chunks, L}).amin({0, 2}).cpu().contiguous();
+  for (int64_t i = 0; i < chunks; ++i) {
+    c.doc_start[i] = doc_start.narrow(1, i * L, L);
+    c.min_doc_start[i] = mins.data_ptr<int64_t>()[i];
+  }
+  return c;
 }
 
 AttentionSpec spec_from(AutogradContext* ctx) {
@@ -60,30 +92,31 @@ void save_spec(AutogradContext* ctx, const AttentionSpec& spec) {
 }
 
 // Local query chunks against one rank's key/value chunks (all of length L),
-// merged into `partials`. Fully-future chunk pairs are skipped.
-void forward_against(const at::Tensor& q, const std::vector<int64_t>& q_starts, const at::Tensor& k,
-                     const at::Tensor& v, const std::vector<int64_t>& kv_starts, int64_t L, const AttentionSpec& spec,
+// merged into `partials`. Fully-future chunk pairs, and pairs whose documents
+// do not meet, are skipped.
+void forward_against(const at::Tensor& q, const QueryChunks& qc, const at::Tensor& k, const at::Tensor& v,
+                     const std::vector<int64_t>& kv_starts, int64_t L, const AttentionSpec& spec,
                      std::vector<Partial>& partials) {
-  for (size_t i = 0; i < q_starts.size(); ++i)
+  for (size_t i = 0; i < qc.starts.size(); ++i)
     for (size_t j = 0; j < kv_starts.size(); ++j) {
-      if (pair_fully_masked(q_starts[i], L, kv_starts[j], L, spec)) continue;
-      merge_partial(partials[i], attend_pair(q.narrow(2, i * L, L), q_starts[i], k.narrow(2, j * L, L),
-                                             v.narrow(2, j * L, L), kv_starts[j], spec));
+      if (pair_fully_masked(qc.starts[i], L, kv_starts[j], L, spec, qc.min_doc_start[i])) continue;
+      merge_partial(partials[i], attend_pair(q.narrow(2, i * L, L), qc.starts[i], k.narrow(2, j * L, L),
+                                             v.narrow(2, j * L, L), kv_starts[j], spec, qc.doc_start[i]));
     }
 }
 
 // Backward of forward_against: adds into dq[i] (per local chunk) and dk, dv.
-void backward_against(const at::Tensor& q, const std::vector<int64_t>& q_starts, const at::Tensor& k,
-                      const at::Tensor& v, const std::vector<int64_t>& kv_starts, int64_t L, const AttentionSpec& spec,
+void backward_against(const at::Tensor& q, const QueryChunks& qc, const at::Tensor& k, const at::Tensor& v,
+                      const std::vector<int64_t>& kv_starts, int64_t L, const AttentionSpec& spec,
                       const at::Tensor& lse, const at::Tensor& dout, const at::Tensor& delta,
                       std::vector<at::Tensor>& dq, at::Tensor dk, at::Tensor dv) {
-  for (size_t i = 0; i < q_starts.size(); ++i)
+  for (size_t i = 0; i < qc.starts.size(); ++i)
     for (size_t j = 0; j < kv_starts.size(); ++j) {
-      if (pair_fully_masked(q_starts[i], L, kv_starts[j], L, spec)) continue;
+      if (pair_fully_masked(qc.starts[i], L, kv_starts[j], L, spec, qc.min_doc_start[i])) continue;
       at::Tensor dk_j = dk.narrow(2, j * L, L), dv_j = dv.narrow(2, j * L, L);
-      attend_pair_backward(q.narrow(2, i * L, L), q_starts[i], k.narrow(2, j * L, L), v.narrow(2, j * L, L),
+      attend_pair_backward(q.narrow(2, i * L, L), qc.starts[i], k.narrow(2, j * L, L), v.narrow(2, j * L, L),
                            kv_starts[j], spec, lse.narrow(2, i * L, L), dout.narrow(2, i * L, L),
-                           delta.narrow(2, i * L, L), dq[i], dk_j, dv_j);
+                           delta.narrow(2, i * L, L), dq[i], dk_j, dv_j, qc.doc_start[i]);
     }
 }
 
@@ -111,10 +144,12 @@ at::Tensor row_delta(const at::Tensor& dout, const at::Tensor& out_acc) {
 // ---- one positioned pair (local attention, sliding-window chunks) ----
 struct PositionedFunction : public torch::autograd::Function<PositionedFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               int64_t q_start, int64_t k_start, double scale, int64_t window, int64_t block) {
+                               const OptionalTensor& documents, int64_t q_start, int64_t k_start, double scale,
+                               int64_t window, int64_t block) {
+    const at::Tensor doc_start = documents.value_or(at::Tensor());
     const AttentionSpec spec{scale, window, block};
-    Partial p = attend_pair(q, q_start, k, v, k_start, spec);
-    ctx->save_for_backward({q, k, v, p.out, p.lse});
+    Partial p = attend_pair(q, q_start, k, v, k_start, spec, doc_start);
+    ctx->save_for_backward({q, k, v, p.out, p.lse, doc_start});
     ctx->saved_data["q_start"] = q_start;
     ctx->saved_data["k_start"] = k_start;
     save_spec(ctx, spec);
@@ -123,15 +158,15 @@ struct PositionedFunction : public torch::autograd::Function<PositionedFunction>
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    const at::Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4];
+    const at::Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4], &doc_start = s[5];
     const at::Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(q);
     const auto acc = out.scalar_type();
     at::Tensor dq = at::zeros(q.sizes(), q.options().dtype(acc));
     at::Tensor dk = at::zeros(k.sizes(), k.options().dtype(acc)), dv = at::zeros(v.sizes(), v.options().dtype(acc));
     attend_pair_backward(q, ctx->saved_data["q_start"].toInt(), k, v, ctx->saved_data["k_start"].toInt(),
-                         spec_from(ctx), lse, dout, row_delta(dout, out), dq, dk, dv);
+                         spec_from(ctx), lse, dout, row_delta(dout, out), dq, dk, dv, doc_start);
     return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -147,36 +182,41 @@ variable_list finish_forward(AutogradContext* ctx, const CommPtr& comm, const Se
 }
 
 // The start of a cross-rank backward: communicator, layout, spec, this rank's
-// chunks, the output gradient (zeros when unused), delta and zeroed dq chunks.
+// chunks (with their documents), the output gradient (zeros when unused),
+// delta and zeroed dq chunks.
 struct CrossRankBackward {
   CommPtr comm;
   SequenceLayout layout;
   AttentionSpec spec;
-  std::vector<int64_t> starts;
+  QueryChunks chunks;
   at::Tensor dout, delta;
   std::vector<at::Tensor> dq;
-  CrossRankBackward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& out, const at::Tensor& grad)
+  CrossRankBackward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& out, const at::Tensor& grad,
+                    const at::Tensor& doc_start)
       : comm(saved_comm(ctx)),
         layout(saved_layout(ctx, *comm)),
         spec(spec_from(ctx)),
-        starts(chunk_starts(layout, comm->rank())),
+        chunks(query_chunks(layout, comm->rank(), doc_start)),
         dout(grad.defined() ? grad : at::zeros_like(q)),
         delta(row_delta(dout, out)),
-        dq(zero_chunks(q, starts.size(), layout.chunk_len())) {}
+        dq(zero_chunks(q, chunks.starts.size(), layout.chunk_len())) {}
 };
 
 // ---- ring attention ----
 struct RingFunction : public torch::autograd::Function<RingFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const SequenceLayout& layout, const CommPtr& comm, double scale,
-                               int64_t window, int64_t block) {
+                               const at::Tensor& v, const OptionalTensor& documents, const SequenceLayout& layout,
+                               const CommPtr& comm, double scale, int64_t window, int64_t block) {
     ctx->saved_data["order"] = CommOrder::claim();
+    const at::Tensor doc_start = documents.value_or(at::Tensor());
     const AttentionSpec spec{scale, window, block};
     const int W = comm->size(), r = comm->rank();
     const int64_t L = layout.chunk_len();
-    const auto my_starts = chunk_starts(layout, r);
+    const QueryChunks mine = query_chunks(layout, r, doc_start);
     std::vector<Partial> partials;
-    for (size_t i = 0; i < my_starts.size(); ++i) partials.push_back(empty_partial(q.narrow(2, i * L, L)));
+    for (size_t i = 0; i < mine.starts.size(); ++i) partials.push_back(empty_partial(q.narrow(2, i * L, L)));
+    // Every step forwards K,V even when its pairs are skipped (documents that
+    // do not meet): the same messages on every rank.
     at::Tensor current = at::stack({k, v}).contiguous();  // travels as one message
     for (int step = 0; step < W; ++step) {
       const int src = (r - step + W) % W;
@@ -187,7 +227,7 @@ struct RingFunction : public torch::autograd::Function<RingFunction> {
         recv = comm->irecv(incoming, (r - 1 + W) % W, step);
         send = comm->isend(current, (r + 1) % W, step);
       }
-      forward_against(q, my_starts, current[0], current[1], chunk_starts(layout, src), L, spec, partials);
+      forward_against(q, mine, current[0], current[1], chunk_starts(layout, src), L, spec, partials);
       if (step + 1 < W) {
         recv->wait();
         send->wait();
@@ -195,21 +235,21 @@ struct RingFunction : public torch::autograd::Function<RingFunction> {
       }
     }
     auto [out, lse] = join(partials);
-    ctx->save_for_backward({q, k, v, out, lse});
+    ctx->save_for_backward({q, k, v, out, lse, doc_start});
     return finish_forward(ctx, comm, layout, spec, out.to(q.scalar_type()), lse);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     CommOrder::backward_ran(ctx->saved_data["order"].toInt());
     const auto s = ctx->get_saved_variables();
-    const at::Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4];
-    CrossRankBackward b(ctx, q, out, grads[0]);
+    const at::Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4], &doc_start = s[5];
+    CrossRankBackward b(ctx, q, out, grads[0], doc_start);
     const CommPtr& comm = b.comm;
     const SequenceLayout& layout = b.layout;
     const AttentionSpec& spec = b.spec;
     const int W = comm->size(), r = comm->rank();
     const int64_t L = layout.chunk_len();
-    const auto& my_starts = b.starts;
+    const QueryChunks& mine = b.chunks;
     const at::Tensor &dout = b.dout, &delta = b.delta;
     std::vector<at::Tensor>& dq = b.dq;
 
@@ -224,7 +264,7 @@ struct RingFunction : public torch::autograd::Function<RingFunction> {
         recv_kv = comm->irecv(next_kv, (r - 1 + W) % W, 2 * step);
         send_kv = comm->isend(kv, (r + 1) % W, 2 * step);
       }
-      backward_against(q, my_starts, kv[0], kv[1], chunk_starts(layout, src), L, spec, lse, dout, delta, dq, dkv[0],
+      backward_against(q, mine, kv[0], kv[1], chunk_starts(layout, src), L, spec, lse, dout, delta, dq, dkv[0],
                        dkv[1]);
       // dK,dV of block `src` move on with it; after W-1 hops they sit one rank
       // short of the owner, and a last hop brings them home.
@@ -243,27 +283,29 @@ struct RingFunction : public torch::autograd::Function<RingFunction> {
       }
     }
     return {at::Tensor(), at::cat(dq, 2).to(q.scalar_type()), dkv[0].to(k.scalar_type()), dkv[1].to(v.scalar_type()),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 // ---- all-gather attention (LASP-2H) ----
 std::pair<at::Tensor, at::Tensor> gathered_forward(const at::Tensor& q, const at::Tensor& all,
-                                                   const SequenceLayout& layout, int rank, const AttentionSpec& spec) {
+                                                   const SequenceLayout& layout, int rank, const AttentionSpec& spec,
+                                                   const at::Tensor& doc_start) {
   const int64_t L = layout.chunk_len();
-  const auto my_starts = chunk_starts(layout, rank);
+  const QueryChunks mine = query_chunks(layout, rank, doc_start);
   std::vector<Partial> partials;
-  for (size_t i = 0; i < my_starts.size(); ++i) partials.push_back(empty_partial(q.narrow(2, i * L, L)));
+  for (size_t i = 0; i < mine.starts.size(); ++i) partials.push_back(empty_partial(q.narrow(2, i * L, L)));
   for (int src = 0; src < layout.world_size(); ++src)
-    forward_against(q, my_starts, all[src][0], all[src][1], chunk_starts(layout, src), L, spec, partials);
+    forward_against(q, mine, all[src][0], all[src][1], chunk_starts(layout, src), L, spec, partials);
   return join(partials);
 }
 
 struct AllGatherFunction : public torch::autograd::Function<AllGatherFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const SequenceLayout& layout, const CommPtr& comm, double scale,
-                               int64_t window, int64_t block) {
+                               const at::Tensor& v, const OptionalTensor& documents, const SequenceLayout& layout,
+                               const CommPtr& comm, double scale, int64_t window, int64_t block) {
     ctx->saved_data["order"] = CommOrder::claim();
+    const at::Tensor doc_start = documents.value_or(at::Tensor());
     const AttentionSpec spec{scale, window, block};
     const int W = comm->size(), r = comm->rank();
     const at::Tensor kv = at::stack({k, v}).unsqueeze(0).contiguous();  // [1, 2, B, Hkv, n, d]
@@ -271,42 +313,44 @@ struct AllGatherFunction : public torch::autograd::Function<AllGatherFunction> {
     shape[0] = W;
     at::Tensor all = at::empty(shape, kv.options());
     comm->all_gather(all, kv)->wait();
-    auto [out, lse] = gathered_forward(q, all, layout, r, spec);
+    auto [out, lse] = gathered_forward(q, all, layout, r, spec, doc_start);
     // Keep the gathered K,V: backward needs every chunk again (more memory than
     // the ring, fewer steps).
-    ctx->save_for_backward({q, all, out, lse});
+    ctx->save_for_backward({q, all, out, lse, doc_start});
     return finish_forward(ctx, comm, layout, spec, out.to(q.scalar_type()), lse);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     CommOrder::backward_ran(ctx->saved_data["order"].toInt());
     const auto s = ctx->get_saved_variables();
-    const at::Tensor &q = s[0], &all = s[1], &out = s[2], &lse = s[3];
-    CrossRankBackward b(ctx, q, out, grads[0]);
+    const at::Tensor &q = s[0], &all = s[1], &out = s[2], &lse = s[3], &doc_start = s[4];
+    CrossRankBackward b(ctx, q, out, grads[0], doc_start);
     const CommPtr& comm = b.comm;
     const SequenceLayout& layout = b.layout;
     const AttentionSpec& spec = b.spec;
     const int W = comm->size();
     const int64_t L = layout.chunk_len();
-    const auto& my_starts = b.starts;
+    const QueryChunks& mine = b.chunks;
     const at::Tensor &dout = b.dout, &delta = b.delta;
     std::vector<at::Tensor>& dq = b.dq;
     at::Tensor dall = at::zeros(all.sizes(), all.options().dtype(out.scalar_type()));
     for (int src = 0; src < W; ++src)
-      backward_against(q, my_starts, all[src][0], all[src][1], chunk_starts(layout, src), L, spec, lse, dout, delta,
-                       dq, dall[src][0], dall[src][1]);
-    at::Tensor mine = at::empty_like(dall[0]).unsqueeze(0);
-    comm->reduce_scatter(mine, dall)->wait();
+      backward_against(q, mine, all[src][0], all[src][1], chunk_starts(layout, src), L, spec, lse, dout, delta, dq,
+                       dall[src][0], dall[src][1]);
+    at::Tensor own = at::empty_like(dall[0]).unsqueeze(0);
+    comm->reduce_scatter(own, dall)->wait();
     const auto dtype = all.scalar_type();
-    return {at::Tensor(), at::cat(dq, 2).to(q.scalar_type()), mine[0][0].to(dtype), mine[0][1].to(dtype),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {at::Tensor(), at::cat(dq, 2).to(q.scalar_type()), own[0][0].to(dtype), own[0][1].to(dtype),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 // ---- sliding window through the halo ----
+// With documents each chunk's queries mask the halo tokens of another document
+// (their doc_start is past them); the exchange itself is unchanged.
 std::pair<at::Tensor, at::Tensor> windowed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const SequenceLayout& layout, const CommPtr& comm,
-                                           const AttentionSpec& spec) {
+                                           const AttentionSpec& spec, const at::Tensor& doc_start) {
   const int64_t L = layout.chunk_len(), halo = spec.window - 1;
   TORCH_CHECK(halo <= L, "sliding-window attention: window ", spec.window, " needs the previous ", halo,
               " tokens but chunks hold ", L, " (", layout.describe(),
@@ -320,8 +364,9 @@ std::pair<at::Tensor, at::Tensor> windowed(const at::Tensor& q, const at::Tensor
     const at::Tensor h = kv_halo.narrow(2, i * halo, halo);
     const at::Tensor k_ext = at::cat({h.narrow(1, 0, hkv), k.narrow(2, i * L, L)}, 2);
     const at::Tensor v_ext = at::cat({h.narrow(1, hkv, hkv), v.narrow(2, i * L, L)}, 2);
-    auto res = PositionedFunction::apply(q.narrow(2, i * L, L), k_ext, v_ext, starts[i], starts[i] - halo, spec.scale,
-                                         spec.window, spec.block);
+    const at::Tensor chunk_doc_start = doc_start.defined() ? doc_start.narrow(1, i * L, L) : at::Tensor();
+    auto res = PositionedFunction::apply(q.narrow(2, i * L, L), k_ext, v_ext, optional_tensor(chunk_doc_start),
+                                         starts[i], starts[i] - halo, spec.scale, spec.window, spec.block);
     outs.push_back(res[0]);
     lses.push_back(res[1]);
   }
@@ -331,23 +376,27 @@ std::pair<at::Tensor, at::Tensor> windowed(const at::Tensor& q, const at::Tensor
 }  // namespace
 
 std::pair<at::Tensor, at::Tensor> attend_gathered(const at::Tensor& q, const at::Tensor& all,
-                                                  const SequenceLayout& layout, int rank, const AttentionSpec& spec) {
+                                                  const SequenceLayout& layout, int rank, const AttentionSpec& spec,
+                                                  const at::Tensor& doc_start) {
   at::NoGradGuard no_grad;
-  auto [out, lse] = gathered_forward(q, all, layout, rank, spec);
+  check_document_starts(doc_start, q, 2, "attend_gathered");
+  auto [out, lse] = gathered_forward(q, all, layout, rank, spec, doc_start);
   return {out.to(q.scalar_type()), lse};
 }
 
 std::pair<at::Tensor, at::Tensor> positioned_attention(const at::Tensor& q, int64_t q_start, const at::Tensor& k,
                                                        const at::Tensor& v, int64_t k_start,
-                                                       const AttentionSpec& spec) {
-  auto res = PositionedFunction::apply(q, k, v, q_start, k_start, spec.scale, spec.window, spec.block);
+                                                       const AttentionSpec& spec, const at::Tensor& doc_start) {
+  check_document_starts(doc_start, q, 2, "positioned attention");
+  auto res = PositionedFunction::apply(q, k, v, optional_tensor(doc_start), q_start, k_start, spec.scale, spec.window,
+                                       spec.block);
   return {res[0], res[1]};
 }
 
 std::pair<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const SequenceLayout& layout, const CommPtr& comm,
                                                      SoftmaxMethod method, const AttentionSpec& spec,
-                                                     offload::OffloadClient* offload) {
+                                                     offload::OffloadClient* offload, const at::Tensor& doc_start) {
   TORCH_CHECK(comm && comm->size() == layout.world_size(), "softmax attention: communicator has ",
               comm ? comm->size() : 0, " ranks, the layout ", layout.world_size());
   TORCH_CHECK(q.dim() == 4 && q.size(2) == layout.local_len(), "softmax attention: local q has shape ", q.sizes(),
@@ -355,24 +404,29 @@ std::pair<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const 
   TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(2) == q.size(2), "softmax attention: k ", k.sizes(),
               " and v ", v.sizes(), " must match q's length ", q.size(2));
   TORCH_CHECK(spec.window >= 0, "softmax attention: window must be >= 0, got ", spec.window);
-  if (spec.window > 0) return windowed(q, k, v, layout, comm, spec);  // every method, offload too
+  check_document_starts(doc_start, q, 2, "softmax attention");
+  TORCH_CHECK(!doc_start.defined() || doc_start.device() == q.device(), "softmax attention: doc_start is on ",
+              doc_start.device(), " but q on ", q.device());
+  if (spec.window > 0) return windowed(q, k, v, layout, comm, spec, doc_start);  // every method, offload too
   if (method == SoftmaxMethod::kOffload) {
     if (!offload)
       throw ConfigError("softmax attention method 'offload' needs memory nodes: set offload.memory_ranks > 0");
-    return offload_attention(q, k, v, layout, comm, *offload, spec);
+    return offload_attention(q, k, v, layout, comm, *offload, spec, doc_start);
   }
   switch (method) {
     case SoftmaxMethod::kLocal:
       if (layout.world_size() != 1)
         throw ConfigError("softmax attention method 'local' sees only this rank's keys but the sequence is split over " +
                           std::to_string(layout.world_size()) + " ranks; use ring or allgather");
-      return positioned_attention(q, 0, k, v, 0, spec);
+      return positioned_attention(q, 0, k, v, 0, spec, doc_start);
     case SoftmaxMethod::kRing: {
-      auto res = apply_in_order<RingFunction>(q, k, v, layout, comm, spec.scale, spec.window, spec.block);
+      auto res = apply_in_order<RingFunction>(q, k, v, optional_tensor(doc_start), layout, comm, spec.scale,
+                                              spec.window, spec.block);
       return {res[0], res[1]};
     }
     case SoftmaxMethod::kAllGather: {
-      auto res = apply_in_order<AllGatherFunction>(q, k, v, layout, comm, spec.scale, spec.window, spec.block);
+      auto res = apply_in_order<AllGatherFunction>(q, k, v, optional_tensor(doc_start), layout, comm, spec.scale,
+                                                   spec.window, spec.block);
       return {res[0], res[1]};
     }
     case SoftmaxMethod::kOffload: break;

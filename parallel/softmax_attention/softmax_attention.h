@@ -24,6 +24,15 @@
 // differentiable. Causality by global position: zigzag's balance comes from
 // skipping fully-future chunk pairs, so every non-diagonal ring step does half
 // a block on every rank.
+// Packed documents: `doc_start` is this rank's shard [B, n] int64 of the
+// row's document starts (runtime/comm/documents.h, shard_document_starts), or
+// undefined for one document per row (today's code and cost). A key is
+// visible only inside the query's document; chunk pairs whose documents do
+// not meet (the K,V chunk ends before the query chunk's smallest doc_start)
+// are skipped like fully-future pairs. The ring still forwards every K,V
+// chunk and the all-gather still gathers all of them, so the communication
+// pattern is the same on every rank whatever the documents; the sliding
+// window keeps its halo, whose tokens the query's doc_start masks.
 // Ordering: collective over `comm` in forward and backward.
 #pragma once
 
@@ -47,29 +56,34 @@ const char* method_name(SoftmaxMethod method);
 // "local", "ring", "allgather", "offload" (any case); throws ConfigError otherwise.
 SoftmaxMethod parse_method(const std::string& name);
 
-// `offload` is required by (and only used by) kOffload.
+// `offload` is required by (and only used by) kOffload. `doc_start`: see above.
 std::pair<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const SequenceLayout& layout, const CommPtr& comm,
                                                      SoftmaxMethod method, const AttentionSpec& spec,
-                                                     offload::OffloadClient* offload = nullptr);
+                                                     offload::OffloadClient* offload = nullptr,
+                                                     const at::Tensor& doc_start = {});
 
 inline at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const SequenceLayout& layout, const CommPtr& comm, SoftmaxMethod method,
-                            const AttentionSpec& spec, offload::OffloadClient* offload = nullptr) {
-  return attention_with_lse(q, k, v, layout, comm, method, spec, offload).first;
+                            const AttentionSpec& spec, offload::OffloadClient* offload = nullptr,
+                            const at::Tensor& doc_start = {}) {
+  return attention_with_lse(q, k, v, layout, comm, method, spec, offload, doc_start).first;
 }
 
 // Forward of this rank's query chunks against every rank's K,V already
 // gathered (all: [W, 2, B, Hkv, n, d] as the all-gather method gathers them):
 // the compute of all-gather attention without its collective. Benchmarks time
-// it as the "communication already done" baseline of the ring.
+// it as the "communication already done" baseline of the ring. `doc_start`:
+// this rank's [B, n], or undefined.
 std::pair<at::Tensor, at::Tensor> attend_gathered(const at::Tensor& q, const at::Tensor& all,
-                                                  const SequenceLayout& layout, int rank, const AttentionSpec& spec);
+                                                  const SequenceLayout& layout, int rank, const AttentionSpec& spec,
+                                                  const at::Tensor& doc_start = {});
 
 // One positioned chunk pair on one rank, differentiable: q at positions
 // q_start.., k/v at k_start.. (the local and sliding-window building block).
+// `doc_start`: the query chunk's [B, Lq] int64, or undefined.
 std::pair<at::Tensor, at::Tensor> positioned_attention(const at::Tensor& q, int64_t q_start, const at::Tensor& k,
                                                        const at::Tensor& v, int64_t k_start,
-                                                       const AttentionSpec& spec);
+                                                       const AttentionSpec& spec, const at::Tensor& doc_start = {});
 
 }  // namespace loom::softmax_attention

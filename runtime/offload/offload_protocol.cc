@@ -33,7 +33,11 @@ int64_t payload_bytes(const pb::OffloadMessage& msg, int64_t limit_bytes) {
   for (int i = 0; i < msg.payloads_size(); ++i) {
     const auto& s = msg.payloads(i);
     const auto dtype = scalar_type_from_name(s.dtype());
-    if (!dtype || !at::isFloatingType(*dtype))
+    const bool doc_start = msg.documents() && i == msg.payloads_size() - 1;
+    if (doc_start && (!dtype || *dtype != at::kLong))
+      throw OffloadError("payload " + std::to_string(i) + " (doc_start) has dtype '" + s.dtype() +
+                         "' (allowed: int64)");
+    if (!doc_start && (!dtype || !at::isFloatingType(*dtype)))
       throw OffloadError("payload " + std::to_string(i) + " has dtype '" + s.dtype() +
                          "' (allowed: float32, float64, bfloat16, float16)");
     if (s.shape_size() > 8) throw OffloadError("payload " + std::to_string(i) + " has more than 8 dimensions");

@@ -11,6 +11,11 @@
 // oversized or malformed request without receiving it and stay up.
 // Tags are kOffloadTag + 0 (header), + 1 (control), + 2 + i (payload i); one
 // request at a time per client and server pair, so messages cannot cross.
+// Payloads are floating point, except the last one of a message with
+// `documents` set: the query chunk's doc_start (int64).
+// Versions: 1 the original; 2 adds `documents` to ATTEND / ATTEND_BACKWARD. A
+// node answers a different version with ERROR naming both (a version-1 node
+// would not know that the extra payload masks the attention).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -24,7 +29,7 @@
 
 namespace loom::offload {
 
-constexpr uint32_t kProtocolVersion = 1;
+constexpr uint32_t kProtocolVersion = 2;
 constexpr int kTag = 7100;
 constexpr int64_t kMaxControlBytes = 1 << 16;
 constexpr int kMaxPayloads = 8;
@@ -42,7 +47,9 @@ const char* type_name(pb::OffloadMessage::Type type);
 // Describes `t` for a control message.
 pb::OffloadTensorSpec spec_of(const at::Tensor& t);
 // Bytes the payloads described by `msg` take; throws OffloadError naming the
-// first bad spec (unknown dtype, negative or oversized shape, too many).
+// first bad spec (unknown dtype, or not the one its place allows: floating,
+// or int64 for the doc_start of a `documents` message; negative or oversized
+// shape; too many).
 int64_t payload_bytes(const pb::OffloadMessage& msg, int64_t limit_bytes);
 
 // Sends header + control to `peer` (does not wait for the acknowledgement);

@@ -22,6 +22,10 @@ Msg reply(Msg::Type type) {
 
 int64_t bytes_of(const at::Tensor& t) { return t.defined() ? static_cast<int64_t>(t.nbytes()) : 0; }
 
+std::string shape_text(const pb::OffloadTensorSpec& spec) {
+  return c10::str(c10::IntArrayRef(spec.shape().data(), static_cast<size_t>(spec.shape_size())));
+}
+
 }  // namespace
 
 OffloadServer::OffloadServer(CommPtr comm, std::vector<int> clients, int64_t capacity_bytes, OffloadKernels kernels)
@@ -51,6 +55,16 @@ void OffloadServer::validate(const Msg& req) const {
       throw OffloadError(what + ": " + std::to_string(req.payloads_size()) + " payloads, expected " + std::to_string(n));
   };
   const int64_t bytes = payload_bytes(req, kMaxPayloadBytes);  // dtypes, shapes, the hard limit
+  const bool documents = req.documents();
+  if (documents && req.type() != Msg::ATTEND && req.type() != Msg::ATTEND_BACKWARD)
+    throw OffloadError(what + ": only ATTEND and ATTEND_BACKWARD carry documents");
+  // The doc_start payload (the last) is [B, L] of the query payload [B, H, L, d].
+  auto document_payload = [&]() {
+    if (!documents) return;
+    const auto &q = req.payloads(0), &ds = req.payloads(req.payloads_size() - 1);
+    if (q.shape_size() != 4 || ds.shape_size() != 2 || ds.shape(0) != q.shape(0) || ds.shape(1) != q.shape(2))
+      throw OffloadError(what + ": doc_start " + shape_text(ds) + " must be [B, L] of the query " + shape_text(q));
+  };
   switch (req.type()) {
     case Msg::STORE_KV: {
       payloads(2);
@@ -66,11 +80,13 @@ void OffloadServer::validate(const Msg& req) const {
       return;
     }
     case Msg::ATTEND:
-      payloads(1);
+      payloads(documents ? 2 : 1);
+      document_payload();
       call_of(req);
       return;
     case Msg::ATTEND_BACKWARD:
-      payloads(4);
+      payloads(documents ? 5 : 4);
+      document_payload();
       call_of(req);
       return;
     case Msg::FETCH_DKV: {
@@ -113,6 +129,7 @@ void OffloadServer::validate(const Msg& req) const {
 
 Msg OffloadServer::execute(const Msg& req, std::vector<at::Tensor>& in, std::vector<at::Tensor>& out, bool& shutdown) {
   const std::string what = describe(req);
+  const at::Tensor doc_start = req.documents() ? in.back() : at::Tensor();  // validated: ATTEND*
   switch (req.type()) {
     case Msg::STORE_KV: {
       if (in[0].dim() != 4 || in[0].sizes() != in[1].sizes())
@@ -131,7 +148,7 @@ Msg OffloadServer::execute(const Msg& req, std::vector<at::Tensor>& in, std::vec
       const at::Tensor& k0 = call.chunks.front().k;
       if (q.dim() != 4 || q.size(0) != k0.size(0) || q.size(3) != k0.size(3) || q.size(1) % k0.size(1) != 0)
         throw OffloadError(what + ": q " + c10::str(q.sizes()) + " does not fit the stored K " + c10::str(k0.sizes()));
-      auto [o, lse] = kernels_.attend(q, req.start(), call.chunks, req);
+      auto [o, lse] = kernels_.attend(q, req.start(), doc_start, call.chunks, req);
       out = {o, lse};
       return reply(Msg::OK);
     }
@@ -145,7 +162,7 @@ Msg OffloadServer::execute(const Msg& req, std::vector<at::Tensor>& in, std::vec
                            " bytes)");
       call.bytes += added;
       bytes_in_use_ += added;
-      out = {kernels_.attend_backward(in[0], in[1], in[2], in[3], req.start(), call.chunks, req)};
+      out = {kernels_.attend_backward(in[0], in[1], in[2], in[3], req.start(), doc_start, call.chunks, req)};
       return reply(Msg::OK);
     }
     case Msg::FETCH_DKV: {

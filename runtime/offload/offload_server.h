@@ -2,7 +2,9 @@
 // DESIGN.md section 7). It holds the K,V of softmax layers that compute ranks
 // store, split by KV head across memory nodes, computes attention for the
 // query chunks they send (forward: out and lse; backward: dq, accumulating dK,
-// dV of the stored chunks until they are fetched) and answers STATS, CLOSE
+// dV of the stored chunks until they are fetched; with packed documents the
+// request carries the query chunk's doc_start, which masks the keys) and
+// answers STATS, CLOSE
 // and SHUTDOWN. For generation (Lamina) it keeps each sequence's KV cache of
 // each softmax layer: a DECODE request brings one token's q, k, v per
 // sequence, appends k, v and returns the attention output; CLOSE with
@@ -41,14 +43,17 @@ struct StoredChunk {
 };
 
 struct OffloadKernels {
-  // {out, lse} (accumulation dtype) of q [B, Hq_node, L, d] at q_start against the chunks.
-  std::function<std::pair<at::Tensor, at::Tensor>(const at::Tensor& q, int64_t q_start,
+  // {out, lse} (accumulation dtype) of q [B, Hq_node, L, d] at q_start against
+  // the chunks; doc_start: the query chunk's [B, L] int64, or undefined (one
+  // document per row).
+  std::function<std::pair<at::Tensor, at::Tensor>(const at::Tensor& q, int64_t q_start, const at::Tensor& doc_start,
                                                   const std::vector<StoredChunk>& chunks,
                                                   const pb::OffloadMessage& request)>
       attend;
-  // dq (accumulation dtype); adds into the chunks' dk, dv.
+  // dq (accumulation dtype); adds into the chunks' dk, dv. doc_start as in attend.
   std::function<at::Tensor(const at::Tensor& q, const at::Tensor& out, const at::Tensor& dout, const at::Tensor& lse,
-                           int64_t q_start, std::vector<StoredChunk>& chunks, const pb::OffloadMessage& request)>
+                           int64_t q_start, const at::Tensor& doc_start, std::vector<StoredChunk>& chunks,
+                           const pb::OffloadMessage& request)>
       attend_backward;
   // Generation: the newest token's out [S, Hq_node, 1, d] against the cached k, v.
   std::function<at::Tensor(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
