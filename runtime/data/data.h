@@ -27,6 +27,7 @@ namespace loom {
 struct Batch {
   at::Tensor inputs;  // [B, N] int64
   at::Tensor labels;  // [B, N] int64, -100 = ignored
+  at::Tensor doc_start;  // [B, N] int64, global positions (documents.h); undefined = one document per row (data.packing NONE, synthetic tasks)
 };
 
 class TokenWindowSampler {
