@@ -6,11 +6,14 @@
 // d(log_gate), both layouts, lengths that do not divide the block or the
 // layout, gates near 0 (log g = -30), near 1 (log g = -1e-6) and mixed, with
 // and without packed documents. Also LASP-2's one collective each way with
-// bytes flat in N.
+// bytes flat in N; the K mixer across ranks (with documents: each document as
+// if alone) and its incremental decoding against the full forward.
 #include <gtest/gtest.h>
 #include <torch/autograd.h>
 
 #include "distributed_reference.h"
+#include "loom/models/hybrid_lm.h"
+#include "loom/models/mixers.h"
 #include "loom/parallel/linear_attention/chunked_kernel.h"
 #include "loom/parallel/linear_attention/decay.h"
 #include "loom/parallel/linear_attention/lasp.h"
@@ -325,6 +328,105 @@ TEST(GatedLinearAttentionCommunication, Lasp2OneCollectiveEachWayBytesFlatInN) {
       EXPECT_TRUE(lg.grad().defined());
     }
   }
+}
+
+// ---- the K mixer (GLA-style layer) ----
+
+pb::ModelConfig tiny_gla_config() {
+  pb::ModelConfig c;
+  c.set_d_model(16);
+  c.set_n_heads(2);
+  c.set_n_kv_heads(2);
+  c.set_feature_dim(4);
+  c.set_block_size(4);
+  return c;
+}
+
+std::vector<at::Tensor> gradients_of(torch::nn::Module& m) {
+  std::vector<at::Tensor> g;
+  for (auto& p : m.parameters()) {
+    g.push_back(p.grad().defined() ? p.grad().clone() : at::zeros_like(p));
+    p.mutable_grad().reset();
+  }
+  return g;
+}
+
+// Every rank's shard against the whole sequence on one rank, and with
+// documents against each document run alone on one rank: outputs, dx and
+// every parameter's gradient (summed over ranks), for both layouts.
+TEST(GatedLinearAttentionMixer, AcrossRanksAndDocumentsMatchOneRank) {
+  auto comm = MpiCommunicator::world();
+  auto self = comm->split(comm->rank(), 0);
+  const int W = comm->size(), r = comm->rank();
+  for (auto kind : {LayoutKind::kContiguous, LayoutKind::kZigzag}) {
+    for (int64_t n : {int64_t(12 * W), int64_t(12 * W + 5)}) {
+      for (bool docs : {false, true}) {
+        torch::manual_seed(7);
+        models::Mixer mixer = models::make_mixer('K', tiny_gla_config());
+        mixer->to(at::kDouble);
+        const SequenceLayout layout(kind, n, W);
+        const at::Tensor X = seeded_randn({2, n, 16}, 11), G = seeded_randn({2, n, 16}, 12);
+        const std::vector<std::vector<int64_t>> lengths{testing::document_lengths(n, layout.chunk_len(), docs ? 4 : 0),
+                                                        testing::document_lengths(n, layout.chunk_len(), docs ? 3 : 0)};
+        // Reference: each document of each row alone on one rank.
+        at::Tensor Xr = X.clone().requires_grad_(true);
+        std::vector<at::Tensor> rows;
+        for (int64_t b = 0; b < 2; ++b) {
+          std::vector<at::Tensor> parts;
+          int64_t start = 0;
+          for (int64_t len : lengths[b]) {
+            const models::SequenceContext one{SequenceLayout(LayoutKind::kContiguous, len, 1), self};
+            parts.push_back(mixer->forward(Xr.narrow(0, b, 1).narrow(1, start, len), one));
+            start += len;
+          }
+          rows.push_back(at::cat(parts, 1));
+        }
+        const at::Tensor ref = at::cat(rows, 0);
+        (ref * G).sum().backward();
+        const std::vector<at::Tensor> ref_grads = gradients_of(*mixer);
+
+        models::SequenceContext ctx{layout, comm};
+        if (docs) ctx.doc_start = shard_document_starts(document_starts_from_lengths(lengths, n), layout, r);
+        at::Tensor x = layout.shard(X, r, 1).requires_grad_(true);
+        at::Tensor out = mixer->forward(x, ctx);
+        (out * layout.shard(G, r, 1)).sum().backward();
+        ReferenceCheck check(r, 1e-9);
+        check.sharded("out", out, ref, layout, 1).sharded("dx", x.grad(), Xr.grad(), layout, 1);
+        std::vector<at::Tensor> grads = gradients_of(*mixer);
+        for (size_t i = 0; i < grads.size(); ++i) {
+          comm->all_reduce(grads[i])->wait();
+          check.same("dparam" + std::to_string(i), grads[i], ref_grads[i]);
+        }
+        EXPECT_TRUE(check.verdict()) << layout.describe() << " documents=" << docs;
+      }
+    }
+  }
+}
+
+// decode_step at every position equals forward() on the whole sequence, and
+// greedy generation with the state equals generation by recomputation.
+TEST(GatedLinearAttentionDecode, MatchesTheFullForward) {
+  auto self = MpiCommunicator::world()->split(MpiCommunicator::world()->rank(), 0);
+  pb::ModelConfig user;
+  user.set_preset("tiny-gla");
+  torch::manual_seed(42);
+  models::HybridLM model(models::resolve_model_config(user));
+  model->to(at::kDouble);
+  const int64_t n = 24;
+  at::Generator gen = at::detail::createCPUGenerator(12);
+  const at::Tensor tokens = at::randint(0, 256, {2, n}, gen, at::kLong);
+  torch::NoGradGuard no_grad;
+  const at::Tensor full = model(tokens, models::SequenceContext{SequenceLayout(LayoutKind::kContiguous, n, 1), self});
+  std::vector<models::DecodeCache> caches;
+  models::DecodeContext ctx;
+  for (int64_t t = 0; t < n; ++t) {
+    ctx.position = t;
+    const at::Tensor step = model->decode_step(tokens.narrow(1, t, 1), caches, ctx);
+    EXPECT_TRUE(testing::tensors_close(step, full.narrow(1, t, 1), 1e-10, "logits at " + std::to_string(t)));
+  }
+  const std::vector<int64_t> prompt{72, 101, 108, 108, 111};
+  EXPECT_EQ(models::generate_incremental(*model, {prompt}, 12)[0],
+            models::generate_greedy(*model, prompt, 12, pb::ParallelConfig(), self));
 }
 
 }  // namespace
