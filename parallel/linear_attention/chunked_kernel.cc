@@ -234,6 +234,10 @@ double chunked_linear_attention_flops(int64_t n, int64_t block, int64_t dk, int6
   return 2 * N * C * (dk + dv) + 4 * N * dk * dv + 2 * N * C * (3 * dk + 2 * dv) + 8 * N * dk * dv;
 }
 
+double gated_linear_attention_flops(int64_t n, int64_t block, int64_t dk, int64_t dv) {
+  return chunked_linear_attention_flops(n, block, dk, dv) + 4.0 * static_cast<double>(n) * dk;
+}
+
 at::Tensor chunked_linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& decay, int64_t block, const at::Tensor& doc_start,
                                     const at::Tensor& log_gate) {

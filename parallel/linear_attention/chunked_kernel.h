@@ -63,6 +63,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_backward(const at::Tensor& 
 // 2NC(dk+dv) + 4N dk dv, backward 2NC(3dk+2dv) + 8N dk dv. The C terms are the
 // intra-block part; at C = 0 what is left is the inter-block (state) part.
 double chunked_linear_attention_flops(int64_t n, int64_t block, int64_t dk, int64_t dv);
+// With gates: the same plus 4N dk for d(log_gate) (the q . dq and k . dk
+// products); the exponentials of the gate factors and the cumulative sums
+// are not multiply-adds and are not counted.
+double gated_linear_attention_flops(int64_t n, int64_t block, int64_t dk, int64_t dv);
 
 at::Tensor chunked_linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& decay, int64_t block, const at::Tensor& doc_start = {},
