@@ -75,11 +75,13 @@ void check_log_gate(const at::Tensor& log_gate, const at::Tensor& q, const char*
               log_gate.sizes());
   TORCH_CHECK(at::isFloatingType(log_gate.scalar_type()), what, ": log_gate must be floating point, got ",
               log_gate.scalar_type());
-  // One reduction: NaN fails the comparison too.
-  const double top = log_gate.numel() == 0 ? 0.0 : log_gate.max().item<double>();
-  TORCH_CHECK(top <= 0.0, what, ": every log gate must be finite and <= 0 (gates in (0, 1]), got a maximum of ", top);
-  TORCH_CHECK(log_gate.numel() == 0 || std::isfinite(log_gate.min().item<double>()), what,
-              ": every log gate must be finite (a document start is given by doc_start, not by -inf)");
+  if (log_gate.numel() == 0 || log_gate.is_meta()) return;  // no values to check (meta: shapes only)
+  // One transfer for both bounds; NaN fails the comparisons too.
+  const at::Tensor bounds = at::stack({log_gate.max(), log_gate.min()}).to(at::kCPU, at::kDouble);
+  const double top = bounds[0].item<double>(), bottom = bounds[1].item<double>();
+  TORCH_CHECK(top <= 0.0, what, ": every log gate must be <= 0 (gates in (0, 1]), got a maximum of ", top);
+  TORCH_CHECK(std::isfinite(bottom), what, ": every log gate must be finite, got a minimum of ", bottom,
+              " (a document start is given by doc_start, not by a gate of 0)");
 }
 
 GatedBlocks gated_blocks(const at::Tensor& log_gate, const at::Tensor& decay, int64_t nb, int64_t c,
