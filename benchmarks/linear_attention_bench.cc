@@ -2,6 +2,7 @@
 //  1. one rank, one thread: chunked (Lightning-2 tiling) vs naive quadratic
 //     forward+backward at N = 1K..64K: time, tokens/s, peak tensor memory and
 //     achieved GFLOP/s next to the same-run float32 matmul GFLOP/s;
+//     the same for the gated kernel (log gates per token and head, GLA style);
 //  2. 1, 2, 4 ranks: the bytes and calls the communicator counts for LASP-2,
 //     LASP-2 all-scan and LASP-1, in both layouts, at two lengths.
 // Ratios are measured in the same run; nothing is compared with numbers from
@@ -12,6 +13,9 @@
 
 #include <cmath>
 #include <iostream>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "bench_util.h"
 #include "loom/parallel/linear_attention/chunked_kernel.h"
@@ -29,6 +33,40 @@ using loom::bench::time_it;
 namespace {
 
 
+
+// The gated kernel (data-dependent log gates, g = exp(-softplus(x)) per token
+// and head) at the ungated kernel's block size, forward+backward including
+// d(log_gate). FLOPs per (batch, head), gated_linear_attention_flops():
+//   forward 2NC(dk+dv) + 4N dk dv, backward 2NC(3dk+2dv) + 8N dk dv + 4N dk
+// (the exponentials of the per-block gate factors are not counted).
+void gated_study(int64_t max_n, int64_t heads, int64_t d, int reps, int64_t block, double peak_gflops) {
+  std::printf("== one rank, one thread: gated chunked kernel (log gates per token and head), block C=%ld ==\n"
+              "FLOPs per head = 2NC(dk+dv) + 4N dk dv + 2NC(3dk+2dv) + 8N dk dv + 4N dk (gate factors' exp not "
+              "counted)\n",
+              static_cast<long>(block));
+  std::printf("%8s | %12s %12s %10s %9s %8s | %14s\n", "N", "gated ms", "tokens/s", "peak MiB", "GFLOP/s", "% mm",
+              "gated/ungated");
+  la::LinearAttentionOptions plain;
+  plain.block_size = block;
+  plain.decay = la::default_decay(heads);
+  for (int64_t n = 1024; n <= max_n; n *= 2) {
+    la::LinearAttentionOptions opt;
+    opt.block_size = block;
+    opt.log_gate = (-at::softplus(at::randn({1, heads, n}))).requires_grad_(true);
+    const Measured g = measure_attention(
+        [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) { return la::linear_attention(q, k, v, opt); },
+        heads, n, d, reps, 0.1);
+    const Measured u = measure_attention(
+        [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+          return la::linear_attention(q, k, v, plain);
+        },
+        heads, n, d, reps, 0.1);
+    const double gf = heads * la::gated_linear_attention_flops(n, block, d, d) / g.seconds / 1e9;
+    std::printf("%8ld | %12.2f %12.0f %10.1f %9.1f %7.1f%% | %14.2f\n", static_cast<long>(n), g.seconds * 1e3,
+                n / g.seconds, mib(g.peak_bytes), gf, 100.0 * gf / peak_gflops, g.seconds / u.seconds);
+  }
+  std::printf("\n");
+}
 
 void single_rank_study(int64_t max_n, int64_t naive_max_n, int64_t heads, int64_t d, int reps) {
   std::printf("== one rank, one thread: chunked vs naive linear attention, B=1 H=%ld d_k=d_v=%ld, float32 ==\n",
@@ -80,6 +118,7 @@ void single_rank_study(int64_t max_n, int64_t naive_max_n, int64_t heads, int64_
                 "chunked peak memory(64K)/(8K) = %.2f (linear is 8)\n",
                 t64k / t8k, m64k / m8k);
   std::printf("\n");
+  gated_study(max_n, heads, d, reps, best_block, peak_gflops);
 }
 
 void communication_study(const std::shared_ptr<loom::MpiCommunicator>& world, int64_t tokens_per_rank,
@@ -94,14 +133,20 @@ void communication_study(const std::shared_ptr<loom::MpiCommunicator>& world, in
     auto sub = world->split(world->rank() < w ? 0 : -1, world->rank());
     if (sub) {
       for (auto kind : {loom::LayoutKind::kContiguous, loom::LayoutKind::kZigzag}) {
-        for (auto method : {la::LinearAttentionMethod::kLasp2, la::LinearAttentionMethod::kLasp2AllScan,
-                            la::LinearAttentionMethod::kLasp1}) {
+        // LASP-2 also with gates: each chunk's decay travels per row and head.
+        const std::vector<std::pair<la::LinearAttentionMethod, bool>> methods{
+            {la::LinearAttentionMethod::kLasp2, false},
+            {la::LinearAttentionMethod::kLasp2, true},
+            {la::LinearAttentionMethod::kLasp2AllScan, false},
+            {la::LinearAttentionMethod::kLasp1, false}};
+        for (const auto& [method, gated] : methods) {
           for (int64_t scale : {1, 4}) {
             const int64_t n = tokens_per_rank * w * scale;
             const loom::SequenceLayout layout(kind, n, w);
             la::LinearAttentionOptions opt;
             opt.decay = la::default_decay(heads);
             opt.block_size = 64;
+            if (gated) opt.log_gate = -at::softplus(at::randn({1, heads, layout.local_len()}));
             at::Tensor q = (at::randn({1, heads, layout.local_len(), d}) * 0.1).requires_grad_(true);
             at::Tensor v = at::randn({1, heads, layout.local_len(), d}).requires_grad_(true);
             // All-scan also scans over the reversed communicator: count both.
@@ -127,7 +172,9 @@ void communication_study(const std::shared_ptr<loom::MpiCommunicator>& world, in
             const auto* r = row.data_ptr<int64_t>();
             if (sub->rank() == 0)
               std::printf("%3d %-10s %-14s %8ld | %9ld %12ld | %9ld %12ld | %10.1f\n", w,
-                          loom::layout_kind_name(kind), la::method_name(method), static_cast<long>(n),
+                          loom::layout_kind_name(kind),
+                          (std::string(la::method_name(method)) + (gated ? "+gates" : "")).c_str(),
+                          static_cast<long>(n),
                           static_cast<long>(r[0]), static_cast<long>(r[1]), static_cast<long>(r[2]),
                           static_cast<long>(r[3]), r[4] / 1000.0);
           }
@@ -138,7 +185,7 @@ void communication_study(const std::shared_ptr<loom::MpiCommunicator>& world, in
   }
   if (world->rank() == 0)
     std::printf("(maximum over the ranks of each group; LASP-2 formula: (W-1) * chunks_per_rank * B*H*d_k*d_v * 4 bytes, "
-                "independent of N)\n");
+                "with gates (W-1) * chunks_per_rank * (B*H*d_k*d_v + B*H) * 4 bytes, independent of N)\n");
 }
 
 }  // namespace

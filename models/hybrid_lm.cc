@@ -43,6 +43,12 @@ const std::map<std::string, std::string>& presets() {
        "pattern: '" + repeat("LLLA", 4) +
            "' vocab_size: 128256 d_model: 2048 n_heads: 32 n_kv_heads: 8 d_ff: 8192 feature_dim: 0 "
            "feature_map: 'identity' linear_normalize: false tie_embeddings: true rope_theta: 500000"},
+      // GLA 1.3B (Yang et al. 2024; fla-hub/gla-1.3B-100B): 24 layers, d 2048, 4 heads, keys
+      // half the width (feature_dim 256 per head), SwiGLU 5632, 32000 tokens, untied.
+      // Loom's gate is one scalar per head (GLA's is per key channel).
+      {"gla-1.3b", "pattern: '" + repeat("K", 24) +
+                       "' vocab_size: 32000 d_model: 2048 n_heads: 4 d_ff: 5632 feature_dim: 256 "
+                       "tie_embeddings: false norm_eps: 1e-6"},
       {"titans-mac", "pattern: '" + repeat("X", 12) +
                          "' vocab_size: 32000 d_model: 768 n_heads: 12 d_ff: 2048 memory_depth: 2 memory_chunk: 64 "
                          "persistent_tokens: 16 window: 512"},
@@ -62,6 +68,9 @@ const std::map<std::string, std::string>& presets() {
       {"tiny-linear-llama-hybrid",
        "pattern: 'LLLA' vocab_size: 256 d_model: 32 n_heads: 4 n_kv_heads: 2 d_ff: 64 feature_dim: 0 "
        "feature_map: 'elu' linear_normalize: true block_size: 4"},
+      {"tiny-gla",
+       "pattern: 'KK' vocab_size: 256 d_model: 32 n_heads: 2 d_ff: 64 feature_dim: 8 tie_embeddings: false "
+       "block_size: 4"},
       {"tiny-titans-mac",
        "pattern: 'XL' vocab_size: 256 d_model: 16 n_heads: 2 d_ff: 32 memory_depth: 2 memory_chunk: 2 "
        "persistent_tokens: 2 window: 4 feature_dim: 4 feature_map: 'elu' block_size: 4"},
@@ -100,6 +109,12 @@ int64_t mixer_params(char letter, const pb::ModelConfig& c) {
       int64_t n = D * H * f + D * kv_heads(c) * f + D * kv_heads(c) * d + H * d * D;
       if (c.feature_map() == "hedgehog") n += H * f * f;
       return n;
+    }
+    case 'K': {
+      const int64_t rank = GatedLinearAttentionMixer::kGateRank;
+      return D * H * f + D * kv_heads(c) * f + D * kv_heads(c) * d  // q, k, v
+             + D * rank + rank * H + H                             // gate: low rank with bias
+             + D * H * d + H * d * D + d;                          // output gate, o, per-head norm
     }
     case 'A':
     case 'W': return attention_params(c);

@@ -87,6 +87,68 @@ at::Tensor LinearAttentionMixer::decode(const at::Tensor& x, DecodeCache& cache,
   return o_(merge_heads(out));
 }
 
+// ---- K ----
+GatedLinearAttentionMixer::GatedLinearAttentionMixer(const pb::ModelConfig& c)
+    : heads_(c.n_heads()),
+      kv_heads_(kv_heads_of(c)),
+      head_dim_(c.d_model() / c.n_heads()),
+      key_dim_(c.feature_dim() > 0 ? c.feature_dim() : c.d_model() / c.n_heads()),
+      block_(c.block_size()) {
+  const int64_t D = c.d_model();
+  q_ = register_module("q", make_projection(D, heads_ * key_dim_));
+  k_ = register_module("k", make_projection(D, kv_heads_ * key_dim_));
+  v_ = register_module("v", make_projection(D, kv_heads_ * head_dim_));
+  gate_down_ = register_module("gate_down", make_projection(D, kGateRank));
+  gate_up_ = register_module("gate_up", Projection(kGateRank, heads_, /*bias=*/true));
+  output_gate_ = register_module("output_gate", make_projection(D, heads_ * head_dim_));
+  o_ = register_module("o", make_projection(heads_ * head_dim_, D));
+  out_norm_ = register_module("out_norm", RMSNorm(head_dim_, c.norm_eps()));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> GatedLinearAttentionMixer::project(const at::Tensor& x) {
+  const int64_t group = heads_ / kv_heads_;
+  const at::Tensor q = split_heads(q_(x), heads_) * (1.0 / std::sqrt(static_cast<double>(key_dim_)));
+  // GQA: each key/value head serves `group` query heads.
+  const at::Tensor k = softmax_attention::repeat_kv_heads(split_heads(k_(x), kv_heads_), group);
+  const at::Tensor v = softmax_attention::repeat_kv_heads(split_heads(v_(x), kv_heads_), group);
+  // log g = logsigmoid(z) / 16 = -softplus(-z) / 16 <= 0, computed stably.
+  const at::Tensor log_gate = (-at::softplus(-gate_up_(gate_down_(x))) / kGateNormaliser).transpose(1, 2);
+  return {q, k, v, log_gate.contiguous()};
+}
+
+at::Tensor GatedLinearAttentionMixer::output(const at::Tensor& attended, const at::Tensor& x) {
+  const at::Tensor normed = out_norm_(attended.transpose(1, 2));  // [B, n, H, head_dim], per head
+  const at::Tensor flat = normed.reshape({x.size(0), x.size(1), heads_ * head_dim_});
+  return o_(flat * at::silu(output_gate_(x)));
+}
+
+at::Tensor GatedLinearAttentionMixer::forward(const at::Tensor& x, const SequenceContext& ctx) {
+  auto [q, k, v, log_gate] = project(x);
+  linear_attention::LinearAttentionOptions opt;
+  opt.block_size = block_;
+  opt.normalize = false;
+  opt.log_gate = log_gate;
+  opt.doc_start = ctx.doc_start;
+  return output(
+      linear_attention::sequence_parallel_linear_attention(q, k, v, ctx.layout, ctx.comm, ctx.linear_method, opt), x);
+}
+
+// S_t = g_t S_(t-1) + k_t v_t^T, o_t = q_t^T S_t: the recurrence the chunked
+// kernel computes.
+at::Tensor GatedLinearAttentionMixer::decode(const at::Tensor& x, DecodeCache& cache, const DecodeContext& ctx) {
+  auto [q, k, v, log_gate] = project(x);
+  at::Tensor S = at::matmul(k.transpose(-1, -2), v);  // [S, H, f, head_dim]
+  if (!cache.tensors.empty()) {
+    at::Tensor prev = cache.tensors[0];
+    // A sequence whose new token starts a document forgets its state.
+    const at::Tensor starts = ctx.starts_document();
+    if (starts.defined()) prev = prev * starts.logical_not().to(prev.scalar_type()).view({-1, 1, 1, 1});
+    S = S + prev * log_gate.exp().unsqueeze(-1);  // [S, H, 1, 1]
+  }
+  cache.tensors = {S};
+  return output(at::matmul(q, S), x);
+}
+
 // ---- A, W ----
 SoftmaxAttentionMixer::SoftmaxAttentionMixer(const pb::ModelConfig& c, int64_t window)
     : heads_(c.n_heads()),
@@ -191,12 +253,13 @@ Mixer make_mixer(char letter, const pb::ModelConfig& c) {
     case 'A': return std::make_shared<SoftmaxAttentionMixer>(c, 0);
     case 'W': return std::make_shared<SoftmaxAttentionMixer>(c, c.window());
     case 'C': return std::make_shared<BaseConvMixer>(c);
+    case 'K': return std::make_shared<GatedLinearAttentionMixer>(c);
     case 'M': return std::make_shared<TitansMALMixer>(c);
     case 'G': return std::make_shared<TitansMAGMixer>(c);
     case 'X': return std::make_shared<TitansMACMixer>(c);
     default: break;
   }
-  throw ConfigError(std::string("model.pattern: letter '") + letter + "' is not a mixer (allowed: L A W C M G X)");
+  throw ConfigError(std::string("model.pattern: letter '") + letter + "' is not a mixer (allowed: L A W C M G X K)");
 }
 
 }  // namespace loom::models

@@ -6,6 +6,9 @@
 //                             positions, via local / ring / all-gather
 //   W  SoftmaxAttentionMixer  the same with a sliding window, via the halo
 //   C  BaseConvMixer          BASED's gated short convolution, via the halo
+//   K  GatedLinearAttentionMixer  GLA-style gated linear attention (scalar
+//                             data-dependent gate per token and head) via
+//                             LASP-2 / all-scan / LASP-1
 //   M, G, X                   Titans mixers (titans.h)
 //
 // Every mixer maps this rank's shard x [B, n, D] to [B, n, D] and runs
@@ -18,6 +21,7 @@
 #include "loom/models/layers.h"
 
 #include <memory>
+#include <tuple>
 
 #include "loom/models/feature_maps.h"
 #include "loom/models/sequence_context.h"
@@ -102,6 +106,34 @@ class BaseConvMixer : public MixerImpl {
   int64_t dim_;
   Projection in_proj_{nullptr}, out_proj_{nullptr};
   at::Tensor conv_weight_, conv_bias_;
+};
+
+// K: gated linear attention as GLA's layer (Yang et al. 2024), with one
+// scalar gate per token and head (as Mamba2 / "simple GLA"):
+//   q = x W_q / sqrt(f), k = x W_k  (f = feature_dim per head, no feature map)
+//   v = x W_v                       (head_dim per head; k, v may be GQA heads)
+//   log g = logsigmoid(x W_1 W_2 + b) / 16   (low rank 16, GLA's gate normaliser)
+//   o = RMSNorm_per_head(attention) * SiLU(x W_g),  y = o W_o
+// no normaliser. Incremental decoding keeps the state S [S, H, f, head_dim].
+class GatedLinearAttentionMixer : public MixerImpl {
+ public:
+  explicit GatedLinearAttentionMixer(const pb::ModelConfig& config);
+  at::Tensor forward(const at::Tensor& x, const SequenceContext& ctx) override;
+  at::Tensor decode(const at::Tensor& x, DecodeCache& cache, const DecodeContext& ctx) override;
+  // Rank of the gate projection and the divisor of its log-sigmoid (GLA's values).
+  static constexpr int64_t kGateRank = 16;
+  static constexpr double kGateNormaliser = 16.0;
+
+ private:
+  // q, k, v [B, H, n, *] and the log gates [B, H, n] of x [B, n, D].
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> project(const at::Tensor& x);
+  // The attention output [B, H, n, head_dim] -> y [B, n, D].
+  at::Tensor output(const at::Tensor& attended, const at::Tensor& x);
+
+  int64_t heads_, kv_heads_, head_dim_, key_dim_, block_;
+  Projection q_{nullptr}, k_{nullptr}, v_{nullptr}, gate_down_{nullptr}, gate_up_{nullptr}, output_gate_{nullptr},
+      o_{nullptr};
+  RMSNorm out_norm_{nullptr};
 };
 
 // [B, n, H*d] <-> [B, H, n, d]

@@ -1,4 +1,4 @@
-// Packed documents through the models: every mixer letter (L A W C M G X,
+// Packed documents through the models: every mixer letter (L K A W C M G X,
 // Titans memories linear and deep) and the whole HybridLM, at 1-4 ranks and
 // both layouts, against each document run alone on one rank (outputs, input
 // gradients and every parameter gradient within 1e-9, float64); and
@@ -141,7 +141,7 @@ TEST_P(DocumentsMixerAcrossRanks, MatchesEachDocumentAlone) {
 
 INSTANTIATE_TEST_SUITE_P(
     Letters, DocumentsMixerAcrossRanks,
-    ::testing::Values(MixerCase{'L', 1, 2}, MixerCase{'A', 1, 2}, MixerCase{'W', 1, 2}, MixerCase{'C', 1, 2},
+    ::testing::Values(MixerCase{'L', 1, 2}, MixerCase{'K', 1, 2}, MixerCase{'A', 1, 2}, MixerCase{'W', 1, 2}, MixerCase{'C', 1, 2},
                       MixerCase{'M', 1, 2}, MixerCase{'M', 2, 2}, MixerCase{'M', 1, 1}, MixerCase{'G', 1, 2},
                       MixerCase{'G', 2, 2}, MixerCase{'X', 1, 2}, MixerCase{'X', 2, 2}, MixerCase{'X', 1, 1}),
     [](const ::testing::TestParamInfo<MixerCase>& info) {
@@ -244,8 +244,8 @@ TEST_P(DocumentsWholeModel, LossAndEveryGradientMatchEachDocumentAlone) {
 
 INSTANTIATE_TEST_SUITE_P(
     Patterns, DocumentsWholeModel,
-    ::testing::Values(ModelCase{"LAWC", 2, pb::LASP2, pb::RING}, ModelCase{"LAWC", 2, pb::LASP2_ALLSCAN, pb::ALLGATHER},
-                      ModelCase{"LAWC", 2, pb::LASP1, pb::RING}, ModelCase{"LAWCMGX", 2, pb::LASP2, pb::RING}),
+    ::testing::Values(ModelCase{"LAWCK", 2, pb::LASP2, pb::RING}, ModelCase{"LAWCK", 2, pb::LASP2_ALLSCAN, pb::ALLGATHER},
+                      ModelCase{"LAWCK", 2, pb::LASP1, pb::RING}, ModelCase{"LAWCMGX", 2, pb::LASP2, pb::RING}),
     [](const ::testing::TestParamInfo<ModelCase>& info) {
       return info.param.pattern + "_" + pb::LinearAttentionMethod_Name(info.param.linear) + "_" +
              pb::SoftmaxMethod_Name(info.param.softmax);
@@ -282,7 +282,7 @@ class DocumentsDecoding : public ::testing::TestWithParam<bool> {};
 TEST_P(DocumentsDecoding, EveryPositionMatchesThePackedForward) {
   auto self = MpiCommunicator::world()->split(MpiCommunicator::world()->rank(), 0);
   pb::ModelConfig user = tiny_config();
-  user.set_pattern("LAWCA");
+  user.set_pattern("LAWCAK");
   user.set_positions_per_document(GetParam());
   torch::manual_seed(3);
   HybridLM model(resolve_model_config(user));

@@ -317,6 +317,8 @@ TEST(ModelPresets, ParameterCountsMatchTheReferences) {
   };
   EXPECT_NEAR(count("based-360m") / 360e6, 1.0, 0.05) << count("based-360m");
   EXPECT_NEAR(count("linear-llama3-1b") / 1.24e9, 1.0, 0.05) << count("linear-llama3-1b");
+  // GLA "1.3B": the published checkpoint (fla-hub/gla-1.3B-100B, untied 32000-token embeddings) has 1.3655e9.
+  EXPECT_NEAR(count("gla-1.3b") / 1.3655e9, 1.0, 0.05) << count("gla-1.3b");
   // The analytic count is the built model's count.
   for (const auto& preset : preset_names()) {
     if (preset.rfind("tiny-", 0) != 0) continue;

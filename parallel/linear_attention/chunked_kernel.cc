@@ -37,10 +37,13 @@ at::Tensor from_blocks(const at::Tensor& x, int64_t n) {
 at::Tensor per_head(const at::Tensor& f) { return f.unsqueeze(0).unsqueeze(2); }
 
 // The kernel's factors, each broadcastable over [B, H, nb, C, *]: decay alone
-// has batch and block dimensions of size 1; documents make query, key and
-// across per row and block, and add the same-document mask `visible`.
+// has batch and block dimensions of size 1; gates make query, key and across
+// per row, head and block (and the causal factor per segment, from log_cum);
+// documents make query, key and across per row and block, and add the
+// same-document mask `visible`.
 struct KernelFactors {
-  at::Tensor causal;   // [1, H, 1, C, C]
+  at::Tensor causal;   // [1, H, 1, C, C], undefined with gates
+  at::Tensor log_cum;  // [B, H, nb, C] with gates (float64), else undefined
   at::Tensor visible;  // [B, 1, nb, C, C] with documents, else undefined
   at::Tensor query;    // [1|B, H, 1|nb, C, 1]
   at::Tensor key;      // [1|B, H, 1|nb, C, 1]
@@ -52,16 +55,32 @@ struct KernelFactors {
   }
   // Decay across block b, against a [B, H, d_k, d_v] state.
   at::Tensor across_block(int64_t b) const { return across.select(2, across.size(2) == 1 ? 0 : b); }
-  void mask_scores(at::Tensor& scores, int64_t b0, int64_t n) const {
-    scores.mul_(causal);
+  // The causal factor of blocks b0 .. b0+n-1 (made per segment with gates).
+  at::Tensor causal_blocks(int64_t b0, int64_t n, const at::TensorOptions& options) const {
+    return log_cum.defined() ? gated_causal(log_cum.narrow(2, b0, n), options) : causal;
+  }
+  void mask_scores(at::Tensor& scores, const at::Tensor& causal_factor, int64_t b0, int64_t n) const {
+    scores.mul_(causal_factor);
     if (visible.defined()) scores.mul_(blocks(visible, b0, n));
   }
 };
 
-KernelFactors kernel_factors(const at::Tensor& decay, int64_t H, int64_t C, int64_t nb, const at::Tensor& doc_start,
-                             int64_t first_position, const at::TensorOptions& options) {
-  const BlockDecay f = block_decay(decay, H, C, options);
-  KernelFactors k{per_head(f.causal), at::Tensor(), per_head(f.query), per_head(f.key), per_head(f.block)};
+KernelFactors kernel_factors(const at::Tensor& decay, const at::Tensor& log_gate, int64_t H, int64_t C, int64_t nb,
+                             const at::Tensor& doc_start, int64_t first_position, const at::TensorOptions& options) {
+  KernelFactors k;
+  if (log_gate.defined()) {
+    GatedBlocks g = gated_blocks(log_gate, decay, nb, C, options);
+    k.log_cum = g.log_cum;
+    k.query = g.query;
+    k.key = g.key;
+    k.across = g.block;
+  } else {
+    const BlockDecay f = block_decay(decay, H, C, options);
+    k.causal = per_head(f.causal);
+    k.query = per_head(f.query);
+    k.key = per_head(f.key);
+    k.across = per_head(f.block);
+  }
   if (doc_start.defined()) {
     const DocumentBlocks d = document_blocks(doc_start, first_position, nb, C, /*with_visible=*/true, options);
     k.visible = d.visible;
@@ -86,13 +105,14 @@ int64_t segment_blocks(int64_t batch_heads, int64_t c) {
 
 ChunkForwardResult chunk_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& decay, int64_t block, int64_t segment, const at::Tensor& doc_start,
-                                 int64_t first_position) {
+                                 int64_t first_position, const at::Tensor& log_gate) {
   at::NoGradGuard no_grad;  // a raw kernel: autograd wraps it from outside
   check_inputs(q, k, v, block);
   check_document_starts(doc_start, q, 2, "linear attention");
+  if (log_gate.defined()) check_log_gate(log_gate, q, "linear attention");
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), dk = q.size(3), dv = v.size(3);
   const int64_t C = effective_block(N, block), nb = (N + C - 1) / C;
-  const KernelFactors f = kernel_factors(decay, H, C, nb, doc_start, first_position, q.options());
+  const KernelFactors f = kernel_factors(decay, log_gate, H, C, nb, doc_start, first_position, q.options());
   const at::Tensor Q = to_blocks(q, nb, C), K = to_blocks(k, nb, C), V = to_blocks(v, nb, C);
 
   at::Tensor O = at::empty({B, H, nb, C, dv}, q.options());
@@ -105,7 +125,7 @@ ChunkForwardResult chunk_forward(const at::Tensor& q, const at::Tensor& k, const
     at::Tensor Os = O.narrow(2, b0, n);
     // Intra-block: [(Q K^T) * D] V.
     at::Tensor scores = at::matmul(Qs, Ks.transpose(-1, -2));
-    f.mask_scores(scores, b0, n);
+    f.mask_scores(scores, f.causal_blocks(b0, n, scores.options()), b0, n);
     at::matmul_out(Os, scores, Vs);
     // State entering block b: S_b = a_(b-1) S_(b-1) + K_(b-1)^T (Lk V_(b-1)).
     const at::Tensor block_kv = at::matmul(Ks.transpose(-1, -2), Vs * KernelFactors::blocks(f.key, b0, n));
@@ -127,11 +147,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_backward(const at::Tensor& 
                                                               const at::Tensor& v, const at::Tensor& decay,
                                                               int64_t block, const at::Tensor& block_states,
                                                               const at::Tensor& grad_out, int64_t segment,
-                                                              const at::Tensor& doc_start, int64_t first_position) {
+                                                              const at::Tensor& doc_start, int64_t first_position,
+                                                              const at::Tensor& log_gate) {
   at::NoGradGuard no_grad;
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), dk = q.size(3), dv = v.size(3);
   const int64_t C = effective_block(N, block), nb = (N + C - 1) / C;
-  const KernelFactors f = kernel_factors(decay, H, C, nb, doc_start, first_position, q.options());
+  const KernelFactors f = kernel_factors(decay, log_gate, H, C, nb, doc_start, first_position, q.options());
   const at::Tensor Q = to_blocks(q, nb, C), K = to_blocks(k, nb, C), V = to_blocks(v, nb, C);
   const at::Tensor dO = to_blocks(grad_out, nb, C);
 
@@ -139,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_backward(const at::Tensor& 
   at::Tensor dK = at::empty({B, H, nb, C, dk}, q.options());
   at::Tensor dV = at::empty({B, H, nb, C, dv}, q.options());
   // carry = R of the block before the segment: the gradient reaching it through
-  // every later state, R_b = sum_{c > b} lambda^(C(c-1-b)) G_c, G_c = (Lq Q_c)^T dO_c.
+  // every later state, R_b = sum_{c > b} (decay across b+1 .. c-1) G_c, G_c = (Lq Q_c)^T dO_c.
   at::Tensor carry = at::zeros({B, H, dk, dv}, q.options());
   const int64_t seg = segment > 0 ? segment : segment_blocks(B * H, C);
   const int64_t last_start = ((nb - 1) / seg) * seg;
@@ -150,10 +171,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_backward(const at::Tensor& 
     at::Tensor dQs = dQ.narrow(2, b0, n), dKs = dK.narrow(2, b0, n), dVs = dV.narrow(2, b0, n);
     // Intra-block: A = (Q K^T) * D, O = A V.
     at::Tensor scores = at::matmul(Qs, Ks.transpose(-1, -2));
-    f.mask_scores(scores, b0, n);
+    const at::Tensor causal = f.causal_blocks(b0, n, scores.options());
+    f.mask_scores(scores, causal, b0, n);
     at::matmul_out(dVs, scores.transpose(-1, -2), dOs);
     at::Tensor dA = at::matmul(dOs, Vs.transpose(-1, -2));
-    f.mask_scores(dA, b0, n);
+    f.mask_scores(dA, causal, b0, n);
     at::matmul_out(dQs, dA, Ks);
     at::matmul_out(dKs, dA.transpose(-1, -2), Qs);
     // Inter-block.
@@ -180,22 +202,28 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 struct ChunkedLinearAttentionFunction : public torch::autograd::Function<ChunkedLinearAttentionFunction> {
-  // doc_start: [B, N] or an empty tensor for "no documents" (autograd
-  // functions take defined tensors only).
+  // doc_start: [B, N], log_gate: [B, H, N], or empty tensors for "no
+  // documents" / "no gates" (autograd functions take defined tensors only).
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& decay, int64_t block, const at::Tensor& doc_start) {
+                            const at::Tensor& decay, int64_t block, const at::Tensor& doc_start,
+                            const at::Tensor& log_gate) {
     const at::Tensor docs = doc_start.numel() > 0 ? doc_start : at::Tensor();
-    auto result = chunk_forward(q, k, v, decay, block, 0, docs);
-    ctx->save_for_backward({q, k, v, decay, result.block_states, doc_start});
+    const at::Tensor gates = log_gate.numel() > 0 ? log_gate : at::Tensor();
+    auto result = chunk_forward(q, k, v, gates.defined() ? at::Tensor() : decay, block, 0, docs, 0, gates);
+    ctx->save_for_backward({q, k, v, decay, result.block_states, doc_start, log_gate});
     ctx->saved_data["block"] = block;
     return result.out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor docs = saved[5].numel() > 0 ? saved[5] : at::Tensor();
-    auto [dq, dk, dv] = chunk_backward(saved[0], saved[1], saved[2], saved[3], ctx->saved_data["block"].toInt(),
-                                       saved[4], grads[0].contiguous(), 0, docs);
-    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor()};
+    const at::Tensor gates = saved[6].numel() > 0 ? saved[6] : at::Tensor();
+    auto [dq, dk, dv] = chunk_backward(saved[0], saved[1], saved[2], gates.defined() ? at::Tensor() : saved[3],
+                                       ctx->saved_data["block"].toInt(), saved[4], grads[0].contiguous(), 0, docs, 0,
+                                       gates);
+    at::Tensor dgate;
+    if (gates.defined()) dgate = log_gate_grad(saved[0], dq, saved[1], dk).to(gates.scalar_type());
+    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), dgate};
   }
 };
 
@@ -206,12 +234,21 @@ double chunked_linear_attention_flops(int64_t n, int64_t block, int64_t dk, int6
   return 2 * N * C * (dk + dv) + 4 * N * dk * dv + 2 * N * C * (3 * dk + 2 * dv) + 8 * N * dk * dv;
 }
 
+double gated_linear_attention_flops(int64_t n, int64_t block, int64_t dk, int64_t dv) {
+  return chunked_linear_attention_flops(n, block, dk, dv) + 4.0 * static_cast<double>(n) * dk;
+}
+
 at::Tensor chunked_linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const at::Tensor& decay, int64_t block, const at::Tensor& doc_start) {
+                                    const at::Tensor& decay, int64_t block, const at::Tensor& doc_start,
+                                    const at::Tensor& log_gate) {
   // Autograd functions take defined tensors only: lambda = 1 is "no decay".
-  const at::Tensor d = decay.defined() ? decay : at::ones({q.size(1)}, at::kDouble);
+  // With gates the per-head decay is folded into them here (differentiably).
+  at::Tensor gates = log_gate.defined() ? log_gate : at::empty({0}, q.options());
+  if (log_gate.defined() && decay.defined())
+    gates = log_gate + decay.to(log_gate.options()).log().view({1, -1, 1});
+  const at::Tensor d = decay.defined() && !log_gate.defined() ? decay : at::ones({q.size(1)}, at::kDouble);
   const at::Tensor docs = doc_start.defined() ? doc_start : at::empty({0}, at::kLong);
-  return ChunkedLinearAttentionFunction::apply(q, k, v, d, block, docs);
+  return ChunkedLinearAttentionFunction::apply(q, k, v, d, block, docs, gates);
 }
 
 }  // namespace loom::linear_attention

@@ -14,6 +14,13 @@
 // multiple of C, never truncated). `decay` is [H] in (0, 1] or undefined.
 // These functions assume a zero state before token 0; sequence-parallel
 // operators add the incoming state themselves (lasp.h).
+// Gates: with log_gate [B, H, N] (<= 0, decay.h) the decay is data-dependent,
+//   o_i = sum_{j <= i} exp(G_i - G_j) (q_i . k_j) v_j,  G = cumulative log gate,
+// and the query, key, across and causal factors are per row, head and block
+// (the C x C causal factor is made per segment, from block-local cumulative
+// logs). chunk_backward returns dq, dk, dv only: the gradient of the log
+// gates follows from them (log_gate_grad in decay.h). A `decay` given with
+// gates is folded into them.
 // Documents: with doc_start [B, N] (runtime/comm/documents.h; the global
 // positions of the tokens are first_position ..), token i sees token j only
 // when doc_start[i] <= j; a block in which a document starts passes no state
@@ -37,7 +44,8 @@ struct ChunkForwardResult {
 // 0 picks a size that keeps a segment's scores in cache.
 ChunkForwardResult chunk_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& decay, int64_t block, int64_t segment = 0,
-                                 const at::Tensor& doc_start = {}, int64_t first_position = 0);
+                                 const at::Tensor& doc_start = {}, int64_t first_position = 0,
+                                 const at::Tensor& log_gate = {});
 
 // Gradients of sum(out * grad_out) with respect to q, k, v.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_backward(const at::Tensor& q, const at::Tensor& k,
@@ -45,16 +53,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_backward(const at::Tensor& 
                                                               int64_t block, const at::Tensor& block_states,
                                                               const at::Tensor& grad_out, int64_t segment = 0,
                                                               const at::Tensor& doc_start = {},
-                                                              int64_t first_position = 0);
+                                                              int64_t first_position = 0,
+                                                              const at::Tensor& log_gate = {});
 
-// Differentiable single-rank chunked linear attention (no normaliser).
+// Differentiable single-rank chunked linear attention (no normaliser),
+// differentiable in q, k, v and log_gate (when given).
 // Nominal FLOPs of one forward+backward of the kernel per (batch, head) with
 // block C, the masked halves of the C x C blocks included: forward
 // 2NC(dk+dv) + 4N dk dv, backward 2NC(3dk+2dv) + 8N dk dv. The C terms are the
 // intra-block part; at C = 0 what is left is the inter-block (state) part.
 double chunked_linear_attention_flops(int64_t n, int64_t block, int64_t dk, int64_t dv);
+// With gates: the same plus 4N dk for d(log_gate) (the q . dq and k . dk
+// products); the exponentials of the gate factors and the cumulative sums
+// are not multiply-adds and are not counted.
+double gated_linear_attention_flops(int64_t n, int64_t block, int64_t dk, int64_t dv);
 
 at::Tensor chunked_linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const at::Tensor& decay, int64_t block, const at::Tensor& doc_start = {});
+                                    const at::Tensor& decay, int64_t block, const at::Tensor& doc_start = {},
+                                    const at::Tensor& log_gate = {});
 
 }  // namespace loom::linear_attention

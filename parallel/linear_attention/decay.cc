@@ -1,5 +1,8 @@
 #include "loom/parallel/linear_attention/decay.h"
 
+#include <cmath>
+#include <limits>
+
 namespace loom::linear_attention {
 
 at::Tensor default_decay(int64_t num_heads) {
@@ -63,6 +66,55 @@ DocumentBlocks document_blocks(const at::Tensor& doc_start, int64_t first_positi
   d.key = pos.unsqueeze(0).ge(last_doc).to(options).view({B, 1, nb, c, 1});
   d.across = last_doc.lt(block_start).to(options).view({B, 1, nb, 1, 1});
   return d;
+}
+
+void check_log_gate(const at::Tensor& log_gate, const at::Tensor& q, const char* what) {
+  TORCH_CHECK(log_gate.dim() == 3 && log_gate.size(0) == q.size(0) && log_gate.size(1) == q.size(1) &&
+                  log_gate.size(2) == q.size(2),
+              what, ": log_gate must be [B, H, n] = [", q.size(0), ", ", q.size(1), ", ", q.size(2), "], got ",
+              log_gate.sizes());
+  TORCH_CHECK(at::isFloatingType(log_gate.scalar_type()), what, ": log_gate must be floating point, got ",
+              log_gate.scalar_type());
+  if (log_gate.numel() == 0 || log_gate.is_meta()) return;  // no values to check (meta: shapes only)
+  // One transfer for both bounds; NaN fails the comparisons too.
+  const at::Tensor bounds = at::stack({log_gate.max(), log_gate.min()}).to(at::kCPU, at::kDouble);
+  const double top = bounds[0].item<double>(), bottom = bounds[1].item<double>();
+  TORCH_CHECK(top <= 0.0, what, ": every log gate must be <= 0 (gates in (0, 1]), got a maximum of ", top);
+  TORCH_CHECK(std::isfinite(bottom), what, ": every log gate must be finite, got a minimum of ", bottom,
+              " (a document start is given by doc_start, not by a gate of 0)");
+}
+
+GatedBlocks gated_blocks(const at::Tensor& log_gate, const at::Tensor& decay, int64_t nb, int64_t c,
+                         const at::TensorOptions& options) {
+  const int64_t B = log_gate.size(0), H = log_gate.size(1), n = log_gate.size(2), padded = nb * c;
+  TORCH_CHECK(n <= padded, "gated_blocks: ", n, " tokens do not fit ", nb, " blocks of ", c);
+  at::Tensor lg = log_gate.to(options.device(), at::kDouble);
+  if (decay.defined()) {
+    TORCH_CHECK(decay.dim() == 1 && decay.size(0) == H, "linear attention: decay must have shape [", H,
+                "] (one lambda per head), got ", decay.sizes());
+    lg = lg + decay.to(options.device(), at::kDouble).log().view({1, H, 1});
+  }
+  if (padded != n) lg = at::constant_pad_nd(lg, {0, padded - n});  // padding: g = 1
+  GatedBlocks g;
+  g.log_cum = lg.view({B, H, nb, c}).cumsum(-1);
+  const at::Tensor last = g.log_cum.narrow(-1, c - 1, 1);  // [B, H, nb, 1]
+  g.query = g.log_cum.exp().to(options).unsqueeze(-1);
+  g.key = (last - g.log_cum).exp().to(options).unsqueeze(-1);
+  g.block = last.exp().to(options).unsqueeze(-1);
+  return g;
+}
+
+at::Tensor gated_causal(const at::Tensor& log_cum, const at::TensorOptions& options) {
+  const int64_t c = log_cum.size(-1);
+  const at::Tensor diff = log_cum.unsqueeze(-1) - log_cum.unsqueeze(-2);  // G_i - G_j
+  const at::Tensor above = at::ones({c, c}, options.dtype(at::kBool)).triu(1);
+  return diff.masked_fill(above, -std::numeric_limits<double>::infinity()).exp().to(options);
+}
+
+at::Tensor log_gate_grad(const at::Tensor& q, const at::Tensor& dq, const at::Tensor& k, const at::Tensor& dk) {
+  const at::Tensor dG = ((q * dq).sum(-1) - (k * dk).sum(-1)).to(at::kDouble);
+  // Suffix sums in float64: the terms cancel pairwise (the diagonal of every row and column).
+  return dG.flip(-1).cumsum(-1).flip(-1).to(q.scalar_type());
 }
 
 }  // namespace loom::linear_attention

@@ -2,6 +2,8 @@
 
 #include <torch/autograd.h>
 
+#include <limits>
+
 #include "loom/parallel/linear_attention/chunked_kernel.h"
 #include "loom/parallel/linear_attention/decay.h"
 #include "loom/runtime/comm/autograd_state.h"
@@ -31,33 +33,52 @@ at::Tensor with_normaliser(const at::Tensor& q, const at::Tensor& k, const at::T
 }
 
 // Factors of each local layout chunk, shaped for [B, H, L, d]. Without
-// documents every chunk shares them: query, key [1, H, L, 1], across [H]
-// (lambda^L). With documents they are per chunk and row: query, key
-// [cpr][B, H, L, 1] masked by the documents, across [cpr, B, H] (0 where a
-// document starts inside the chunk).
+// documents or gates every chunk shares them: query, key [1, H, L, 1], across
+// [H] (lambda^L). With gates or documents they are per chunk and row: query,
+// key [cpr][B, H, L, 1] (gated: exp(G_t), exp(G_last - G_t) from the chunk's
+// cumulative log gates; masked by the documents), across [cpr, B, H]
+// (exp(G_last) or lambda^L; 0 where a document starts inside the chunk).
 struct ChunkFactors {
   std::vector<at::Tensor> query, key;
   at::Tensor across;
 };
-ChunkFactors chunk_factors(const at::Tensor& decay, int64_t heads, const SequenceLayout& layout, int rank,
-                           const at::Tensor& doc_start, const at::TensorOptions& options) {
+ChunkFactors chunk_factors(const at::Tensor& decay, const at::Tensor& log_gate, int64_t heads,
+                           const SequenceLayout& layout, int rank, const at::Tensor& doc_start,
+                           const at::TensorOptions& options) {
   const int64_t L = layout.chunk_len(), cpr = layout.chunks_per_rank();
-  const BlockDecay f = chunk_decay(decay, heads, L, options);
   ChunkFactors out;
-  if (!doc_start.defined()) {
+  if (!doc_start.defined() && !log_gate.defined()) {
+    const BlockDecay f = chunk_decay(decay, heads, L, options);
     out.query.assign(cpr, f.query.unsqueeze(0));
     out.key.assign(cpr, f.key.unsqueeze(0));
     out.across = f.block.reshape({heads});
     return out;
   }
   const auto chunks = layout.chunks_of(rank);
+  const BlockDecay fixed = log_gate.defined() ? BlockDecay{} : chunk_decay(decay, heads, L, options);
   std::vector<at::Tensor> across;
   for (int64_t i = 0; i < cpr; ++i) {
-    const DocumentBlocks d = document_blocks(doc_start.narrow(1, i * L, L), layout.chunk_start(chunks[i]), 1, L,
-                                             /*with_visible=*/false, options);
-    out.query.push_back(f.query.unsqueeze(0) * d.query.squeeze(2));        // [B, H, L, 1]
-    out.key.push_back(f.key.unsqueeze(0) * d.key.squeeze(2));
-    across.push_back(f.block.reshape({1, heads}) * d.across.reshape({-1, 1}));  // [B, H]
+    at::Tensor query, key, a;  // [1|B, H, L, 1], [1|B, H]
+    if (log_gate.defined()) {
+      const GatedBlocks g = gated_blocks(log_gate.narrow(2, i * L, L), decay, 1, L, options);
+      query = g.query.squeeze(2);
+      key = g.key.squeeze(2);
+      a = g.block.reshape({g.block.size(0), heads});
+    } else {
+      query = fixed.query.unsqueeze(0);
+      key = fixed.key.unsqueeze(0);
+      a = fixed.block.reshape({1, heads});
+    }
+    if (doc_start.defined()) {
+      const DocumentBlocks d = document_blocks(doc_start.narrow(1, i * L, L), layout.chunk_start(chunks[i]), 1, L,
+                                               /*with_visible=*/false, options);
+      query = query * d.query.squeeze(2);
+      key = key * d.key.squeeze(2);
+      a = a * d.across.reshape({-1, 1});
+    }
+    out.query.push_back(query);
+    out.key.push_back(key);
+    across.push_back(a);
   }
   out.across = at::stack(across);
   return out;
@@ -67,12 +88,26 @@ ChunkFactors chunk_factors(const at::Tensor& decay, int64_t heads, const Sequenc
 at::Tensor chunk_docs(const at::Tensor& doc_start, int64_t i, int64_t L) {
   return doc_start.defined() ? doc_start.narrow(1, i * L, L) : at::Tensor();
 }
+// The local log gates of chunk i, or undefined.
+at::Tensor chunk_gates(const at::Tensor& log_gate, int64_t i, int64_t L) {
+  return log_gate.defined() ? log_gate.narrow(2, i * L, L) : at::Tensor();
+}
+
+// The gates the kernels take: log_gate with the per-head decay folded in
+// (differentiably), or undefined without gates.
+at::Tensor folded_gates(const LinearAttentionOptions& options) {
+  if (!options.log_gate.defined() || !options.decay.defined()) return options.log_gate;
+  return options.log_gate + options.decay.to(options.log_gate.options()).log().view({1, -1, 1});
+}
 
 struct SequenceParallelFunction : public torch::autograd::Function<SequenceParallelFunction> {
-  // doc_start: this rank's [B, n], or an empty tensor for "no documents".
+  // doc_start: this rank's [B, n], log_gate: this rank's [B, H, n], or empty
+  // tensors for "no documents" / "no gates" (then `decay` is the per-head
+  // decay; with gates it is folded into them by the caller and unused here).
   static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const at::Tensor& decay, const at::Tensor& doc_start,
-                               const SequenceLayout& layout, const CommPtr& comm, int64_t method, int64_t block) {
+                               const at::Tensor& log_gate, const SequenceLayout& layout, const CommPtr& comm,
+                               int64_t method, int64_t block) {
     ctx->saved_data["order"] = CommOrder::claim();
     const int64_t L = layout.chunk_len(), cpr = layout.chunks_per_rank();
     TORCH_CHECK(q.dim() == 4 && q.size(2) == layout.local_len(), "linear attention: local q has shape ", q.sizes(),
@@ -80,9 +115,12 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
     TORCH_CHECK(k.sizes() == q.sizes() && v.dim() == 4 && v.size(2) == q.size(2),
                 "linear attention: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), " do not agree");
     const at::Tensor docs = doc_start.numel() > 0 ? doc_start : at::Tensor();
+    const at::Tensor gates = log_gate.numel() > 0 ? log_gate : at::Tensor();
     check_document_starts(docs, q, 2, "linear attention");
+    if (gates.defined()) check_log_gate(gates, q, "linear attention");
+    const at::Tensor kernel_decay = gates.defined() ? at::Tensor() : decay;
     const auto chunks = layout.chunks_of(comm->rank());
-    const ChunkFactors f = chunk_factors(decay, q.size(1), layout, comm->rank(), docs, q.options());
+    const ChunkFactors f = chunk_factors(kernel_decay, gates, q.size(1), layout, comm->rank(), docs, q.options());
 
     std::vector<at::Tensor> states;
     for (int64_t i = 0; i < cpr; ++i)
@@ -94,15 +132,15 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
     // Intra-chunk work while the states travel.
     std::vector<at::Tensor> outs, block_states;
     for (int64_t i = 0; i < cpr; ++i) {
-      auto r = chunk_forward(q.narrow(2, i * L, L), k.narrow(2, i * L, L), v.narrow(2, i * L, L), decay, block, 0,
-                             chunk_docs(docs, i, L), layout.chunk_start(chunks[i]));
+      auto r = chunk_forward(q.narrow(2, i * L, L), k.narrow(2, i * L, L), v.narrow(2, i * L, L), kernel_decay, block,
+                             0, chunk_docs(docs, i, L), layout.chunk_start(chunks[i]), chunk_gates(gates, i, L));
       outs.push_back(r.out);
       block_states.push_back(r.block_states);
     }
     const at::Tensor entering = prefix->finish();
     for (int64_t i = 0; i < cpr; ++i) outs[i].add_(at::matmul(q.narrow(2, i * L, L) * f.query[i], entering[i]));
 
-    ctx->save_for_backward({q, k, v, decay, entering, at::stack(block_states), doc_start});
+    ctx->save_for_backward({q, k, v, decay, entering, at::stack(block_states), doc_start, log_gate});
     save_comm(ctx, comm);
     ctx->saved_data["method"] = method;
     ctx->saved_data["block"] = block;
@@ -116,12 +154,14 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &decay = saved[3], &entering = saved[4],
                      &block_states = saved[5];
     const at::Tensor docs = saved[6].numel() > 0 ? saved[6] : at::Tensor();
+    const at::Tensor gates = saved[7].numel() > 0 ? saved[7] : at::Tensor();
+    const at::Tensor kernel_decay = gates.defined() ? at::Tensor() : decay;
     const CommPtr comm = saved_comm(ctx);
     const SequenceLayout layout = saved_layout(ctx, *comm);
     const int64_t block = ctx->saved_data["block"].toInt();
     const int64_t L = layout.chunk_len(), cpr = layout.chunks_per_rank();
     const auto chunks = layout.chunks_of(comm->rank());
-    const ChunkFactors f = chunk_factors(decay, q.size(1), layout, comm->rank(), docs, q.options());
+    const ChunkFactors f = chunk_factors(kernel_decay, gates, q.size(1), layout, comm->rank(), docs, q.options());
     // Unused output: zeros, since every rank must still take part in the exchange.
     const at::Tensor dout = grads[0].defined() ? grads[0].contiguous()
                                                : at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
@@ -138,21 +178,36 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
     for (int64_t i = 0; i < cpr; ++i) {
       const at::Tensor qc = q.narrow(2, i * L, L), kc = k.narrow(2, i * L, L), vc = v.narrow(2, i * L, L);
       const at::Tensor dc = dout.narrow(2, i * L, L);
-      auto [dq, dk, dv] = chunk_backward(qc, kc, vc, decay, block, block_states[i], dc, 0, chunk_docs(docs, i, L),
-                                         layout.chunk_start(chunks[i]));
+      auto [dq, dk, dv] = chunk_backward(qc, kc, vc, kernel_decay, block, block_states[i], dc, 0,
+                                         chunk_docs(docs, i, L), layout.chunk_start(chunks[i]),
+                                         chunk_gates(gates, i, L));
       dq.add_(at::matmul(dc, entering[i].transpose(-1, -2)).mul_(f.query[i]));
       dqs.push_back(dq);
       dks.push_back(dk);
       dvs.push_back(dv);
     }
     const at::Tensor later = suffix->finish();  // gradient reaching each chunk's state
+    std::vector<at::Tensor> dgates;
     for (int64_t i = 0; i < cpr; ++i) {
-      const at::Tensor kc = k.narrow(2, i * L, L), vc = v.narrow(2, i * L, L);
-      dks[i].add_(at::matmul(vc, later[i].transpose(-1, -2)).mul_(f.key[i]));
+      const at::Tensor qc = q.narrow(2, i * L, L), kc = k.narrow(2, i * L, L), vc = v.narrow(2, i * L, L);
+      const at::Tensor dk_state = at::matmul(vc, later[i].transpose(-1, -2)).mul_(f.key[i]);
+      dks[i].add_(dk_state);
       dvs[i].add_(at::matmul(kc, later[i]).mul_(f.key[i]));
+      if (!gates.defined()) continue;
+      // Log gates of chunk i (G_t cumulative from the chunk start): every term
+      // but the exiting state's decay follows the identity of log_gate_grad,
+      // dL/dG_m = q_m . dq_m - k_m . dk_m with all of dq, dk. The exiting
+      // state M = sum_j exp(G_last - G_j) k_j v_j^T and the decay across the
+      // chunk a = exp(G_last) also depend on G_last: dL/dG_last gains
+      // sum_j k_j . dk_state_j + a <R, P> (R: gradient reaching M, P: the
+      // entering state), which reaches every gate of the chunk.
+      const at::Tensor through_last = (kc * dk_state).sum({2, 3}) +
+                                      f.across[i].to(q.options()) * (later[i] * entering[i]).sum({2, 3});  // [B, H]
+      dgates.push_back(log_gate_grad(qc, dqs[i], kc, dks[i]) + through_last.unsqueeze(-1));
     }
+    const at::Tensor dgate = gates.defined() ? at::cat(dgates, 2).to(gates.scalar_type()) : at::Tensor();
     return {at::Tensor(), at::cat(dqs, 2), at::cat(dks, 2), at::cat(dvs, 2), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            dgate, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -161,7 +216,8 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
 at::Tensor linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const LinearAttentionOptions& options) {
   return with_normaliser(q, k, v, options, [&](const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_) {
-    return chunked_linear_attention(q_, k_, v_, options.decay, options.block_size, options.doc_start);
+    return chunked_linear_attention(q_, k_, v_, options.decay, options.block_size, options.doc_start,
+                                    options.log_gate);
   });
 }
 
@@ -170,11 +226,15 @@ at::Tensor sequence_parallel_linear_attention(const at::Tensor& q, const at::Ten
                                               LinearAttentionMethod method, const LinearAttentionOptions& options) {
   TORCH_CHECK(comm, "sequence_parallel_linear_attention: communicator is null");
   return with_normaliser(q, k, v, options, [&](const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_) {
-    // Autograd functions take defined tensors only: lambda = 1 is "no decay".
-    const at::Tensor decay = options.decay.defined() ? options.decay : at::ones({q_.size(1)}, at::kDouble);
+    // Autograd functions take defined tensors only: lambda = 1 is "no decay",
+    // empty tensors are "no documents" and "no gates".
+    const at::Tensor gates = folded_gates(options);
+    const at::Tensor decay = options.decay.defined() && !gates.defined() ? options.decay
+                                                                         : at::ones({q_.size(1)}, at::kDouble);
     const at::Tensor docs = options.doc_start.defined() ? options.doc_start : at::empty({0}, at::kLong);
-    return apply_in_order<SequenceParallelFunction>(q_, k_, v_, decay, docs, layout, comm,
-                                                    static_cast<int64_t>(method), options.block_size)[0];
+    return apply_in_order<SequenceParallelFunction>(q_, k_, v_, decay, docs,
+                                                    gates.defined() ? gates : at::empty({0}, q_.options()), layout,
+                                                    comm, static_cast<int64_t>(method), options.block_size)[0];
   });
 }
 
@@ -187,6 +247,11 @@ at::Tensor naive_linear_attention(const at::Tensor& q, const at::Tensor& k, cons
     at::Tensor mask = (decay_powers(options.decay, q_.size(1), diff.clamp_min(0), q_.options()) *
                        diff.ge(0).to(q_.options()).unsqueeze(0))
                           .unsqueeze(0);  // [1, H, n, n]
+    if (options.log_gate.defined()) {  // exp(G_i - G_j) for j <= i, G the cumulative log gate
+      const at::Tensor G = options.log_gate.to(q_.scalar_type()).cumsum(-1);
+      const at::Tensor above = diff.lt(0).to(q_.device());
+      mask = mask * (G.unsqueeze(-1) - G.unsqueeze(-2)).masked_fill(above, -std::numeric_limits<double>::infinity()).exp();  // [B, H, n, n]
+    }
     if (options.doc_start.defined()) {  // same document: doc_start[i] <= j
       const at::Tensor j = at::arange(n, options.doc_start.options());
       mask = mask * options.doc_start.unsqueeze(-1).le(j).to(q_.options()).unsqueeze(1);

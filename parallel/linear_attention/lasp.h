@@ -17,6 +17,14 @@
 //   LASP-2: one AllGather forward, one backward; bytes independent of N.
 //   LASP-2 all-scan: exclusive scans (contiguous: 1 per direction; zigzag: 2).
 //   LASP-1: point-to-point chain of states, serial.
+// Gated linear attention (GLA / Mamba2 style): with a log gate per token and
+// head, S_i = g_i S_(i-1) + phi(k_i) v_i^T, g_i = exp(log_gate_i) in (0, 1].
+// A chunk's decay is then a_c = exp(sum of its log gates) per row and head,
+// travelling with its state as documents' per-chunk decays do (B x H more
+// numbers per chunk, still independent of N); the same prefix methods apply.
+// Backward also returns d log_gate, including the terms through the states
+// exchanged across ranks (each rank's from its own chunks' entering states and
+// the gradients reaching their exiting states: no extra communication).
 // Padding from the layout sits after every real token and cannot affect them.
 // Ordering: collective over `comm`, in forward and in backward.
 #pragma once
@@ -38,6 +46,10 @@ struct LinearAttentionOptions {
   // undefined for one document per row. A token sees only its own document;
   // the state forgets everything before a document's first token.
   at::Tensor doc_start;
+  // Gates: this rank's log gates [B, H, n] (finite, <= 0), differentiable, or
+  // undefined for none. A document start overrides its token's gate (the state
+  // is reset there whatever the gate). With `decay` also set, both apply.
+  at::Tensor log_gate;
 };
 
 // Single rank, chunked (the sequence is all local).

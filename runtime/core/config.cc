@@ -632,11 +632,11 @@ void validate_config(const pb::LoomConfig& c) {
   if (m.n_kv_heads() >= 1 && m.n_heads() >= 1)
     v.require(m.n_heads() % m.n_kv_heads() == 0, "field model.n_kv_heads = " + std::to_string(m.n_kv_heads()) +
                                                      ": must divide model.n_heads = " + std::to_string(m.n_heads()));
-  v.require(!m.pattern().empty(), "field model.pattern is empty: give one letter per block from LAWCMGX");
+  v.require(!m.pattern().empty(), "field model.pattern is empty: give one letter per block from LAWCMGXK");
   for (char ch : m.pattern())
-    v.require(std::string("LAWCMGX").find(ch) != std::string::npos,
+    v.require(std::string("LAWCMGXK").find(ch) != std::string::npos,
               "field model.pattern = '" + m.pattern() + "': letter '" + std::string(1, ch) +
-                  "' is not a mixer (allowed: L A W C M G X)");
+                  "' is not a mixer (allowed: L A W C M G X K)");
   v.one_of("model.feature_map", m.feature_map(), {"identity", "elu", "relu", "taylor", "hedgehog"});
 
   const auto& t = c.train();
