@@ -4,11 +4,13 @@
 // gradients of q, k, v, beta and the log gates, with gates and beta near 0
 // and near 1, lengths that do not divide the blocks or the chunks, and packed
 // documents. Plus LASP-2's communication: one AllGather each way, bytes by
-// the formula and flat in N.
+// the formula and flat in N; and the D mixer with packed documents across
+// ranks against each document run alone.
 #include <gtest/gtest.h>
 #include <torch/autograd.h>
 
 #include "distributed_reference.h"
+#include "loom/models/mixers.h"
 #include "loom/parallel/gated_delta/gated_delta.h"
 #include "loom/runtime/comm/documents.h"
 #include "loom/runtime/comm/mpi_communicator.h"
@@ -288,6 +290,70 @@ TEST(GatedDeltaCommunication, AllScanOneScanPerDirectionContiguous) {
   // At most one element (a map and a state), whatever W is.
   EXPECT_LE(forward.total_bytes_received(), B * H * (DK * DK + DK * DV) * int64_t(sizeof(double)));
   out.sum().backward();  // the backward scan runs over comm->reversed(), counted there
+}
+
+// The whole D mixer (short conv, gates, delta rule, gated norm) with packed
+// documents at sp = W equals each document run alone on one rank, outputs and
+// the gradients of the input and of every parameter.
+TEST(GatedDeltaMixer, DocumentsAcrossRanksEachAsIfAlone) {
+  auto comm = MpiCommunicator::world();
+  auto self = comm->split(comm->rank(), 0);
+  const int W = comm->size(), r = comm->rank();
+  pb::ModelConfig c;
+  c.set_d_model(16);
+  c.set_n_heads(2);
+  c.set_conv_kernel(3);
+  c.set_block_size(4);
+  c.set_delta_key_heads(1);
+  c.set_delta_value_heads(2);
+  c.set_delta_key_dim(4);
+  c.set_delta_value_dim(5);
+  torch::manual_seed(7);
+  models::Mixer mixer = models::make_mixer('D', c);
+  mixer->to(at::kDouble);
+  const int64_t n = 12 * W + 5;
+  for (auto kind : {LayoutKind::kContiguous, LayoutKind::kZigzag}) {
+    const SequenceLayout layout(kind, n, W);
+    const std::vector<int64_t> lengths = testing::document_lengths(n, layout.chunk_len(), 4);
+    const at::Tensor X = seeded_randn({1, n, 16}, 31), G = seeded_randn({1, n, 16}, 32);
+    // Reference: each document alone, from a fresh state, on one rank.
+    std::vector<at::Tensor> ref_out, ref_dx;
+    int64_t start = 0;
+    for (int64_t len : lengths) {
+      // Zeros after a short document give the conv its halo; they come after
+      // every real token and carry no gradient.
+      const int64_t padded = std::max<int64_t>(len, c.conv_kernel());
+      const models::SequenceContext one{SequenceLayout(LayoutKind::kContiguous, padded, 1), self};
+      at::Tensor x = at::constant_pad_nd(X.narrow(1, start, len), {0, 0, 0, padded - len}).requires_grad_(true);
+      const at::Tensor out = mixer->forward(x, one);
+      (out * at::constant_pad_nd(G.narrow(1, start, len), {0, 0, 0, padded - len})).sum().backward();
+      ref_out.push_back(out.detach().narrow(1, 0, len));
+      ref_dx.push_back(x.grad().narrow(1, 0, len));
+      start += len;
+    }
+    std::vector<at::Tensor> ref_grads;
+    for (auto& p : mixer->parameters()) {
+      ref_grads.push_back(p.grad().clone());
+      p.mutable_grad().reset();
+    }
+    // Distributed, the row packed.
+    models::SequenceContext ctx{layout, comm};
+    ctx.doc_start = shard_document_starts(document_starts_from_lengths({lengths}, n), layout, r);
+    at::Tensor x = layout.shard(X, r, 1).requires_grad_(true);
+    const at::Tensor out = mixer->forward(x, ctx);
+    (out * layout.shard(G, r, 1)).sum().backward();
+    ReferenceCheck check(r, 1e-9);
+    check.sharded("out", out, at::cat(ref_out, 1), layout, 1).sharded("dx", x.grad(), at::cat(ref_dx, 1), layout, 1);
+    int i = 0;
+    for (auto& p : mixer->parameters()) {
+      at::Tensor g = p.grad().clone();
+      comm->all_reduce(g)->wait();
+      check.same("d" + std::to_string(i), g, ref_grads[i]);
+      p.mutable_grad().reset();
+      ++i;
+    }
+    EXPECT_TRUE(check.verdict()) << layout.describe();
+  }
 }
 
 }  // namespace
