@@ -1,6 +1,8 @@
 #include "loom/parallel/gated_delta/chunked_kernel.h"
 
+#include <algorithm>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "loom/runtime/comm/documents.h"
@@ -80,7 +82,12 @@ BlockMaps block_maps(const Blocks& x) {
   // (I + L) [U0 W] = [diag(beta) V, diag(beta gamma) K], L strictly lower.
   const at::Tensor L = (at::matmul(x.k, x.k.transpose(-1, -2)) * m.decay).tril(-1) * x.beta.unsqueeze(-1);
   const at::Tensor rhs = at::cat({x.v * x.beta.unsqueeze(-1), x.k * (x.beta * m.gamma).unsqueeze(-1)}, -1);
-  const at::Tensor solved = at::linalg_solve_triangular(L, rhs, /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
+  // libtorch 1.13 has no meta kernel for linalg_solve_triangular; the older
+  // (deprecated, warning) triangular_solve has one, so the meta device uses that.
+  const at::Tensor solved =
+      L.is_meta() ? std::get<0>(at::triangular_solve(rhs, L, /*upper=*/false, /*transpose=*/false,
+                                                     /*unitriangular=*/true))
+                  : at::linalg_solve_triangular(L, rhs, /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
   m.u0 = solved.narrow(-1, 0, dv);
   m.w = solved.narrow(-1, dv, dk);
   // Leaving state: e_i = Gamma_(C-1, i) carries token i's write to the block's end.
