@@ -554,7 +554,11 @@ int run(int argc, char** argv) {
     return 2;
   }
   if (opt.print_config) {
-    if (is_root) std::cout << loom::config_to_text(config) << std::flush;
+    // The parameter count as a comment: the output still parses as a config.
+    if (is_root)
+      std::cout << loom::config_to_text(config) << "# " << loom::models::count_parameters(config.model())
+                << " parameters\n"
+                << std::flush;
     return 0;
   }
 

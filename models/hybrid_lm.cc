@@ -58,6 +58,18 @@ const std::map<std::string, std::string>& presets() {
       {"titans-mal", "pattern: '" + repeat("M", 12) +
                          "' vocab_size: 32000 d_model: 768 n_heads: 12 d_ff: 2048 memory_depth: 2 memory_chunk: 64 "
                          "window: 512"},
+      // Qwen3-Next-style hybrid (3 Gated DeltaNet : 1 gated GQA softmax
+      // attention) at the size of Qwen3.5-27B, the dense published model of
+      // that family (Qwen3-Next-80B-A3B is MoE; Loom has no MoE): hidden 5120,
+      // 64 layers, SwiGLU 17408, vocabulary 248320 untied; Gated DeltaNet with
+      // 16 q/k heads and 48 value heads of 128, conv 4. Loom's attention has
+      // head dim d_model / n_heads, so its 24 heads of 256 become 20 heads of
+      // 256 (4 KV heads): 26.64B parameters against the published 27B.
+      {"qwen35-27b",
+       "pattern: '" + repeat("DDDA", 16) +
+           "' vocab_size: 248320 d_model: 5120 n_heads: 20 n_kv_heads: 4 d_ff: 17408 tie_embeddings: false "
+           "rope_theta: 10000000 norm_eps: 1e-6 conv_kernel: 4 delta_key_heads: 16 delta_value_heads: 48 "
+           "delta_key_dim: 128 delta_value_dim: 128 attention_output_gate: true block_size: 64"},
       // Tiny versions for tests and the demo.
       {"tiny-based",
        "pattern: 'LWC' vocab_size: 256 d_model: 32 n_heads: 2 d_ff: 64 feature_dim: 4 feature_map: 'taylor' "
@@ -70,6 +82,10 @@ const std::map<std::string, std::string>& presets() {
        "feature_map: 'elu' linear_normalize: true block_size: 4"},
       {"tiny-gla",
        "pattern: 'KK' vocab_size: 256 d_model: 32 n_heads: 2 d_ff: 64 feature_dim: 8 tie_embeddings: false "
+       "block_size: 4"},
+      {"tiny-qwen35",
+       "pattern: 'DDDA' vocab_size: 256 d_model: 32 n_heads: 4 n_kv_heads: 2 d_ff: 64 conv_kernel: 4 "
+       "delta_key_heads: 2 delta_value_heads: 4 delta_key_dim: 8 delta_value_dim: 6 attention_output_gate: true "
        "block_size: 4"},
       {"tiny-titans-mac",
        "pattern: 'XL' vocab_size: 256 d_model: 16 n_heads: 2 d_ff: 32 memory_depth: 2 memory_chunk: 2 "
@@ -102,6 +118,15 @@ int64_t attention_params(const pb::ModelConfig& c) {
   return D * H * d + 2 * D * kv_heads(c) * d + H * d * D;
 }
 
+// q, k, v, z (output gate), b, a projections, the short conv over q, k, v,
+// A_log and dt_bias per value head, the norm weight, the output projection.
+int64_t gated_delta_params(const pb::ModelConfig& c) {
+  const int64_t D = c.d_model(), keys = c.delta_key_heads() * c.delta_key_dim(),
+                values = c.delta_value_heads() * c.delta_value_dim(), heads = c.delta_value_heads();
+  return D * (2 * keys + 2 * values) + 2 * D * heads + (2 * keys + values) * c.conv_kernel() + 2 * heads +
+         c.delta_value_dim() + values * D;
+}
+
 int64_t mixer_params(char letter, const pb::ModelConfig& c) {
   const int64_t D = c.d_model(), H = c.n_heads(), d = D / H, f = c.feature_dim();
   switch (letter) {
@@ -117,7 +142,8 @@ int64_t mixer_params(char letter, const pb::ModelConfig& c) {
              + D * H * d + H * d * D + d;                          // output gate, o, per-head norm
     }
     case 'A':
-    case 'W': return attention_params(c);
+    case 'W': return attention_params(c) + (c.attention_output_gate() ? D * H * d : 0);
+    case 'D': return gated_delta_params(c);
     case 'C': return 4 * D * D + 2 * D * D + 2 * D * c.conv_kernel() + 2 * D;
     case 'M': return memory_params(c, true) + attention_params(c);
     case 'G': return memory_params(c, true) + attention_params(c) + 2 * D + D * D;
@@ -151,6 +177,10 @@ pb::ModelConfig resolve_model_config(const pb::ModelConfig& user) {
   if (c.n_kv_heads() == 0) c.set_n_kv_heads(c.n_heads());
   if (c.d_ff() == 0) c.set_d_ff(default_mlp_hidden(c.d_model()));
   if (c.feature_dim() == 0) c.set_feature_dim(c.d_model() / c.n_heads());
+  if (c.delta_key_heads() == 0) c.set_delta_key_heads(c.n_heads());
+  if (c.delta_value_heads() == 0) c.set_delta_value_heads(c.delta_key_heads());
+  if (c.delta_key_dim() == 0) c.set_delta_key_dim(c.d_model() / c.n_heads());
+  if (c.delta_value_dim() == 0) c.set_delta_value_dim(c.delta_key_dim());
   return c;
 }
 
@@ -304,7 +334,7 @@ bool has_any(const std::string& pattern, const std::string& letters) {
 std::pair<int64_t, int64_t> chunk_requirements(const pb::ModelConfig& m) {
   int64_t min_len = 1, multiple = 1;
   if (has_any(m.pattern(), "WMG")) min_len = std::max<int64_t>(min_len, m.window() - 1);
-  if (has_any(m.pattern(), "CMG")) min_len = std::max<int64_t>(min_len, m.conv_kernel() - 1);
+  if (has_any(m.pattern(), "CMGD")) min_len = std::max<int64_t>(min_len, m.conv_kernel() - 1);
   if (has_any(m.pattern(), "MGX")) multiple = m.memory_chunk();
   return {min_len, multiple};
 }

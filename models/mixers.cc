@@ -4,6 +4,7 @@
 
 #include "loom/models/layers.h"
 #include "loom/models/titans.h"
+#include "loom/parallel/gated_delta/gated_delta.h"
 #include "loom/parallel/linear_attention/decay.h"
 #include "loom/parallel/linear_attention/lasp.h"
 #include "loom/parallel/short_conv.h"
@@ -162,6 +163,12 @@ SoftmaxAttentionMixer::SoftmaxAttentionMixer(const pb::ModelConfig& c, int64_t w
   k_ = register_module("k", make_projection(D, kv_heads_ * head_dim_));
   v_ = register_module("v", make_projection(D, kv_heads_ * head_dim_));
   o_ = register_module("o", make_projection(heads_ * head_dim_, D));
+  if (c.attention_output_gate()) gate_ = register_module("gate", make_projection(D, heads_ * head_dim_));
+}
+
+at::Tensor SoftmaxAttentionMixer::gated(const at::Tensor& attention, const at::Tensor& x) {
+  const at::Tensor merged = merge_heads(attention);
+  return o_(gate_ ? merged * at::sigmoid(gate_(x)) : merged);
 }
 
 at::Tensor SoftmaxAttentionMixer::forward(const at::Tensor& x, const SequenceContext& ctx) {
@@ -175,8 +182,8 @@ at::Tensor SoftmaxAttentionMixer::forward(const at::Tensor& x, const SequenceCon
   const auto method = ctx.layout.world_size() == 1 && ctx.softmax_method != softmax_attention::SoftmaxMethod::kOffload
                           ? softmax_attention::SoftmaxMethod::kLocal
                           : ctx.softmax_method;
-  return o_(merge_heads(
-      softmax_attention::attention(q, k, v, ctx.layout, ctx.comm, method, spec, ctx.offload, ctx.doc_start)));
+  return gated(softmax_attention::attention(q, k, v, ctx.layout, ctx.comm, method, spec, ctx.offload, ctx.doc_start),
+               x);
 }
 
 at::Tensor SoftmaxAttentionMixer::decode(const at::Tensor& x, DecodeCache& cache, const DecodeContext& ctx) {
@@ -189,8 +196,8 @@ at::Tensor SoftmaxAttentionMixer::decode(const at::Tensor& x, DecodeCache& cache
   const at::Tensor v = split_heads(v_(x), kv_heads_);
   softmax_attention::AttentionSpec spec;
   if (window_ == 0 && ctx.offload)  // Lamina: the KV cache lives on the memory nodes
-    return o_(merge_heads(
-        softmax_attention::offload_decode_attention(q, k, v, *ctx.offload, ctx.layer, ctx.sequences, spec)));
+    return gated(softmax_attention::offload_decode_attention(q, k, v, *ctx.offload, ctx.layer, ctx.sequences, spec),
+                 x);
   at::Tensor K = cache.tensors.empty() ? k : at::cat({cache.tensors[0], k}, 2);
   at::Tensor V = cache.tensors.empty() ? v : at::cat({cache.tensors[1], v}, 2);
   if (window_ > 0 && K.size(2) > window_) {  // the last `window` positions, itself included
@@ -209,7 +216,103 @@ at::Tensor SoftmaxAttentionMixer::decode(const at::Tensor& x, DecodeCache& cache
     visible = key_pos.unsqueeze(0).ge(ctx.doc_start.unsqueeze(1));
   }
   cache.tensors = {K, V};
-  return o_(merge_heads(softmax_attention::attend_newest(q, K, V, spec, visible)));
+  return gated(softmax_attention::attend_newest(q, K, V, spec, visible), x);
+}
+
+// ---- D ----
+namespace {
+int64_t positive_or(int64_t value, int64_t fallback) { return value > 0 ? value : fallback; }
+// x / sqrt(sum x^2 + eps) over the last dimension (eps keeps a zero vector zero).
+at::Tensor l2_normalize(const at::Tensor& x) { return x * at::rsqrt(x.pow(2).sum(-1, /*keepdim=*/true) + 1e-6); }
+}  // namespace
+
+GatedDeltaNetMixer::GatedDeltaNetMixer(const pb::ModelConfig& c)
+    : key_heads_(positive_or(c.delta_key_heads(), c.n_heads())),
+      value_heads_(positive_or(c.delta_value_heads(), key_heads_)),
+      key_dim_(positive_or(c.delta_key_dim(), c.d_model() / c.n_heads())),
+      value_dim_(positive_or(c.delta_value_dim(), key_dim_)),
+      block_(c.block_size()),
+      norm_eps_(c.norm_eps()) {
+  if (value_heads_ % key_heads_ != 0)
+    throw ConfigError("model.delta_value_heads = " + std::to_string(value_heads_) +
+                      ": the Gated DeltaNet mixer (D) needs a multiple of model.delta_key_heads = " +
+                      std::to_string(key_heads_) + " (each q/k head serves a whole group of value heads)");
+  const int64_t D = c.d_model(), K = c.conv_kernel();
+  const int64_t keys = key_heads_ * key_dim_, values = value_heads_ * value_dim_;
+  q_ = register_module("q", make_projection(D, keys));
+  k_ = register_module("k", make_projection(D, keys));
+  v_ = register_module("v", make_projection(D, values));
+  z_ = register_module("z", make_projection(D, values));
+  b_ = register_module("b", make_projection(D, value_heads_));
+  a_ = register_module("a", make_projection(D, value_heads_));
+  o_ = register_module("o", make_projection(values, D));
+  const at::TensorOptions opts = parameter_options();
+  conv_weight_ = register_parameter("conv_weight", at::randn({2 * keys + values, K}, opts) / std::sqrt(double(K)));
+  // Mamba2's initialisation: A in [1, 16], dt in [1e-3, 1e-1] log-uniformly,
+  // dt_bias its inverse softplus.
+  a_log_ = register_parameter("A_log", at::empty({value_heads_}, opts).uniform_(1, 16).log_());
+  const at::Tensor dt =
+      at::empty({value_heads_}, opts).uniform_(std::log(1e-3), std::log(1e-1)).exp_().clamp_min_(1e-4);
+  dt_bias_ = register_parameter("dt_bias", dt + at::log(-at::expm1(-dt)));
+  norm_weight_ = register_parameter("norm_weight", at::ones({value_dim_}, opts));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> GatedDeltaNetMixer::heads_of(const at::Tensor& conv) const {
+  const int64_t keys = key_heads_ * key_dim_, group = value_heads_ / key_heads_;
+  // GQA-style: key head h serves value heads h*group .. h*group + group-1.
+  const at::Tensor q = l2_normalize(split_heads(conv.narrow(-1, 0, keys), key_heads_)) / std::sqrt(double(key_dim_));
+  const at::Tensor k = l2_normalize(split_heads(conv.narrow(-1, keys, keys), key_heads_));
+  const at::Tensor v = split_heads(conv.narrow(-1, 2 * keys, value_heads_ * value_dim_), value_heads_);
+  return {softmax_attention::repeat_kv_heads(q, group), softmax_attention::repeat_kv_heads(k, group), v};
+}
+
+std::pair<at::Tensor, at::Tensor> GatedDeltaNetMixer::gates_of(const at::Tensor& x) {
+  const at::Tensor beta = at::sigmoid(b_(x)).transpose(1, 2);  // [B, Hv, n]
+  const at::Tensor log_alpha = (-a_log_.exp() * at::softplus(a_(x) + dt_bias_)).transpose(1, 2);
+  return {beta, log_alpha};
+}
+
+at::Tensor GatedDeltaNetMixer::output_of(const at::Tensor& core, const at::Tensor& x) {
+  const at::Tensor z = z_(x).unflatten(-1, {value_heads_, value_dim_});
+  const at::Tensor normed = core * at::rsqrt(core.pow(2).mean(-1, /*keepdim=*/true) + norm_eps_) * norm_weight_;
+  return o_((normed * at::silu(z)).flatten(-2));
+}
+
+at::Tensor GatedDeltaNetMixer::forward(const at::Tensor& x, const SequenceContext& ctx) {
+  const at::Tensor mixed = at::cat({q_(x), k_(x), v_(x)}, -1);
+  const at::Tensor conv =
+      at::silu(causal_depthwise_conv(mixed, conv_weight_, at::Tensor(), ctx.layout, ctx.comm, ctx.doc_start));
+  auto [q, k, v] = heads_of(conv);
+  auto [beta, log_alpha] = gates_of(x);
+  gated_delta::GatedDeltaOptions opt;
+  opt.block_size = block_;
+  opt.doc_start = ctx.doc_start;
+  const at::Tensor core = gated_delta::sequence_parallel_gated_delta_rule(q, k, v, beta, log_alpha, ctx.layout,
+                                                                          ctx.comm, ctx.linear_method, opt);
+  return output_of(core.transpose(1, 2), x);
+}
+
+at::Tensor GatedDeltaNetMixer::decode(const at::Tensor& x, DecodeCache& cache, const DecodeContext& ctx) {
+  const at::Tensor mixed = at::cat({q_(x), k_(x), v_(x)}, -1);  // [S, 1, channels]
+  const int64_t K = conv_weight_.size(1);
+  at::Tensor past = cache.tensors.empty() ? at::zeros({mixed.size(0), K - 1, mixed.size(2)}, mixed.options())
+                                          : cache.tensors[0];
+  at::Tensor state = cache.tensors.size() > 1 ? cache.tensors[1] : at::Tensor();
+  // A new document: the conv reads zeros before it and the state starts at 0 (alpha = 0).
+  const at::Tensor starts = ctx.starts_document();
+  if (starts.defined()) {
+    const at::Tensor keep = starts.logical_not().to(past.scalar_type());
+    past = past * keep.view({-1, 1, 1});
+    if (state.defined()) state = state * keep.view({-1, 1, 1, 1});
+  }
+  const at::Tensor window = at::cat({past, mixed}, 1);  // [S, K, channels]
+  const at::Tensor conv = at::silu((window * conv_weight_.t().unsqueeze(0)).sum(1, /*keepdim=*/true));
+  auto [q, k, v] = heads_of(conv);  // [S, Hv, 1, d]
+  auto [beta, log_alpha] = gates_of(x);  // [S, Hv, 1]
+  const at::Tensor core = gated_delta::gated_delta_step(q.squeeze(2), k.squeeze(2), v.squeeze(2), beta.squeeze(2),
+                                                        log_alpha.squeeze(2), state);  // [S, Hv, d_v]
+  cache.tensors = {window.narrow(1, 1, K - 1), state};
+  return output_of(core.unsqueeze(1), x);
 }
 
 // ---- C ----
@@ -257,9 +360,10 @@ Mixer make_mixer(char letter, const pb::ModelConfig& c) {
     case 'M': return std::make_shared<TitansMALMixer>(c);
     case 'G': return std::make_shared<TitansMAGMixer>(c);
     case 'X': return std::make_shared<TitansMACMixer>(c);
+    case 'D': return std::make_shared<GatedDeltaNetMixer>(c);
     default: break;
   }
-  throw ConfigError(std::string("model.pattern: letter '") + letter + "' is not a mixer (allowed: L A W C M G X K)");
+  throw ConfigError(std::string("model.pattern: letter '") + letter + "' is not a mixer (allowed: L A W C M G X K D)");
 }
 
 }  // namespace loom::models

@@ -10,6 +10,8 @@
 //                             data-dependent gate per token and head) via
 //                             LASP-2 / all-scan / LASP-1
 //   M, G, X                   Titans mixers (titans.h)
+//   D  GatedDeltaNetMixer     Gated DeltaNet (Qwen3-Next's linear layer) via
+//                             LASP-2 / all-scan / LASP-1 of its chunk maps
 //
 // Every mixer maps this rank's shard x [B, n, D] to [B, n, D] and runs
 // unchanged at sp = 1 and sp > 1: the SequenceContext says how the sequence is
@@ -22,6 +24,7 @@
 
 #include <memory>
 #include <tuple>
+#include <utility>
 
 #include "loom/models/feature_maps.h"
 #include "loom/models/sequence_context.h"
@@ -89,10 +92,45 @@ class SoftmaxAttentionMixer : public MixerImpl {
   at::Tensor decode(const at::Tensor& x, DecodeCache& cache, const DecodeContext& ctx) override;
 
  private:
+  // model.attention_output_gate: out = o(attention * sigmoid(g(x))), per head and channel.
+  at::Tensor gated(const at::Tensor& attention, const at::Tensor& x);
   int64_t heads_, kv_heads_, head_dim_, window_;
   double rope_theta_;
   bool positions_per_document_;
-  Projection q_{nullptr}, k_{nullptr}, v_{nullptr}, o_{nullptr};
+  Projection q_{nullptr}, k_{nullptr}, v_{nullptr}, o_{nullptr}, gate_{nullptr};
+};
+
+// Gated DeltaNet, the layer of the paper as Qwen3-Next ships it: q, k, v
+// projections, a causal short conv over them (conv_kernel, no bias) and SiLU;
+// q and k L2-normalised per head (q also scaled by 1/sqrt(d_k));
+// beta = sigmoid(W_b x); log alpha = -exp(A_log) softplus(W_a x + dt_bias)
+// (Mamba2's gate); the delta rule per value head
+// (parallel/gated_delta/gated_delta.h); each head's output RMS-normalised
+// (one weight over d_v shared by the heads) and gated by SiLU(W_z x); the
+// output projection. Value heads may exceed key heads (a multiple of them:
+// each q/k head serves delta_value_heads / delta_key_heads consecutive value
+// heads); anything else is a ConfigError. Documents: the conv and the state
+// both stop at a document start.
+class GatedDeltaNetMixer : public MixerImpl {
+ public:
+  explicit GatedDeltaNetMixer(const pb::ModelConfig& config);
+  at::Tensor forward(const at::Tensor& x, const SequenceContext& ctx) override;
+  // Cache: the last conv_kernel - 1 conv inputs and the state [S, Hv, d_k, d_v].
+  at::Tensor decode(const at::Tensor& x, DecodeCache& cache, const DecodeContext& ctx) override;
+
+ private:
+  // q, k [B, Hv, n, d_k] (normalised, repeated to the value heads), v [B, Hv, n, d_v]
+  // from the conv output [B, n, 2 Hk d_k + Hv d_v].
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> heads_of(const at::Tensor& conv) const;
+  // beta and log alpha [B, Hv, n] from x [B, n, D].
+  std::pair<at::Tensor, at::Tensor> gates_of(const at::Tensor& x);
+  // core [B, n, Hv, d_v] -> [B, n, D]: gated RMSNorm and the output projection.
+  at::Tensor output_of(const at::Tensor& core, const at::Tensor& x);
+
+  int64_t key_heads_, value_heads_, key_dim_, value_dim_, block_;
+  double norm_eps_;
+  Projection q_{nullptr}, k_{nullptr}, v_{nullptr}, z_{nullptr}, b_{nullptr}, a_{nullptr}, o_{nullptr};
+  at::Tensor conv_weight_, a_log_, dt_bias_, norm_weight_;
 };
 
 // BaseConv: in_proj D -> 4D split into u1, u2 (2D each); y = out_proj(SiLU(conv(u1)) * u2).

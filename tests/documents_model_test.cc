@@ -143,7 +143,8 @@ INSTANTIATE_TEST_SUITE_P(
     Letters, DocumentsMixerAcrossRanks,
     ::testing::Values(MixerCase{'L', 1, 2}, MixerCase{'K', 1, 2}, MixerCase{'A', 1, 2}, MixerCase{'W', 1, 2}, MixerCase{'C', 1, 2},
                       MixerCase{'M', 1, 2}, MixerCase{'M', 2, 2}, MixerCase{'M', 1, 1}, MixerCase{'G', 1, 2},
-                      MixerCase{'G', 2, 2}, MixerCase{'X', 1, 2}, MixerCase{'X', 2, 2}, MixerCase{'X', 1, 1}),
+                      MixerCase{'G', 2, 2}, MixerCase{'X', 1, 2}, MixerCase{'X', 2, 2}, MixerCase{'X', 1, 1},
+                      MixerCase{'D', 1, 2}),
     [](const ::testing::TestParamInfo<MixerCase>& info) {
       return std::string(1, info.param.letter) + "_depth" + std::to_string(info.param.depth) + "_chunk" +
              std::to_string(info.param.memory_chunk);
@@ -245,7 +246,8 @@ TEST_P(DocumentsWholeModel, LossAndEveryGradientMatchEachDocumentAlone) {
 INSTANTIATE_TEST_SUITE_P(
     Patterns, DocumentsWholeModel,
     ::testing::Values(ModelCase{"LAWCK", 2, pb::LASP2, pb::RING}, ModelCase{"LAWCK", 2, pb::LASP2_ALLSCAN, pb::ALLGATHER},
-                      ModelCase{"LAWCK", 2, pb::LASP1, pb::RING}, ModelCase{"LAWCMGX", 2, pb::LASP2, pb::RING}),
+                      ModelCase{"LAWCK", 2, pb::LASP1, pb::RING}, ModelCase{"LAWCMGX", 2, pb::LASP2, pb::RING},
+                      ModelCase{"DDAD", 2, pb::LASP2, pb::RING}, ModelCase{"DDAD", 2, pb::LASP1, pb::ALLGATHER}),
     [](const ::testing::TestParamInfo<ModelCase>& info) {
       return info.param.pattern + "_" + pb::LinearAttentionMethod_Name(info.param.linear) + "_" +
              pb::SoftmaxMethod_Name(info.param.softmax);
@@ -282,7 +284,7 @@ class DocumentsDecoding : public ::testing::TestWithParam<bool> {};
 TEST_P(DocumentsDecoding, EveryPositionMatchesThePackedForward) {
   auto self = MpiCommunicator::world()->split(MpiCommunicator::world()->rank(), 0);
   pb::ModelConfig user = tiny_config();
-  user.set_pattern("LAWCAK");
+  user.set_pattern("LAWCAKD");
   user.set_positions_per_document(GetParam());
   torch::manual_seed(3);
   HybridLM model(resolve_model_config(user));

@@ -60,6 +60,11 @@ TEST_P(MixerAcrossRanks, MatchesOneRank) {
   const int W = comm->size(), r = comm->rank();
   pb::ModelConfig c = tiny_mixer_config();
   c.set_memory_depth(depth);
+  if (letter == 'D') {  // more value heads than q/k heads, of another size
+    c.set_delta_key_heads(1);
+    c.set_delta_value_heads(2);
+    c.set_delta_value_dim(5);
+  }
   const bool titans = is_titans_mixer(letter);
   for (auto kind : {LayoutKind::kContiguous, LayoutKind::kZigzag}) {
     // Titans: chunks must hold whole memory chunks; others: also a padded length.
@@ -104,7 +109,7 @@ TEST_P(MixerAcrossRanks, MatchesOneRank) {
 INSTANTIATE_TEST_SUITE_P(Letters, MixerAcrossRanks,
                          ::testing::Values(MixerCase{'L', 0}, MixerCase{'A', 0}, MixerCase{'W', 0}, MixerCase{'C', 0},
                                            MixerCase{'M', 1}, MixerCase{'M', 2}, MixerCase{'G', 1}, MixerCase{'G', 2},
-                                           MixerCase{'X', 1}, MixerCase{'X', 2}),
+                                           MixerCase{'X', 1}, MixerCase{'X', 2}, MixerCase{'D', 0}),
                          [](const ::testing::TestParamInfo<MixerCase>& info) {
                            return std::string(1, info.param.letter) + "_depth" + std::to_string(info.param.depth);
                          });
@@ -319,6 +324,8 @@ TEST(ModelPresets, ParameterCountsMatchTheReferences) {
   EXPECT_NEAR(count("linear-llama3-1b") / 1.24e9, 1.0, 0.05) << count("linear-llama3-1b");
   // GLA "1.3B": the published checkpoint (fla-hub/gla-1.3B-100B, untied 32000-token embeddings) has 1.3655e9.
   EXPECT_NEAR(count("gla-1.3b") / 1.3655e9, 1.0, 0.05) << count("gla-1.3b");
+  // Qwen3.5-27B, the dense Qwen3-Next-style hybrid (published: 27B).
+  EXPECT_NEAR(count("qwen35-27b") / 27e9, 1.0, 0.05) << count("qwen35-27b");
   // The analytic count is the built model's count.
   for (const auto& preset : preset_names()) {
     if (preset.rfind("tiny-", 0) != 0) continue;
@@ -362,7 +369,7 @@ TEST_P(IncrementalDecoding, MatchesTheFullForward) {
 }
 
 INSTANTIATE_TEST_SUITE_P(TinyPresets, IncrementalDecoding,
-                         ::testing::Values("tiny-based", "tiny-linear-llama", "tiny-linear-llama-hybrid"),
+                         ::testing::Values("tiny-based", "tiny-linear-llama", "tiny-linear-llama-hybrid", "tiny-qwen35"),
                          loom::testing::preset_test_name);
 
 TEST(IncrementalDecodingTitans, IsRefusedWithANamedError) {

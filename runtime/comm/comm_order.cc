@@ -64,13 +64,15 @@ void CommOrder::backward_ran(int64_t id) {
 }
 
 at::Tensor CommOrder::close(const at::Tensor& out) {
-  if (!at::GradMode::is_enabled()) return out;
+  // Meta tensors (shape checks) run no communication and cannot send their
+  // gradient back to the token's CPU zero.
+  if (!at::GradMode::is_enabled() || out.is_meta()) return out;
   {
     State& s = state();
     std::lock_guard<std::mutex> lock(s.mutex);
     if (!s.head || s.head_consumed) return out;
   }
-  return out + token().to(out.scalar_type());
+  return out + token().to(out.options());
 }
 
 void CommOrder::reset() {

@@ -404,6 +404,10 @@ constexpr RangeRule kRanges[] = {
     {"model.memory_chunk", "[1, 65536]"},
     {"model.persistent_tokens", "[0, 65536]"},
     {"model.memory_max_lr", "(0, 100]"},
+    {"model.delta_key_heads", "[0, 4096]"},
+    {"model.delta_value_heads", "[0, 4096]"},
+    {"model.delta_key_dim", "[0, 65536]"},
+    {"model.delta_value_dim", "[0, 65536]"},
     {"parallel.dp", "[1, 1048576]"},
     {"parallel.sp", "[0, 1048576]"},
     {"parallel.threads_per_rank", "[0, 4096]"},
@@ -632,11 +636,15 @@ void validate_config(const pb::LoomConfig& c) {
   if (m.n_kv_heads() >= 1 && m.n_heads() >= 1)
     v.require(m.n_heads() % m.n_kv_heads() == 0, "field model.n_kv_heads = " + std::to_string(m.n_kv_heads()) +
                                                      ": must divide model.n_heads = " + std::to_string(m.n_heads()));
-  v.require(!m.pattern().empty(), "field model.pattern is empty: give one letter per block from LAWCMGXK");
+  v.require(!m.pattern().empty(), "field model.pattern is empty: give one letter per block from LAWCMGXKD");
   for (char ch : m.pattern())
-    v.require(std::string("LAWCMGXK").find(ch) != std::string::npos,
+    v.require(std::string("LAWCMGXKD").find(ch) != std::string::npos,
               "field model.pattern = '" + m.pattern() + "': letter '" + std::string(1, ch) +
-                  "' is not a mixer (allowed: L A W C M G X K)");
+                  "' is not a mixer (allowed: L A W C M G X K D)");
+  if (m.delta_key_heads() >= 1 && m.delta_value_heads() >= 1)
+    v.require(m.delta_value_heads() % m.delta_key_heads() == 0,
+              "field model.delta_value_heads = " + std::to_string(m.delta_value_heads()) +
+                  ": must be a multiple of model.delta_key_heads = " + std::to_string(m.delta_key_heads()));
   v.one_of("model.feature_map", m.feature_map(), {"identity", "elu", "relu", "taylor", "hedgehog"});
 
   const auto& t = c.train();

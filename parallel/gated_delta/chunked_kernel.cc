@@ -1,0 +1,143 @@
+#include "loom/parallel/gated_delta/chunked_kernel.h"
+
+#include <algorithm>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "loom/runtime/comm/documents.h"
+
+namespace loom::gated_delta {
+namespace {
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta,
+                  const at::Tensor& log_alpha, int64_t block) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "gated delta rule: q, k, v must be [B, H, n, d], got ",
+              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(q.sizes() == k.sizes(), "gated delta rule: q ", q.sizes(), " and k ", k.sizes(), " must match");
+  TORCH_CHECK(v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.size(2) == q.size(2), "gated delta rule: v ",
+              v.sizes(), " must match q ", q.sizes(), " in batch, heads and length");
+  const std::vector<int64_t> gate_shape{q.size(0), q.size(1), q.size(2)};
+  TORCH_CHECK(beta.sizes() == at::IntArrayRef(gate_shape) && log_alpha.sizes() == at::IntArrayRef(gate_shape),
+              "gated delta rule: beta ", beta.sizes(), " and log_alpha ", log_alpha.sizes(), " must be [B, H, n] = ",
+              at::IntArrayRef(gate_shape));
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
+                  q.scalar_type() == beta.scalar_type() && q.scalar_type() == log_alpha.scalar_type(),
+              "gated delta rule: q, k, v, beta, log_alpha must share a dtype");
+  TORCH_CHECK(block >= 1, "gated delta rule: block size must be >= 1, got ", block);
+}
+
+// [B, H, n, *] -> [B, H, nb, C, *] (gates: [B, H, n] -> [B, H, nb, C]), zero-padded
+// at the end. Padding tokens (k = v = beta = 0, log_alpha = 0) leave the state alone.
+at::Tensor to_blocks(const at::Tensor& x, int64_t nb, int64_t c) {
+  const int64_t pad = nb * c - x.size(2);
+  at::Tensor y = x;
+  if (pad > 0) y = x.dim() == 4 ? at::constant_pad_nd(x, {0, 0, 0, pad}) : at::constant_pad_nd(x, {0, pad});
+  std::vector<int64_t> shape{x.size(0), x.size(1), nb, c};
+  if (x.dim() == 4) shape.push_back(x.size(3));
+  return y.reshape(shape);
+}
+
+}  // namespace
+
+Blocks cut_blocks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta,
+                  const at::Tensor& log_alpha, int64_t block, const at::Tensor& doc_start, int64_t first_position) {
+  check_inputs(q, k, v, beta, log_alpha, block);
+  check_document_starts(doc_start, q, 2, "gated delta rule");
+  Blocks x;
+  x.n = q.size(2);
+  x.block = std::max<int64_t>(1, std::min(block, x.n));
+  x.count = (x.n + x.block - 1) / x.block;
+  x.q = to_blocks(q, x.count, x.block);
+  x.k = to_blocks(k, x.count, x.block);
+  x.v = to_blocks(v, x.count, x.block);
+  x.beta = to_blocks(beta, x.count, x.block);
+  x.log_alpha = to_blocks(log_alpha, x.count, x.block);
+  if (doc_start.defined()) {
+    // A token starts a document when its doc_start is its own position;
+    // segment = number of starts in the block up to and including t.
+    const at::Tensor positions = at::arange(first_position, first_position + x.n, doc_start.options());
+    at::Tensor starts = doc_start.eq(positions.unsqueeze(0)).to(at::kLong);
+    if (x.count * x.block > x.n) starts = at::constant_pad_nd(starts, {0, x.count * x.block - x.n});
+    const at::Tensor segment = starts.reshape({doc_start.size(0), x.count, x.block}).cumsum(-1);
+    x.same_document = segment.unsqueeze(-1).eq(segment.unsqueeze(-2)).to(q.options()).unsqueeze(1);
+    x.sees_entering = segment.eq(0).to(q.options()).unsqueeze(1);
+  }
+  return x;
+}
+
+BlockMaps block_maps(const Blocks& x) {
+  const int64_t C = x.block, dv = x.v.size(-1), dk = x.k.size(-1);
+  BlockMaps m;
+  const at::Tensor G = x.log_alpha.cumsum(-1);  // [B, H, nb, C]
+  // exp of differences only, and -inf above the diagonal before exp (there the
+  // difference is positive and could overflow).
+  const at::Tensor above = at::ones({C, C}, x.q.options().dtype(at::kBool)).triu(1);
+  m.decay = (G.unsqueeze(-1) - G.unsqueeze(-2)).masked_fill(above, -std::numeric_limits<double>::infinity()).exp();
+  m.gamma = G.exp();
+  if (x.same_document.defined()) {
+    m.decay = m.decay * x.same_document;
+    m.gamma = m.gamma * x.sees_entering;
+  }
+  // (I + L) [U0 W] = [diag(beta) V, diag(beta gamma) K], L strictly lower.
+  const at::Tensor L = (at::matmul(x.k, x.k.transpose(-1, -2)) * m.decay).tril(-1) * x.beta.unsqueeze(-1);
+  const at::Tensor rhs = at::cat({x.v * x.beta.unsqueeze(-1), x.k * (x.beta * m.gamma).unsqueeze(-1)}, -1);
+  // libtorch 1.13 has no meta kernel for linalg_solve_triangular; the older
+  // (deprecated, warning) triangular_solve has one, so the meta device uses that.
+  const at::Tensor solved =
+      L.is_meta() ? std::get<0>(at::triangular_solve(rhs, L, /*upper=*/false, /*transpose=*/false,
+                                                     /*unitriangular=*/true))
+                  : at::linalg_solve_triangular(L, rhs, /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
+  m.u0 = solved.narrow(-1, 0, dv);
+  m.w = solved.narrow(-1, dv, dk);
+  // Leaving state: e_i = Gamma_(C-1, i) carries token i's write to the block's end.
+  const at::Tensor ke = (x.k * m.decay.select(-2, C - 1).unsqueeze(-1)).transpose(-1, -2);  // [.., d_k, C]
+  const at::Tensor eye = at::eye(dk, x.k.options());
+  m.transition = m.gamma.select(-1, C - 1).unsqueeze(-1).unsqueeze(-1) * eye - at::matmul(ke, m.w);
+  m.offset = at::matmul(ke, m.u0);
+  return m;
+}
+
+BlockOutputs block_outputs(const Blocks& x, const BlockMaps& m) {
+  const at::Tensor scores = at::matmul(x.q, x.k.transpose(-1, -2)) * m.decay;  // Mq
+  return {at::matmul(scores, m.u0), x.q * m.gamma.unsqueeze(-1) - at::matmul(scores, m.w)};
+}
+
+std::pair<at::Tensor, at::Tensor> block_states(const BlockMaps& m, const at::Tensor& entering) {
+  const int64_t nb = m.transition.size(2);
+  std::vector<at::Tensor> states;
+  states.reserve(nb);
+  at::Tensor S = entering;
+  for (int64_t b = 0; b < nb; ++b) {
+    states.push_back(S);
+    S = at::matmul(m.transition.select(2, b), S) + m.offset.select(2, b);
+  }
+  return {at::stack(states, 2), S};
+}
+
+at::Tensor stretch_outputs(const BlockOutputs& o, const at::Tensor& states, int64_t n) {
+  const at::Tensor out = o.local_out + at::matmul(o.query, states);  // [B, H, nb, C, d_v]
+  return out.reshape({out.size(0), out.size(1), out.size(2) * out.size(3), out.size(4)}).narrow(2, 0, n);
+}
+
+std::pair<at::Tensor, at::Tensor> compose_blocks(const BlockMaps& m) {
+  at::Tensor A = m.transition.select(2, 0), B = m.offset.select(2, 0);
+  for (int64_t b = 1; b < m.transition.size(2); ++b) {
+    const at::Tensor Ab = m.transition.select(2, b);
+    B = at::matmul(Ab, B) + m.offset.select(2, b);
+    A = at::matmul(Ab, A);
+  }
+  return {A, B};
+}
+
+at::Tensor chunked_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& beta, const at::Tensor& log_alpha, int64_t block,
+                                    const at::Tensor& doc_start) {
+  const Blocks x = cut_blocks(q, k, v, beta, log_alpha, block, doc_start, 0);
+  const BlockMaps m = block_maps(x);
+  const BlockOutputs o = block_outputs(x, m);
+  const at::Tensor zero = at::zeros({q.size(0), q.size(1), q.size(3), v.size(3)}, q.options());
+  return stretch_outputs(o, block_states(m, zero).first, x.n);
+}
+
+}  // namespace loom::gated_delta
