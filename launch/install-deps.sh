@@ -14,7 +14,7 @@ packages=(
   libgtest-dev libgmock-dev
   libopenblas0-openmp
   libcli11-dev nlohmann-json3-dev
-  zlib1g-dev libsentencepiece-dev
+  zlib1g-dev libzstd-dev libsentencepiece-dev
   dict-gcide gnuplot-nox
 )
 
