@@ -15,7 +15,7 @@ packages=(
   libopenblas0-openmp
   libcli11-dev nlohmann-json3-dev
   zlib1g-dev libzstd-dev libsentencepiece-dev
-  dict-gcide gnuplot-nox
+  dict-gcide gnuplot-nox zstd
 )
 
 SUDO=""

@@ -242,7 +242,7 @@ TEST(CorpusPrepare, BadInputsAreNamedErrorsAndLeaveNoFile) {
   write_file(dir.file("number.jsonl"), "{\"text\": 17}\n");
   EXPECT_NE(error_for({dir.file("number.jsonl")}).find(":1: field \"text\" is a number, not a string"), std::string::npos);
   write_file(dir.file("array.jsonl"), "[\"text\"]\n");
-  EXPECT_NE(error_for({dir.file("array.jsonl")}).find(":1: the line is a JSON array, not an object"), std::string::npos);
+  EXPECT_NE(error_for({dir.file("array.jsonl")}).find(":1: the line is an array in JSON, not an object"), std::string::npos);
   write_file(dir.file("empty.jsonl"), "{\"text\": \"a\"}\n{\"text\": \"\"}\n{\"text\": \"b\"}\n");
   EXPECT_NE(error_for({dir.file("empty.jsonl")}).find("input '" + dir.file("empty.jsonl") + "':2 (field \"text\"): empty document"),
             std::string::npos);

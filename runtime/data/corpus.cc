@@ -312,6 +312,12 @@ void split_lines(const char* p, size_t n, OnFragment on_fragment, OnNewline on_n
   }
 }
 
+// "an array", "a number": a JSON type with its article.
+std::string json_type(const nlohmann::json& v) {
+  const std::string t = v.type_name();
+  return (t == "array" || t == "object" ? "an " : "a ") + t;
+}
+
 std::string at_line(const std::string& path, int64_t line) { return quoted(path) + ":" + std::to_string(line); }
 
 void read_text_whole(const std::string& path, DocumentEncoder& enc, PrepareReport& report,
@@ -374,14 +380,13 @@ void read_jsonl(const std::string& path, const std::string& field, DocumentEncod
         throw LoomError(at_line(path, line) + ": malformed JSON line (" + (colon == std::string::npos ? why : why.substr(colon)) + ")");
       }
       if (!value.is_object())
-        throw LoomError(at_line(path, line) + ": the line is a JSON " + value.type_name() +
+        throw LoomError(at_line(path, line) + ": the line is " + json_type(value) + " in JSON" +
                         ", not an object with the field \"" + field + "\" (--jsonl-field)");
       const auto it = value.find(field);
       if (it == value.end())
         throw LoomError(at_line(path, line) + ": no field \"" + field + "\" (--jsonl-field names the text field)");
       if (!it->is_string())
-        throw LoomError(at_line(path, line) + ": field \"" + field + "\" is a " + it->type_name() +
-                        ", not a string");
+        throw LoomError(at_line(path, line) + ": field \"" + field + "\" is " + json_type(*it) + ", not a string");
       const auto& s = it->get_ref<const std::string&>();
       enc.begin(at_line(path, line) + " (field \"" + field + "\")");
       enc.text(s.data(), s.size());
