@@ -106,15 +106,27 @@ void TokenFileWriter::begin_document() {
 void TokenFileWriter::append(const uint32_t* tokens, size_t n) {
   if (finished_ || fd_ < 0) fail(path_, "append after the writer finished or failed");
   if (starts_.empty()) fail(path_, "tokens appended before the first document began");
-  for (size_t i = 0; i < n; ++i) {
+  for (size_t i = 0; i < n; ++i)
     if (tokens[i] >= vocab_size_)
       fail(path_, "token " + std::to_string(tokens[i]) + " at position " + std::to_string(count_ + i) +
                       " is not below the vocabulary size " + std::to_string(vocab_size_));
-    unsigned char bytes[4];
-    std::memcpy(bytes, &tokens[i], 4);  // little endian
+  // In blocks that fill the buffer: little-endian bytes, checksummed as written.
+  for (size_t done = 0; done < n;) {
+    const size_t room = std::max<size_t>(kWriteBufferBytes - std::min(buffer_.size(), kWriteBufferBytes), token_bytes_);
+    const size_t take = std::min(n - done, room / token_bytes_);
     const size_t at = buffer_.size();
-    buffer_.insert(buffer_.end(), bytes, bytes + token_bytes_);
-    checksum_ = fnv1a64(buffer_.data() + at, token_bytes_, checksum_);
+    buffer_.resize(at + take * token_bytes_);
+    unsigned char* out = buffer_.data() + at;
+    if (token_bytes_ == 2) {
+      for (size_t i = 0; i < take; ++i) {
+        out[2 * i] = static_cast<unsigned char>(tokens[done + i]);
+        out[2 * i + 1] = static_cast<unsigned char>(tokens[done + i] >> 8);
+      }
+    } else {
+      std::memcpy(out, tokens + done, take * 4);  // little endian
+    }
+    checksum_ = fnv1a64(out, take * token_bytes_, checksum_);
+    done += take;
     if (buffer_.size() >= kWriteBufferBytes) flush_buffer();
   }
   count_ += n;
