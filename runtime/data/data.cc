@@ -101,48 +101,43 @@ PackedDocumentSampler::PackedDocumentSampler(std::shared_ptr<TokenFile> file, in
     std::swap(order[d - 1], order[j]);
   }
 
-  // Best fit: rows as lists of pieces; open rows by their room left.
-  std::vector<std::vector<Piece>> rows;
+  // Best fit: each piece gets a row; open rows by their room left.
+  std::vector<Piece> placed;
+  std::vector<int64_t> row_of;
+  placed.reserve(order.size());
+  row_of.reserve(order.size());
+  int64_t rows = 0;
   std::multimap<int64_t, int64_t> open;  // room -> row
-  int64_t pieces = 0;
-  auto place = [&](const Piece& p) {
-    auto it = open.lower_bound(p.length);
-    int64_t row;
-    int64_t room;
+  auto place = [&](const Piece& p, bool whole_row) {
+    int64_t row, room = seq_len_;
+    auto it = whole_row ? open.end() : open.lower_bound(p.length);
     if (it == open.end()) {
-      row = static_cast<int64_t>(rows.size());
-      rows.emplace_back();
-      room = seq_len_;
+      row = rows++;
     } else {
       row = it->second;
       room = it->first;
       open.erase(it);
     }
-    rows[static_cast<size_t>(row)].push_back(p);
-    ++pieces;
+    placed.push_back(p);
+    row_of.push_back(row);
     if (room - p.length > 0) open.emplace(room - p.length, row);
   };
   for (int64_t d : order) {
     int64_t start = doc_begin[static_cast<size_t>(d)];
     const int64_t stop = doc_end(static_cast<size_t>(d));
-    while (stop - start > seq_len_) {  // a full row of its own, continued below
-      rows.push_back({Piece{start, seq_len_, false}});
-      ++pieces;
-      start += seq_len_;
-    }
-    place(Piece{start, stop - start, true});
+    for (; stop - start > seq_len_; start += seq_len_) place(Piece{start, seq_len_, false}, true);
+    place(Piece{start, stop - start, true}, false);
   }
-  pieces_.reserve(static_cast<size_t>(pieces));
-  row_begin_.reserve(rows.size() + 1);
-  for (auto& row : rows) {
-    row_begin_.push_back(static_cast<int64_t>(pieces_.size()));
-    pieces_.insert(pieces_.end(), row.begin(), row.end());
-    std::vector<Piece>().swap(row);
-  }
-  row_begin_.push_back(static_cast<int64_t>(pieces_.size()));
-  LOOM_LOG(kDebug) << "data file '" << file_->path() << "', " << split_ << " split: " << documents_ << " documents, "
-                   << tokens() << " tokens packed into " << rows_per_epoch() << " rows of " << seq_len_
-                   << " per epoch (" << padding_per_epoch() << " padding tokens)";
+  // Group the pieces by row (a counting sort; in placement order inside a row).
+  row_begin_.assign(static_cast<size_t>(rows) + 1, 0);
+  for (int64_t r : row_of) ++row_begin_[static_cast<size_t>(r) + 1];
+  for (size_t r = 0; r < static_cast<size_t>(rows); ++r) row_begin_[r + 1] += row_begin_[r];
+  pieces_.resize(placed.size());
+  std::vector<int64_t> next(row_begin_.begin(), row_begin_.end() - 1);
+  for (size_t k = 0; k < placed.size(); ++k) pieces_[static_cast<size_t>(next[static_cast<size_t>(row_of[k])]++)] = placed[k];
+  LOOM_LOG(kInfo) << "data file '" << file_->path() << "', " << split_ << " split: " << documents_ << " documents, "
+                  << tokens() << " tokens packed into " << rows_per_epoch() << " rows of " << seq_len_
+                  << " tokens per epoch (" << padding_per_epoch() << " padding tokens)";
 }
 
 int64_t PackedDocumentSampler::row_of_sample(int64_t index) const {
