@@ -4,6 +4,8 @@
 // document index equals the inputs' documents; long documents reach the
 // tokenizer in bounded pieces; bad inputs are errors naming file:line and
 // leave no file behind. One rank.
+#include "loom/runtime/data/corpus.h"
+
 #include <gtest/gtest.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -18,7 +20,6 @@
 #include <vector>
 
 #include "loom/runtime/core/error.h"
-#include "loom/runtime/data/corpus.h"
 #include "loom/runtime/data/token_file.h"
 
 namespace loom {
@@ -127,7 +128,8 @@ TEST(CorpusPrepare, JsonlPlainGzipAndZstdRoundTrip) {
   o.jsonl_field = "body";
   o.eod_token = 0;
   prepare_token_file(o, tok, nullptr);
-  EXPECT_EQ(documents_of(dir.file("out.tok")), (std::vector<std::string>{std::string("xy\0", 3), std::string("z\0", 2)}));
+  EXPECT_EQ(documents_of(dir.file("out.tok")),
+            (std::vector<std::string>{std::string("xy\0", 3), std::string("z\0", 2)}));
 }
 
 TEST(CorpusPrepare, FilesDirectoriesAndGlobsInSortedOrder) {
@@ -204,8 +206,9 @@ TEST(CorpusPrepare, DictdEntriesFromTheIndexAndFromHeadwords) {
             (std::vector<std::string>{a + "\n", "[1913 Webster]\n", b + "\n" + c + "\n"}));
   // An index that names more text than there is.
   write_file(dir.file("tiny.index"), "Far\t" + b64(text.size() + 10) + "\t" + b64(5) + "\n");
-  EXPECT_NE(error_of([&] { prepare_token_file(options_for({dir.file("tiny.dict.dz")}, dir.file("out.tok")), tok, nullptr); })
-                .find("names an entry ending at byte"),
+  EXPECT_NE(error_of([&] {
+              prepare_token_file(options_for({dir.file("tiny.dict.dz")}, dir.file("out.tok")), tok, nullptr);
+            }).find("names an entry ending at byte"),
             std::string::npos);
 }
 
@@ -234,17 +237,22 @@ TEST(CorpusPrepare, BadInputsAreNamedErrorsAndLeaveNoFile) {
     return error_of([&] { prepare_token_file(o, tok, nullptr); });
   };
   write_file(dir.file("missing.jsonl"), "{\"text\": \"ok\"}\n{\"body\": \"no text\"}\n");
-  EXPECT_NE(error_for({dir.file("missing.jsonl")}).find("input '" + dir.file("missing.jsonl") + "':2: no field \"text\""),
-            std::string::npos);
+  EXPECT_NE(
+      error_for({dir.file("missing.jsonl")}).find("input '" + dir.file("missing.jsonl") + "':2: no field \"text\""),
+      std::string::npos);
   write_file(dir.file("malformed.jsonl"), "{\"text\": \"ok\"}\n\n{\"text\": \"open\n");
-  EXPECT_NE(error_for({dir.file("malformed.jsonl")}).find("input '" + dir.file("malformed.jsonl") + "':3: malformed JSON line"),
+  EXPECT_NE(error_for({dir.file("malformed.jsonl")})
+                .find("input '" + dir.file("malformed.jsonl") + "':3: malformed JSON line"),
             std::string::npos);
   write_file(dir.file("number.jsonl"), "{\"text\": 17}\n");
-  EXPECT_NE(error_for({dir.file("number.jsonl")}).find(":1: field \"text\" is a number, not a string"), std::string::npos);
+  EXPECT_NE(error_for({dir.file("number.jsonl")}).find(":1: field \"text\" is a number, not a string"),
+            std::string::npos);
   write_file(dir.file("array.jsonl"), "[\"text\"]\n");
-  EXPECT_NE(error_for({dir.file("array.jsonl")}).find(":1: the line is an array in JSON, not an object"), std::string::npos);
+  EXPECT_NE(error_for({dir.file("array.jsonl")}).find(":1: the line is an array in JSON, not an object"),
+            std::string::npos);
   write_file(dir.file("empty.jsonl"), "{\"text\": \"a\"}\n{\"text\": \"\"}\n{\"text\": \"b\"}\n");
-  EXPECT_NE(error_for({dir.file("empty.jsonl")}).find("input '" + dir.file("empty.jsonl") + "':2 (field \"text\"): empty document"),
+  EXPECT_NE(error_for({dir.file("empty.jsonl")})
+                .find("input '" + dir.file("empty.jsonl") + "':2 (field \"text\"): empty document"),
             std::string::npos);
   write_file(dir.file("empty.txt"), "");
   EXPECT_NE(error_for({dir.file("empty.txt")}).find("empty document"), std::string::npos);
@@ -261,11 +269,13 @@ TEST(CorpusPrepare, BadInputsAreNamedErrorsAndLeaveNoFile) {
             std::string::npos);
   const std::string z = zstd_bytes(text);
   write_file(dir.file("cut.txt.zst"), z.substr(0, z.size() / 2));
-  EXPECT_NE(error_for({dir.file("cut.txt.zst")}).find("input '" + dir.file("cut.txt.zst") + "': read failed: the compressed data ends early"),
+  EXPECT_NE(error_for({dir.file("cut.txt.zst")})
+                .find("input '" + dir.file("cut.txt.zst") + "': read failed: the compressed data ends early"),
             std::string::npos);
   write_file(dir.file("fake.txt.zst"), "plain text");
   EXPECT_NE(error_for({dir.file("fake.txt.zst")}).find("not zstd data"), std::string::npos);
-  EXPECT_NE(error_for({dir.file("nothing*.txt")}).find("--input '" + dir.file("nothing*.txt") + "': the pattern matches no file"),
+  EXPECT_NE(error_for({dir.file("nothing*.txt")})
+                .find("--input '" + dir.file("nothing*.txt") + "': the pattern matches no file"),
             std::string::npos);
   fs::create_directories(dir.path / "hollow" / "inner");
   write_file(dir.file("hollow/.only-hidden"), "x");

@@ -76,7 +76,8 @@ void write_raw(const std::string& path, uint32_t version, const std::vector<uint
   std::memcpy(idx.data(), index.data(), idx.size());
   const uint32_t vocab = 256, width = 2;
   const uint64_t count = tokens.size(), checksum = fnv1a64(body.data(), body.size());
-  const uint64_t documents = index.size(), index_checksum = fnv1a64(idx.data(), idx.size()) + (bad_index_checksum ? 1 : 0);
+  const uint64_t documents = index.size(),
+                 index_checksum = fnv1a64(idx.data(), idx.size()) + (bad_index_checksum ? 1 : 0);
   std::memcpy(h.data(), "LOOMTOK\0", 8);
   std::memcpy(h.data() + 8, &version, 4);
   std::memcpy(h.data() + 12, &vocab, 4);
@@ -156,10 +157,13 @@ TEST(TokenFileIndex, WriterRefusesEmptyDocumentsAndLeavesNothingBehind) {
     w.append(t, 2);
   }
   EXPECT_TRUE(fs::is_empty(dir.path)) << "a temporary file was left behind";
-  EXPECT_NE(error_of([&] { write_token_file(dir.file("x.tok"), positions(10), 256, {0, 5, 5}); })
-                .find("must increase strictly"),
+  EXPECT_NE(error_of([&] {
+              write_token_file(dir.file("x.tok"), positions(10), 256, {0, 5, 5});
+            }).find("must increase strictly"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { write_token_file(dir.file("x.tok"), positions(10), 256, {1, 5}); }).find("not 0"),
+  EXPECT_NE(error_of([&] {
+              write_token_file(dir.file("x.tok"), positions(10), 256, {1, 5});
+            }).find("not 0"),
             std::string::npos);
   EXPECT_FALSE(fs::exists(dir.file("x.tok")));
 }
@@ -280,7 +284,8 @@ TEST(Packing, EveryTokenExactlyOncePerEpochWithLabelsAndDocumentStarts) {
   for (int64_t epoch = 0; epoch < 2; ++epoch) {
     const Batch b = s.batch(epoch * rows, rows);
     const auto seen = check_rows(b, starts, 0, n);
-    for (int64_t p = 0; p < n; ++p) ASSERT_EQ(seen[static_cast<size_t>(p)], 1) << "position " << p << ", epoch " << epoch;
+    for (int64_t p = 0; p < n; ++p)
+      ASSERT_EQ(seen[static_cast<size_t>(p)], 1) << "position " << p << ", epoch " << epoch;
     // Labels: exactly the documents' last tokens and the padding are ignored.
     const int64_t ignored = b.labels.eq(-100).sum().item<int64_t>();
     const int64_t padding = s.padding_per_epoch();
@@ -344,8 +349,9 @@ TEST(Packing, SplitsCutAtADocumentBoundaryAndValidationPacksToo) {
   EXPECT_GE(v.inputs.index({at::indexing::Slice(), 0}).min().item<int64_t>(), 901);
   // A split with nothing to predict is a named error.
   write_token_file(dir.file("ones.tok"), positions(20), 256, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12});  // cut at 10
-  EXPECT_NE(error_of([&] { open_data(dir.file("ones.tok"), 0.5, 4, 256, 1, "", Packing::kPack); })
-                .find("the train split has 10 tokens in 10 documents: no token has a next token"),
+  EXPECT_NE(error_of([&] {
+              open_data(dir.file("ones.tok"), 0.5, 4, 256, 1, "", Packing::kPack);
+            }).find("the train split has 10 tokens in 10 documents: no token has a next token"),
             std::string::npos);
 }
 
@@ -359,7 +365,8 @@ TEST(Packing, NoneIsTheWindowStreamOfBefore) {
   EXPECT_FALSE(b.doc_start.defined());
   for (int64_t r = 0; r < 3; ++r) {
     // The formula Loom always used: start = splitmix64(seed ^ splitmix64(i)) % (tokens - seq_len).
-    const int64_t start = static_cast<int64_t>(splitmix64(9 ^ splitmix64(5 + r)) % static_cast<uint64_t>(1800 - seq_len));
+    const int64_t start =
+        static_cast<int64_t>(splitmix64(9 ^ splitmix64(5 + r)) % static_cast<uint64_t>(1800 - seq_len));
     for (int64_t t = 0; t < seq_len; ++t) {
       EXPECT_EQ(b.inputs[r][t].item<int64_t>(), start + t + 1);
       EXPECT_EQ(b.labels[r][t].item<int64_t>(), start + t + 2);

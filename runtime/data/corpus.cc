@@ -30,9 +30,9 @@ namespace loom {
 namespace fs = std::filesystem;
 namespace {
 
-constexpr size_t kReadBytes = size_t{1} << 16;    // one read of an input
-constexpr size_t kPieceBytes = size_t{1} << 20;   // at most this much text per tokenizer piece
-constexpr size_t kBatchBytes = size_t{8} << 20;   // text queued before the tokenizer runs
+constexpr size_t kReadBytes = size_t{1} << 16;   // one read of an input
+constexpr size_t kPieceBytes = size_t{1} << 20;  // at most this much text per tokenizer piece
+constexpr size_t kBatchBytes = size_t{8} << 20;  // text queued before the tokenizer runs
 
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
@@ -94,7 +94,9 @@ class InputReader {
   [[noreturn]] void fail_open(int error) const {
     throw LoomError(quoted(path_) + ": cannot open: " + (error != 0 ? std::strerror(error) : "out of memory"));
   }
-  [[noreturn]] void fail_read(const std::string& why) const { throw LoomError(quoted(path_) + ": read failed: " + why); }
+  [[noreturn]] void fail_read(const std::string& why) const {
+    throw LoomError(quoted(path_) + ": read failed: " + why);
+  }
 
   size_t read_gzip(char* out, size_t n) {
     const int got = gzread(gz_, out, static_cast<unsigned>(std::min<size_t>(n, 1u << 30)));
@@ -377,7 +379,8 @@ void read_jsonl(const std::string& path, const std::string& field, DocumentEncod
       } catch (const nlohmann::json::parse_error& e) {
         std::string why = e.what();
         const size_t colon = why.find("parse error");
-        throw LoomError(at_line(path, line) + ": malformed JSON line (" + (colon == std::string::npos ? why : why.substr(colon)) + ")");
+        throw LoomError(at_line(path, line) + ": malformed JSON line (" +
+                        (colon == std::string::npos ? why : why.substr(colon)) + ")");
       }
       if (!value.is_object())
         throw LoomError(at_line(path, line) + ": the line is " + json_type(value) + " in JSON" +
@@ -480,8 +483,10 @@ void read_dictd_indexed(const std::string& path, const std::vector<DictEntry>& e
       }
       // Bytes up to the next boundary (the next entry's start, or the last entry's end).
       uint64_t boundary = UINT64_MAX;
-      if (next < entries.size()) boundary = entries[next].offset;
-      else if (pos < last_end) boundary = last_end;
+      if (next < entries.size())
+        boundary = entries[next].offset;
+      else if (pos < last_end)
+        boundary = last_end;
       const size_t take = static_cast<size_t>(std::min<uint64_t>(n, boundary - pos));
       const bool outside = next == 0 || (next == entries.size() && pos >= last_end);
       if (!outside) {
@@ -559,9 +564,9 @@ void read_dictd_by_headwords(const std::string& path, DocumentEncoder& enc, Prep
 bool has_glob_characters(const std::string& s) { return s.find_first_of("*?[") != std::string::npos; }
 
 bool same_file(const std::string& a, const std::string& b) {
-  struct stat sa {}, sb {};
-  return ::stat(a.c_str(), &sa) == 0 && ::stat(b.c_str(), &sb) == 0 && sa.st_dev == sb.st_dev &&
-         sa.st_ino == sb.st_ino;
+  struct stat sa {};
+  struct stat sb {};
+  return ::stat(a.c_str(), &sa) == 0 && ::stat(b.c_str(), &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 }
 
 // Regular files under a directory, recursively, sorted; hidden names skipped.
@@ -629,14 +634,17 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& specs, co
     ::globfree(&g);
     if (rc == GLOB_NOMATCH || (rc == 0 && matches.empty()))
       throw ConfigError("--input '" + spec + "': the pattern matches no file");
-    if (rc != 0) throw ConfigError("--input '" + spec + "': the pattern cannot be expanded (glob error " + std::to_string(rc) + ")");
+    if (rc != 0)
+      throw ConfigError("--input '" + spec + "': the pattern cannot be expanded (glob error " + std::to_string(rc) +
+                        ")");
     std::sort(matches.begin(), matches.end());
     for (const auto& m : matches) add_path(spec, m, true);
   }
   return files;
 }
 
-PrepareReport prepare_token_file(const PrepareOptions& options, const Tokenizer& tokenizer, std::ostream* progress_out) {
+PrepareReport prepare_token_file(const PrepareOptions& options, const Tokenizer& tokenizer,
+                                 std::ostream* progress_out) {
   if (options.eod_token >= static_cast<int64_t>(tokenizer.vocab_size()))
     throw ConfigError("--eod-token " + std::to_string(options.eod_token) + " is not below the tokenizer's vocabulary " +
                       std::to_string(tokenizer.vocab_size()));

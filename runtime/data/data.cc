@@ -134,7 +134,8 @@ PackedDocumentSampler::PackedDocumentSampler(std::shared_ptr<TokenFile> file, in
   for (size_t r = 0; r < static_cast<size_t>(rows); ++r) row_begin_[r + 1] += row_begin_[r];
   pieces_.resize(placed.size());
   std::vector<int64_t> next(row_begin_.begin(), row_begin_.end() - 1);
-  for (size_t k = 0; k < placed.size(); ++k) pieces_[static_cast<size_t>(next[static_cast<size_t>(row_of[k])]++)] = placed[k];
+  for (size_t k = 0; k < placed.size(); ++k)
+    pieces_[static_cast<size_t>(next[static_cast<size_t>(row_of[k])]++)] = placed[k];
   LOOM_LOG(kInfo) << "data file '" << file_->path() << "', " << split_ << " split: " << documents_ << " documents, "
                   << tokens() << " tokens packed into " << rows_per_epoch() << " rows of " << seq_len_
                   << " tokens per epoch (" << padding_per_epoch() << " padding tokens)";
