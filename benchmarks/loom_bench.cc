@@ -11,7 +11,11 @@
 // ping-pong; compute per kernel fitted over the sweep) with its error on every
 // point, projections to the sweep's clusters next to the LASP-2 paper's gaps,
 // and the limits study (longest tiny-model sequence under a memory cap, by
-// search). Writes results.jsonl, results.csv, projections.csv, limits.csv and
+// search). With document_lengths, every point also runs on rows packed with
+// documents of each mean length (a seeded log-normal mix) and the report
+// compares packed to flat at the same tokens per step: time and bytes per
+// rank (the cost model is calibrated on the flat points only; block skipping
+// makes packed softmax cheaper than its causal-pairs term). Writes results.jsonl, results.csv, projections.csv, limits.csv and
 // report.txt to --out, and PNG plots when gnuplot is installed
 // (benchmarks/plot_bench.sh). See benchmarks/README.md.
 #include <CLI/CLI.hpp>
@@ -19,6 +23,8 @@
 
 #include <cmath>
 #include <filesystem>
+#include <map>
+#include <random>
 #include <fstream>
 #include <iostream>
 #include <set>
@@ -32,6 +38,7 @@
 #include "loom/parallel/linear_attention/lasp.h"
 #include "loom/parallel/softmax_attention/softmax_attention.h"
 #include "loom/runtime/comm/comm_order.h"
+#include "loom/runtime/comm/documents.h"
 #include "loom/runtime/core/dtypes.h"
 #include "loom/runtime/core/error.h"
 #include "loom/runtime/core/memory_tracker.h"
@@ -50,6 +57,8 @@ struct Point {
   Subject subject;
   Method method;
   int64_t n = 0;  // tokens actually run (the tiny model may round up)
+  int64_t doc_mean = 0;   // mean document length of packed rows; 0 = flat rows
+  int64_t documents = 1;  // documents in the batch's rows
   double median_s = 0, min_s = 0, max_s = 0, tokens_per_s = 0;
   int64_t peak_bytes = 0, fwd_bytes = 0, fwd_bytes_formula = 0, bytes = 0, calls = 0;
   double compute_s = 0, transfer_s = 0, waiting_s = 0, predicted_s = 0;
@@ -76,15 +85,40 @@ pb::ParallelConfig model_parallel(Method m) {
   return p;
 }
 
+// Packed rows: documents with log-normal lengths (sigma 1, mean `mean`, at
+// least 1 token), the last one cut at the row's end; seeded, so every rank and
+// every method sees the same rows. doc_start [B, n] and the document count.
+std::pair<at::Tensor, int64_t> packed_rows(int64_t B, int64_t n, int64_t mean) {
+  std::mt19937_64 gen(1234);
+  std::normal_distribution<double> z(0.0, 1.0);
+  std::vector<std::vector<int64_t>> lengths(static_cast<size_t>(B));
+  int64_t documents = 0;
+  for (auto& row : lengths)
+    for (int64_t left = n; left > 0; ++documents) {
+      const double len = double(mean) * std::exp(z(gen) - 0.5);
+      const int64_t l = std::min<int64_t>(left, std::max<int64_t>(1, std::llround(len)));
+      row.push_back(l);
+      left -= l;
+    }
+  return {document_starts_from_lengths(lengths, n), documents};
+}
+
 // One forward+backward step of `subject` with `method` on this rank's shard;
 // `fwd_done` is called between forward and backward.
 using StepFn = std::function<void(const std::function<void()>& fwd_done)>;
 
 StepFn make_step(const pb::BenchSweep& w, Subject subject, Method method, int64_t& n,
-                 const std::shared_ptr<TimedCommunicator>& comm) {
+                 const std::shared_ptr<TimedCommunicator>& comm, int64_t doc_mean = 0, int64_t* documents = nullptr) {
   const int W = comm->size();
   const auto opts = at::TensorOptions().dtype(dtype_of(w));
   const int64_t B = w.batch(), H = w.heads(), d = w.head_dim();
+  // This rank's doc_start of packed rows of n tokens (undefined: flat rows).
+  auto local_documents = [&](const SequenceLayout& layout) {
+    if (doc_mean == 0) return at::Tensor();
+    auto [doc_start, count] = packed_rows(B, n, doc_mean);
+    if (documents) *documents = count;
+    return shard_document_starts(doc_start, layout, comm->rank());
+  };
   if (subject == Subject::kTinyModel) {
     pb::ModelConfig user;
     user.set_preset(w.model_preset());
@@ -94,7 +128,8 @@ StepFn make_step(const pb::BenchSweep& w, Subject subject, Method method, int64_
     models::HybridLM model(config);
     model->set_precision(dtype_of(w));
     const SequenceLayout layout(layout_for(method), n, W);
-    const auto ctx = models::make_context(model_parallel(method), layout, comm);
+    auto ctx = models::make_context(model_parallel(method), layout, comm);
+    ctx.doc_start = local_documents(layout);
     at::Generator gen = at::detail::createCPUGenerator(2);
     const at::Tensor tokens = at::randint(0, config.vocab_size(), {B, n}, gen, at::kLong);
     const at::Tensor local = layout.shard(tokens, comm->rank(), 1);
@@ -106,6 +141,7 @@ StepFn make_step(const pb::BenchSweep& w, Subject subject, Method method, int64_
     };
   }
   const SequenceLayout layout(layout_for(method), n, W);
+  const at::Tensor doc_start = local_documents(layout);
   const int64_t local = layout.local_len();
   auto leaf = [&](double scale) { return (at::randn({B, H, local, d}, opts) * scale).requires_grad_(true); };
   auto q = leaf(0.1), k = leaf(0.1), v = leaf(1.0);
@@ -114,6 +150,7 @@ StepFn make_step(const pb::BenchSweep& w, Subject subject, Method method, int64_
   if (subject == Subject::kLinearLayer) {
     linear_attention::LinearAttentionOptions lin;
     lin.block_size = w.block();
+    lin.doc_start = doc_start;
     const auto lm = method == Method::kLasp2AllScan ? linear_attention::LinearAttentionMethod::kLasp2AllScan
                     : method == Method::kLasp1      ? linear_attention::LinearAttentionMethod::kLasp1
                                                     : linear_attention::LinearAttentionMethod::kLasp2;
@@ -122,7 +159,10 @@ StepFn make_step(const pb::BenchSweep& w, Subject subject, Method method, int64_
     const auto sm = W == 1 ? softmax_attention::SoftmaxMethod::kLocal
                     : method == Method::kAllGather ? softmax_attention::SoftmaxMethod::kAllGather
                                                    : softmax_attention::SoftmaxMethod::kRing;
-    op = [=] { return softmax_attention::attention(q, k, v, layout, comm, sm, softmax_attention::AttentionSpec()); };
+    op = [=] {
+      return softmax_attention::attention(q, k, v, layout, comm, sm, softmax_attention::AttentionSpec(), nullptr,
+                                          doc_start);
+    };
   }
   return [=](const std::function<void()>& fwd_done) mutable {
     for (auto* t : {&q, &k, &v}) t->mutable_grad().reset();
@@ -134,13 +174,14 @@ StepFn make_step(const pb::BenchSweep& w, Subject subject, Method method, int64_
 }
 
 Point run_point(const pb::BenchSweep& w, Subject subject, Method method, int64_t n,
-                const std::shared_ptr<TimedCommunicator>& comm, const Network& net) {
+                const std::shared_ptr<TimedCommunicator>& comm, const Network& net, int64_t doc_mean = 0) {
   Point p;
   p.world = comm->size();
   p.subject = subject;
   p.method = method;
   p.n = n;
-  StepFn step = make_step(w, subject, method, p.n, comm);
+  p.doc_mean = doc_mean;
+  StepFn step = make_step(w, subject, method, p.n, comm, doc_mean, &p.documents);
   auto nothing = [] {};
   for (int i = 0; i < w.warmup(); ++i) step(nothing);
   // Bytes of one step, forward alone and in all; its time sizes the repetitions.
@@ -216,7 +257,8 @@ Network measure_network(Communicator& comm) {
 std::string json_line(const Point& p) {
   std::ostringstream o;
   o << "{\"world\": " << p.world << ", \"subject\": \"" << subject_name(p.subject) << "\", \"method\": \""
-    << method_name(p.method) << "\", \"seq_len\": " << p.n << ", \"median_s\": " << p.median_s
+    << method_name(p.method) << "\", \"seq_len\": " << p.n << ", \"doc_mean\": " << p.doc_mean
+    << ", \"documents\": " << p.documents << ", \"median_s\": " << p.median_s
     << ", \"min_s\": " << p.min_s << ", \"max_s\": " << p.max_s << ", \"tokens_per_s\": " << p.tokens_per_s
     << ", \"peak_bytes\": " << p.peak_bytes << ", \"fwd_bytes\": " << p.fwd_bytes
     << ", \"fwd_bytes_formula\": " << p.fwd_bytes_formula << ", \"bytes\": " << p.bytes << ", \"calls\": " << p.calls
@@ -292,6 +334,9 @@ int run(int argc, char** argv) {
 
   std::vector<int> worlds(w.world_sizes().begin(), w.world_sizes().end());
   if (worlds.empty()) worlds.push_back(world->size());
+  std::vector<int64_t> doc_means{0};  // flat rows always: the baseline of packed ones
+  for (int64_t mean : w.document_lengths())
+    if (mean > 0) doc_means.push_back(mean);
   std::vector<Point> points;
   for (int W : worlds) {
     const bool in = world->rank() < W;
@@ -305,25 +350,27 @@ int run(int argc, char** argv) {
           const Method m = parse_method(mname);
           if (!applies(s, m)) continue;
           if (m == Method::kNone && W != worlds.front()) continue;  // one rank: once
-          for (int64_t n : w.seq_lens()) {
-            Point p;
-            if (m == Method::kNone) {
-              if (sub->rank() == 0) p = run_point(w, s, m, n, self, net);
-              sub->barrier()->wait();
-              if (sub->rank() != 0) continue;
-            } else {
-              p = run_point(w, s, m, n, comm, net);
+          for (int64_t n : w.seq_lens())
+            for (int64_t doc_mean : doc_means) {
+              Point p;
+              if (m == Method::kNone) {
+                if (sub->rank() == 0) p = run_point(w, s, m, n, self, net, doc_mean);
+                sub->barrier()->wait();
+                if (sub->rank() != 0) continue;
+              } else {
+                p = run_point(w, s, m, n, comm, net, doc_mean);
+              }
+              p.fwd_bytes_formula = forward_bytes_formula(s, m, shape, p.n, p.world);
+              if (root) {
+                std::printf("W=%d %-13s %-15s N=%-7ld docs %-6ld %9.2f ms [%.2f, %.2f] %10.0f tok/s %8.1f MiB fwd %9ld B "
+                            "(formula %9ld)\n",
+                            p.world, subject_name(s), method_name(m), long(p.n), long(p.documents), p.median_s * 1e3,
+                            p.min_s * 1e3, p.max_s * 1e3, p.tokens_per_s, p.peak_bytes / 1048576.0, long(p.fwd_bytes),
+                            long(p.fwd_bytes_formula));
+                std::fflush(stdout);
+              }
+              points.push_back(p);
             }
-            p.fwd_bytes_formula = forward_bytes_formula(s, m, shape, p.n, p.world);
-            if (root) {
-              std::printf("W=%d %-13s %-15s N=%-7ld %9.2f ms [%.2f, %.2f] %10.0f tok/s %8.1f MiB fwd %9ld B (formula %9ld)\n",
-                          p.world, subject_name(s), method_name(m), long(p.n), p.median_s * 1e3, p.min_s * 1e3,
-                          p.max_s * 1e3, p.tokens_per_s, p.peak_bytes / 1048576.0, long(p.fwd_bytes),
-                          long(p.fwd_bytes_formula));
-              std::fflush(stdout);
-            }
-            points.push_back(p);
-          }
         }
     }
     world->barrier()->wait();
@@ -344,26 +391,28 @@ int run(int argc, char** argv) {
 
   // Cost model: calibrate on everything, report each point's error.
   std::vector<Observation> obs;
-  for (const auto& p : points) obs.push_back({p.subject, p.method, p.world, p.n, p.median_s});
+  for (const auto& p : points)
+    if (p.doc_mean == 0) obs.push_back({p.subject, p.method, p.world, p.n, p.median_s});
   CostModel model(shape, net);
   model.calibrate(obs);
   std::ofstream jsonl(out_dir + "/results.jsonl"), csv(out_dir + "/results.csv"), report(out_dir + "/report.txt");
-  csv << "world,subject,method,seq_len,median_s,min_s,max_s,tokens_per_s,peak_bytes,fwd_bytes,fwd_bytes_formula,"
+  csv << "world,subject,method,seq_len,doc_mean,documents,median_s,min_s,max_s,tokens_per_s,peak_bytes,fwd_bytes,fwd_bytes_formula,"
          "bytes,calls,compute_s,transfer_s,waiting_s,predicted_s,error\n";
   double worst = 0;
   report << "loom-bench " << sweep_path << ": " << points.size() << " points, measured on this machine\n"
          << "network (measured): alpha " << net.alpha_s * 1e6 << " us, beta " << net.beta_bytes_per_s / 1e9 << " GB/s\n\n"
          << "compute concurrency: " << shape.concurrency << " ranks at once (cores / threads per rank)\n"
-         << "cost model (calibrated from this run) vs measured:\n";
+         << "cost model (calibrated from this run's flat rows) vs measured:\n";
   for (auto& p : points) {
     p.predicted_s = model.predict(p.subject, p.method, p.n, p.world);
     const double err = p.predicted_s / p.median_s - 1;
-    worst = std::max(worst, std::abs(err));
     jsonl << json_line(p) << "\n";
     csv << p.world << ',' << subject_name(p.subject) << ',' << method_name(p.method) << ',' << p.n << ','
-        << p.median_s << ',' << p.min_s << ',' << p.max_s << ',' << p.tokens_per_s << ',' << p.peak_bytes << ','
+        << p.doc_mean << ',' << p.documents << ',' << p.median_s << ',' << p.min_s << ',' << p.max_s << ',' << p.tokens_per_s << ',' << p.peak_bytes << ','
         << p.fwd_bytes << ',' << p.fwd_bytes_formula << ',' << p.bytes << ',' << p.calls << ',' << p.compute_s << ','
         << p.transfer_s << ',' << p.waiting_s << ',' << p.predicted_s << ',' << err << "\n";
+    if (p.doc_mean != 0) continue;  // packed rows: compared with flat ones below
+    worst = std::max(worst, std::abs(err));
     char line[256];
     std::snprintf(line, sizeof line, "  W=%d %-13s %-15s N=%-7ld measured %9.2f ms predicted %9.2f ms error %+6.1f%%%s\n",
                   p.world, subject_name(p.subject), method_name(p.method), long(p.n), p.median_s * 1e3,
@@ -383,6 +432,29 @@ int run(int argc, char** argv) {
   char worst_line[128];
   std::snprintf(worst_line, sizeof worst_line, "largest cost-model error: %.1f%% (target: within 25%%)\n\n", 100 * worst);
   report << worst_line;
+
+  // Packed documents against flat rows of the same points (tokens per step).
+  if (w.document_lengths_size() > 0) {
+    std::map<std::tuple<int, int, int, int64_t>, const Point*> flat;
+    for (const auto& p : points)
+      if (p.doc_mean == 0) flat[{p.world, int(p.subject), int(p.method), p.n}] = &p;
+    report << "packed documents vs flat rows (same tokens per step; time = median forward+backward, bytes per rank):\n";
+    for (const auto& p : points) {
+      if (p.doc_mean == 0) continue;
+      const auto it = flat.find({p.world, int(p.subject), int(p.method), p.n});
+      if (it == flat.end()) continue;
+      const Point& f = *it->second;
+      char line[320];
+      std::snprintf(line, sizeof line,
+                    "  W=%d %-13s %-15s N=%-7ld mean doc %-6ld (%5ld docs): time x%.2f (%.2f vs %.2f ms), fwd bytes "
+                    "%ld vs %ld, all bytes %ld vs %ld\n",
+                    p.world, subject_name(p.subject), method_name(p.method), long(p.n), long(p.doc_mean),
+                    long(p.documents), p.median_s / f.median_s, p.median_s * 1e3, f.median_s * 1e3, long(p.fwd_bytes),
+                    long(f.fwd_bytes), long(p.bytes), long(f.bytes));
+      report << line;
+    }
+    report << "\n";
+  }
 
   // Projections.
   std::ofstream proj(out_dir + "/projections.csv");

@@ -78,6 +78,8 @@ void validate_sweep(const pb::BenchSweep& w, int launched_ranks, const std::stri
     bad(source, "dtype = '" + w.dtype() + "': allowed values are float32, float64, bfloat16");
   if (w.reps() < 1) bad(source, "reps = " + std::to_string(w.reps()) + ": must be >= 1");
   if (!(w.min_time_s() >= 0)) bad(source, "min_time_s = " + std::to_string(w.min_time_s()) + ": must be >= 0");
+  for (int64_t mean : w.document_lengths())
+    if (mean < 0) bad(source, "document_lengths = " + std::to_string(mean) + ": must be >= 0 (0: flat rows)");
   if (w.warmup() < 0) bad(source, "warmup = " + std::to_string(w.warmup()) + ": must be >= 0");
   if (w.batch() < 1 || w.heads() < 1 || w.head_dim() < 1 || w.block() < 1)
     bad(source, "batch, heads, head_dim and block must be >= 1");

@@ -168,9 +168,13 @@ HybridLMImpl::HybridLMImpl(const pb::ModelConfig& c, at::TensorOptions options) 
   if (!c.tie_embeddings()) head_ = register_module("head", make_projection(D, c.vocab_size()));
 }
 
-at::Tensor HybridLMImpl::forward(const at::Tensor& tokens, const SequenceContext& ctx) {
-  TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == ctx.layout.local_len(), "HybridLM: tokens ", tokens.sizes(),
-              " must be [B, ", ctx.layout.local_len(), "] for ", ctx.layout.describe());
+at::Tensor HybridLMImpl::forward(const at::Tensor& tokens, const SequenceContext& given) {
+  TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == given.layout.local_len(), "HybridLM: tokens ", tokens.sizes(),
+              " must be [B, ", given.layout.local_len(), "] for ", given.layout.describe());
+  if (given.doc_start.defined()) check_document_starts(given.doc_start, tokens, 1, "HybridLM");
+  // Where rotary positions restart is a property of the model (its config).
+  SequenceContext ctx = given;
+  ctx.positions_per_document = config_.positions_per_document();
   CommOrder::reset();  // this forward's communications form one ordered chain
   if (ctx.offload) ctx.offload->close_calls(ctx.comm);  // the previous step's K,V on the memory nodes
   at::Tensor x = embedding_(tokens);
@@ -183,13 +187,31 @@ at::Tensor HybridLMImpl::forward(const at::Tensor& tokens, const SequenceContext
     x = x + mlps_[i](mlp_norms_[i](x));
   }
   x = final_norm_(x);
-  return head_ ? head_(x) : at::matmul(x, embedding_->weight.t());
+  // The loss must reach the last communication on every rank (CommOrder).
+  return CommOrder::close(head_ ? head_(x) : at::matmul(x, embedding_->weight.t()));
 }
 
 at::Tensor HybridLMImpl::decode_step(const at::Tensor& tokens, std::vector<DecodeCache>& caches, DecodeContext ctx) {
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == 1, "HybridLM::decode_step: tokens ", tokens.sizes(),
               " must be [sequences, 1]");
   caches.resize(mixers_.size());
+  if (ctx.doc_start.defined()) {
+    TORCH_CHECK(ctx.doc_start.dim() == 1 && ctx.doc_start.size(0) == tokens.size(0) &&
+                    ctx.doc_start.scalar_type() == at::kLong,
+                "HybridLM::decode_step: doc_start must be int64 [sequences = ", tokens.size(0), "], got ",
+                ctx.doc_start.sizes());
+    TORCH_CHECK(ctx.doc_start.le(ctx.position).all().item<bool>(),
+                "HybridLM::decode_step: a document starts after the new token's position ", ctx.position);
+    if (ctx.offload) {
+      // The memory nodes' caches of sequences that start a document now are
+      // closed (every layer); the next DECODE opens fresh ones.
+      const at::Tensor starts = ctx.starts_document().cpu();
+      std::vector<int64_t> closing;
+      for (int64_t s = 0; s < starts.size(0); ++s)
+        if (starts[s].item<bool>() && ctx.position > 0) closing.push_back(ctx.sequences.at(static_cast<size_t>(s)));
+      if (!closing.empty()) ctx.offload->close_sequences(closing);
+    }
+  }
   at::Tensor x = embedding_(tokens);
   for (size_t i = 0; i < mixers_.size(); ++i) {
     ctx.layer = static_cast<int64_t>(i);
@@ -296,7 +318,9 @@ LossFn language_model_loss(const pb::ParallelConfig& parallel, offload::OffloadC
   return [parallel, offload](torch::nn::Module& module, const Batch& local, const SequenceLayout& layout,
                              const CommPtr& sp) {
     auto& model = dynamic_cast<HybridLMImpl&>(module);
-    const at::Tensor logits = model.forward(local.inputs, make_context(parallel, layout, sp, offload));
+    SequenceContext ctx = make_context(parallel, layout, sp, offload);
+    ctx.doc_start = local.doc_start;
+    const at::Tensor logits = model.forward(local.inputs, ctx);
     // Log-softmax in float32 at least (float64 stays float64).
     const at::Tensor flat = logits.reshape({-1, logits.size(-1)});
     return at::nll_loss(at::log_softmax(flat.scalar_type() == at::kDouble ? flat : flat.to(at::kFloat), -1),

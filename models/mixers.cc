@@ -66,7 +66,7 @@ at::Tensor LinearAttentionMixer::forward(const at::Tensor& x, const SequenceCont
 
 // S_t = lambda S_(t-1) + k_t v_t^T (v with a column of ones for the
 // normaliser), o_t = q_t^T S_t: the recurrence the chunked kernel computes.
-at::Tensor LinearAttentionMixer::decode(const at::Tensor& x, DecodeCache& cache, const DecodeContext&) {
+at::Tensor LinearAttentionMixer::decode(const at::Tensor& x, DecodeCache& cache, const DecodeContext& ctx) {
   const int64_t group = heads_ / kv_heads_;
   const at::Tensor q = feature_map_(split_heads(q_(x), heads_));
   const at::Tensor k = feature_map_(softmax_attention::repeat_kv_heads(split_heads(k_(x), kv_heads_), group));
@@ -75,7 +75,10 @@ at::Tensor LinearAttentionMixer::decode(const at::Tensor& x, DecodeCache& cache,
   if (normalize_) v = at::cat({v, at::ones({v.size(0), v.size(1), 1, 1}, v.options())}, -1);
   at::Tensor S = at::matmul(k.transpose(-1, -2), v);  // [S, H, f, dv(+1)]
   if (!cache.tensors.empty()) {
-    const at::Tensor& prev = cache.tensors[0];
+    at::Tensor prev = cache.tensors[0];
+    // A sequence whose new token starts a document forgets its state.
+    const at::Tensor starts = ctx.starts_document();
+    if (starts.defined()) prev = prev * starts.logical_not().to(prev.scalar_type()).view({-1, 1, 1, 1});
     S = S + (decay_.defined() ? prev * decay_.to(prev.options()).view({1, heads_, 1, 1}) : prev);
   }
   cache.tensors = {S};
@@ -90,7 +93,8 @@ SoftmaxAttentionMixer::SoftmaxAttentionMixer(const pb::ModelConfig& c, int64_t w
       kv_heads_(kv_heads_of(c)),
       head_dim_(c.d_model() / c.n_heads()),
       window_(window),
-      rope_theta_(c.rope_theta()) {
+      rope_theta_(c.rope_theta()),
+      positions_per_document_(c.positions_per_document()) {
   const int64_t D = c.d_model();
   q_ = register_module("q", make_projection(D, heads_ * head_dim_));
   k_ = register_module("k", make_projection(D, kv_heads_ * head_dim_));
@@ -99,9 +103,6 @@ SoftmaxAttentionMixer::SoftmaxAttentionMixer(const pb::ModelConfig& c, int64_t w
 }
 
 at::Tensor SoftmaxAttentionMixer::forward(const at::Tensor& x, const SequenceContext& ctx) {
-  if (ctx.doc_start.defined())
-    throw UnsupportedError(std::string("packed documents: the softmax attention mixer (") + (window_ > 0 ? "W" : "A") +
-                           ") does not take document boundaries yet");
   const at::Tensor pos = ctx.positions();
   const at::Tensor q = softmax_attention::apply_rotary(split_heads(q_(x), heads_), pos, rope_theta_);
   const at::Tensor k = softmax_attention::apply_rotary(split_heads(k_(x), kv_heads_), pos, rope_theta_);
@@ -112,11 +113,15 @@ at::Tensor SoftmaxAttentionMixer::forward(const at::Tensor& x, const SequenceCon
   const auto method = ctx.layout.world_size() == 1 && ctx.softmax_method != softmax_attention::SoftmaxMethod::kOffload
                           ? softmax_attention::SoftmaxMethod::kLocal
                           : ctx.softmax_method;
-  return o_(merge_heads(softmax_attention::attention(q, k, v, ctx.layout, ctx.comm, method, spec, ctx.offload)));
+  return o_(merge_heads(
+      softmax_attention::attention(q, k, v, ctx.layout, ctx.comm, method, spec, ctx.offload, ctx.doc_start)));
 }
 
 at::Tensor SoftmaxAttentionMixer::decode(const at::Tensor& x, DecodeCache& cache, const DecodeContext& ctx) {
-  const at::Tensor pos = at::full({1}, ctx.position, at::kLong);
+  // Rotary position: in the row, or per sequence inside its document.
+  const at::Tensor pos = positions_per_document_ && ctx.doc_start.defined()
+                             ? (ctx.position - ctx.doc_start).view({-1, 1}).to(at::kLong)
+                             : at::full({1}, ctx.position, at::kLong);
   const at::Tensor q = softmax_attention::apply_rotary(split_heads(q_(x), heads_), pos, rope_theta_);
   const at::Tensor k = softmax_attention::apply_rotary(split_heads(k_(x), kv_heads_), pos, rope_theta_);
   const at::Tensor v = split_heads(v_(x), kv_heads_);
@@ -130,8 +135,19 @@ at::Tensor SoftmaxAttentionMixer::decode(const at::Tensor& x, DecodeCache& cache
     K = K.narrow(2, K.size(2) - window_, window_);
     V = V.narrow(2, V.size(2) - window_, window_);
   }
+  at::Tensor visible;
+  if (ctx.doc_start.defined()) {
+    // Keys older than every sequence's document are never read again: drop
+    // them; hide the remaining keys of an earlier document per sequence.
+    const int64_t T = K.size(2), oldest = ctx.doc_start.min().item<int64_t>();
+    const int64_t keep = std::min<int64_t>(T, ctx.position - oldest + 1);
+    K = K.narrow(2, T - keep, keep);
+    V = V.narrow(2, T - keep, keep);
+    const at::Tensor key_pos = at::arange(ctx.position - keep + 1, ctx.position + 1, ctx.doc_start.options());
+    visible = key_pos.unsqueeze(0).ge(ctx.doc_start.unsqueeze(1));
+  }
   cache.tensors = {K, V};
-  return o_(merge_heads(softmax_attention::attend_newest(q, K, V, spec)));
+  return o_(merge_heads(softmax_attention::attend_newest(q, K, V, spec, visible)));
 }
 
 // ---- C ----
@@ -144,23 +160,24 @@ BaseConvMixer::BaseConvMixer(const pb::ModelConfig& c) : dim_(c.d_model()) {
 }
 
 at::Tensor BaseConvMixer::forward(const at::Tensor& x, const SequenceContext& ctx) {
-  if (ctx.doc_start.defined())
-    throw UnsupportedError("packed documents: the BaseConv mixer (C) does not take document boundaries yet");
   const at::Tensor u = in_proj_(x);
   const at::Tensor u1 = u.narrow(-1, 0, 2 * dim_), u2 = u.narrow(-1, 2 * dim_, 2 * dim_);
-  const at::Tensor conv = causal_depthwise_conv(u1, conv_weight_, conv_bias_, ctx.layout, ctx.comm);
+  const at::Tensor conv = causal_depthwise_conv(u1, conv_weight_, conv_bias_, ctx.layout, ctx.comm, ctx.doc_start);
   return out_proj_(at::silu(conv) * u2);
 }
 
 bool is_titans_mixer(char letter) { return letter == 'M' || letter == 'G' || letter == 'X'; }
 
 // y_t = bias + sum_i weight[:, i] * u1_(t-K+1+i): the window of the last K inputs.
-at::Tensor BaseConvMixer::decode(const at::Tensor& x, DecodeCache& cache, const DecodeContext&) {
+at::Tensor BaseConvMixer::decode(const at::Tensor& x, DecodeCache& cache, const DecodeContext& ctx) {
   const at::Tensor u = in_proj_(x);
   const at::Tensor u1 = u.narrow(-1, 0, 2 * dim_), u2 = u.narrow(-1, 2 * dim_, 2 * dim_);
   const int64_t K = conv_weight_.size(1);
-  const at::Tensor past = cache.tensors.empty() ? at::zeros({u1.size(0), K - 1, 2 * dim_}, u1.options())
-                                                : cache.tensors[0];
+  at::Tensor past = cache.tensors.empty() ? at::zeros({u1.size(0), K - 1, 2 * dim_}, u1.options())
+                                          : cache.tensors[0];
+  // A new document reads zeros before its first token, as at the row start.
+  const at::Tensor starts = ctx.starts_document();
+  if (starts.defined()) past = past * starts.logical_not().to(past.scalar_type()).view({-1, 1, 1});
   const at::Tensor window = at::cat({past, u1}, 1);  // [S, K, 2D]
   cache.tensors = {window.narrow(1, 1, K - 1)};
   at::Tensor conv = (window * conv_weight_.t().unsqueeze(0)).sum(1, /*keepdim=*/true);

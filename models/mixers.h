@@ -36,6 +36,17 @@ struct DecodeContext {
   int64_t layer = 0;     // the mixer's layer index
   offload::OffloadClient* offload = nullptr;  // full-attention KV caches on memory nodes when set
   std::vector<int64_t> sequences;             // the batch's sequence ids (memory-node caches)
+  // Packed documents: the global position of each sequence's current
+  // document start, int64 [S] (on the model's device). The new token starts a
+  // document when its entry equals `position`; the mixers then forget that
+  // sequence's past (L: state to 0, C: window to 0, A/W: earlier keys hidden,
+  // memory-node caches closed by HybridLM::decode_step). Undefined: one
+  // document from position 0, today's decoding.
+  at::Tensor doc_start;
+  // [S] bool: the new token starts a document; undefined without doc_start.
+  at::Tensor starts_document() const {
+    return doc_start.defined() ? doc_start.eq(position) : at::Tensor();
+  }
 };
 
 class MixerImpl : public torch::nn::Module {
@@ -76,6 +87,7 @@ class SoftmaxAttentionMixer : public MixerImpl {
  private:
   int64_t heads_, kv_heads_, head_dim_, window_;
   double rope_theta_;
+  bool positions_per_document_;
   Projection q_{nullptr}, k_{nullptr}, v_{nullptr}, o_{nullptr};
 };
 

@@ -4,6 +4,7 @@
 #include <limits>
 
 #include "loom/parallel/short_conv.h"
+#include "loom/runtime/comm/comm_order.h"
 #include "loom/runtime/comm/differentiable_collectives.h"
 #include "loom/runtime/core/error.h"
 
@@ -239,13 +240,17 @@ void NeuralMemoryImpl::reset_where(const at::Tensor& reset, std::vector<at::Tens
   }
 }
 
+// The chain's starting state in pack_state's layout (layer-major: every
+// head's layer 0, then layer 1, ...), which init_ ([H, layers...]) is not
+// once the memory is deeper than one matrix.
 at::Tensor NeuralMemoryImpl::initial_state_flat() const {
-  return at::cat({init_.reshape({-1}), at::zeros({init_.numel()}, init_.options())});
+  const auto w = initial_weights();
+  return pack_state(w, std::vector<at::Tensor>(w.size())).reshape({-1});
 }
 
 at::Tensor NeuralMemoryImpl::project(const at::Tensor& x, Projection& proj, const at::Tensor& conv_weight,
                                      const SequenceContext& ctx, bool normalise) {
-  at::Tensor y = at::silu(causal_depthwise_conv(proj(x), conv_weight, at::Tensor(), ctx.layout, ctx.comm));
+  at::Tensor y = at::silu(causal_depthwise_conv(proj(x), conv_weight, at::Tensor(), ctx.layout, ctx.comm, ctx.doc_start));
   y = split_heads(y, heads_);
   return normalise ? l2_normalise(y) : y;
 }
@@ -353,7 +358,9 @@ at::Tensor NeuralMemoryImpl::forward_affine(const at::Tensor& q, const at::Tenso
       Xi = at::matmul(Xi, T.select(2, i * nc + j)) + Bm.select(2, i * nc + j);
     }
   }
-  return merge_heads(at::cat(outs, 2));
+  // A rank whose chunks need no earlier chunk's map (rank 0, contiguous) does
+  // not use the AllGather's result; its backward must still run there.
+  return CommOrder::close(merge_heads(at::cat(outs, 2)));
 }
 
 // ---- M: MAL ----

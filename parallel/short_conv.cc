@@ -45,10 +45,14 @@ at::Tensor causal_depthwise_conv(const at::Tensor& x, const at::Tensor& weight, 
   check(x, weight);
   check_document_starts(doc_start, x, 1, "short conv");
   const int64_t K = weight.size(1), L = layout.chunk_len(), halo = K - 1;
-  TORCH_CHECK(halo <= L, "short conv: kernel ", K, " needs ", halo, " tokens of the previous chunk but chunks hold ",
-              L, " (", layout.describe(), ")");
+  // A single chunk has no previous one: its halo is the zeros before the
+  // sequence, whatever its length.
+  const bool single = layout.num_chunks() == 1;
+  TORCH_CHECK(halo <= L || single, "short conv: kernel ", K, " needs ", halo,
+              " tokens of the previous chunk but chunks hold ", L, " (", layout.describe(), ")");
   // The halo travels with or without documents: the same messages on every rank.
-  const at::Tensor h = halo_exchange(x, layout, halo, comm, 1);
+  const at::Tensor h = single ? at::zeros({x.size(0), halo, x.size(2)}, x.options())
+                              : halo_exchange(x, layout, halo, comm, 1);
   const auto chunks = layout.chunks_of(comm->rank());
   std::vector<at::Tensor> outs;
   for (int64_t i = 0; i < layout.chunks_per_rank(); ++i) {

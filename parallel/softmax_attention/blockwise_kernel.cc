@@ -236,13 +236,19 @@ at::Tensor repeat_kv_heads(const at::Tensor& x, int64_t group) {
       .reshape({x.size(0), x.size(1) * group, x.size(2), x.size(3)});
 }
 
-at::Tensor attend_newest(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionSpec& spec) {
+at::Tensor attend_newest(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionSpec& spec,
+                         const at::Tensor& visible) {
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && k.sizes() == v.sizes() && q.size(1) % k.size(1) == 0,
               "attend_newest: q ", q.sizes(), " must be [B, Hq, 1, d] against k, v [B, Hkv, T, d], got ", k.sizes());
+  TORCH_CHECK(!visible.defined() || (visible.dim() == 2 && visible.size(0) == k.size(0) &&
+                                     visible.size(1) == k.size(2) && visible.scalar_type() == at::kBool),
+              "attend_newest: visible must be bool [B, T] = [", k.size(0), ", ", k.size(2), "], got ",
+              visible.sizes());
   const int64_t G = q.size(1) / k.size(1);
   const auto acc = accumulation_dtype(q.scalar_type());
-  const at::Tensor scores = at::matmul(q.to(acc), repeat_kv_heads(k, G).to(acc).transpose(-1, -2)) *
-                            spec.resolved_scale(q.size(3));
+  at::Tensor scores = at::matmul(q.to(acc), repeat_kv_heads(k, G).to(acc).transpose(-1, -2)) *
+                      spec.resolved_scale(q.size(3));
+  if (visible.defined()) scores = scores.masked_fill(visible.logical_not().view({k.size(0), 1, 1, k.size(2)}), kNegInf);
   return at::matmul(at::softmax(scores, -1), repeat_kv_heads(v, G).to(acc)).to(q.scalar_type());
 }
 

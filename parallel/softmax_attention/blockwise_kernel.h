@@ -79,10 +79,12 @@ void attend_pair_backward(const at::Tensor& q, int64_t q_start, const at::Tensor
                           const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
                           const at::Tensor& doc_start = {});
 
-// Generation: the newest token's query q [B, Hq, 1, d] against every cached
-// key and value k, v [B, Hkv, T, d] (all visible), with the spec's scale:
-// [B, Hq, 1, d] in q's dtype.
-at::Tensor attend_newest(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionSpec& spec);
+// Generation: the newest token's query q [B, Hq, 1, d] against the cached
+// keys and values k, v [B, Hkv, T, d], with the spec's scale: [B, Hq, 1, d]
+// in q's dtype. `visible` [B, T] bool hides keys (false) of an earlier
+// document; undefined: every key is visible. The newest key must be visible.
+at::Tensor attend_newest(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionSpec& spec,
+                         const at::Tensor& visible = {});
 
 // The definition with full masked matrices over one contiguous sequence
 // starting at position 0 (the reference of the tests): returns {out, lse}.

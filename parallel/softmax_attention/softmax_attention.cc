@@ -352,12 +352,17 @@ std::pair<at::Tensor, at::Tensor> windowed(const at::Tensor& q, const at::Tensor
                                            const SequenceLayout& layout, const CommPtr& comm,
                                            const AttentionSpec& spec, const at::Tensor& doc_start) {
   const int64_t L = layout.chunk_len(), halo = spec.window - 1;
-  TORCH_CHECK(halo <= L, "sliding-window attention: window ", spec.window, " needs the previous ", halo,
+  // A single chunk has no previous one: its halo (positions before 0) is
+  // masked anyway, whatever its length.
+  const bool single = layout.num_chunks() == 1;
+  TORCH_CHECK(halo <= L || single, "sliding-window attention: window ", spec.window, " needs the previous ", halo,
               " tokens but chunks hold ", L, " (", layout.describe(),
               "); use fewer ranks, a longer sequence or a shorter window");
   const int64_t hkv = k.size(1);
   // K and V travel together in one halo exchange.
-  const at::Tensor kv_halo = halo_exchange(at::cat({k, v}, 1), layout, halo, comm, 2);
+  const at::Tensor kv = at::cat({k, v}, 1);
+  const at::Tensor kv_halo = single ? at::zeros({kv.size(0), kv.size(1), halo, kv.size(3)}, kv.options())
+                                    : halo_exchange(kv, layout, halo, comm, 2);
   const auto starts = chunk_starts(layout, comm->rank());
   std::vector<at::Tensor> outs, lses;
   for (size_t i = 0; i < starts.size(); ++i) {

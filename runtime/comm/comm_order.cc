@@ -63,6 +63,16 @@ void CommOrder::backward_ran(int64_t id) {
   if (id == s.head_id) s.head_consumed = true;
 }
 
+at::Tensor CommOrder::close(const at::Tensor& out) {
+  if (!at::GradMode::is_enabled()) return out;
+  {
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.mutex);
+    if (!s.head || s.head_consumed) return out;
+  }
+  return out + token().to(out.scalar_type());
+}
+
 void CommOrder::reset() {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mutex);

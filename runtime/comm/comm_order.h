@@ -43,6 +43,13 @@ class CommOrder {
   static void backward_ran(int64_t id);
   // Starts a new chain (a model calls it at the start of each forward).
   static void reset();
+  // `out` plus a zero that depends on the chain's newest node: call it on a
+  // forward's final output, so that the loss reaches the newest
+  // communication (and through the chain every older one) even on a rank
+  // whose output does not use its result (rank 0 needs no earlier chunk's
+  // state); otherwise that rank would skip the node's backward while the
+  // others wait in its collective. Values are unchanged.
+  static at::Tensor close(const at::Tensor& out);
 };
 
 // F::apply(token, args...) for an F whose forward takes the order token first

@@ -17,6 +17,7 @@
 #include <unordered_map>
 
 #include "loom/runtime/comm/comm_order.h"
+#include "loom/runtime/comm/documents.h"
 #include "loom/runtime/core/logging.h"
 #include "loom/runtime/core/memory_tracker.h"
 #include "loom/runtime/core/stop_signals.h"
@@ -188,7 +189,9 @@ std::pair<Batch, Batch> Trainer::shard(const Batch& batch) const {
   const SequenceLayout l = layout();
   const int r = mesh_.sp_index();
   // Batches are drawn on the host; they go to the model's device here.
-  return {Batch{l.shard(batch.inputs, r, 1, 0).to(device_), l.shard(batch.labels, r, 1, -100).to(device_)}, Batch{}};
+  Batch local{l.shard(batch.inputs, r, 1, 0).to(device_), l.shard(batch.labels, r, 1, -100).to(device_)};
+  if (batch.doc_start.defined()) local.doc_start = shard_document_starts(batch.doc_start, l, r).to(device_);
+  return {local, Batch{}};
 }
 
 void Trainer::check_resume_compatible(const CheckpointData& data, const std::string& path) const {
