@@ -14,8 +14,8 @@ packages=(
   libgtest-dev libgmock-dev
   libopenblas0-openmp
   libcli11-dev nlohmann-json3-dev
-  zlib1g-dev libsentencepiece-dev
-  dict-gcide gnuplot-nox
+  zlib1g-dev libzstd-dev libsentencepiece-dev
+  dict-gcide gnuplot-nox zstd
 )
 
 SUDO=""

@@ -6,6 +6,8 @@
 // files (runtime/data/tokenizer.cc):
 //   loom-spm train <trainer flags>            (--input=... --model_prefix=... ...)
 //   loom-spm encode MODEL IN_TEXT OUT_IDS     (OUT_IDS: little-endian uint32)
+//   loom-spm encode-pieces MODEL IN OUT       (IN: per piece u64 length + bytes;
+//                                              OUT: per piece u64 count + uint32 ids)
 //   loom-spm decode MODEL IN_IDS OUT_TEXT     (IN_IDS: little-endian uint32)
 //   loom-spm size MODEL                       (prints the vocabulary size)
 #include <sentencepiece_processor.h>
@@ -54,6 +56,25 @@ int main(int argc, char** argv) {
     for (int id : ids) {
       const uint32_t v = static_cast<uint32_t>(id);
       out.write(reinterpret_cast<const char*>(&v), 4);
+    }
+    return out ? 0 : fail("write failed");
+  }
+  if (cmd == "encode-pieces") {
+    uint64_t n = 0;
+    std::string text;
+    std::vector<int> ids;
+    while (in.read(reinterpret_cast<char*>(&n), 8)) {
+      text.resize(n);
+      if (!in.read(text.data(), static_cast<std::streamsize>(n))) return fail("the pieces file ends inside a piece");
+      ids.clear();
+      const auto status = sp.Encode(text, &ids);
+      if (!status.ok()) return fail(status.ToString());
+      const uint64_t count = ids.size();
+      out.write(reinterpret_cast<const char*>(&count), 8);
+      for (int id : ids) {
+        const uint32_t v = static_cast<uint32_t>(id);
+        out.write(reinterpret_cast<const char*>(&v), 4);
+      }
     }
     return out ? 0 : fail("write failed");
   }

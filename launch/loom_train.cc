@@ -361,7 +361,9 @@ int run_job(loom::Job& job, const Options& opt) {
                << " tokens, every id below model.vocab_size " << model_config.vocab_size() << "\n";
       }
       auto data = loom::open_data(config.data().train_path(), config.data().val_fraction(), config.train().seq_len(),
-                                  model_config.vocab_size(), config.train().seed(), config.data().val_path());
+                                  model_config.vocab_size(), config.train().seed(), config.data().val_path(),
+                                  config.data().packing() == loom::pb::DataConfig::PACK ? loom::Packing::kPack
+                                                                                         : loom::Packing::kNone);
       train_batches = [s = data.train](int64_t first, int64_t n) { return s->batch(first, n); };
       val_batches = [s = data.validation](int64_t first, int64_t n) { return s->batch(first, n); };
     } else {

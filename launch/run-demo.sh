@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's first command: installs what is missing, builds Loom, prepares
-# the default corpus (GCIDE dictionary text, byte tokens) and runs the main
+# the default corpus (GCIDE dictionary entries, byte tokens) and runs the main
 # job: a tiny BASED/Titans hybrid trained with 2 sequence-parallel ranks, then
 # evaluated, checkpointed, and asked for a short greedy continuation.
 set -euo pipefail
@@ -9,7 +9,10 @@ bash launch/install-deps.sh
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release
 cmake --build build -j2
-if [ ! -f data/gcide.tok ]; then
+# One document per dictionary entry (the .index beside the .dict.dz gives the
+# entries); a missing or unreadable token file, or one from before document
+# indexes (version 1), is made anew.
+if ! info=$(build/launch/loom-data info data/gcide.tok 2>/dev/null) || grep -q "no document index" <<<"$info"; then
   mkdir -p data
   build/launch/loom-data prepare --input /usr/share/dictd/gcide.dict.dz --output data/gcide.tok
 fi

@@ -67,7 +67,7 @@ pb::LoomConfig tiny_config(const std::string& dir, const std::string& preset) {
 }
 
 // Byte-ish random tokens, the same on every rank.
-std::shared_ptr<TokenWindowSampler> sampler(const CommPtr& world, const std::string& dir) {
+std::shared_ptr<TokenSampler> sampler(const CommPtr& world, const std::string& dir) {
   const std::string path = dir + "/tokens.tok";
   if (world->rank() == 0) {
     std::vector<uint32_t> tokens;
@@ -83,7 +83,7 @@ struct TrainingRun {
   std::vector<at::Tensor> params;
 };
 
-TrainingRun train(const pb::LoomConfig& config, ProcessMesh& mesh, const std::shared_ptr<TokenWindowSampler>& data,
+TrainingRun train(const pb::LoomConfig& config, ProcessMesh& mesh, const std::shared_ptr<TokenSampler>& data,
                   int64_t stop_after, bool resume) {
   const pb::LoomConfig& c = config;
   torch::manual_seed(11);

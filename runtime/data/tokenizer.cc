@@ -95,6 +95,31 @@ class SentencePieceTokenizer final : public Tokenizer {
     while (in.read(reinterpret_cast<char*>(&v), 4)) ids.push_back(v);
     return ids;
   }
+  std::vector<std::vector<uint32_t>> encode_pieces(const std::vector<std::string>& pieces) const override {
+    TempDir tmp;
+    {
+      std::ofstream out(tmp.path / "in.pieces", std::ios::binary);
+      for (const auto& piece : pieces) {
+        const uint64_t n = piece.size();
+        out.write(reinterpret_cast<const char*>(&n), 8);
+        out.write(piece.data(), static_cast<std::streamsize>(n));
+      }
+      if (!out) throw LoomError("cannot write the SentencePiece helper's input in " + tmp.path.string());
+    }
+    run_helper("encode-pieces " + quote(model_) + " " + quote((tmp.path / "in.pieces").string()) + " " +
+               quote((tmp.path / "out.ids").string()));
+    std::ifstream in(tmp.path / "out.ids", std::ios::binary);
+    std::vector<std::vector<uint32_t>> ids(pieces.size());
+    for (auto& piece : ids) {
+      uint64_t n = 0;
+      if (!in.read(reinterpret_cast<char*>(&n), 8) || n > (uint64_t{1} << 40))
+        throw LoomError("the SentencePiece helper returned fewer pieces than it was given");
+      piece.resize(static_cast<size_t>(n));
+      if (!in.read(reinterpret_cast<char*>(piece.data()), static_cast<std::streamsize>(n * 4)))
+        throw LoomError("the SentencePiece helper's output ends early");
+    }
+    return ids;
+  }
   std::string decode(const std::vector<int64_t>& ids) const override {
     TempDir tmp;
     {
@@ -117,6 +142,13 @@ class SentencePieceTokenizer final : public Tokenizer {
 };
 
 }  // namespace
+
+std::vector<std::vector<uint32_t>> Tokenizer::encode_pieces(const std::vector<std::string>& pieces) const {
+  std::vector<std::vector<uint32_t>> ids;
+  ids.reserve(pieces.size());
+  for (const auto& piece : pieces) ids.push_back(encode(piece));
+  return ids;
+}
 
 std::unique_ptr<Tokenizer> make_tokenizer(const std::string& kind, const std::string& model_path) {
   if (kind == "byte") return std::make_unique<ByteTokenizer>();

@@ -16,6 +16,9 @@ class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
   virtual std::vector<uint32_t> encode(const std::string& text) const = 0;
+  // Each piece encoded on its own, in one call (SentencePiece: one helper
+  // process for all of them); the default encodes them one by one.
+  virtual std::vector<std::vector<uint32_t>> encode_pieces(const std::vector<std::string>& pieces) const;
   virtual std::string decode(const std::vector<int64_t>& ids) const = 0;
   virtual uint32_t vocab_size() const = 0;
 };

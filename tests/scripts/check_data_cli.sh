@@ -84,7 +84,7 @@ case "$scenario" in
   prepare_read_errors)
     mkdir "$work/dir"
     o=$("$data" prepare --input "$work/dir" --output "$work/a.tok" 2>&1); c=$?
-    expect 2 "input '$work/dir': read failed: Is a directory$" $c "$o"
+    expect 2 "--input '$work/dir': the directory '$work/dir' holds no files" $c "$o"
     gzip -c "$work/tiny.txt" | head -c 400 > "$work/cut.txt.gz"
     o=$("$data" prepare --input "$work/cut.txt.gz" --output "$work/b.tok" 2>&1); c=$?
     expect 2 "input '$work/cut.txt.gz': read failed: (unexpected end of file|the compressed data ends early)" $c "$o"
@@ -94,6 +94,119 @@ case "$scenario" in
     expect 2 "the directory '$work/nodir' does not exist" $c "$o"
     [ -z "$(ls "$work" | grep -E '\.tok')" ] || fail "a token file was written: $(ls "$work")"
     no_temporaries "$work" ;;
+  prepare_documents)
+    # Several inputs of every kind, each file a document (JSONL: each line);
+    # info reports the documents; the byte tokens are the texts exactly.
+    mkdir -p "$work/corpus/sub" "$work/g"
+    printf 'alpha\n' > "$work/corpus/a.txt"
+    printf 'beta beta\n' | gzip -c > "$work/corpus/sub/b.txt.gz"
+    printf '{"text": "gamma"}\n{"text": "delta!", "id": 2}\n' | zstd -q -c > "$work/corpus/sub/c.jsonl.zst"
+    printf 'one\n' > "$work/g/x1.txt"; printf 'two\n' > "$work/g/x2.txt"; printf 'skip' > "$work/g/y.txt"
+    printf 'p one\nstill one\n\n\np two\n' > "$work/paras.txt"
+    o=$("$data" prepare --input "$work/corpus" "$work/g/x*.txt" --output "$work/all.tok" 2>&1); c=$?
+    expect 0 "wrote 35 tokens in 6 documents \(byte, vocabulary 256\) from 5 inputs" $c "$o"
+    o=$("$data" info "$work/all.tok" 2>&1); c=$?
+    expect 0 "35 tokens, .*checksum ok; 6 documents, tokens per document min 4, median 6, max 10" $c "$o"
+    o=$("$data" prepare --input "$work/paras.txt" --text-documents paragraph --eod-token 0 --output "$work/p.tok" 2>&1); c=$?
+    expect 0 "wrote 24 tokens in 2 documents \(byte, vocabulary 256, end-of-document token 0\)" $c "$o"
+    o=$("$data" prepare --input "$work/paras.txt" --format jsonl --output "$work/p.tok" 2>&1); c=$?
+    expect 2 "input '$work/paras.txt':1: malformed JSON line" $c "$o"
+    # A version-1 file (no index) still loads: one document.
+    write_tokens "$work/v1.tok" 256 1000 7
+    o=$("$data" info "$work/v1.tok" 2>&1); c=$?
+    expect 0 "1000 tokens, .*checksum ok; 1 document \(version 1 file: no document index\), tokens per document min 1000" $c "$o" ;;
+  prepare_bad_inputs)
+    # Every bad input: exit 2 with the file (and line) named, no output left.
+    printf '{"text": "ok"}\n{"body": "x"}\n' > "$work/missing.jsonl"
+    o=$("$data" prepare --input "$work/missing.jsonl" --output "$work/o.tok" 2>&1); c=$?
+    expect 2 "input '$work/missing.jsonl':2: no field \"text\"" $c "$o"
+    o=$("$data" prepare --input "$work/missing.jsonl" --jsonl-field body --output "$work/o.tok" 2>&1); c=$?
+    expect 2 "input '$work/missing.jsonl':1: no field \"body\"" $c "$o"
+    printf '{"text": "ok"}\n{"text": "unterminated}\n' > "$work/malformed.jsonl"
+    o=$("$data" prepare --input "$work/malformed.jsonl" --output "$work/o.tok" 2>&1); c=$?
+    expect 2 "input '$work/malformed.jsonl':2: malformed JSON line" $c "$o"
+    printf '{"text": ["a"]}\n' > "$work/array.jsonl"
+    o=$("$data" prepare --input "$work/array.jsonl" --output "$work/o.tok" 2>&1); c=$?
+    expect 2 "input '$work/array.jsonl':1: field \"text\" is an array, not a string" $c "$o"
+    text 200000 | gzip -c > "$work/corrupt.txt.gz"
+    printf '\xff\xff\xff\xff\xff\xff\xff\xff' | dd of="$work/corrupt.txt.gz" bs=1 seek=300 conv=notrunc 2>/dev/null
+    o=$("$data" prepare --input "$work/corrupt.txt.gz" --output "$work/o.tok" 2>&1); c=$?
+    expect 2 "input '$work/corrupt.txt.gz': read failed: " $c "$o"
+    text 200000 | zstd -q -c > "$work/whole.zst"
+    head -c $(( $(stat -c %s "$work/whole.zst") / 2 )) "$work/whole.zst" > "$work/cut.txt.zst"
+    o=$("$data" prepare --input "$work/cut.txt.zst" --output "$work/o.tok" 2>&1); c=$?
+    expect 2 "input '$work/cut.txt.zst': read failed: the compressed data ends early" $c "$o"
+    printf '{"text": "a"}\n{"text": ""}\n' > "$work/empty.jsonl"
+    o=$("$data" prepare --input "$work/empty.jsonl" --output "$work/o.tok" 2>&1); c=$?
+    expect 2 "input '$work/empty.jsonl':2 \(field \"text\"\): empty document \(no tokens\).*--skip-empty" $c "$o"
+    : > "$work/empty.txt"
+    o=$("$data" prepare --input "$work/tiny.txt" "$work/empty.txt" --output "$work/o.tok" 2>&1); c=$?
+    expect 2 "input '$work/empty.txt' \(the whole file, one document\): empty document" $c "$o"
+    o=$("$data" prepare --input "$work/nothing-*.txt" --output "$work/o.tok" 2>&1); c=$?
+    expect 2 "--input '$work/nothing-\*.txt': the pattern matches no file" $c "$o"
+    mkdir -p "$work/hollow/deeper"
+    o=$("$data" prepare --input "$work/hollow" --output "$work/o.tok" 2>&1); c=$?
+    expect 2 "--input '$work/hollow': the directory '$work/hollow' holds no files" $c "$o"
+    o=$("$data" prepare --input "$work/tiny.txt" --eod-token 256 --output "$work/o.tok" 2>&1); c=$?
+    expect 2 "--eod-token 256 is not below the tokenizer's vocabulary 256" $c "$o"
+    o=$("$data" prepare --input "$work/tiny.txt" --eod-token end --output "$work/o.tok" 2>&1); c=$?
+    expect 2 "--eod-token 'end': expected a token id" $c "$o"
+    [ ! -e "$work/o.tok" ] || fail "a token file was written"
+    no_temporaries "$work"
+    # --skip-empty: skipped and counted.
+    o=$("$data" prepare --input "$work/empty.jsonl" "$work/empty.txt" --skip-empty --output "$work/o.tok" 2>&1); c=$?
+    expect 0 "wrote 1 tokens in 1 documents .*; skipped 2 empty documents" $c "$o" ;;
+  prepare_streaming)
+    # 60 MB of text as one document: prepare's memory stays bounded (the whole
+    # text and its ids would take 60 + 240 MB), tokens reach the temporary file
+    # while it reads, and progress lines appear on stderr.
+    text 60000000 | gzip -1 > "$work/big.txt.gz"
+    "$data" prepare --input "$work/tiny.txt" --output "$work/small.tok" > /dev/null & pid=$!
+    base=0
+    while kill -0 $pid 2>/dev/null; do
+      v=$(awk '/VmHWM/ {print $2}' /proc/$pid/status 2>/dev/null); [ -n "$v" ] && base=$v; sleep 0.05
+    done
+    wait $pid || fail "small prepare"
+    "$data" prepare --input "$work/big.txt.gz" --output "$work/big.tok" --progress-seconds 0.5 > "$work/out" 2> "$work/err" & pid=$!
+    peak=0 grew=0
+    while kill -0 $pid 2>/dev/null; do
+      v=$(awk '/VmHWM/ {print $2}' /proc/$pid/status 2>/dev/null); [ -n "$v" ] && peak=$v
+      t=$(find "$work" -name 'big.tok.tmp-*' -size +10M | head -1); [ -n "$t" ] && grew=1
+      sleep 0.05
+    done
+    wait $pid; c=$?
+    expect 0 "wrote 60000000 tokens in 1 documents" $c "$(cat "$work/out")"
+    cat "$work/err"
+    grep -Eq "loom-data: input 1/1 '$work/big.txt.gz': [0-9.]+ MiB read, 1 documents, [0-9]+ tokens" "$work/err" || fail "no progress line"
+    [ "$grew" = 1 ] || fail "the temporary output did not grow past 10 MB while reading"
+    echo "peak RSS ${peak} kB; small input ${base} kB"
+    [ "$peak" -gt 0 ] && [ "$base" -gt 0 ] || fail "no memory sample"
+    [ $((peak - base)) -lt 120000 ] || fail "peak RSS ${peak} kB is more than 120 MB above a tiny input's ${base} kB" ;;
+  prepare_gcide)
+    # The default corpus: one document per GCIDE entry (the .index's distinct
+    # offsets, plus the entry after the last indexed one).
+    dict=/usr/share/dictd/gcide.dict.dz
+    [ -f "$dict" ] || { echo "SKIP: $dict missing (install dict-gcide)"; exit 0; }
+    entries=$(cut -f2 /usr/share/dictd/gcide.index | sort -u | wc -l)
+    o=$("$data" prepare --input "$dict" --output "$work/g.tok" 2>&1); c=$?
+    expect 0 "wrote [0-9]+ tokens in [0-9]+ documents" $c "$o"
+    docs=$(sed -E 's/.* in ([0-9]+) documents.*/\1/' <<<"$o")
+    echo "index entries $entries, documents $docs"
+    [ "$docs" -ge "$entries" ] && [ "$docs" -le $((entries + 2)) ] || fail "$docs documents for $entries index entries"
+    o=$("$data" info "$work/g.tok" 2>&1); c=$?
+    expect 0 "$docs documents, tokens per document min [0-9]+, median [0-9]+, max [0-9]+" $c "$o" ;;
+  packed_training)
+    # data.packing: a short run and its resume on a prepared multi-document
+    # file, and NONE on the same file; both split and train.
+    mkdir -p "$work/docs"
+    for i in $(seq 1 40); do text $((500 + i * 97)) > "$work/docs/d$i.txt"; done
+    "$data" prepare --input "$work/docs" --output "$work/tiny.tok" > /dev/null || fail "prepare"
+    o=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=3 2>&1); c=$?
+    expect 0 "step 3/3" $c "$o"
+    o=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=3 --set data.packing=none --set train.checkpoint_dir="$work/ckpt-none" 2>&1); c=$?
+    expect 0 "step 3/3" $c "$o"
+    o=$("${mpi[@]}" "$train" "${common[@]}" --set data.packing=stacked --print-config 2>&1); c=$?
+    expect 2 "allowed values are none, pack" $c "$o" ;;
   usage_errors)
     o=$("$data" prepare --input "$work/tiny.txt" --output "$work/a.tok" --bogus 2>&1); c=$?
     expect 2 "--bogus" $c "$o"
