@@ -254,6 +254,13 @@ void check_checkpoint_dir_writable(const std::string& dir) {
   ::unlink(probe.c_str());
 }
 
+// data.document_alignment, 0 resolved: Titans memory (letters M, G, X) needs
+// documents to start at multiples of model.memory_chunk.
+int64_t document_alignment(const loom::pb::DataConfig& data, const loom::pb::ModelConfig& model) {
+  if (data.document_alignment() > 0) return data.document_alignment();
+  return model.pattern().find_first_of("MGX") != std::string::npos ? model.memory_chunk() : 1;
+}
+
 // A token file named by `field`: it opens (exists, not empty, header, size and
 // checksum; one pass over the whole file) and every token id is below
 // model.vocab_size (the whole file, not the windows a run happens to sample).
@@ -363,7 +370,8 @@ int run_job(loom::Job& job, const Options& opt) {
       auto data = loom::open_data(config.data().train_path(), config.data().val_fraction(), config.train().seq_len(),
                                   model_config.vocab_size(), config.train().seed(), config.data().val_path(),
                                   config.data().packing() == loom::pb::DataConfig::PACK ? loom::Packing::kPack
-                                                                                         : loom::Packing::kNone);
+                                                                                         : loom::Packing::kNone,
+                                  document_alignment(config.data(), model_config));
       train_batches = [s = data.train](int64_t first, int64_t n) { return s->batch(first, n); };
       val_batches = [s = data.validation](int64_t first, int64_t n) { return s->batch(first, n); };
     } else {

@@ -228,7 +228,8 @@ TEST(TokenFileIndex, ARewrittenIndexIsAChangeUnderTheRunningJob) {
 // as an input. Inside a document piece the tokens are consecutive positions of
 // one document; labels are the next position of the same document, else -100;
 // padding is a trailing document of 0s with labels -100.
-std::vector<int> check_rows(const Batch& b, const std::vector<int64_t>& starts, int64_t begin, int64_t end) {
+std::vector<int> check_rows(const Batch& b, const std::vector<int64_t>& starts, int64_t begin, int64_t end,
+                            int64_t alignment = 1) {
   std::vector<int> seen(static_cast<size_t>(end), 0);
   const int64_t rows = b.inputs.size(0), n = b.inputs.size(1);
   EXPECT_TRUE(b.doc_start.defined());
@@ -247,15 +248,18 @@ std::vector<int> check_rows(const Batch& b, const std::vector<int64_t>& starts, 
     for (int64_t t = 0; t < n; ++t) {
       const bool starts_here = ds[r][t] == t;
       if (!starts_here) EXPECT_EQ(ds[r][t], ds[r][t - 1]) << "row " << r << " token " << t;
-      if (in[r][t] == 0) {  // padding: to the end of the row, one document
-        EXPECT_TRUE(starts_here) << "row " << r << " token " << t << ": padding does not start a document";
+      if (starts_here) EXPECT_EQ(t % alignment, 0) << "row " << r << ": a document starts at " << t;
+      if (in[r][t] == 0) {  // padding: label -100, inside the document before it or, at the row's end, its own
+        EXPECT_EQ(lab[r][t], -100);
+        if (!starts_here) continue;
         for (int64_t u = t; u < n; ++u) {
-          EXPECT_EQ(in[r][u], 0) << "row " << r << ": padding is not at the end";
+          EXPECT_EQ(in[r][u], 0) << "row " << r << ": padding document is not at the end";
           EXPECT_EQ(lab[r][u], -100);
           EXPECT_EQ(ds[r][u], t);
         }
         break;
       }
+      if (!starts_here && in[r][t - 1] == 0) ADD_FAILURE() << "row " << r << " token " << t << ": text after padding";
       const int64_t p = in[r][t] - 1;
       if (!starts_here) EXPECT_EQ(p, in[r][t - 1]) << "row " << r << " token " << t << ": not the next token";
       EXPECT_GE(p, begin);
@@ -303,6 +307,22 @@ TEST(Packing, EveryTokenExactlyOncePerEpochWithLabelsAndDocumentStarts) {
   EXPECT_EQ(static_cast<int64_t>(epoch0.size()), rows);
   EXPECT_EQ(static_cast<int64_t>(epoch1.size()), rows);
   EXPECT_NE(order0, order1);
+}
+
+TEST(Packing, DocumentsStartAtMultiplesOfTheAlignment) {
+  ScratchDir dir;
+  const int64_t n = 3001;
+  const auto starts = document_starts(n, 40, 13);
+  write_token_file(dir.file("p.tok"), positions(n), 1 << 20, starts);
+  for (const auto& [seq_len, alignment] : std::vector<std::pair<int64_t, int64_t>>{{16, 4}, {18, 4}, {20, 5}, {16, 16}}) {
+    PackedDocumentSampler s(std::make_shared<TokenFile>(dir.file("p.tok")), 0, n, seq_len, 1 << 20, 5, "train",
+                            alignment);
+    const Batch b = s.batch(0, s.rows_per_epoch());
+    const auto seen = check_rows(b, starts, 0, n, alignment);
+    for (int64_t p = 0; p < n; ++p) ASSERT_EQ(seen[static_cast<size_t>(p)], 1) << p << ", alignment " << alignment;
+    // Ignored labels: each document's last token and every padding token.
+    EXPECT_EQ(b.labels.eq(-100).sum().item<int64_t>(), static_cast<int64_t>(starts.size()) + s.padding_per_epoch());
+  }
 }
 
 TEST(Packing, APureFunctionOfSeedAndSampleIndex) {

@@ -429,6 +429,7 @@ constexpr RangeRule kRanges[] = {
     {"train.keep_checkpoints", "[0, 1048576]"},
     {"data.val_fraction", "[0, 1)"},
     {"data.mqar_pairs", "[1, 1048576]"},
+    {"data.document_alignment", "[0, 1048576]"},
     {"offload.memory_ranks", "[0, 1048576]"},
     {"offload.capacity_mb", "[1, 16777216]"},
 };

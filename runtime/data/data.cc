@@ -67,9 +67,10 @@ Batch TokenWindowSampler::batch(int64_t first, int64_t batch_size) const {
 
 PackedDocumentSampler::PackedDocumentSampler(std::shared_ptr<TokenFile> file, int64_t begin, int64_t end,
                                              int64_t seq_len, int64_t vocab_limit, uint64_t seed,
-                                             const std::string& split_name)
-    : file_(std::move(file)), begin_(begin), end_(end), seq_len_(seq_len), vocab_limit_(vocab_limit), seed_(seed),
-      split_(split_name) {
+                                             const std::string& split_name, int64_t alignment)
+    : file_(std::move(file)), begin_(begin), end_(end), seq_len_(seq_len), vocab_limit_(vocab_limit),
+      alignment_(alignment), seed_(seed), split_(split_name) {
+  TORCH_CHECK(alignment_ >= 1, "PackedDocumentSampler: alignment ", alignment_, " must be >= 1");
   if (static_cast<int64_t>(file_->vocab_size()) > vocab_limit_)
     throw ConfigError("data file '" + file_->path() + "' has vocabulary " + std::to_string(file_->vocab_size()) +
                       " but model.vocab_size is " + std::to_string(vocab_limit_) +
@@ -120,7 +121,8 @@ PackedDocumentSampler::PackedDocumentSampler(std::shared_ptr<TokenFile> file, in
     }
     placed.push_back(p);
     row_of.push_back(row);
-    if (room - p.length > 0) open.emplace(room - p.length, row);
+    const int64_t left = room - slot(p.length, room);
+    if (left > 0) open.emplace(left, row);
   };
   for (int64_t d : order) {
     int64_t start = doc_begin[static_cast<size_t>(d)];
@@ -163,8 +165,12 @@ void PackedDocumentSampler::fill_row(int64_t row, int64_t* inputs, int64_t* labe
     // labels[at + i] = token i + 1 of the piece: shift left by one.
     std::copy(labels + at + 1, labels + at + p.length + (p.ends_document ? 0 : 1), labels + at);
     if (p.ends_document) labels[at + p.length - 1] = -100;
-    std::fill(doc_start + at, doc_start + at + p.length, at);
-    at += p.length;
+    // Up to the next aligned position: padding inside the piece's document.
+    const int64_t taken = slot(p.length, seq_len_ - at);
+    std::fill(inputs + at + p.length, inputs + at + taken, 0);
+    std::fill(labels + at + p.length, labels + at + taken, -100);
+    std::fill(doc_start + at, doc_start + at + taken, at);
+    at += taken;
   }
   std::fill(inputs + at, inputs + seq_len_, 0);  // padding: a document of its own, nothing to predict
   std::fill(labels + at, labels + seq_len_, -100);
@@ -187,9 +193,10 @@ namespace {
 
 std::shared_ptr<TokenSampler> make_sampler(Packing packing, std::shared_ptr<TokenFile> file, int64_t begin, int64_t end,
                                            int64_t seq_len, int64_t vocab_limit, uint64_t seed,
-                                           const std::string& split_name) {
+                                           const std::string& split_name, int64_t alignment) {
   if (packing == Packing::kPack)
-    return std::make_shared<PackedDocumentSampler>(std::move(file), begin, end, seq_len, vocab_limit, seed, split_name);
+    return std::make_shared<PackedDocumentSampler>(std::move(file), begin, end, seq_len, vocab_limit, seed, split_name,
+                                                   alignment);
   return std::make_shared<TokenWindowSampler>(std::move(file), begin, end, seq_len, vocab_limit, seed, split_name);
 }
 
@@ -208,13 +215,13 @@ int64_t document_cut(const TokenFile& file, int64_t cut) {
 }  // namespace
 
 DataSplits open_data(const std::string& path, double val_fraction, int64_t seq_len, int64_t vocab_limit,
-                     uint64_t seed, const std::string& val_path, Packing packing) {
+                     uint64_t seed, const std::string& val_path, Packing packing, int64_t document_alignment) {
   if (path.empty()) throw ConfigError("data.train_path is empty: name a token file (loom-data prepare makes one)");
   auto file = std::make_shared<TokenFile>(path);
   const int64_t n = file->size();
   DataSplits d;
   if (!val_path.empty()) {
-    d.train = make_sampler(packing, file, 0, n, seq_len, vocab_limit, seed, "train");
+    d.train = make_sampler(packing, file, 0, n, seq_len, vocab_limit, seed, "train", document_alignment);
     try {
       auto held_out = std::make_shared<TokenFile>(val_path);
       if (held_out->vocab_size() != file->vocab_size())
@@ -222,7 +229,7 @@ DataSplits open_data(const std::string& path, double val_fraction, int64_t seq_l
                           " but data.train_path '" + path + "' has " + std::to_string(file->vocab_size()) +
                           ": they were not made with the same tokenizer");
       d.validation = make_sampler(packing, held_out, 0, held_out->size(), seq_len, vocab_limit, splitmix64(seed + 1),
-                                  "validation");
+                                  "validation", document_alignment);
     } catch (const LoomError& e) {
       throw ConfigError(std::string("data.val_path: ") + e.what());
     }
@@ -230,8 +237,9 @@ DataSplits open_data(const std::string& path, double val_fraction, int64_t seq_l
   }
   int64_t split = static_cast<int64_t>(static_cast<double>(n) * (1.0 - val_fraction));
   if (packing == Packing::kPack) split = document_cut(*file, split);
-  d.train = make_sampler(packing, file, 0, split, seq_len, vocab_limit, seed, "train");
-  d.validation = make_sampler(packing, file, split, n, seq_len, vocab_limit, splitmix64(seed + 1), "validation");
+  d.train = make_sampler(packing, file, 0, split, seq_len, vocab_limit, seed, "train", document_alignment);
+  d.validation = make_sampler(packing, file, split, n, seq_len, vocab_limit, splitmix64(seed + 1), "validation",
+                             document_alignment);
   return d;
 }
 

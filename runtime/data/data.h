@@ -25,7 +25,10 @@
 //   a cut: the last token of a piece predicts the first token of the next
 //   piece), -100 for a document's last token (it would predict the next
 //   document) and for padding. Padding (the room a row has left) is token 0,
-//   label -100, and a document of its own.
+//   label -100, and a document of its own. With an alignment a > 1
+//   (data.document_alignment: Titans memory needs documents to start at
+//   multiples of model.memory_chunk) every piece takes a multiple of a
+//   positions, the gap after its tokens being padding inside its document.
 // Batch.doc_start is then [B, N] int64, global positions as documents.h says.
 //
 // Splits: train = the first (1 - val_fraction) of the file, validation = the
@@ -43,6 +46,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <vector>
@@ -88,8 +92,11 @@ class PackedDocumentSampler final : public TokenSampler {
  public:
   // The split is the tokens [begin, end) of `file`; a document that starts
   // before `begin` counts from `begin`, one that ends after `end` up to `end`.
+  // Every piece (and the row's padding) starts at a multiple of `alignment`
+  // in its row; the gap after a piece up to the next multiple is padding
+  // inside the piece's document (token 0, label -100).
   PackedDocumentSampler(std::shared_ptr<TokenFile> file, int64_t begin, int64_t end, int64_t seq_len,
-                        int64_t vocab_limit, uint64_t seed, const std::string& split_name);
+                        int64_t vocab_limit, uint64_t seed, const std::string& split_name, int64_t alignment = 1);
   Batch batch(int64_t first, int64_t batch_size) const override;
   int64_t tokens() const override { return end_ - begin_; }
   // Rows per epoch (R), documents of the split and padding tokens per epoch.
@@ -106,9 +113,13 @@ class PackedDocumentSampler final : public TokenSampler {
     bool ends_document;
   };
   void fill_row(int64_t row, int64_t* inputs, int64_t* labels, int64_t* doc_start) const;
+  // Row positions a piece of `length` takes from `room` left (aligned).
+  int64_t slot(int64_t length, int64_t room) const {
+    return std::min(room, (length + alignment_ - 1) / alignment_ * alignment_);
+  }
 
   std::shared_ptr<TokenFile> file_;
-  int64_t begin_, end_, seq_len_, vocab_limit_;
+  int64_t begin_, end_, seq_len_, vocab_limit_, alignment_;
   uint64_t seed_;
   std::string split_;
   int64_t documents_ = 0;
@@ -121,8 +132,10 @@ class PackedDocumentSampler final : public TokenSampler {
 struct DataSplits {
   std::shared_ptr<TokenSampler> train, validation;
 };
+// `document_alignment` (PACK): documents start at multiples of it in their rows.
 DataSplits open_data(const std::string& path, double val_fraction, int64_t seq_len, int64_t vocab_limit,
-                     uint64_t seed, const std::string& val_path = "", Packing packing = Packing::kNone);
+                     uint64_t seed, const std::string& val_path = "", Packing packing = Packing::kNone,
+                     int64_t document_alignment = 1);
 
 uint64_t splitmix64(uint64_t x);
 

@@ -205,6 +205,10 @@ case "$scenario" in
     expect 0 "step 3/3" $c "$o"
     o=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=3 --set data.packing=none --set train.checkpoint_dir="$work/ckpt-none" 2>&1); c=$?
     expect 0 "step 3/3" $c "$o"
+    # Titans memory: documents start at multiples of model.memory_chunk (data.document_alignment 0).
+    o=$("${mpi[@]}" "$train" "${common[@]}" --set model.preset=tiny-titans-mag --set train.steps=2 \
+          --set train.checkpoint_dir="$work/ckpt-titans" 2>&1); c=$?
+    expect 0 "step 2/2" $c "$o"
     o=$("${mpi[@]}" "$train" "${common[@]}" --set data.packing=stacked --print-config 2>&1); c=$?
     expect 2 "allowed values are none, pack" $c "$o" ;;
   usage_errors)
