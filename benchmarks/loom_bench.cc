@@ -438,7 +438,9 @@ int run(int argc, char** argv) {
     std::map<std::tuple<int, int, int, int64_t>, const Point*> flat;
     for (const auto& p : points)
       if (p.doc_mean == 0) flat[{p.world, int(p.subject), int(p.method), p.n}] = &p;
-    report << "packed documents vs flat rows (same tokens per step; time = median forward+backward, bytes per rank):\n";
+    report << "packed documents vs flat rows (same tokens per step; time = median forward+backward over the\n"
+           << "repetitions, max over ranks: on a shared or oversubscribed machine read ratios near 1 as equal; bytes per\n"
+           << "rank are exact):\n";
     for (const auto& p : points) {
       if (p.doc_mean == 0) continue;
       const auto it = flat.find({p.world, int(p.subject), int(p.method), p.n});
@@ -447,10 +449,11 @@ int run(int argc, char** argv) {
       char line[320];
       std::snprintf(line, sizeof line,
                     "  W=%d %-13s %-15s N=%-7ld mean doc %-6ld (%5ld docs): time x%.2f (%.2f vs %.2f ms), fwd bytes "
-                    "%ld vs %ld, all bytes %ld vs %ld\n",
+                    "%ld vs %ld, all bytes %ld vs %ld%s\n",
                     p.world, subject_name(p.subject), method_name(p.method), long(p.n), long(p.doc_mean),
                     long(p.documents), p.median_s / f.median_s, p.median_s * 1e3, f.median_s * 1e3, long(p.fwd_bytes),
-                    long(f.fwd_bytes), long(p.bytes), long(f.bytes));
+                    long(f.fwd_bytes), long(p.bytes), long(f.bytes),
+                    p.doc_mean >= p.n ? " (mean >= N: mostly one document per row, a flat row's work)" : "");
       report << line;
     }
     report << "\n";

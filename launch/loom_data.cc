@@ -14,7 +14,9 @@
 // links and relative paths), and writes the token file under a temporary name
 // renamed into place when complete (removed on any failure): an existing
 // output is replaced only by a complete file.
-// Exit codes: 0 success, 2 bad arguments or input (the message names it).
+// Exit codes: 0 success, 2 bad arguments or input (the message names it),
+// 130 interrupted (SIGINT/SIGTERM during prepare: the temporary output is
+// removed, an existing output is left as it was).
 #include <CLI/CLI.hpp>
 #include <sys/stat.h>
 
@@ -26,6 +28,7 @@
 #include <vector>
 
 #include "loom/runtime/core/error.h"
+#include "loom/runtime/core/stop_signals.h"
 #include "loom/runtime/data/corpus.h"
 #include "loom/runtime/data/token_file.h"
 #include "loom/runtime/data/tokenizer.h"
@@ -132,13 +135,26 @@ int main(int argc, char** argv) {
         char* end = nullptr;
         errno = 0;
         const long long id = std::strtoll(eod.c_str(), &end, 10);
-        if (eod.empty() || *end != '\0' || errno != 0 || id < 0)
+        // A leading zero is refused as loom-train refuses it (010 is not 8 nor 10 to everyone).
+        if (eod.empty() || *end != '\0' || errno != 0 || id < 0 || (eod.size() > 1 && eod[0] == '0'))
           throw loom::ConfigError("--eod-token '" + eod + "': expected a token id (an integer >= 0) or none");
         options.eod_token = id;
       }
       check_prepare_paths(loom::expand_inputs(inputs, output), output, model);
       const auto tok = loom::make_tokenizer(tokenizer, model);
-      const auto report = loom::prepare_token_file(options, *tok, &std::cerr);
+      // A signal stops prepare at its next read; the writer then removes its
+      // temporary file (a second signal is not needed and changes nothing).
+      loom::StopSignalScope signals("loom-data: ", "stopping after the current read, removing the partial output",
+                                    "already stopping");
+      options.interrupted = [&signals] { return signals.received() != 0; };
+      loom::PrepareReport report;
+      try {
+        report = loom::prepare_token_file(options, *tok, &std::cerr);
+      } catch (const std::exception& e) {
+        if (signals.received() == 0) throw;
+        std::cerr << "loom-data: " << e.what() << std::endl;
+        return 130;
+      }
       std::cout << "wrote " << report.tokens << " tokens in " << report.documents << " documents (" << tokenizer
                 << ", vocabulary " << tok->vocab_size()
                 << (options.eod_token >= 0 ? ", end-of-document token " + std::to_string(options.eod_token) : "")

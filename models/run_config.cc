@@ -25,6 +25,20 @@ void lower_case_choices(pb::LoomConfig* c) {
   if (c->log().has_level()) c->mutable_log()->set_level(lower(c->log().level()));
 }
 
+// Titans memories reset only at multiples of model.memory_chunk, so packed
+// documents must start there: an explicit alignment that is not a multiple of
+// it would stop the first step; refuse it here, naming both fields.
+void check_document_alignment(const pb::LoomConfig& c) {
+  const auto& m = c.model();
+  const int64_t align = c.data().document_alignment();
+  if (c.data().packing() != pb::DataConfig::PACK || align == 0 || c.data().task() != "text") return;
+  if (m.pattern().find_first_of("MGX") == std::string::npos || align % m.memory_chunk() == 0) return;
+  throw ConfigError("data.document_alignment = " + std::to_string(align) + ": model.pattern '" + m.pattern() +
+                    "' has Titans memory, which resets only at multiples of model.memory_chunk = " +
+                    std::to_string(m.memory_chunk()) + "; use a multiple of " + std::to_string(m.memory_chunk()) +
+                    " or 0 (automatic)");
+}
+
 }  // namespace
 
 pb::LoomConfig resolve_run_config(const pb::LoomConfig& user) {
@@ -39,6 +53,7 @@ pb::LoomConfig resolve_run_config(const pb::LoomConfig& user) {
   *resolved.mutable_model() = resolve_model_config(parsed.model());
   fill_defaults(&resolved);
   validate_config(resolved);
+  check_document_alignment(resolved);
   return resolved;
 }
 

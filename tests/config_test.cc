@@ -161,6 +161,30 @@ TEST(Config, PresetFieldsAreCheckedAfterThePresetIsApplied) {
                   "field model.n_heads = 0: must be >= 1");
 }
 
+// Packed documents start at multiples of data.document_alignment; a Titans
+// model needs multiples of model.memory_chunk, checked before any step runs.
+TEST(Config, DocumentAlignmentMustSuitTitansMemory) {
+  const std::vector<std::string> titans{"model.pattern=LWCM", "model.memory_chunk=16", "data.packing=PACK"};
+  auto with = [&](const std::string& alignment) {
+    auto sets = titans;
+    sets.push_back("data.document_alignment=" + alignment);
+    return models::resolve_run_config("", sets);
+  };
+  EXPECT_NO_THROW(with("0"));
+  EXPECT_NO_THROW(with("32"));
+  try {
+    with("7");
+    ADD_FAILURE() << "alignment 7 with memory_chunk 16 accepted";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("data.document_alignment = 7"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("model.memory_chunk = 16"), std::string::npos) << e.what();
+  }
+  // Without Titans letters, or without packing, any alignment is fine.
+  EXPECT_NO_THROW(models::resolve_run_config("", {"model.pattern=LWC", "data.document_alignment=7"}));
+  EXPECT_NO_THROW(models::resolve_run_config("", {"model.pattern=LWCM", "model.memory_chunk=16", "data.packing=NONE",
+                                                  "data.document_alignment=7"}));
+}
+
 TEST(Config, HashAndDifferencesIgnoreWhatWasSetExplicitly) {
   pb::LoomConfig implicit, explicit_default, other;
   explicit_default.mutable_train()->set_steps(100);  // the schema default

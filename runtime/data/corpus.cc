@@ -659,6 +659,9 @@ PrepareReport prepare_token_file(const PrepareOptions& options, const Tokenizer&
   for (size_t i = 0; i < files.size(); ++i) {
     const std::string& path = files[i];
     const auto progress = [&] {
+      if (options.interrupted && options.interrupted())
+        throw LoomError("interrupted while reading " + quoted(path) + ": nothing written ('" + options.output +
+                        "' is as it was; the temporary file is removed)");
       progress_lines.maybe_print(i, path, report.bytes_read, enc.documents_seen(), writer.tokens());
     };
     const int64_t seen_before = enc.documents_seen();

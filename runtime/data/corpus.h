@@ -32,6 +32,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <iosfwd>
 #include <string>
 #include <vector>
@@ -52,6 +53,10 @@ struct PrepareOptions {
   int64_t eod_token = -1;  // appended after every document; -1: none
   bool skip_empty = false;
   double progress_seconds = 5;  // progress lines at most this often (0: after every read)
+  // Polled after every read: when it returns true (loom-data: SIGINT or
+  // SIGTERM arrived) prepare stops with LoomError and the temporary output is
+  // removed; the existing output, if any, is untouched. May be empty.
+  std::function<bool()> interrupted;
 };
 
 struct PrepareReport {
