@@ -20,24 +20,15 @@
 #include <vector>
 
 #include "loom/runtime/core/error.h"
+#include "scratch_dir.h"
 #include "loom/runtime/data/token_file.h"
 
 namespace loom {
 namespace {
 namespace fs = std::filesystem;
 
-struct ScratchDir {
-  fs::path path;
-  ScratchDir() {
-    std::string templ = (fs::temp_directory_path() / "loom-corpus-XXXXXX").string();
-    EXPECT_NE(::mkdtemp(templ.data()), nullptr);
-    path = templ;
-  }
-  ~ScratchDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
+struct ScratchDir : testing::ScratchDir {
+  ScratchDir() : testing::ScratchDir("loom-corpus") {}
 };
 
 void write_file(const std::string& path, const std::string& bytes) {

@@ -15,23 +15,15 @@
 #include <vector>
 
 #include "loom/runtime/core/error.h"
+#include "scratch_dir.h"
 #include "loom/runtime/data/token_file.h"
 
 namespace loom {
 namespace {
 namespace fs = std::filesystem;
 
-struct ScratchDir {
-  fs::path path;
-  ScratchDir() {
-    std::string templ = (fs::temp_directory_path() / "loom-token-file-XXXXXX").string();
-    EXPECT_NE(::mkdtemp(templ.data()), nullptr);
-    path = templ;
-  }
-  ~ScratchDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
+struct ScratchDir : testing::ScratchDir {
+  ScratchDir() : testing::ScratchDir("loom-token-file") {}
 };
 
 std::vector<uint32_t> ramp(size_t n, uint32_t modulo) {

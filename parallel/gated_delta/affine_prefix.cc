@@ -4,14 +4,8 @@
 
 namespace loom::gated_delta {
 namespace {
-
-// Chunk ids in the order the prefix runs over them.
-std::vector<int64_t> sequence_order(const SequenceLayout& layout, PrefixDirection direction) {
-  std::vector<int64_t> order(layout.num_chunks());
-  for (int64_t i = 0; i < layout.num_chunks(); ++i)
-    order[i] = direction == PrefixDirection::kForward ? i : layout.num_chunks() - 1 - i;
-  return order;
-}
+using linear_attention::chain_exclusive_prefix;
+using linear_attention::sequence_order;
 
 // One map (A, B) in a flat buffer: [A (B*H*d_k*d_k) | B (B*H*d_k*d_v)], `parts` times.
 struct Packing {
@@ -206,36 +200,9 @@ class ChainPrefix final : public AffinePrefix {
   }
 
   at::Tensor finish() override {
-    const int me = comm_->rank();
-    const int64_t n = static_cast<int64_t>(order_.size());
-    at::Tensor out = at::empty_like(offsets_);
-    std::vector<WorkPtr> sends;
-    at::Tensor carried;  // handed on from my previous chunk in the sequence
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t c = order_[i];
-      if (layout_.owner_of(c) != me) continue;
-      at::Tensor prefix;
-      if (i == 0) {
-        prefix = at::zeros_like(offsets_[0]);
-      } else if (layout_.owner_of(order_[i - 1]) == me) {
-        prefix = carried;
-      } else {
-        prefix = at::empty_like(offsets_[0]);
-        comm_->irecv(prefix, layout_.owner_of(order_[i - 1]), static_cast<int>(i))->wait();
-      }
-      const int li = layout_.local_index_of(c);
-      out[li].copy_(prefix);
-      at::Tensor next = (at::matmul(maps_[li], prefix) + offsets_[li]).contiguous();
-      if (i + 1 < n) {
-        const int dst = layout_.owner_of(order_[i + 1]);
-        if (dst == me)
-          carried = next;
-        else
-          sends.push_back(comm_->isend(next, dst, static_cast<int>(i + 1)));
-      }
-    }
-    wait_all(sends);
-    return out;
+    return chain_exclusive_prefix(layout_, *comm_, order_, offsets_, [this](int li, const at::Tensor& prefix) {
+      return at::matmul(maps_[li], prefix) + offsets_[li];
+    });
   }
 
  private:

@@ -27,14 +27,6 @@ LinearAttentionMethod parse_method(const std::string& name) {
 
 namespace {
 
-// Chunk ids in the order the prefix runs over them.
-std::vector<int64_t> sequence_order(const SequenceLayout& layout, PrefixDirection direction) {
-  std::vector<int64_t> order(layout.num_chunks());
-  for (int64_t i = 0; i < layout.num_chunks(); ++i)
-    order[i] = direction == PrefixDirection::kForward ? i : layout.num_chunks() - 1 - i;
-  return order;
-}
-
 // Decay across a chunk, [H] (every chunk alike) or [B, H] (per row, with
 // documents), viewed against a [B, H, d_k, d_v] state.
 at::Tensor as_state_factor(const at::Tensor& a) {
@@ -255,36 +247,9 @@ class ChainPrefix final : public StatePrefix {
   void start(const at::Tensor& local) override { local_ = local.contiguous(); }
 
   at::Tensor finish() override {
-    const int me = comm_->rank();
-    const int64_t n = static_cast<int64_t>(order_.size());
-    at::Tensor out = at::empty_like(local_);
-    std::vector<WorkPtr> sends;
-    at::Tensor carried;  // prefix handed from my previous chunk in the sequence
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t c = order_[i];
-      if (layout_.owner_of(c) != me) continue;
-      at::Tensor prefix;
-      if (i == 0) {
-        prefix = at::zeros_like(local_[0]);
-      } else if (layout_.owner_of(order_[i - 1]) == me) {
-        prefix = carried;
-      } else {
-        prefix = at::empty_like(local_[0]);
-        comm_->irecv(prefix, layout_.owner_of(order_[i - 1]), static_cast<int>(i))->wait();
-      }
-      const int li = layout_.local_index_of(c);
-      out[li].copy_(prefix);
-      at::Tensor next = prefix * as_state_factor(a_.of(li)) + local_[li];
-      if (i + 1 < n) {
-        const int dst = layout_.owner_of(order_[i + 1]);
-        if (dst == me)
-          carried = next;
-        else
-          sends.push_back(comm_->isend(next, dst, static_cast<int>(i + 1)));
-      }
-    }
-    wait_all(sends);
-    return out;
+    return chain_exclusive_prefix(layout_, *comm_, order_, local_, [this](int li, const at::Tensor& prefix) {
+      return prefix * as_state_factor(a_.of(li)) + local_[li];
+    });
   }
 
  private:
@@ -296,6 +261,48 @@ class ChainPrefix final : public StatePrefix {
 };
 
 }  // namespace
+
+std::vector<int64_t> sequence_order(const SequenceLayout& layout, PrefixDirection direction) {
+  std::vector<int64_t> order(layout.num_chunks());
+  for (int64_t i = 0; i < layout.num_chunks(); ++i)
+    order[i] = direction == PrefixDirection::kForward ? i : layout.num_chunks() - 1 - i;
+  return order;
+}
+
+at::Tensor chain_exclusive_prefix(const SequenceLayout& layout, Communicator& comm, const std::vector<int64_t>& order,
+                                  const at::Tensor& local,
+                                  const std::function<at::Tensor(int li, const at::Tensor& prefix)>& leaving) {
+  const int me = comm.rank();
+  const int64_t n = static_cast<int64_t>(order.size());
+  at::Tensor out = at::empty_like(local);
+  std::vector<WorkPtr> sends;
+  at::Tensor carried;  // prefix handed from my previous chunk in the sequence
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = order[i];
+    if (layout.owner_of(c) != me) continue;
+    at::Tensor prefix;
+    if (i == 0) {
+      prefix = at::zeros_like(local[0]);
+    } else if (layout.owner_of(order[i - 1]) == me) {
+      prefix = carried;
+    } else {
+      prefix = at::empty_like(local[0]);
+      comm.irecv(prefix, layout.owner_of(order[i - 1]), static_cast<int>(i))->wait();
+    }
+    const int li = layout.local_index_of(c);
+    out[li].copy_(prefix);
+    at::Tensor next = leaving(li, prefix).contiguous();
+    if (i + 1 < n) {
+      const int dst = layout.owner_of(order[i + 1]);
+      if (dst == me)
+        carried = next;
+      else
+        sends.push_back(comm.isend(next, dst, static_cast<int>(i + 1)));
+    }
+  }
+  wait_all(sends);
+  return out;
+}
 
 std::unique_ptr<StatePrefix> make_state_prefix(LinearAttentionMethod method, const SequenceLayout& layout,
                                                const CommPtr& comm, const at::Tensor& chunk_decay,

@@ -26,7 +26,9 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <memory>
+#include <vector>
 #include <string>
 
 #include "loom/runtime/comm/communicator.h"
@@ -40,6 +42,18 @@ const char* method_name(LinearAttentionMethod method);
 LinearAttentionMethod parse_method(const std::string& name);
 
 enum class PrefixDirection { kForward, kBackward };
+
+// Chunk ids in the order a prefix runs over them.
+std::vector<int64_t> sequence_order(const SequenceLayout& layout, PrefixDirection direction);
+
+// The point-to-point chain (LASP-1 style) shared by every exclusive prefix:
+// along `order`, each chunk of this rank (local index li) gets the prefix
+// entering it in out[li] (zeros for the sequence's first chunk; out is shaped
+// like `local`, [chunks_per_rank, ...]) and passes leaving(li, prefix) to the
+// owner of the next chunk (kept when that is this rank). Serial across ranks.
+at::Tensor chain_exclusive_prefix(const SequenceLayout& layout, Communicator& comm, const std::vector<int64_t>& order,
+                                  const at::Tensor& local,
+                                  const std::function<at::Tensor(int li, const at::Tensor& prefix)>& leaving);
 
 class StatePrefix {
  public:
