@@ -316,12 +316,18 @@ SequenceContext make_context(const pb::ParallelConfig& p, const SequenceLayout& 
     case pb::LASP2: ctx.linear_method = linear_attention::LinearAttentionMethod::kLasp2; break;
     case pb::LASP2_ALLSCAN: ctx.linear_method = linear_attention::LinearAttentionMethod::kLasp2AllScan; break;
     case pb::LASP1: ctx.linear_method = linear_attention::LinearAttentionMethod::kLasp1; break;
+    default:
+      throw UnsupportedError("parallel.linear_method = " + pb::LinearAttentionMethod_Name(p.linear_method()) +
+                             " is not supported by this build");
   }
   switch (p.softmax_method()) {
     case pb::LOCAL: ctx.softmax_method = softmax_attention::SoftmaxMethod::kLocal; break;
     case pb::RING: ctx.softmax_method = softmax_attention::SoftmaxMethod::kRing; break;
     case pb::ALLGATHER: ctx.softmax_method = softmax_attention::SoftmaxMethod::kAllGather; break;
     case pb::OFFLOAD: ctx.softmax_method = softmax_attention::SoftmaxMethod::kOffload; break;
+    default:
+      throw UnsupportedError("parallel.softmax_method = " + pb::SoftmaxMethod_Name(p.softmax_method()) +
+                             " is not supported by this build");
   }
   return ctx;
 }

@@ -427,6 +427,7 @@ constexpr RangeRule kRanges[] = {
     {"train.checkpoint_interval", "[0, 1099511627776]"},
     {"train.eval_batches", "[1, 1048576]"},
     {"train.keep_checkpoints", "[0, 1048576]"},
+    {"parallel.ulysses_degree", "[0, 1048576]"},
     {"data.val_fraction", "[0, 1)"},
     {"data.mqar_pairs", "[1, 1048576]"},
     {"data.document_alignment", "[0, 1048576]"},
@@ -688,6 +689,19 @@ void validate_config(const pb::LoomConfig& c) {
                 ": memory nodes serve only parallel.softmax_method = OFFLOAD (they would sit idle)");
   v.require(!offload || c.train().device() == "cpu",
             "field parallel.softmax_method = OFFLOAD: the memory nodes' transport is MPI, so train.device must be cpu");
+  // Reserved in the schema for the methods being built (Ulysses, USP, recompute); refused until they run.
+  v.require(c.parallel().softmax_method() != pb::ULYSSES && c.parallel().softmax_method() != pb::USP,
+            "field parallel.softmax_method = " + pb::SoftmaxMethod_Name(c.parallel().softmax_method()) +
+                ": not supported by this build yet (use RING, ALLGATHER, LOCAL or OFFLOAD)");
+  v.require(c.parallel().linear_method() != pb::LINEAR_ULYSSES,
+            "field parallel.linear_method = LINEAR_ULYSSES: not supported by this build yet (use LASP2, "
+            "LASP2_ALLSCAN or LASP1)");
+  v.require(c.parallel().ulysses_degree() == 0,
+            "field parallel.ulysses_degree = " + std::to_string(c.parallel().ulysses_degree()) +
+                ": only parallel.softmax_method = USP uses it, which this build does not support yet");
+  v.require(c.train().recompute() == pb::TrainConfig::NONE,
+            "field train.recompute = " + pb::TrainConfig::Recompute_Name(c.train().recompute()) +
+                ": not supported by this build yet (use NONE)");
   v.one_of("log.level", c.log().level(), {"debug", "info", "warn", "error"});
   v.throw_if_any();
 }
