@@ -71,7 +71,7 @@ generator=()
 command -v ninja > /dev/null && generator=(-G Ninja)
 if ! cmake -S . -B build-gpu "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
      -DCMAKE_PREFIX_PATH="$torch_prefix;${CMAKE_PREFIX_PATH:-}" \
-     -DLOOM_WITH_CUDA=ON -DLOOM_WITH_NCCL=ON "${nccl_args[@]}" \
+     -DLOOM_WITH_CUDA=ON -DLOOM_WITH_NCCL=ON -DLOOM_INSTALL=OFF "${nccl_args[@]}" \
      > "$out/configure.log" 2>&1; then
   note "FAIL: configure (see configure.log)"; tail -20 "$out/configure.log"; exit 1
 fi
