@@ -49,7 +49,16 @@ void release(void* ptr) {
 
 class CountingAllocator final : public c10::Allocator {
  public:
-  c10::DataPtr allocate(size_t bytes) const override {
+  // libtorch < 2.3 declares allocate() const, later versions non-const: both are defined (without
+  // `override`, which would fail on one of them) so the one the base declares is overridden.
+  c10::DataPtr allocate(size_t bytes) const { return allocate_counted(bytes); }
+  c10::DataPtr allocate(size_t bytes) { return allocate_counted(bytes); }
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+  // Required by newer libtorch (2.x) allocators; harmless on 1.13.
+  void copy_data(void* dest, const void* src, std::size_t count) const { std::memcpy(dest, src, count); }
+
+ private:
+  static c10::DataPtr allocate_counted(size_t bytes) {
     void* data = bytes == 0 ? nullptr : c10::alloc_cpu(bytes);
     if (data != nullptr) {
       std::lock_guard<std::mutex> lock(g_sizes_mutex);
@@ -58,9 +67,6 @@ class CountingAllocator final : public c10::Allocator {
     count(static_cast<int64_t>(bytes));
     return c10::DataPtr(data, data, &release, c10::Device(c10::DeviceType::CPU));
   }
-  c10::DeleterFnPtr raw_deleter() const override { return &release; }
-  // Required by newer libtorch (2.x) allocators; harmless on 1.13.
-  void copy_data(void* dest, const void* src, std::size_t count) const { std::memcpy(dest, src, count); }
 };
 
 }  // namespace
