@@ -13,7 +13,8 @@
 #      CPU suite through CTest (its MPI tests need the carried OpenMPI);
 #   4. runs loom-device-bench on the GPU in bf16 and float32: chunked linear
 #      attention and blockwise softmax attention TFLOP/s next to the same-run
-#      matmul TFLOP/s, and a tiny model's tokens/s.
+#      matmul TFLOP/s, and a tiny model's tokens/s;
+#   5. times PyTorch's fused causal attention at the same shape for comparison.
 # Everything goes to OUT_DIR (default results/device-check): logs, JUnit XML,
 # JSON, and summary.txt. Exit code: 0 when the build and GPU tests passed.
 set -uo pipefail
@@ -108,5 +109,7 @@ for dtype in bfloat16 float32; do
     --json "$out/bench_$dtype.json" > "$out/bench_$dtype.log" 2>&1 || status=1
   sed "s/^/bench $dtype: /" "$out/bench_$dtype.log" | tee -a "$summary"
 done
+# 5. The bar: PyTorch's fused causal attention at the same shape (bf16).
+timeout 60 python3 benchmarks/sdpa_reference.py --batch 2 --heads 16 --seq 16384 --dim 128 2>&1 | tee -a "$summary"
 note "device-check: $(( $(date +%s) - started )) s, exit $status"
 exit $status
