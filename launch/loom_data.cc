@@ -155,7 +155,7 @@ int main(int argc, char** argv) {
         std::cerr << "loom-data: " << e.what() << std::endl;
         return 130;
       }
-      std::cout << "wrote " << report.tokens << " tokens in " << report.documents << " documents (" << tokenizer
+      std::cout << "wrote " << report.tokens << " tokens in " << report.documents << (report.documents == 1 ? " document (" : " documents (") << tokenizer
                 << ", vocabulary " << tok->vocab_size()
                 << (options.eod_token >= 0 ? ", end-of-document token " + std::to_string(options.eod_token) : "")
                 << ") from " << report.inputs << (report.inputs == 1 ? " input" : " inputs") << " ("

@@ -565,10 +565,15 @@ int run(int argc, char** argv) {
   }
   if (opt.print_config) {
     // The parameter count as a comment: the output still parses as a config.
-    if (is_root)
-      std::cout << loom::config_to_text(config) << "# " << loom::models::count_parameters(config.model())
-                << " parameters\n"
-                << std::flush;
+    if (is_root) {
+      std::cout << loom::config_to_text(config);
+      // Automatic values, as comments (the config keeps 0 = automatic, so a saved config stays portable).
+      if (config.data().task() == "text" && config.data().packing() == loom::pb::DataConfig::PACK &&
+          config.data().document_alignment() == 0)
+        std::cout << "# data.document_alignment 0 = automatic: "
+                  << document_alignment(config.data(), config.model()) << "\n";
+      std::cout << "# " << loom::models::count_parameters(config.model()) << " parameters\n" << std::flush;
+    }
     return 0;
   }
 

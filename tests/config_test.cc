@@ -13,6 +13,7 @@
 #include <regex>
 #include <sstream>
 
+#include "scratch_dir.h"
 #include "loom/models/hybrid_lm.h"
 #include "loom/models/run_config.h"
 #include "loom/runtime/comm/communicator.h"
@@ -407,7 +408,9 @@ class ScopedEnvironment {
 };
 
 TEST(Config, EnvironmentIsOverTheFileAndUnderSet) {
-  const std::string path = (std::filesystem::temp_directory_path() / "loom-config-test-env.pbtxt").string();
+  // A directory of this process's own: ranks and concurrent test runs must not share the file.
+  const testing::ScratchDir dir("loom-config-env");
+  const std::string path = dir.file("env.pbtxt");
   std::ofstream(path) << "parallel { comm_timeout_s: 30 threads_per_rank: 3 }\n";
   {
     ScopedEnvironment timeout("LOOM_COMM_TIMEOUT_S", std::nullopt), threads("LOOM_THREADS_PER_RANK", std::nullopt);
@@ -430,7 +433,6 @@ TEST(Config, EnvironmentIsOverTheFileAndUnderSet) {
     ScopedEnvironment empty("LOOM_COMM_TIMEOUT_S", "");  // set to nothing: as if unset
     EXPECT_EQ(read_config_sources(path, {}).parallel().comm_timeout_s(), 30);
   }
-  std::filesystem::remove(path);
 }
 
 TEST(Config, BadEnvironmentValuesNameTheVariableAndTheField) {

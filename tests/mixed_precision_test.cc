@@ -6,6 +6,8 @@
 // few dozen of them.
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include "distributed_reference.h"
 #include "loom/models/hybrid_lm.h"
 #include "loom/runtime/comm/comm_order.h"
@@ -47,6 +49,26 @@ Step loss_and_gradients(HybridLM& model, const at::Tensor& tokens, const Sequenc
   for (const auto& p : model->named_parameters()) s.params.emplace_back(p.key(), p.value());
   all_reduce_gradients(s.params, *ctx.comm);
   return s;
+}
+
+// Ranks hold 1 and then 2^-8 each: summed in bf16, every partial 1 + 2^-8 is a tie that rounds back to 1;
+// summed in float32 and rounded once, 1 + (W-1) 2^-8 rounds to the nearest bf16. The reduced gradient must be
+// the latter, on every rank, also for a parameter that has no gradient on any rank (zeros, bf16).
+TEST(MixedPrecisionGradients, Bf16GradientsAreSummedInFloat32AndRoundedOnce) {
+  auto comm = MpiCommunicator::world();
+  const int W = comm->size();
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16);
+  at::Tensor p = at::zeros({3}, bf16).requires_grad_(true), unused = at::zeros({2}, bf16).requires_grad_(true);
+  p.mutable_grad() = at::full({3}, comm->rank() == 0 ? 1.0 : std::ldexp(1.0, -8), bf16);
+  NamedTensors params{{"p", p}, {"unused", unused}};
+  all_reduce_gradients(params, *comm);
+  const at::Tensor expected = at::full({3}, 1.0 + (W - 1) * std::ldexp(1.0, -8), bf16.dtype(at::kFloat))
+                                  .to(at::kBFloat16);
+  EXPECT_EQ(p.grad().scalar_type(), at::kBFloat16);
+  EXPECT_TRUE(at::equal(p.grad(), expected)) << p.grad() << " vs " << expected;
+  ASSERT_TRUE(unused.grad().defined());
+  EXPECT_EQ(unused.grad().scalar_type(), at::kBFloat16);
+  EXPECT_TRUE(at::equal(unused.grad(), at::zeros({2}, bf16)));
 }
 
 class MixedPrecision : public ::testing::TestWithParam<std::string> {};

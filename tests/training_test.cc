@@ -37,12 +37,29 @@ namespace {
 namespace fs = std::filesystem;
 namespace lm = models;
 
-// A small shared scratch directory (rank 0 creates, everyone uses).
+// A small shared scratch directory (rank 0 creates, everyone uses), named after rank 0's process id so
+// that the same test at other rank counts (ctest -j) or in another checkout never shares it; the previous
+// one of this process is removed when the next is made, the last when the process exits.
 std::string scratch(const CommPtr& world, const std::string& name) {
-  const std::string dir = (fs::temp_directory_path() / ("loom-test-" + name)).string();
+  at::Tensor pid = at::full({1}, static_cast<int64_t>(::getpid()), at::kLong);
+  world->broadcast(pid, 0)->wait();
+  const std::string dir =
+      (fs::temp_directory_path() / ("loom-test-" + name + "-" + std::to_string(pid.item<int64_t>()))).string();
+  static std::vector<std::string> made;  // rank 0: removed at exit
+  static const bool cleanup_registered = [] {
+    std::atexit([] {
+      for (const auto& d : made) {
+        std::error_code ec;
+        fs::remove_all(d, ec);
+      }
+    });
+    return true;
+  }();
+  (void)cleanup_registered;
   if (world->rank() == 0) {
     fs::remove_all(dir);
     fs::create_directories(dir);
+    made.push_back(dir);
   }
   world->barrier()->wait();
   return dir;

@@ -270,7 +270,7 @@ class Progress {
     const double elapsed = std::chrono::duration<double>(now - start_).count();
     std::ostringstream line;
     line << std::fixed << std::setprecision(1) << "loom-data: input " << input + 1 << "/" << inputs_ << " '" << path
-         << "': " << static_cast<double>(bytes) / (1 << 20) << " MiB read, " << documents << " documents, " << tokens
+         << "': " << static_cast<double>(bytes) / (1 << 20) << " MiB read, " << documents << (documents == 1 ? " document, " : " documents, ") << tokens
          << " tokens, " << elapsed << " s";
     *out_ << line.str() << std::endl;
   }

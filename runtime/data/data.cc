@@ -138,7 +138,7 @@ PackedDocumentSampler::PackedDocumentSampler(std::shared_ptr<TokenFile> file, in
   std::vector<int64_t> next(row_begin_.begin(), row_begin_.end() - 1);
   for (size_t k = 0; k < placed.size(); ++k)
     pieces_[static_cast<size_t>(next[static_cast<size_t>(row_of[k])]++)] = placed[k];
-  LOOM_LOG(kInfo) << "data file '" << file_->path() << "', " << split_ << " split: " << documents_ << " documents, "
+  LOOM_LOG(kInfo) << "data file '" << file_->path() << "', " << split_ << " split: " << documents_ << (documents_ == 1 ? " document, " : " documents, ")
                   << tokens() << " tokens packed into " << rows_per_epoch() << " rows of " << seq_len_
                   << " tokens per epoch (" << padding_per_epoch() << " padding tokens)";
 }

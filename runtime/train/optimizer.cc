@@ -95,9 +95,14 @@ void all_reduce_gradients(const NamedTensors& params, Communicator& comm, int64_
   int64_t current_bytes = 0;
   auto flush = [&] {
     if (current.params.empty()) return;
+    // bf16/fp16 gradients are summed in float32 and rounded once, when copied back: a reduction in the
+    // parameter's dtype would round at every step of the reduction tree.
+    const auto sum_type = is_reduced_precision(current.params[0].scalar_type()) ? at::kFloat
+                                                                                : current.params[0].scalar_type();
     std::vector<at::Tensor> grads;
     for (auto& p : current.params)
-      grads.push_back(p.grad().defined() ? p.grad().reshape({-1}) : at::zeros({p.numel()}, p.options()));
+      grads.push_back(p.grad().defined() ? p.grad().reshape({-1}).to(sum_type)
+                                         : at::zeros({p.numel()}, p.options().dtype(sum_type)));
     current.flat = at::cat(grads);
     current.work = comm.all_reduce(current.flat);
     buckets.push_back(std::move(current));
@@ -120,7 +125,7 @@ void all_reduce_gradients(const NamedTensors& params, Communicator& comm, int64_
       if (p.grad().defined())
         p.mutable_grad().copy_(g);
       else
-        p.mutable_grad() = g.clone();
+        p.mutable_grad() = g.to(p.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
       offset += p.numel();
     }
   }

@@ -43,7 +43,8 @@ double learning_rate(const pb::TrainConfig& train, int64_t step);
 
 // Sums gradients over `comm` in flat buckets of at most `bucket_bytes`, all
 // buckets in flight at once. Parameters without a gradient contribute zeros
-// (every rank must send the same buckets).
+// (every rank must send the same buckets). bf16/fp16 gradients travel and are
+// summed in float32, then rounded once into the parameter's dtype.
 void all_reduce_gradients(const NamedTensors& params, Communicator& comm, int64_t bucket_bytes = 16 << 20);
 
 // Scales gradients so that their global norm is at most max_norm (0: no

@@ -155,7 +155,7 @@ case "$scenario" in
     no_temporaries "$work"
     # --skip-empty: skipped and counted.
     o=$("$data" prepare --input "$work/empty.jsonl" "$work/empty.txt" --skip-empty --output "$work/o.tok" 2>&1); c=$?
-    expect 0 "wrote 1 tokens in 1 documents .*; skipped 2 empty documents" $c "$o" ;;
+    expect 0 "wrote 1 tokens in 1 document .*; skipped 2 empty documents" $c "$o" ;;
   prepare_streaming)
     # 60 MB of text as one document: prepare's memory stays bounded (the whole
     # text and its ids would take 60 + 240 MB), tokens reach the temporary file
@@ -175,9 +175,9 @@ case "$scenario" in
       sleep 0.05
     done
     wait $pid; c=$?
-    expect 0 "wrote 60000000 tokens in 1 documents" $c "$(cat "$work/out")"
+    expect 0 "wrote 60000000 tokens in 1 document" $c "$(cat "$work/out")"
     cat "$work/err"
-    grep -Eq "loom-data: input 1/1 '$work/big.txt.gz': [0-9.]+ MiB read, 1 documents, [0-9]+ tokens" "$work/err" || fail "no progress line"
+    grep -Eq "loom-data: input 1/1 '$work/big.txt.gz': [0-9.]+ MiB read, 1 document, [0-9]+ tokens" "$work/err" || fail "no progress line"
     [ "$grew" = 1 ] || fail "the temporary output did not grow past 10 MB while reading"
     echo "peak RSS ${peak} kB; small input ${base} kB"
     [ "$peak" -gt 0 ] && [ "$base" -gt 0 ] || fail "no memory sample"
