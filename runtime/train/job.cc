@@ -12,6 +12,7 @@
 
 #include "loom/runtime/comm/agreement.h"
 #include "loom/runtime/core/error.h"
+#include "loom/runtime/core/host_memory.h"
 #ifdef LOOM_HAVE_NCCL
 #include "loom/runtime/comm/nccl_communicator.h"
 #endif
@@ -148,6 +149,9 @@ Job::Job(pb::LoomConfig config) : config_(std::move(config)) {
   configure_logging(world->rank(), world->size(), config_.log().all_ranks(), parse_log_level(config_.log().level()));
   world->set_timeout(std::chrono::milliseconds(static_cast<int64_t>(config_.parallel().comm_timeout_s() * 1000.0)));
   threads_ = configure_threads(config_.parallel().threads_per_rank(), world->handle());
+  std::string host_memory;
+  keep_freed_host_memory(&host_memory);
+  LOOM_LOG(kInfo) << host_memory;
   const int M = config_.offload().memory_ranks(), S = world->size();
   if (M >= S)
     throw ConfigError("offload.memory_ranks = " + std::to_string(M) + " leaves no compute rank in a world of " +
