@@ -635,8 +635,8 @@ int run(int argc, char** argv) {
                    << "\n";
             char line[320];
             std::snprintf(line, sizeof line,
-                          "  %-17s %-12s W=%-4d N=%5ldK: LASP-2 %8.0f tok/s (comm exposed %5.1f%%), all-scan %+6.1f%%, "
-                          "chain slower by %6.1f%%, all-gather K,V slower by %7.1f%%\n",
+                          "  %-17s %-12s W=%-4d N=%5ldK: LASP-2 %8.0f tok/s (comm exposed %5.1f%%); time vs LASP-2: "
+                          "all-scan %+6.1f%%, chain %+6.1f%%, all-gather K,V %+7.1f%%\n",
                           subject_name(mixer), c.name().c_str(), W, long(n / 1024), n / l2.seconds,
                           100 * l2.exposed_comm_s / l2.seconds, 100 * (scan.seconds / l2.seconds - 1),
                           100 * (l1.seconds / l2.seconds - 1), 100 * (ag.seconds / l2.seconds - 1));

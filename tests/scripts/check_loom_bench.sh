@@ -67,7 +67,7 @@ done < <(awk -F, -v f="$gfwd" -v g="$gform" -v a="$gall" -v d="$gdocs" -v l="$gl
            'NR > 1 { print $2 "," $3 "," $l "," $f "," $g "," $a "," $d }' "$gout/results.csv")
 [ "$rows" = 40 ] || { echo "FAIL: $rows rows for the gated layers, expected 40 (2 layers x 5 methods x 2 lengths x 2)"; exit 1; }
 for subject in gla_layer gated_delta_layer; do
-  grep -q "^  $subject .*all-gather K,V slower by" "$gout/report.txt" || { echo "FAIL: no projection for $subject"; exit 1; }
+  grep -q "^  $subject .*time vs LASP-2: .*all-gather K,V +" "$gout/report.txt" || { echo "FAIL: no projection for $subject"; exit 1; }
 done
 grep -q "BYTES != FORMULA" "$gout/report.txt" && { echo "FAIL: gated bytes differ from a formula"; exit 1; }
 cat "$gout/report.txt"
