@@ -31,6 +31,7 @@
 #include <sstream>
 #include <thread>
 
+#include "benchmarks/allgather_baseline.h"
 #include "benchmarks/cost_model.h"
 #include "benchmarks/sweep.h"
 #include "benchmarks/timed_communicator.h"
@@ -40,7 +41,6 @@
 #include "loom/parallel/linear_attention/lasp.h"
 #include "loom/parallel/softmax_attention/softmax_attention.h"
 #include "loom/runtime/comm/comm_order.h"
-#include "loom/runtime/comm/differentiable_collectives.h"
 #include "loom/runtime/comm/documents.h"
 #include "loom/runtime/core/dtypes.h"
 #include "loom/runtime/core/error.h"
@@ -111,31 +111,6 @@ std::pair<at::Tensor, int64_t> packed_rows(int64_t B, int64_t n, int64_t mean) {
   return {document_starts_from_lengths(lengths, n), documents};
 }
 
-// The all-gather K,V baseline of a recurrent layer (GLA, Gated DeltaNet): every
-// rank gathers `inputs` [B, H, local, F] (k, v and the gates of its tokens) of
-// the whole sequence in one AllGather (backward: a reduce-scatter of their
-// gradients), runs the single-rank kernel `prefix_op(q, inputs, doc_start)` on
-// the prefix up to the end of its own chunks, its own queries in place and
-// zeros elsewhere, and keeps its own rows. `global_doc_start` is the whole
-// rows' [B, N] (undefined: one document per row). The reference a user would
-// otherwise pick; no head redistribution (that is Ulysses).
-using PrefixOp = std::function<at::Tensor(const at::Tensor& q, const at::Tensor& inputs, const at::Tensor& doc_start)>;
-at::Tensor allgather_recurrent(const at::Tensor& q, const at::Tensor& inputs, const SequenceLayout& layout,
-                               const CommPtr& comm, const at::Tensor& global_doc_start, const PrefixOp& prefix_op) {
-  const int me = comm->rank();
-  const at::Tensor gathered = loom::all_gather(inputs.unsqueeze(0), comm, 0);  // [W, B, H, local, F]
-  const at::Tensor sequence = layout.unshard(gathered.unbind(0), 2);          // [B, H, N, F]
-  std::vector<at::Tensor> queries;
-  for (int r = 0; r < comm->size(); ++r) queries.push_back(r == me ? q : at::zeros_like(q));
-  const at::Tensor all_queries = layout.unshard(queries, 2);
-  int64_t end = 0;
-  for (int64_t c : layout.chunks_of(me)) end = std::max(end, layout.chunk_start(c) + layout.chunk_len());
-  end = std::min(end, layout.global_len());
-  const at::Tensor out = prefix_op(all_queries.narrow(2, 0, end), sequence.narrow(2, 0, end),
-                                   global_doc_start.defined() ? global_doc_start.narrow(1, 0, end) : at::Tensor());
-  return layout.shard(at::constant_pad_nd(out, {0, 0, 0, layout.global_len() - end}), me, 2);
-}
-
 // One step of a GLA or Gated DeltaNet layer: q, k, v [B, H, local, d] (Gated
 // DeltaNet: k L2-normalised), the gates per token and head drawn as the
 // layers' parametrisations make them (GLA: log g = -softplus(x); Gated
@@ -174,7 +149,7 @@ std::function<at::Tensor()> gated_recurrent_op(const pb::BenchSweep& w, Subject 
     o.log_gate = g[0];
     return linear_attention::linear_attention(q_, k_, v_, o);
   };
-  if (method == Method::kAllGather)
+  if (method == Method::kAllGather)  // benchmarks/allgather_baseline.h
     return [=] {
       std::vector<at::Tensor> parts{k, v};
       for (const auto& g : gates) parts.push_back(g.unsqueeze(-1));

@@ -1,9 +1,14 @@
 // loom-bench's sweep parser (named errors) and cost model arithmetic.
 #include <gtest/gtest.h>
 
+#include "benchmarks/allgather_baseline.h"
 #include "benchmarks/cost_model.h"
 #include "benchmarks/sweep.h"
 #include "loom/parallel/gated_delta/chunked_kernel.h"
+#include "loom/parallel/gated_delta/gated_delta.h"
+#include "loom/parallel/linear_attention/lasp.h"
+#include "loom/runtime/comm/documents.h"
+#include "loom/runtime/comm/mpi_communicator.h"
 #include "loom/runtime/core/config.h"
 #include "loom/runtime/core/error.h"
 
@@ -244,6 +249,69 @@ TEST(BenchCostModel, ProjectionOrdersTheGatedMethods) {
   gla.mixer = Subject::kGlaLayer, delta.mixer = Subject::kGatedDeltaLayer;
   gla.block = delta.block = 64;
   EXPECT_GT(projected_attention_flops(delta, 4096), projected_attention_flops(gla, 4096));
+}
+
+// loom-bench's all-gather K,V baseline computes the layer: each rank's rows
+// and the gradients of its q, k, v and gates equal the single-rank kernel's on
+// the whole sequence (float64, a length that does not divide the ranks, packed
+// documents for Gated DeltaNet), at whatever ranks the test runs with.
+TEST(BenchAllGatherBaseline, EqualsTheSingleRankKernel) {
+  auto comm = MpiCommunicator::world();
+  const int W = comm->size(), me = comm->rank();
+  const int64_t B = 2, H = 2, N = 37, d = 4, block = 8;
+  const SequenceLayout layout(LayoutKind::kContiguous, N, W);
+  for (bool delta : {false, true}) {
+    torch::manual_seed(7);  // the same global tensors on every rank
+    const auto f64 = at::TensorOptions().dtype(at::kDouble);
+    const at::Tensor raw_k = at::randn({B, H, N, d}, f64);
+    std::vector<at::Tensor> global{at::randn({B, H, N, d}, f64) * 0.3,
+                                   delta ? raw_k / raw_k.norm(2, {-1}, true) : raw_k * 0.3, at::randn({B, H, N, d}, f64),
+                                   delta ? at::sigmoid(at::randn({B, H, N}, f64)) : -at::softplus(at::randn({B, H, N}, f64))};
+    if (delta) global.push_back(-at::softplus(at::randn({B, H, N}, f64)) / 4);
+    const at::Tensor grad_out = at::randn({B, H, N, d}, f64);
+    const at::Tensor doc_start =
+        delta ? document_starts_from_lengths({{10, 20, 7}, {37}}, N) : at::Tensor();  // documents: Gated DeltaNet
+    auto kernel = [&](const std::vector<at::Tensor>& x, const at::Tensor& docs) {
+      if (delta) {
+        gated_delta::GatedDeltaOptions o;
+        o.block_size = block;
+        o.doc_start = docs;
+        return gated_delta::gated_delta_rule(x[0], x[1], x[2], x[3], x[4], o);
+      }
+      linear_attention::LinearAttentionOptions o;
+      o.block_size = block;
+      o.log_gate = x[3];
+      return linear_attention::linear_attention(x[0], x[1], x[2], o);
+    };
+    // Reference: the whole sequence on this rank.
+    std::vector<at::Tensor> whole;
+    for (const auto& t : global) whole.push_back(t.clone().requires_grad_(true));
+    const at::Tensor expected = kernel(whole, doc_start);
+    expected.backward(grad_out);
+    // The baseline on this rank's shard.
+    std::vector<at::Tensor> mine;
+    for (const auto& t : global) mine.push_back(layout.shard(t, me, 2).requires_grad_(true));
+    std::vector<at::Tensor> parts{mine[1], mine[2]};
+    for (size_t i = 3; i < mine.size(); ++i) parts.push_back(mine[i].unsqueeze(-1));
+    const at::Tensor out = allgather_recurrent(
+        mine[0], at::cat(parts, -1), layout, comm, doc_start,
+        [&](const at::Tensor& q, const at::Tensor& x, const at::Tensor& docs) {
+          std::vector<at::Tensor> in{q, x.narrow(-1, 0, d), x.narrow(-1, d, d)};
+          for (size_t i = 3; i < mine.size(); ++i) in.push_back(x.select(-1, 2 * d + int64_t(i) - 3));
+          return kernel(in, docs);
+        });
+    out.backward(layout.shard(grad_out, me, 2));
+    const at::Tensor valid = layout.valid_mask(me).to(at::kDouble);
+    auto expect_close = [&](const at::Tensor& got, const at::Tensor& want, const std::string& what) {
+      const at::Tensor mask = got.dim() == 4 ? valid.view({1, 1, -1, 1}) : valid.view({1, 1, -1});
+      const double err = ((got - want) * mask).abs().max().item<double>();
+      EXPECT_LT(err, 1e-10) << (delta ? "gated delta " : "gla ") << what << " at rank " << me << " of " << W;
+    };
+    expect_close(out, layout.shard(expected.detach(), me, 2), "output");
+    const char* names[] = {"dq", "dk", "dv", "d gate 1", "d gate 2"};
+    for (size_t i = 0; i < mine.size(); ++i)
+      expect_close(mine[i].grad(), layout.shard(whole[i].grad(), me, 2), names[i]);
+  }
 }
 
 }  // namespace
