@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 
+#include "loom/parallel/gated_delta/chunked_kernel.h"
 #include "loom/parallel/linear_attention/chunked_kernel.h"
 #include "loom/runtime/core/error.h"
 
@@ -18,10 +19,40 @@ int64_t chunk_tokens(int64_t n, int world, Method m) {
 int64_t state_bytes(const Shape& s) { return s.batch * s.heads * s.head_dim * s.head_dim * s.element_bytes; }
 int64_t kv_bytes(const Shape& s, int64_t tokens) { return s.batch * 2 * tokens * s.kv_heads * s.head_dim * s.element_bytes; }
 
+// GLA and Gated DeltaNet layers: every method on the contiguous layout.
+int64_t gated_payload_element(Subject subject, int64_t element_bytes) {
+  return subject == Subject::kGatedDeltaLayer ? std::max<int64_t>(element_bytes, 4) : element_bytes;
+}
+// What one chunk contributes to LASP-2 / all-scan: GLA (state, decay), Gated DeltaNet (A, B).
+int64_t gated_chunk_bytes(Subject subject, const Shape& s) {
+  const int64_t d = s.head_dim, per_head = subject == Subject::kGatedDeltaLayer ? d * d + d * d : d * d + 1;
+  return s.batch * s.heads * per_head * gated_payload_element(subject, s.element_bytes);
+}
+int64_t gated_state_bytes(Subject subject, const Shape& s) {
+  return s.batch * s.heads * s.head_dim * s.head_dim * gated_payload_element(subject, s.element_bytes);
+}
+// k, v and the gates of `tokens` tokens (the all-gather baseline's payload).
+int64_t gated_inputs_bytes(Subject subject, const Shape& s, int64_t tokens) {
+  const int64_t gates = subject == Subject::kGatedDeltaLayer ? 2 : 1;
+  return s.batch * s.heads * tokens * (2 * s.head_dim + gates) * s.element_bytes;
+}
+int64_t per_rank_tokens(int64_t n, int W) { return (n + W - 1) / W; }
+
+int64_t gated_forward_bytes(Subject subject, Method method, const Shape& s, int64_t n, int W) {
+  switch (method) {
+    case Method::kLasp2: return (W - 1) * gated_chunk_bytes(subject, s);
+    case Method::kLasp2AllScan: return gated_chunk_bytes(subject, s);
+    case Method::kLasp1: return gated_state_bytes(subject, s);
+    case Method::kAllGather: return (W - 1) * gated_inputs_bytes(subject, s, per_rank_tokens(n, W));
+    default: return 0;
+  }
+}
+
 }  // namespace
 
 int64_t forward_bytes_formula(Subject subject, Method method, const Shape& s, int64_t n, int W) {
   if (W == 1 || method == Method::kNone || subject == Subject::kTinyModel) return 0;
+  if (gated_recurrent(subject)) return gated_forward_bytes(subject, method, s, n, W);
   const int64_t per_rank_chunks = zigzag(method) ? 2 : 1;
   switch (method) {
     case Method::kLasp2: return (W - 1) * per_rank_chunks * state_bytes(s);  // (W-1) B H dk dv b
@@ -53,15 +84,36 @@ std::pair<int64_t, int64_t> critical_messages(Method method, const Shape& s, int
   return {0, 0};
 }
 
+std::pair<int64_t, int64_t> critical_messages(Subject subject, Method method, const Shape& s, int64_t n, int W) {
+  if (!gated_recurrent(subject)) return critical_messages(method, s, n, W);
+  if (W == 1 || method == Method::kNone) return {0, 0};
+  const int64_t steps = W - 1;
+  switch (method) {
+    case Method::kLasp2: return {2 * steps, gated_chunk_bytes(subject, s)};  // ring AllGather fwd + bwd
+    case Method::kLasp2AllScan:
+      return {2 * static_cast<int64_t>(std::ceil(std::log2(W))), gated_chunk_bytes(subject, s)};
+    case Method::kLasp1: return {2 * steps, gated_state_bytes(subject, s)};  // serial chain fwd + bwd
+    case Method::kAllGather:  // AllGather of k, v, gates forward, reduce-scatter of their gradients backward
+      return {2 * steps, gated_inputs_bytes(subject, s, per_rank_tokens(n, W))};
+    default: break;
+  }
+  return {0, 0};
+}
+
 double comm_seconds(Subject subject, Method method, const Shape& s, int64_t n, int W, const Network& net) {
   if (subject == Subject::kTinyModel) return 0;  // folded into the fitted compute of the whole step
-  const auto [messages, bytes] = critical_messages(method, s, n, W);
+  const auto [messages, bytes] = critical_messages(subject, method, s, n, W);
   return messages * (net.alpha_s + static_cast<double>(bytes) / net.beta_bytes_per_s);
 }
 
 std::pair<double, double> work_units(Subject subject, Method method, int64_t n, int W, int concurrency) {
   const int world = method == Method::kNone ? 1 : W;
   const double shared = static_cast<double>(std::min(world, std::max(concurrency, 1)));
+  if (gated_recurrent(subject)) {
+    const double N = static_cast<double>(n);
+    if (method == Method::kAllGather) return {std::max(N, N * (world + 1) / 2.0 / shared), 0};
+    return {std::max(static_cast<double>(per_rank_tokens(n, world)), N / shared), 0};
+  }
   const double tokens = std::max(static_cast<double>(chunk_tokens(n, world, method) * (zigzag(method) ? 2 : 1)),
                                  static_cast<double>(n) / shared);
   if (subject == Subject::kLinearLayer) return {tokens, 0};
@@ -175,10 +227,66 @@ double CostModel::predict(Subject subject, Method method, int64_t n, int world) 
          comm_seconds(subject, method, shape_, n, world, net_);
 }
 
+double projected_attention_flops(const ProjectedModel& m, int64_t tokens) {
+  switch (m.mixer) {
+    case Subject::kGlaLayer:
+      return m.heads * linear_attention::gated_linear_attention_flops(tokens, m.block, m.head_dim, m.head_dim);
+    case Subject::kGatedDeltaLayer:
+      return m.heads * gated_delta::gated_delta_flops(tokens, m.block, m.head_dim, m.head_dim);
+    default:
+      return m.heads * linear_attention::chunked_linear_attention_flops(tokens, m.block, m.head_dim, m.head_dim);
+  }
+}
+
+namespace {
+
+// GLA and Gated DeltaNet models (ProjectedModel::mixer).
+Projection project_gated(Method method, const ProjectedModel& m, double alpha, double beta, double flops, int64_t n,
+                         int W) {
+  const int world = method == Method::kNone ? 1 : W;
+  const int64_t local = static_cast<int64_t>(static_cast<double>(n) / world);
+  const double d = static_cast<double>(m.head_dim);
+  const bool delta = m.mixer == Subject::kGatedDeltaLayer;
+  const double payload = delta ? std::max<double>(m.element_bytes, 4) : static_cast<double>(m.element_bytes);
+  const double chunk = m.heads * (delta ? 2 * d * d : d * d + 1) * payload;  // LASP-2 / all-scan, per rank
+  const double state = m.heads * d * d * payload;                              // the chain's message
+  // The all-gather baseline's last rank runs the kernel over the whole sequence.
+  const double attn_flops = projected_attention_flops(m, method == Method::kAllGather ? n : local);
+  Projection p;
+  p.compute_s = (6.0 * m.params_non_embedding * static_cast<double>(local) + m.layers * attn_flops) / flops;
+  // What LASP-2 overlaps: GLA its intra-block part (as linear attention);
+  // Gated DeltaNet the query side of its blocks, 2C^2 (2 d_k + d_v) per block.
+  const double overlapped =
+      delta ? m.heads * static_cast<double>(local) * m.block * (4 * d + 2 * d)
+            : attn_flops - m.heads * linear_attention::gated_linear_attention_flops(local, 0, m.head_dim, m.head_dim);
+  double per_layer = 0;
+  switch (method) {
+    case Method::kLasp2:
+    case Method::kLasp2AllScan: {
+      const double steps = method == Method::kLasp2 ? W - 1 : std::ceil(std::log2(W));
+      per_layer = std::max(0.0, 2 * steps * (alpha + chunk / beta) - overlapped / flops);
+      break;
+    }
+    case Method::kLasp1: per_layer = 2 * (W - 1) * (alpha + state / beta); break;
+    case Method::kAllGather: {
+      const double inputs = static_cast<double>(local) * m.heads * (2 * d + (delta ? 2 : 1)) * m.element_bytes;
+      per_layer = 2 * (W - 1) * (alpha + inputs / beta);
+      break;
+    }
+    default: break;
+  }
+  p.exposed_comm_s = m.layers * per_layer;
+  p.seconds = p.compute_s + p.exposed_comm_s;
+  return p;
+}
+
+}  // namespace
+
 Projection project(Method method, const ProjectedModel& m, const pb::ClusterConstants& c, int64_t n, int W) {
   const bool across_nodes = c.ranks_per_node() <= 1 || W > c.ranks_per_node();
   const double alpha = across_nodes ? c.latency_s() : c.intra_latency_s();
   const double beta = across_nodes ? c.bandwidth_bytes_per_s() : c.intra_bandwidth_bytes_per_s();
+  if (gated_recurrent(m.mixer)) return project_gated(method, m, alpha, beta, c.compute_flops(), n, W);
   const int world = method == Method::kNone ? 1 : W;
   const double tokens = static_cast<double>(n) / world;
   const double d = static_cast<double>(m.head_dim);

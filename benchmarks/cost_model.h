@@ -36,13 +36,28 @@ struct Network {
 };
 
 // Forward bytes received by the busiest rank; `zigzag` layouts hold 2 chunks.
+// GLA and Gated DeltaNet layers (d_k = d_v = head_dim) run their LASP methods
+// and their all-gather baseline on the contiguous layout (one chunk per rank):
+//   GLA           LASP-2 (W-1) B H (d_k d_v + 1) b (a state and a decay per
+//                 chunk), all-scan B H (d_k d_v + 1) b, chain B H d_k d_v b;
+//   Gated DeltaNet LASP-2 (W-1) B H (d_k^2 + d_k d_v) b' (each chunk's affine
+//                 map), all-scan B H (d_k^2 + d_k d_v) b', chain B H d_k d_v b',
+//                 b' = max(b, 4) (bf16 runs in float32, gated_delta.h);
+//   allgather     (W-1) (N/W) B H (d_k + d_v + g) b: k, v and g gates per token
+//                 (GLA g = 1, Gated DeltaNet g = 2: beta and alpha).
+// Every one is independent of N except the all-gather baseline's.
 int64_t forward_bytes_formula(Subject subject, Method method, const Shape& s, int64_t n_tokens, int world);
-// Messages and bytes per message of one forward+backward on the critical path.
+// Messages and bytes per message of one forward+backward on the critical path
+// (the first form: linear and softmax layers, which differ by method only).
 std::pair<int64_t, int64_t> critical_messages(Method method, const Shape& s, int64_t n_tokens, int world);
+std::pair<int64_t, int64_t> critical_messages(Subject subject, Method method, const Shape& s, int64_t n_tokens,
+                                              int world);
 double comm_seconds(Subject subject, Method method, const Shape& s, int64_t n_tokens, int world, const Network& net);
 // Work that bounds the step: {tokens, causal pairs / 1e6} of the slowest rank,
 // or of the whole sequence divided by `concurrency` when ranks outnumber the
 // cores (oversubscribed ranks share cores, so the total work is what counts).
+// The all-gather baseline of GLA / Gated DeltaNet runs the kernel on the
+// prefix up to its own chunk: N tokens on the last rank, N (W+1)/2 in all.
 std::pair<double, double> work_units(Subject subject, Method method, int64_t n_tokens, int world,
                                      int concurrency = 1 << 30);
 
@@ -82,10 +97,21 @@ struct Projection {
   double seconds = 0, compute_s = 0, exposed_comm_s = 0;
   double tokens_per_s() const { return seconds > 0 ? 1.0 / seconds : 0; }
 };
+// `mixer`: what every attention layer is: kLinearLayer (Lightning-2 linear
+// attention), kGlaLayer or kGatedDeltaLayer (d_k = d_v = head_dim). For the
+// gated layers kAllGather is the all-gather K,V baseline: k, v and the gates of
+// the whole sequence gathered (W-1 messages) and their gradients
+// reduce-scattered back, nothing overlapped, and the last rank runs the
+// kernel over all N tokens. Gated DeltaNet's LASP-2 overlaps its exchange
+// with the query side of its blocks (Q K^T, Mq U0, Mq W), computed while the
+// maps fly; its payload is float32 whatever element_bytes.
 struct ProjectedModel {
   int64_t layers = 16, params_non_embedding = 0, heads = 16, kv_heads = 16, head_dim = 64, element_bytes = 2;
   int64_t block = 256;
+  Subject mixer = Subject::kLinearLayer;
 };
+// FLOPs of one attention layer's forward+backward per head over `tokens`.
+double projected_attention_flops(const ProjectedModel& model, int64_t tokens);
 Projection project(Method method, const ProjectedModel& model, const pb::ClusterConstants& cluster,
                    int64_t n_tokens, int world);
 

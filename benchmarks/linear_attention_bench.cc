@@ -2,7 +2,10 @@
 //  1. one rank, one thread: chunked (Lightning-2 tiling) vs naive quadratic
 //     forward+backward at N = 1K..64K: time, tokens/s, peak tensor memory and
 //     achieved GFLOP/s next to the same-run float32 matmul GFLOP/s;
-//     the same for the gated kernel (log gates per token and head, GLA style);
+//     the same for the gated kernel (log gates per token and head, GLA style)
+//     and for Gated DeltaNet's chunked WY kernel (forward alone and
+//     forward+backward, time per token, GFLOP/s counted at a fixed reference
+//     block);
 //  2. 1, 2, 4 ranks: the bytes and calls the communicator counts for LASP-2,
 //     LASP-2 all-scan and LASP-1, in both layouts, at two lengths.
 // Ratios are measured in the same run; nothing is compared with numbers from
@@ -13,11 +16,14 @@
 
 #include <cmath>
 #include <iostream>
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "bench_util.h"
+#include "loom/parallel/gated_delta/chunked_kernel.h"
+#include "loom/parallel/gated_delta/gated_delta.h"
 #include "loom/parallel/linear_attention/chunked_kernel.h"
 #include "loom/parallel/linear_attention/decay.h"
 #include "loom/parallel/linear_attention/lasp.h"
@@ -25,6 +31,7 @@
 #include "loom/runtime/comm/mpi_communicator.h"
 
 namespace la = loom::linear_attention;
+namespace gd = loom::gated_delta;
 using loom::bench::mib;
 using loom::bench::Measured;
 using loom::bench::measure_attention;
@@ -39,7 +46,10 @@ namespace {
 // d(log_gate). FLOPs per (batch, head), gated_linear_attention_flops():
 //   forward 2NC(dk+dv) + 4N dk dv, backward 2NC(3dk+2dv) + 8N dk dv + 4N dk
 // (the exponentials of the per-block gate factors are not counted).
-void gated_study(int64_t max_n, int64_t heads, int64_t d, int reps, int64_t block, double peak_gflops) {
+// Returns the gated kernel's forward+backward seconds per N (for the Gated DeltaNet comparison).
+std::map<int64_t, double> gated_study(int64_t max_n, int64_t heads, int64_t d, int reps, int64_t block,
+                                      double peak_gflops) {
+  std::map<int64_t, double> seconds;
   std::printf("== one rank, one thread: gated chunked kernel (log gates per token and head), block C=%ld ==\n"
               "FLOPs per head = 2NC(dk+dv) + 4N dk dv + 2NC(3dk+2dv) + 8N dk dv + 4N dk (gate factors' exp not "
               "counted)\n",
@@ -61,11 +71,91 @@ void gated_study(int64_t max_n, int64_t heads, int64_t d, int reps, int64_t bloc
           return la::linear_attention(q, k, v, plain);
         },
         heads, n, d, reps, 0.1);
+    seconds[n] = g.seconds;
     const double gf = heads * la::gated_linear_attention_flops(n, block, d, d) / g.seconds / 1e9;
     std::printf("%8ld | %12.2f %12.0f %10.1f %9.1f %7.1f%% | %14.2f\n", static_cast<long>(n), g.seconds * 1e3,
                 n / g.seconds, mib(g.peak_bytes), gf, 100.0 * gf / peak_gflops, g.seconds / u.seconds);
   }
   std::printf("\n");
+  return seconds;
+}
+
+// Gated DeltaNet's chunked kernel (WY/UT, parallel/gated_delta/chunked_kernel.h)
+// on q, k (L2-normalised), v [1, H, n, d], beta = sigmoid(x), log alpha =
+// -softplus(x) / 8: forward alone (no autograd graph) and forward+backward
+// (gradients of q, k, v, beta and log alpha through autograd). FLOPs are
+// gated_delta_forward_flops / gated_delta_flops at the reference block
+// C_ref = kGatedDeltaReferenceBlock whatever block runs (so a block that does
+// more work per token cannot look faster); the block is the fastest of a few
+// at N = 8K.
+void gated_delta_study(int64_t max_n, int64_t heads, int64_t d, int reps, double peak_gflops,
+                       const std::map<int64_t, double>& gla_seconds) {
+  const int64_t ref = gd::kGatedDeltaReferenceBlock;
+  std::printf("== one rank, one thread: Gated DeltaNet chunked kernel (WY/UT), H=%ld d_k=d_v=%ld, float32 ==\n"
+              "FLOPs per head at C_ref=%ld: forward N[C(7dk+3dv) + 2dk^2 + 4dk dv] + 2(N/C)dk^2 dv; forward+backward\n"
+              "N[C(22dk+10dv) + 6dk^2 + 12dk dv] + 6(N/C)dk^2 dv (products x3, the triangular solve x4; exp, masks,\n"
+              "gates not counted)\n",
+              static_cast<long>(heads), static_cast<long>(d), static_cast<long>(ref));
+  struct Inputs {
+    at::Tensor q, k, v, beta, log_alpha;
+  };
+  auto inputs = [&](int64_t n) {
+    const at::Tensor raw = at::randn({1, heads, n, d});
+    return Inputs{(at::randn({1, heads, n, d}) * 0.1).requires_grad_(true),
+                  (raw / raw.norm(2, {-1}, /*keepdim=*/true)).requires_grad_(true),
+                  at::randn({1, heads, n, d}).requires_grad_(true),
+                  at::sigmoid(at::randn({1, heads, n})).requires_grad_(true),
+                  (-at::softplus(at::randn({1, heads, n})) / 8).requires_grad_(true)};
+  };
+  auto run = [&](const Inputs& x, int64_t block) {
+    gd::GatedDeltaOptions opt;
+    opt.block_size = block;
+    return gd::gated_delta_rule(x.q, x.k, x.v, x.beta, x.log_alpha, opt);
+  };
+  auto forward_backward = [&](Inputs& x, int64_t block, const at::Tensor& g) {
+    for (at::Tensor* t : {&x.q, &x.k, &x.v, &x.beta, &x.log_alpha}) t->mutable_grad().reset();
+    run(x, block).backward(g);
+  };
+  int64_t best_block = ref;
+  double best_time = 1e30;
+  const int64_t sweep_n = std::min<int64_t>(8192, max_n);
+  std::printf("block sweep at N=%ld (forward+backward):", static_cast<long>(sweep_n));
+  {
+    Inputs x = inputs(sweep_n);
+    const at::Tensor g = at::randn({1, heads, sweep_n, d});
+    for (int64_t c : {32, 64, 128}) {
+      const double t = time_it([&] { forward_backward(x, c, g); }, 1, reps).median_s;
+      std::printf("  C=%ld %.1f ms", static_cast<long>(c), t * 1e3);
+      if (t < best_time) best_time = t, best_block = c;
+    }
+  }
+  std::printf("\nusing block C=%ld (FLOPs still counted at C_ref=%ld)\n", static_cast<long>(best_block),
+              static_cast<long>(ref));
+  std::printf("%8s | %10s %9s %7s | %10s %10s %11s %9s %7s %10s | %8s\n", "N", "fwd ms", "GFLOP/s", "% mm",
+              "fwd+bwd ms", "us/token", "tokens/s", "GFLOP/s", "% mm", "peak MiB", "x GLA");
+  for (int64_t n = 1024; n <= max_n; n *= 2) {
+    Inputs x = inputs(n);
+    const at::Tensor g = at::randn({1, heads, n, d});
+    double fwd = 0;
+    {
+      at::NoGradGuard no_grad;
+      fwd = time_it([&] { run(x, best_block); }, 1, reps).median_s;
+    }
+    forward_backward(x, best_block, g);  // warm-up outside the peak
+    loom::MemoryTracker::reset_peak();
+    const int64_t base = loom::MemoryTracker::current_bytes();
+    const double both = time_it([&] { forward_backward(x, best_block, g); }, 0, reps).median_s;
+    const int64_t peak = loom::MemoryTracker::peak_bytes() - base;
+    const double fwd_gf = heads * gd::gated_delta_forward_flops(n, ref, d, d) / fwd / 1e9;
+    const double gf = heads * gd::gated_delta_flops(n, ref, d, d) / both / 1e9;
+    const auto gla = gla_seconds.find(n);
+    char ratio[16] = "-";
+    if (gla != gla_seconds.end()) std::snprintf(ratio, sizeof ratio, "%.2f", both / gla->second);
+    std::printf("%8ld | %10.2f %9.1f %6.1f%% | %10.2f %10.3f %11.0f %9.1f %6.1f%% %10.1f | %8s\n", static_cast<long>(n),
+                fwd * 1e3, fwd_gf, 100.0 * fwd_gf / peak_gflops, both * 1e3, both / n * 1e6, n / both, gf,
+                100.0 * gf / peak_gflops, mib(peak), ratio);
+  }
+  std::printf("(x GLA: forward+backward time over the gated linear kernel's above, same N, H and d)\n\n");
 }
 
 void single_rank_study(int64_t max_n, int64_t naive_max_n, int64_t heads, int64_t d, int reps) {
@@ -118,7 +208,8 @@ void single_rank_study(int64_t max_n, int64_t naive_max_n, int64_t heads, int64_
                 "chunked peak memory(64K)/(8K) = %.2f (linear is 8)\n",
                 t64k / t8k, m64k / m8k);
   std::printf("\n");
-  gated_study(max_n, heads, d, reps, best_block, peak_gflops);
+  const auto gla_seconds = gated_study(max_n, heads, d, reps, best_block, peak_gflops);
+  gated_delta_study(max_n, heads, d, reps, peak_gflops, gla_seconds);
 }
 
 void communication_study(const std::shared_ptr<loom::MpiCommunicator>& world, int64_t tokens_per_rank,

@@ -31,10 +31,13 @@
 #include <sstream>
 #include <thread>
 
+#include "benchmarks/allgather_baseline.h"
 #include "benchmarks/cost_model.h"
 #include "benchmarks/sweep.h"
 #include "benchmarks/timed_communicator.h"
 #include "loom/models/hybrid_lm.h"
+#include "loom/parallel/gated_delta/chunked_kernel.h"
+#include "loom/parallel/gated_delta/gated_delta.h"
 #include "loom/parallel/linear_attention/lasp.h"
 #include "loom/parallel/softmax_attention/softmax_attention.h"
 #include "loom/runtime/comm/comm_order.h"
@@ -76,6 +79,11 @@ LayoutKind layout_for(Method m) {
   return (m == Method::kRingZigzag || m == Method::kAllGather) ? LayoutKind::kZigzag : LayoutKind::kContiguous;
 }
 
+// GLA and Gated DeltaNet layers run every method on the contiguous layout (the
+// all-gather baseline too: its last rank needs the whole sequence either way,
+// and the other ranks only the prefix up to their chunk).
+LayoutKind layout_for(Subject s, Method m) { return gated_recurrent(s) ? LayoutKind::kContiguous : layout_for(m); }
+
 pb::ParallelConfig model_parallel(Method m) {
   pb::ParallelConfig p;
   p.set_layout(layout_for(m) == LayoutKind::kZigzag ? pb::ZIGZAG : pb::CONTIGUOUS);
@@ -101,6 +109,74 @@ std::pair<at::Tensor, int64_t> packed_rows(int64_t B, int64_t n, int64_t mean) {
       left -= l;
     }
   return {document_starts_from_lengths(lengths, n), documents};
+}
+
+// One step of a GLA or Gated DeltaNet layer: q, k, v [B, H, local, d] (Gated
+// DeltaNet: k L2-normalised), the gates per token and head drawn as the
+// layers' parametrisations make them (GLA: log g = -softplus(x); Gated
+// DeltaNet: beta = sigmoid(x), log alpha = -softplus(x) / 8, alpha near 1 as
+// trained models have), all of them differentiated.
+std::function<at::Tensor()> gated_recurrent_op(const pb::BenchSweep& w, Subject subject, Method method,
+                                               const SequenceLayout& layout, const CommPtr& comm,
+                                               const at::Tensor& doc_start, const at::Tensor& global_doc_start,
+                                               std::vector<at::Tensor>& leaves) {
+  const auto opts = at::TensorOptions().dtype(dtype_of(w));
+  const int64_t B = w.batch(), H = w.heads(), d = w.head_dim(), local = layout.local_len(), block = w.block();
+  const bool delta = subject == Subject::kGatedDeltaLayer;
+  auto leaf = [&](at::Tensor t) { return t.to(opts).requires_grad_(true); };
+  const at::Tensor q = leaf(at::randn({B, H, local, d}, at::kDouble) * 0.1);
+  const at::Tensor raw_k = at::randn({B, H, local, d}, at::kDouble);
+  const at::Tensor k = leaf(delta ? raw_k / raw_k.norm(2, {-1}, /*keepdim=*/true) : raw_k * 0.1);
+  const at::Tensor v = leaf(at::randn({B, H, local, d}, at::kDouble));
+  // GLA: one gate (log g); Gated DeltaNet: beta, log alpha.
+  std::vector<at::Tensor> gates{delta ? leaf(at::sigmoid(at::randn({B, H, local}, at::kDouble)))
+                                      : leaf(-at::softplus(at::randn({B, H, local}, at::kDouble)))};
+  if (delta) gates.push_back(leaf(-at::softplus(at::randn({B, H, local}, at::kDouble)) / 8));
+  leaves = {q, k, v};
+  leaves.insert(leaves.end(), gates.begin(), gates.end());
+  // The single-rank kernel on (q, k, v, gates) with `docs` (the all-gather baseline's).
+  auto kernel = [=](const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const std::vector<at::Tensor>& g,
+                    const at::Tensor& docs) {
+    if (delta) {
+      gated_delta::GatedDeltaOptions o;
+      o.block_size = block;
+      o.doc_start = docs;
+      return gated_delta::gated_delta_rule(q_, k_, v_, g[0], g[1], o);
+    }
+    linear_attention::LinearAttentionOptions o;
+    o.block_size = block;
+    o.doc_start = docs;
+    o.log_gate = g[0];
+    return linear_attention::linear_attention(q_, k_, v_, o);
+  };
+  if (method == Method::kAllGather)  // benchmarks/allgather_baseline.h
+    return [=] {
+      std::vector<at::Tensor> parts{k, v};
+      for (const auto& g : gates) parts.push_back(g.unsqueeze(-1));
+      return allgather_recurrent(q, at::cat(parts, -1), layout, comm, global_doc_start,
+                                 [&](const at::Tensor& q_, const at::Tensor& x, const at::Tensor& docs) {
+                                   std::vector<at::Tensor> g;
+                                   for (size_t i = 0; i < gates.size(); ++i) g.push_back(x.select(-1, 2 * d + i));
+                                   return kernel(q_, x.narrow(-1, 0, d), x.narrow(-1, d, d), g, docs);
+                                 });
+    };
+  const auto lm = method == Method::kLasp2AllScan ? linear_attention::LinearAttentionMethod::kLasp2AllScan
+                  : method == Method::kLasp1      ? linear_attention::LinearAttentionMethod::kLasp1
+                                                  : linear_attention::LinearAttentionMethod::kLasp2;
+  if (method == Method::kNone) return [=] { return kernel(q, k, v, gates, doc_start); };
+  if (delta) {
+    gated_delta::GatedDeltaOptions o;
+    o.block_size = block;
+    o.doc_start = doc_start;
+    return [=] { return gated_delta::sequence_parallel_gated_delta_rule(q, k, v, gates[0], gates[1], layout, comm, lm, o); };
+  }
+  return [=] {
+    linear_attention::LinearAttentionOptions o;
+    o.block_size = block;
+    o.doc_start = doc_start;
+    o.log_gate = gates[0];
+    return linear_attention::sequence_parallel_linear_attention(q, k, v, layout, comm, lm, o);
+  };
 }
 
 // One forward+backward step of `subject` with `method` on this rank's shard;
@@ -140,9 +216,22 @@ StepFn make_step(const pb::BenchSweep& w, Subject subject, Method method, int64_
       loss.backward();
     };
   }
-  const SequenceLayout layout(layout_for(method), n, W);
+  const SequenceLayout layout(layout_for(subject, method), n, W);
   const at::Tensor doc_start = local_documents(layout);
   const int64_t local = layout.local_len();
+  if (gated_recurrent(subject)) {
+    const at::Tensor global_doc_start = doc_mean > 0 ? packed_rows(B, n, doc_mean).first : at::Tensor();
+    std::vector<at::Tensor> leaves;
+    const auto op = gated_recurrent_op(w, subject, method, layout, comm, doc_start, global_doc_start, leaves);
+    const at::Tensor g = at::randn({B, H, local, d}, opts);
+    return [=](const std::function<void()>& fwd_done) mutable {
+      for (auto& t : leaves) t.mutable_grad().reset();
+      CommOrder::reset();
+      const at::Tensor out = op();
+      fwd_done();
+      out.backward(g);
+    };
+  }
   auto leaf = [&](double scale) { return (at::randn({B, H, local, d}, opts) * scale).requires_grad_(true); };
   auto q = leaf(0.1), k = leaf(0.1), v = leaf(1.0);
   const at::Tensor g = at::randn({B, H, local, d}, opts);
@@ -461,7 +550,8 @@ int run(int argc, char** argv) {
 
   // Projections.
   std::ofstream proj(out_dir + "/projections.csv");
-  proj << "cluster,world,seq_len,method,seconds,tokens_per_s,compute_s,exposed_comm_s\n";
+  // `mixer`: the projected model's attention layers (the last column: readers go by name).
+  proj << "cluster,world,seq_len,method,seconds,tokens_per_s,compute_s,exposed_comm_s,mixer\n";
   if (!w.clusters().empty()) {
     pb::ModelConfig user;
     user.set_preset(w.projection_model_preset());
@@ -484,7 +574,7 @@ int run(int argc, char** argv) {
                            ring = project(Method::kRingZigzag, pm, c, n, W);
           for (auto [m, pr] : {std::pair{Method::kLasp2, l2}, std::pair{Method::kLasp1, l1}, std::pair{Method::kRingZigzag, ring}})
             proj << c.name() << ',' << W << ',' << n << ',' << method_name(m) << ',' << pr.seconds << ','
-                 << n / pr.seconds << ',' << pr.compute_s << ',' << pr.exposed_comm_s << "\n";
+                 << n / pr.seconds << ',' << pr.compute_s << ',' << pr.exposed_comm_s << ",linear_layer\n";
           char line[320];
           std::snprintf(line, sizeof line,
                         "  %-12s W=%-4d N=%5ldK: LASP-2 %8.0f tok/s, faster than ring by %6.1f%% (paper: 36.6%% at 2048K, 64 GPUs), "
@@ -493,6 +583,41 @@ int run(int argc, char** argv) {
                         100 * (l1.seconds / l2.seconds - 1));
           report << line;
         }
+    // The same model with GLA or Gated DeltaNet layers in place of its linear
+    // ones: LASP-2 against the chain and the all-gather K,V baseline.
+    std::set<Subject> gated_subjects;
+    for (const auto& sname : w.subjects())
+      if (gated_recurrent(parse_subject(sname))) gated_subjects.insert(parse_subject(sname));
+    if (!gated_subjects.empty())
+      report << "the same model with every linear layer a GLA / Gated DeltaNet layer (same heads, d_k = d_v = "
+             << pm.head_dim << "; Gated DeltaNet blocks of " << gated_delta::kGatedDeltaReferenceBlock
+             << ", maps exchanged in float32): LASP-2 overlaps its exchange with the query side, the chain\n"
+             << "cannot, all-gather K,V moves k, v and the gates of every token (W-1 messages, then the gradients\n"
+             << "back) and its last rank runs the kernel over all N tokens:\n";
+    for (Subject mixer : gated_subjects) {
+      ProjectedModel gm = pm;
+      gm.mixer = mixer;
+      if (mixer == Subject::kGatedDeltaLayer) gm.block = gated_delta::kGatedDeltaReferenceBlock;
+      for (const auto& c : w.clusters())
+        for (int W : w.projection_world_sizes())
+          for (int64_t n : w.projection_seq_lens()) {
+            const Projection l2 = project(Method::kLasp2, gm, c, n, W), scan = project(Method::kLasp2AllScan, gm, c, n, W),
+                             l1 = project(Method::kLasp1, gm, c, n, W), ag = project(Method::kAllGather, gm, c, n, W);
+            for (auto [m, pr] : {std::pair{Method::kLasp2, l2}, std::pair{Method::kLasp2AllScan, scan},
+                                 std::pair{Method::kLasp1, l1}, std::pair{Method::kAllGather, ag}})
+              proj << c.name() << ',' << W << ',' << n << ',' << method_name(m) << ',' << pr.seconds << ','
+                   << n / pr.seconds << ',' << pr.compute_s << ',' << pr.exposed_comm_s << ',' << subject_name(mixer)
+                   << "\n";
+            char line[320];
+            std::snprintf(line, sizeof line,
+                          "  %-17s %-12s W=%-4d N=%5ldK: LASP-2 %8.0f tok/s (comm exposed %5.1f%%); time vs LASP-2: "
+                          "all-scan %+6.1f%%, chain %+6.1f%%, all-gather K,V %+7.1f%%\n",
+                          subject_name(mixer), c.name().c_str(), W, long(n / 1024), n / l2.seconds,
+                          100 * l2.exposed_comm_s / l2.seconds, 100 * (scan.seconds / l2.seconds - 1),
+                          100 * (l1.seconds / l2.seconds - 1), 100 * (ag.seconds / l2.seconds - 1));
+            report << line;
+          }
+    }
   }
   std::ofstream lim(out_dir + "/limits.csv");
   lim << "method,longest_seq_len,memory_cap_bytes,trial_seq_len,trial_peak_bytes\n";

@@ -12,7 +12,8 @@ namespace {
 const std::vector<std::pair<const char*, Subject>>& subjects() {
   static const std::vector<std::pair<const char*, Subject>> t{
       {"linear_layer", Subject::kLinearLayer}, {"softmax_layer", Subject::kSoftmaxLayer},
-      {"tiny_model", Subject::kTinyModel}};
+      {"tiny_model", Subject::kTinyModel}, {"gla_layer", Subject::kGlaLayer},
+      {"gated_delta_layer", Subject::kGatedDeltaLayer}};
   return t;
 }
 const std::vector<std::pair<const char*, Method>>& methods() {
@@ -54,6 +55,7 @@ const char* method_name(Method m) {
 bool applies(Subject s, Method m) {
   if (m == Method::kNone || s == Subject::kTinyModel) return true;
   const bool linear = m == Method::kLasp2 || m == Method::kLasp2AllScan || m == Method::kLasp1;
+  if (gated_recurrent(s)) return linear || m == Method::kAllGather;
   return s == Subject::kLinearLayer ? linear : !linear;
 }
 

@@ -1,8 +1,14 @@
 // loom-bench's sweep parser (named errors) and cost model arithmetic.
 #include <gtest/gtest.h>
 
+#include "benchmarks/allgather_baseline.h"
 #include "benchmarks/cost_model.h"
 #include "benchmarks/sweep.h"
+#include "loom/parallel/gated_delta/chunked_kernel.h"
+#include "loom/parallel/gated_delta/gated_delta.h"
+#include "loom/parallel/linear_attention/lasp.h"
+#include "loom/runtime/comm/documents.h"
+#include "loom/runtime/comm/mpi_communicator.h"
 #include "loom/runtime/core/config.h"
 #include "loom/runtime/core/error.h"
 
@@ -61,6 +67,83 @@ TEST(BenchCostModel, BytesFormulasFollowTheReferences) {
   EXPECT_EQ(forward_bytes_formula(Subject::kSoftmaxLayer, Method::kRingZigzag, s, 2048, 4),
             2 * forward_bytes_formula(Subject::kSoftmaxLayer, Method::kRingContiguous, s, 1024, 4));
   EXPECT_EQ(forward_bytes_formula(Subject::kLinearLayer, Method::kNone, s, 1024, 4), 0);
+}
+
+TEST(BenchSweep, GatedLayersTakeTheirMethods) {
+  EXPECT_EQ(parse_subject("gla_layer"), Subject::kGlaLayer);
+  EXPECT_EQ(parse_subject("gated_delta_layer"), Subject::kGatedDeltaLayer);
+  EXPECT_STREQ(subject_name(Subject::kGatedDeltaLayer), "gated_delta_layer");
+  for (Subject s : {Subject::kGlaLayer, Subject::kGatedDeltaLayer}) {
+    for (Method m : {Method::kLasp2, Method::kLasp2AllScan, Method::kLasp1, Method::kAllGather, Method::kNone})
+      EXPECT_TRUE(applies(s, m)) << subject_name(s) << " " << method_name(m);
+    EXPECT_FALSE(applies(s, Method::kRingZigzag));
+    EXPECT_FALSE(applies(s, Method::kRingContiguous));
+  }
+  // The linear layer keeps its methods: the all-gather baseline is the gated layers'.
+  EXPECT_FALSE(applies(Subject::kLinearLayer, Method::kAllGather));
+  EXPECT_NO_THROW(validate_sweep(parse("methods: ['lasp2', 'allgather'] subjects: ['gla_layer', 'gated_delta_layer'] "
+                                       "seq_lens: [64]"),
+                                 2, "s"));
+}
+
+TEST(BenchCostModel, GatedLayerBytesFollowTheFormulas) {
+  Shape s;
+  s.batch = 1, s.heads = 4, s.kv_heads = 4, s.head_dim = 8, s.element_bytes = 4;
+  const auto G = Subject::kGlaLayer, D = Subject::kGatedDeltaLayer;
+  // Gated DeltaNet LASP-2: (W-1) B H (d_k^2 + d_k d_v) b, flat in N.
+  for (int64_t n : {1024, 4096}) {
+    EXPECT_EQ(forward_bytes_formula(D, Method::kLasp2, s, n, 4), 3 * 4 * (64 + 64) * 4);
+    EXPECT_EQ(forward_bytes_formula(G, Method::kLasp2, s, n, 4), 3 * 4 * (64 + 1) * 4);  // state + decay
+  }
+  EXPECT_EQ(forward_bytes_formula(D, Method::kLasp2AllScan, s, 1024, 4), 4 * 128 * 4);
+  EXPECT_EQ(forward_bytes_formula(G, Method::kLasp2AllScan, s, 1024, 4), 4 * 65 * 4);
+  EXPECT_EQ(forward_bytes_formula(D, Method::kLasp1, s, 1024, 4), 4 * 64 * 4);  // the state only
+  EXPECT_EQ(forward_bytes_formula(G, Method::kLasp1, s, 1024, 4), 4 * 64 * 4);
+  // All-gather K,V: (W-1) (N/W) B H (d_k + d_v + gates) b, linear in N.
+  EXPECT_EQ(forward_bytes_formula(D, Method::kAllGather, s, 1024, 4), 3 * 256 * 4 * (16 + 2) * 4);
+  EXPECT_EQ(forward_bytes_formula(G, Method::kAllGather, s, 1024, 4), 3 * 256 * 4 * (16 + 1) * 4);
+  EXPECT_EQ(forward_bytes_formula(D, Method::kAllGather, s, 2048, 4),
+            2 * forward_bytes_formula(D, Method::kAllGather, s, 1024, 4));
+  // bf16: Gated DeltaNet exchanges float32 maps, GLA its own dtype.
+  s.element_bytes = 2;
+  EXPECT_EQ(forward_bytes_formula(D, Method::kLasp2, s, 1024, 4), 3 * 4 * 128 * 4);
+  EXPECT_EQ(forward_bytes_formula(G, Method::kLasp2, s, 1024, 4), 3 * 4 * 65 * 2);
+  EXPECT_EQ(forward_bytes_formula(D, Method::kAllGather, s, 1024, 4), 3 * 256 * 4 * 18 * 2);
+  EXPECT_EQ(forward_bytes_formula(D, Method::kLasp2, s, 1024, 1), 0);
+}
+
+TEST(BenchCostModel, GatedLayerMessagesAndWork) {
+  Shape s;
+  s.batch = 1, s.heads = 2, s.kv_heads = 2, s.head_dim = 4, s.element_bytes = 4;
+  const Network net{1e-5, 1e8};
+  const auto D = Subject::kGatedDeltaLayer;
+  // LASP-2 at W=4: 2 x 3 messages of one chunk's map, B H (d_k^2 + d_k d_v) b = 256 bytes.
+  EXPECT_DOUBLE_EQ(comm_seconds(D, Method::kLasp2, s, 64, 4, net), 6 * (1e-5 + 256 / 1e8));
+  EXPECT_DOUBLE_EQ(comm_seconds(D, Method::kLasp2AllScan, s, 64, 8, net), 6 * (1e-5 + 256 / 1e8));
+  EXPECT_DOUBLE_EQ(comm_seconds(D, Method::kLasp1, s, 64, 4, net), 6 * (1e-5 + 128 / 1e8));
+  // All-gather: 2 x 3 messages of 16 tokens x 2 heads x (4 + 4 + 2) x 4 bytes = 1280.
+  EXPECT_DOUBLE_EQ(comm_seconds(D, Method::kAllGather, s, 64, 4, net), 6 * (1e-5 + 1280 / 1e8));
+  // GLA: one decay per head more than the linear layer's state.
+  EXPECT_EQ(critical_messages(Subject::kGlaLayer, Method::kLasp2, s, 64, 4).second, 2 * (16 + 1) * 4);
+  // The linear layer's messages are unchanged by the subject-aware form.
+  EXPECT_EQ(critical_messages(Subject::kLinearLayer, Method::kLasp2, s, 64, 4), critical_messages(Method::kLasp2, s, 64, 4));
+  // Work: LASP methods N/W tokens; the all-gather baseline's last rank the whole sequence,
+  // N (W+1)/2 over all ranks when they share cores.
+  EXPECT_DOUBLE_EQ(work_units(D, Method::kLasp2, 1000, 4).first, 250.0);
+  EXPECT_DOUBLE_EQ(work_units(D, Method::kAllGather, 1000, 4).first, 1000.0);
+  EXPECT_DOUBLE_EQ(work_units(D, Method::kAllGather, 1000, 4, 2).first, 1000.0 * 5 / 2 / 2);
+  EXPECT_DOUBLE_EQ(work_units(Subject::kGlaLayer, Method::kLasp1, 1000, 4, 2).first, 500.0);
+}
+
+TEST(BenchCostModel, GatedDeltaFlopsCountTheWyKernel) {
+  // d_k = d_v = 8, C = 64, one block: forward 2C^2 d_k x 3 + 2C^2 d_v (products), C^2 (d_k + d_v)
+  // (solve), 2C d_k^2 + 4C d_k d_v (maps, query x state), 2 d_k^2 d_v (state step).
+  const double products = 3 * 2 * 64 * 64 * 8 + 2 * 64 * 64 * 8 + 2 * 64 * 64 + 4 * 64 * 64 + 2 * 8 * 8 * 8;
+  const double solve = 64 * 64 * 16;
+  EXPECT_DOUBLE_EQ(gated_delta::gated_delta_forward_flops(64, 64, 8, 8), products + solve);
+  EXPECT_DOUBLE_EQ(gated_delta::gated_delta_flops(64, 64, 8, 8), 3 * products + 4 * solve);
+  // Linear in N at a fixed block.
+  EXPECT_DOUBLE_EQ(gated_delta::gated_delta_flops(4096, 64, 8, 8), 64 * gated_delta::gated_delta_flops(64, 64, 8, 8));
 }
 
 TEST(BenchCostModel, CommunicationAndWorkArithmetic) {
@@ -131,6 +214,104 @@ TEST(BenchCostModel, ProjectionOrdersTheMethods) {
   EXPECT_DOUBLE_EQ(l2.compute_s, l1.compute_s);
   EXPECT_LE(l2.seconds, l1.seconds);
   EXPECT_LT(l1.seconds, ring.seconds);
+}
+
+TEST(BenchCostModel, ProjectionOrdersTheGatedMethods) {
+  pb::ClusterConstants c;
+  c.set_latency_s(5e-6);
+  c.set_bandwidth_bytes_per_s(25e9);
+  c.set_compute_flops(150e12);
+  for (Subject mixer : {Subject::kGlaLayer, Subject::kGatedDeltaLayer}) {
+    ProjectedModel m;
+    m.params_non_embedding = 1'000'000'000;
+    m.heads = 32, m.kv_heads = 8, m.head_dim = 64, m.block = 64;
+    m.mixer = mixer;
+    const int64_t n = 2 << 20;
+    const Projection l2 = project(Method::kLasp2, m, c, n, 64), l1 = project(Method::kLasp1, m, c, n, 64),
+                     scan = project(Method::kLasp2AllScan, m, c, n, 64), ag = project(Method::kAllGather, m, c, n, 64);
+    EXPECT_DOUBLE_EQ(l2.compute_s, l1.compute_s) << subject_name(mixer);
+    if (mixer == Subject::kGlaLayer) {
+      EXPECT_LE(l2.seconds, l1.seconds);
+    } else {
+      // Gated DeltaNet gathers (A, B), d_k^2 + d_k d_v per head, where the chain hands on the
+      // state alone: at d_k = d_v, twice the bytes per step; log2(W) steps of all-scan beat both.
+      EXPECT_GT(l2.exposed_comm_s, l1.exposed_comm_s);
+      EXPECT_LT(scan.seconds, l1.seconds);
+    }
+    EXPECT_LT(scan.seconds, l2.seconds) << subject_name(mixer);
+    // The all-gather baseline's last rank runs every token's kernel: more compute, and more bytes.
+    EXPECT_GT(ag.compute_s, l2.compute_s) << subject_name(mixer);
+    EXPECT_GT(ag.exposed_comm_s, l1.exposed_comm_s) << subject_name(mixer);
+    EXPECT_LT(l1.seconds, ag.seconds) << subject_name(mixer);
+  }
+  // A Gated DeltaNet layer costs more than a GLA layer of the same shape.
+  ProjectedModel gla, delta;
+  gla.mixer = Subject::kGlaLayer, delta.mixer = Subject::kGatedDeltaLayer;
+  gla.block = delta.block = 64;
+  EXPECT_GT(projected_attention_flops(delta, 4096), projected_attention_flops(gla, 4096));
+}
+
+// loom-bench's all-gather K,V baseline computes the layer: each rank's rows
+// and the gradients of its q, k, v and gates equal the single-rank kernel's on
+// the whole sequence (float64, a length that does not divide the ranks, packed
+// documents for Gated DeltaNet), at whatever ranks the test runs with.
+TEST(BenchAllGatherBaseline, EqualsTheSingleRankKernel) {
+  auto comm = MpiCommunicator::world();
+  const int W = comm->size(), me = comm->rank();
+  const int64_t B = 2, H = 2, N = 37, d = 4, block = 8;
+  const SequenceLayout layout(LayoutKind::kContiguous, N, W);
+  for (bool delta : {false, true}) {
+    torch::manual_seed(7);  // the same global tensors on every rank
+    const auto f64 = at::TensorOptions().dtype(at::kDouble);
+    const at::Tensor raw_k = at::randn({B, H, N, d}, f64);
+    std::vector<at::Tensor> global{at::randn({B, H, N, d}, f64) * 0.3,
+                                   delta ? raw_k / raw_k.norm(2, {-1}, true) : raw_k * 0.3, at::randn({B, H, N, d}, f64),
+                                   delta ? at::sigmoid(at::randn({B, H, N}, f64)) : -at::softplus(at::randn({B, H, N}, f64))};
+    if (delta) global.push_back(-at::softplus(at::randn({B, H, N}, f64)) / 4);
+    const at::Tensor grad_out = at::randn({B, H, N, d}, f64);
+    const at::Tensor doc_start =
+        delta ? document_starts_from_lengths({{10, 20, 7}, {37}}, N) : at::Tensor();  // documents: Gated DeltaNet
+    auto kernel = [&](const std::vector<at::Tensor>& x, const at::Tensor& docs) {
+      if (delta) {
+        gated_delta::GatedDeltaOptions o;
+        o.block_size = block;
+        o.doc_start = docs;
+        return gated_delta::gated_delta_rule(x[0], x[1], x[2], x[3], x[4], o);
+      }
+      linear_attention::LinearAttentionOptions o;
+      o.block_size = block;
+      o.log_gate = x[3];
+      return linear_attention::linear_attention(x[0], x[1], x[2], o);
+    };
+    // Reference: the whole sequence on this rank.
+    std::vector<at::Tensor> whole;
+    for (const auto& t : global) whole.push_back(t.clone().requires_grad_(true));
+    const at::Tensor expected = kernel(whole, doc_start);
+    expected.backward(grad_out);
+    // The baseline on this rank's shard.
+    std::vector<at::Tensor> mine;
+    for (const auto& t : global) mine.push_back(layout.shard(t, me, 2).requires_grad_(true));
+    std::vector<at::Tensor> parts{mine[1], mine[2]};
+    for (size_t i = 3; i < mine.size(); ++i) parts.push_back(mine[i].unsqueeze(-1));
+    const at::Tensor out = allgather_recurrent(
+        mine[0], at::cat(parts, -1), layout, comm, doc_start,
+        [&](const at::Tensor& q, const at::Tensor& x, const at::Tensor& docs) {
+          std::vector<at::Tensor> in{q, x.narrow(-1, 0, d), x.narrow(-1, d, d)};
+          for (size_t i = 3; i < mine.size(); ++i) in.push_back(x.select(-1, 2 * d + int64_t(i) - 3));
+          return kernel(in, docs);
+        });
+    out.backward(layout.shard(grad_out, me, 2));
+    const at::Tensor valid = layout.valid_mask(me).to(at::kDouble);
+    auto expect_close = [&](const at::Tensor& got, const at::Tensor& want, const std::string& what) {
+      const at::Tensor mask = got.dim() == 4 ? valid.view({1, 1, -1, 1}) : valid.view({1, 1, -1});
+      const double err = ((got - want) * mask).abs().max().item<double>();
+      EXPECT_LT(err, 1e-10) << (delta ? "gated delta " : "gla ") << what << " at rank " << me << " of " << W;
+    };
+    expect_close(out, layout.shard(expected.detach(), me, 2), "output");
+    const char* names[] = {"dq", "dk", "dv", "d gate 1", "d gate 2"};
+    for (size_t i = 0; i < mine.size(); ++i)
+      expect_close(mine[i].grad(), layout.shard(whole[i].grad(), me, 2), names[i]);
+  }
 }
 
 }  // namespace

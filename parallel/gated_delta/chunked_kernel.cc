@@ -130,6 +130,18 @@ std::pair<at::Tensor, at::Tensor> compose_blocks(const BlockMaps& m) {
   return {A, B};
 }
 
+double gated_delta_forward_flops(int64_t n, int64_t block, int64_t dk, int64_t dv) {
+  const double N = static_cast<double>(n), C = static_cast<double>(block), k = static_cast<double>(dk),
+               v = static_cast<double>(dv);
+  return N * (C * (7 * k + 3 * v) + 2 * k * k + 4 * k * v) + 2 * (N / C) * k * k * v;
+}
+
+double gated_delta_flops(int64_t n, int64_t block, int64_t dk, int64_t dv) {
+  const double N = static_cast<double>(n), C = static_cast<double>(block), k = static_cast<double>(dk),
+               v = static_cast<double>(dv);
+  return N * (C * (22 * k + 10 * v) + 6 * k * k + 12 * k * v) + 6 * (N / C) * k * k * v;
+}
+
 at::Tensor chunked_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& beta, const at::Tensor& log_alpha, int64_t block,
                                     const at::Tensor& doc_start) {

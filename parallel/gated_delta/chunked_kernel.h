@@ -80,6 +80,24 @@ at::Tensor stretch_outputs(const BlockOutputs& o, const at::Tensor& states, int6
 // The affine map of the whole stretch: (A, B) composed over its blocks.
 std::pair<at::Tensor, at::Tensor> compose_blocks(const BlockMaps& m);
 
+// Multiply-add FLOPs (2 per multiply-add) of the chunked algorithm above per
+// (batch row, head) for n tokens, blocks of C, useful tokens only (no padding):
+//   forward  n [C (7 d_k + 3 d_v) + 2 d_k^2 + 4 d_k d_v] + 2 (n / C) d_k^2 d_v
+//     (Q K^T, K K^T, Mq W: 2C^2 d_k each; Mq U0: 2C^2 d_v; the unit-triangular
+//     solve with d_k + d_v right-hand sides: C^2 (d_k + d_v); the maps
+//     K^T diag(e) W, K^T diag(e) U0: 2C d_k^2 + 2C d_k d_v; query x state:
+//     2C d_k d_v; the state recurrence A S: 2 d_k^2 d_v per block);
+//   forward+backward: 3x the products (each product's backward is two of its
+//     size) and 4x the solve (the transposed solve and the C x C outer
+//     product for d L): n [C (22 d_k + 10 d_v) + 6 d_k^2 + 12 d_k d_v] + 6 (n / C) d_k^2 d_v.
+// Exponentials, masks, gates and the L2 norm are not multiply-adds and are
+// not counted. Benchmarks evaluate it at a fixed reference block
+// (kGatedDeltaReferenceBlock) whatever block runs, so that a block that does
+// more work per token cannot look faster.
+double gated_delta_forward_flops(int64_t n, int64_t block, int64_t dk, int64_t dv);
+double gated_delta_flops(int64_t n, int64_t block, int64_t dk, int64_t dv);
+constexpr int64_t kGatedDeltaReferenceBlock = 64;
+
 // Differentiable single-stretch forward from a zero state: [B, H, n, d_v].
 at::Tensor chunked_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& beta, const at::Tensor& log_alpha, int64_t block,
