@@ -320,6 +320,9 @@ int run_job(loom::Job& job, const Options& opt) {
                                                                                       : loom::LayoutKind::kContiguous,
                                       config.train().seq_len(), job.mesh().sp_size());
     lm::check_sequence_length(model_config, layout);
+    const std::string methods = lm::check_parallel_methods(model_config, config.parallel(), job.mesh().sp_size());
+    LOOM_LOG(kInfo) << methods;
+    report << methods << "\n";
     LOOM_LOG(kInfo) << "model '" << model_config.pattern() << "' d_model " << model_config.d_model() << ": "
                     << lm::count_parameters(model_config) << " parameters; " << layout.describe();
     const MemoryEstimate memory = estimate_memory(config, model_config, job.mesh().sp_size());

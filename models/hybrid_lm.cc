@@ -4,9 +4,11 @@
 
 #include <cstring>
 #include <map>
+#include <sstream>
 
 #include "loom/models/titans.h"
 #include "loom/parallel/softmax_attention/offload_attention.h"
+#include "loom/parallel/softmax_attention/ulysses.h"
 #include "loom/runtime/comm/comm_order.h"
 #include "loom/runtime/core/dtypes.h"
 #include "loom/runtime/core/error.h"
@@ -316,6 +318,7 @@ SequenceContext make_context(const pb::ParallelConfig& p, const SequenceLayout& 
     case pb::LASP2: ctx.linear_method = linear_attention::LinearAttentionMethod::kLasp2; break;
     case pb::LASP2_ALLSCAN: ctx.linear_method = linear_attention::LinearAttentionMethod::kLasp2AllScan; break;
     case pb::LASP1: ctx.linear_method = linear_attention::LinearAttentionMethod::kLasp1; break;
+    case pb::LINEAR_ULYSSES: ctx.linear_method = linear_attention::LinearAttentionMethod::kUlysses; break;
     default:
       throw UnsupportedError("parallel.linear_method = " + pb::LinearAttentionMethod_Name(p.linear_method()) +
                              " is not supported by this build");
@@ -325,6 +328,11 @@ SequenceContext make_context(const pb::ParallelConfig& p, const SequenceLayout& 
     case pb::RING: ctx.softmax_method = softmax_attention::SoftmaxMethod::kRing; break;
     case pb::ALLGATHER: ctx.softmax_method = softmax_attention::SoftmaxMethod::kAllGather; break;
     case pb::OFFLOAD: ctx.softmax_method = softmax_attention::SoftmaxMethod::kOffload; break;
+    case pb::ULYSSES: ctx.softmax_method = softmax_attention::SoftmaxMethod::kUlysses; break;
+    case pb::USP:
+      ctx.softmax_method = softmax_attention::SoftmaxMethod::kUsp;
+      ctx.ulysses_degree = p.ulysses_degree();
+      break;
     default:
       throw UnsupportedError("parallel.softmax_method = " + pb::SoftmaxMethod_Name(p.softmax_method()) +
                              " is not supported by this build");
@@ -356,6 +364,48 @@ void check_sequence_length(const pb::ModelConfig& m, const SequenceLayout& layou
                       (multiple > 1 ? " and a multiple of model.memory_chunk = " + std::to_string(multiple) : "") +
                       "; the next length that works is " + std::to_string(good));
   }
+}
+
+std::string check_parallel_methods(const pb::ModelConfig& m, const pb::ParallelConfig& p, int sp) {
+  std::ostringstream out;
+  const bool softmax_layers = has_any(m.pattern(), "AW"), linear_layers = has_any(m.pattern(), "LKD");
+  out << "sequence parallelism over " << sp << " ranks:";
+  if (softmax_layers) {
+    out << " softmax " << pb::SoftmaxMethod_Name(p.softmax_method());
+    if (p.softmax_method() == pb::ULYSSES || p.softmax_method() == pb::USP) {
+      const int U = p.softmax_method() == pb::USP && p.ulysses_degree() > 0 ? p.ulysses_degree() : sp;
+      if (sp % U != 0)
+        throw ConfigError("parallel.ulysses_degree = " + std::to_string(U) + ": must divide the sequence-parallel size " +
+                          std::to_string(sp) + " (sp = ulysses_degree x ring degree)");
+      if (m.n_heads() % U != 0)
+        throw ConfigError("model.n_heads = " + std::to_string(m.n_heads()) + ": parallel.softmax_method = " +
+                          pb::SoftmaxMethod_Name(p.softmax_method()) + " shards the heads over all-to-all groups of " +
+                          std::to_string(U) + " ranks, which must divide it");
+      const int64_t kv = m.n_kv_heads() > 0 ? m.n_kv_heads() : m.n_heads();
+      const int64_t f = softmax_attention::ulysses_kv_replication(kv, U);
+      out << " (all-to-all groups of " << U << " ranks, ring across " << sp / U << " groups";
+      if (f > 1) out << "; " << kv << " KV heads repeated " << f << "x to divide among " << U << " ranks";
+      out << ")";
+    }
+  }
+  if (linear_layers) {
+    out << (softmax_layers ? "," : "") << " linear " << pb::LinearAttentionMethod_Name(p.linear_method());
+    if (p.linear_method() == pb::LINEAR_ULYSSES) {
+      if (has_any(m.pattern(), "LK") && m.n_heads() % sp != 0)
+        throw ConfigError("model.n_heads = " + std::to_string(m.n_heads()) +
+                          ": parallel.linear_method = LINEAR_ULYSSES shards the heads over the " + std::to_string(sp) +
+                          " sequence-parallel ranks, which must divide it");
+      const int64_t key_heads = m.delta_key_heads() > 0 ? m.delta_key_heads() : m.n_heads();
+      const int64_t value_heads = m.delta_value_heads() > 0 ? m.delta_value_heads() : key_heads;
+      if (has_any(m.pattern(), "D") && value_heads % sp != 0)
+        throw ConfigError("model.delta_value_heads = " + std::to_string(value_heads) +
+                          ": parallel.linear_method = LINEAR_ULYSSES shards the Gated DeltaNet heads over the " +
+                          std::to_string(sp) + " sequence-parallel ranks, which must divide it");
+      out << " (all-to-all over " << sp << " ranks)";
+    }
+  }
+  if (!softmax_layers && !linear_layers) out << " no attention layers";
+  return out.str();
 }
 
 int64_t admissible_length(const pb::ModelConfig& m, LayoutKind kind, int sp, int64_t n) {

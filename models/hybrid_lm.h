@@ -75,6 +75,11 @@ SequenceContext make_context(const pb::ParallelConfig& parallel, const SequenceL
 // convolution halos fit in a chunk, Titans chunks align. ConfigError otherwise,
 // naming the numbers and a length that works.
 void check_sequence_length(const pb::ModelConfig& model, const SequenceLayout& layout);
+// Checks the head-parallel methods (softmax ULYSSES / USP, LINEAR_ULYSSES)
+// against the model's head counts at `sp` ranks (ConfigError naming the field
+// and the count) and returns a line describing the sequence-parallel methods
+// (all-to-all group, ring degree, KV-head replication) for --dry-run and the log.
+std::string check_parallel_methods(const pb::ModelConfig& model, const pb::ParallelConfig& parallel, int sp);
 // The smallest length >= n that check_sequence_length accepts for `sp` ranks.
 int64_t admissible_length(const pb::ModelConfig& model, LayoutKind kind, int sp, int64_t n);
 // LossFn of a HybridLM: summed cross-entropy of the shard's labels.

@@ -182,7 +182,8 @@ at::Tensor SoftmaxAttentionMixer::forward(const at::Tensor& x, const SequenceCon
   const auto method = ctx.layout.world_size() == 1 && ctx.softmax_method != softmax_attention::SoftmaxMethod::kOffload
                           ? softmax_attention::SoftmaxMethod::kLocal
                           : ctx.softmax_method;
-  return gated(softmax_attention::attention(q, k, v, ctx.layout, ctx.comm, method, spec, ctx.offload, ctx.doc_start),
+  return gated(softmax_attention::attention(q, k, v, ctx.layout, ctx.comm, method, spec, ctx.offload, ctx.doc_start,
+                                            ctx.ulysses_degree),
                x);
 }
 

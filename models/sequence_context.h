@@ -23,6 +23,8 @@ struct SequenceContext {
   // undefined for one document per row. Every mixer keeps tokens inside
   // their own document.
   at::Tensor doc_start;
+  // All-to-all group of softmax_method kUsp (parallel.ulysses_degree; 0: comm's size).
+  int ulysses_degree = 0;
   // Rotary positions restart at each document (model.positions_per_document).
   bool positions_per_document = false;
 

@@ -375,6 +375,32 @@ TEST(Config, BackendMatchesTheDevice) {
   EXPECT_NO_THROW(validate_config(c));
 }
 
+TEST(Config, HeadParallelMethodsNameHeadsThatDoNotDivide) {
+  pb::LoomConfig c;
+  apply_override("model.pattern=AL", &c);
+  apply_override("model.n_heads=6", &c);
+  apply_override("model.d_model=48", &c);
+  apply_override("parallel.softmax_method=usp", &c);
+  apply_override("parallel.ulysses_degree=3", &c);
+  apply_override("parallel.sp=6", &c);
+  EXPECT_NO_THROW(validate_config(c));
+  apply_override("parallel.ulysses_degree=4", &c);
+  EXPECT_CONTAINS(error_of([&] { validate_config(c); }), "field parallel.ulysses_degree = 4: must divide parallel.sp = 6");
+  apply_override("parallel.sp=8", &c);
+  EXPECT_CONTAINS(error_of([&] { validate_config(c); }), "field model.n_heads = 6: parallel.softmax_method = USP");
+  apply_override("parallel.softmax_method=ulysses", &c);
+  EXPECT_CONTAINS(error_of([&] { validate_config(c); }),
+                  "field parallel.ulysses_degree = 4: only parallel.softmax_method = USP uses it");
+  apply_override("parallel.ulysses_degree=0", &c);
+  EXPECT_CONTAINS(error_of([&] { validate_config(c); }), "field model.n_heads = 6: parallel.softmax_method = ULYSSES");
+  apply_override("parallel.sp=3", &c);
+  EXPECT_NO_THROW(validate_config(c));
+  apply_override("parallel.linear_method=linear_ulysses", &c);
+  EXPECT_NO_THROW(validate_config(c));
+  apply_override("parallel.sp=4", &c);
+  EXPECT_CONTAINS(error_of([&] { validate_config(c); }), "parallel.linear_method = LINEAR_ULYSSES");
+}
+
 TEST(Config, ValPathIsForTextData) {
   pb::LoomConfig c;
   apply_override("data.val_path=held-out.tok", &c);

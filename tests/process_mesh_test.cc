@@ -49,5 +49,41 @@ TEST(ProcessMesh, RejectsWorldThatDoesNotFactor) {
   EXPECT_THROW(ProcessMesh(world, W + 1, 0), ConfigError);
 }
 
+TEST(ProcessMesh, UlyssesGridGroupsConsecutiveRanksAndRingsAcrossThem) {
+  auto world = MpiCommunicator::world();
+  const int W = world->size();
+  for (int U = 1; U <= W; ++U) {
+    if (W % U != 0) continue;
+    ProcessMesh mesh(world, 1, W, U);
+    const UlyssesGrid& grid = mesh.ulysses_grid();
+    const int s = mesh.sp_index();
+    EXPECT_EQ(grid.degree, U);
+    EXPECT_EQ(grid.ulysses->size(), U);
+    EXPECT_EQ(grid.ulysses->rank(), s % U);
+    EXPECT_EQ(grid.ring->size(), W / U);
+    EXPECT_EQ(grid.ring->rank(), s / U);
+    // Members: the group sums its sp ranks gU .. gU+U-1, the ring u, u+U, ...
+    at::Tensor t = at::full({1}, static_cast<double>(s), at::kDouble);
+    grid.ulysses->all_reduce(t)->wait();
+    const int g = s / U;
+    EXPECT_EQ(t.item<double>(), U * g * U + U * (U - 1) / 2.0);
+    at::Tensor u = at::full({1}, static_cast<double>(s), at::kDouble);
+    grid.ring->all_reduce(u)->wait();
+    const int R = W / U;
+    EXPECT_EQ(u.item<double>(), R * (s % U) + U * R * (R - 1) / 2.0);
+    // Cached: the same communicators again, without a collective.
+    EXPECT_EQ(ulysses_grid(mesh.sp(), U).ulysses.get(), grid.ulysses.get());
+  }
+  if (W > 1) {
+    try {
+      ProcessMesh(world, 1, W, W + 1);
+      FAIL() << "expected ConfigError";
+    } catch (const ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find("parallel.ulysses_degree = " + std::to_string(W + 1)), std::string::npos)
+          << e.what();
+    }
+  }
+}
+
 }  // namespace
 }  // namespace loom

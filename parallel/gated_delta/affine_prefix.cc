@@ -222,8 +222,10 @@ std::unique_ptr<AffinePrefix> make_affine_prefix(LinearAttentionMethod method, c
     case LinearAttentionMethod::kLasp2: return std::make_unique<AllGatherPrefix>(layout, comm, direction);
     case LinearAttentionMethod::kLasp2AllScan: return std::make_unique<AllScanPrefix>(layout, comm, direction);
     case LinearAttentionMethod::kLasp1: return std::make_unique<ChainPrefix>(layout, comm, direction);
+    case LinearAttentionMethod::kUlysses: break;
   }
-  TORCH_CHECK(false, "unknown sequence-parallel method");
+  TORCH_CHECK(false, "sequence-parallel method ", method_name(method),
+              " exchanges tokens, not states: it has no affine prefix (the operators dispatch it first)");
 }
 
 }  // namespace loom::gated_delta

@@ -3,6 +3,7 @@
 #include <torch/autograd.h>
 
 #include "loom/parallel/gated_delta/chunked_kernel.h"
+#include "loom/parallel/linear_attention/ulysses.h"
 #include "loom/runtime/comm/autograd_state.h"
 #include "loom/runtime/comm/comm_order.h"
 #include "loom/runtime/comm/documents.h"
@@ -159,6 +160,21 @@ at::Tensor sequence_parallel_gated_delta_rule(const at::Tensor& q, const at::Ten
   TORCH_CHECK(comm, "sequence_parallel_gated_delta_rule: communicator is null");
   TORCH_CHECK(options.block_size >= 1, "gated delta rule: block size must be >= 1, got ", options.block_size);
   check_document_starts(options.doc_start, q, 2, "gated delta rule");
+  if (method == LinearAttentionMethod::kUlysses) {
+    // Head-parallel: whole sequences of H/W heads through the single-rank rule.
+    const linear_attention::UlyssesExchange exchange(layout, comm, q.size(1), "the Gated DeltaNet head count");
+    const int64_t dk = q.size(3), dv = v.size(3);
+    const auto dtype = q.scalar_type();
+    // q, k, v in one all-to-all, beta and log alpha in another.
+    const at::Tensor heads = exchange.to_heads(at::cat({q, k, v.to(dtype)}, 3));
+    const at::Tensor gates = exchange.to_heads(at::stack({beta.to(dtype), log_alpha.to(dtype)}, 3));
+    GatedDeltaOptions whole = options;
+    whole.doc_start = exchange.gather_doc_start(options.doc_start);
+    const at::Tensor out = gated_delta_rule(heads.narrow(3, 0, dk), heads.narrow(3, dk, dk), heads.narrow(3, 2 * dk, dv),
+                                            gates.select(3, 0).to(beta.scalar_type()),
+                                            gates.select(3, 1).to(log_alpha.scalar_type()), whole);
+    return exchange.from_heads(out);
+  }
   return in_working_precision(
       q, k, v, beta, log_alpha,
       [&](const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& beta_,

@@ -6,6 +6,7 @@
 
 #include "loom/parallel/linear_attention/chunked_kernel.h"
 #include "loom/parallel/linear_attention/decay.h"
+#include "loom/parallel/linear_attention/ulysses.h"
 #include "loom/runtime/comm/autograd_state.h"
 #include "loom/runtime/comm/comm_order.h"
 #include "loom/runtime/comm/documents.h"
@@ -225,6 +226,20 @@ at::Tensor sequence_parallel_linear_attention(const at::Tensor& q, const at::Ten
                                               const SequenceLayout& layout, const CommPtr& comm,
                                               LinearAttentionMethod method, const LinearAttentionOptions& options) {
   TORCH_CHECK(comm, "sequence_parallel_linear_attention: communicator is null");
+  if (method == LinearAttentionMethod::kUlysses) {
+    // Head-parallel: whole sequences of H/W heads through the single-rank kernel.
+    const UlyssesExchange exchange(layout, comm, q.size(1), "the linear attention head count");
+    const int64_t dk = q.size(3), dv = v.size(3);
+    // q, k, v leave in one all-to-all (cat along the feature dimension).
+    const at::Tensor heads = exchange.to_heads(at::cat({q, k, v.to(q.scalar_type())}, 3));
+    LinearAttentionOptions whole = options;
+    whole.doc_start = exchange.gather_doc_start(options.doc_start);
+    if (options.decay.defined()) whole.decay = exchange.local_heads(options.decay);
+    if (options.log_gate.defined()) whole.log_gate = exchange.to_heads(options.log_gate);
+    const at::Tensor out = linear_attention(heads.narrow(3, 0, dk), heads.narrow(3, dk, dk),
+                                            heads.narrow(3, 2 * dk, dv), whole);
+    return exchange.from_heads(out);
+  }
   return with_normaliser(q, k, v, options, [&](const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_) {
     // Autograd functions take defined tensors only: lambda = 1 is "no decay",
     // empty tensors are "no documents" and "no gates".

@@ -12,6 +12,7 @@ const char* method_name(LinearAttentionMethod method) {
     case LinearAttentionMethod::kLasp2: return "lasp2";
     case LinearAttentionMethod::kLasp2AllScan: return "lasp2_allscan";
     case LinearAttentionMethod::kLasp1: return "lasp1";
+    case LinearAttentionMethod::kUlysses: return "ulysses";
   }
   return "?";
 }
@@ -22,7 +23,8 @@ LinearAttentionMethod parse_method(const std::string& name) {
   if (lower == "lasp2") return LinearAttentionMethod::kLasp2;
   if (lower == "lasp2_allscan") return LinearAttentionMethod::kLasp2AllScan;
   if (lower == "lasp1") return LinearAttentionMethod::kLasp1;
-  throw ConfigError("linear attention method '" + name + "': allowed values are lasp2, lasp2_allscan, lasp1");
+  if (lower == "ulysses") return LinearAttentionMethod::kUlysses;
+  throw ConfigError("linear attention method '" + name + "': allowed values are lasp2, lasp2_allscan, lasp1, ulysses");
 }
 
 namespace {
@@ -318,8 +320,10 @@ std::unique_ptr<StatePrefix> make_state_prefix(LinearAttentionMethod method, con
       return std::make_unique<AllScanPrefix>(layout, comm, chunk_decay, direction);
     case LinearAttentionMethod::kLasp1:
       return std::make_unique<ChainPrefix>(layout, comm, chunk_decay, direction);
+    case LinearAttentionMethod::kUlysses: break;
   }
-  TORCH_CHECK(false, "unknown linear attention method");
+  TORCH_CHECK(false, "linear attention method ", method_name(method),
+              " exchanges tokens, not states: it has no state prefix (the operators dispatch it first)");
 }
 
 }  // namespace loom::linear_attention

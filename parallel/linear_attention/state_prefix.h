@@ -36,9 +36,12 @@
 
 namespace loom::linear_attention {
 
-enum class LinearAttentionMethod { kLasp2, kLasp2AllScan, kLasp1 };
+// kUlysses is head-parallel (parallel/linear_attention/ulysses.h): it moves
+// tokens, not states, so make_state_prefix() refuses it; the operators
+// (linear attention, gated, Gated DeltaNet) dispatch it before any prefix.
+enum class LinearAttentionMethod { kLasp2, kLasp2AllScan, kLasp1, kUlysses };
 const char* method_name(LinearAttentionMethod method);
-// "lasp2", "lasp2_allscan", "lasp1" (any case); throws ConfigError otherwise.
+// "lasp2", "lasp2_allscan", "lasp1", "ulysses" (any case); throws ConfigError otherwise.
 LinearAttentionMethod parse_method(const std::string& name);
 
 enum class PrefixDirection { kForward, kBackward };

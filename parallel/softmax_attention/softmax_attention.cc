@@ -7,6 +7,7 @@
 
 #include "loom/runtime/comm/autograd_state.h"
 #include "loom/parallel/softmax_attention/offload_attention.h"
+#include "loom/parallel/softmax_attention/ulysses.h"
 #include "loom/runtime/comm/comm_order.h"
 #include "loom/runtime/comm/differentiable_collectives.h"
 #include "loom/runtime/comm/documents.h"
@@ -23,6 +24,8 @@ const char* method_name(SoftmaxMethod method) {
     case SoftmaxMethod::kRing: return "ring";
     case SoftmaxMethod::kAllGather: return "allgather";
     case SoftmaxMethod::kOffload: return "offload";
+    case SoftmaxMethod::kUlysses: return "ulysses";
+    case SoftmaxMethod::kUsp: return "usp";
   }
   return "?";
 }
@@ -34,7 +37,10 @@ SoftmaxMethod parse_method(const std::string& name) {
   if (lower == "ring") return SoftmaxMethod::kRing;
   if (lower == "allgather") return SoftmaxMethod::kAllGather;
   if (lower == "offload") return SoftmaxMethod::kOffload;
-  throw ConfigError("softmax attention method '" + name + "': allowed values are local, ring, allgather, offload");
+  if (lower == "ulysses") return SoftmaxMethod::kUlysses;
+  if (lower == "usp") return SoftmaxMethod::kUsp;
+  throw ConfigError("softmax attention method '" + name +
+                    "': allowed values are local, ring, allgather, offload, ulysses, usp");
 }
 
 namespace {
@@ -401,7 +407,8 @@ std::pair<at::Tensor, at::Tensor> positioned_attention(const at::Tensor& q, int6
 std::pair<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const SequenceLayout& layout, const CommPtr& comm,
                                                      SoftmaxMethod method, const AttentionSpec& spec,
-                                                     offload::OffloadClient* offload, const at::Tensor& doc_start) {
+                                                     offload::OffloadClient* offload, const at::Tensor& doc_start,
+                                                     int ulysses_degree) {
   TORCH_CHECK(comm && comm->size() == layout.world_size(), "softmax attention: communicator has ",
               comm ? comm->size() : 0, " ranks, the layout ", layout.world_size());
   TORCH_CHECK(q.dim() == 4 && q.size(2) == layout.local_len(), "softmax attention: local q has shape ", q.sizes(),
@@ -412,7 +419,10 @@ std::pair<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const 
   check_document_starts(doc_start, q, 2, "softmax attention");
   TORCH_CHECK(!doc_start.defined() || doc_start.device() == q.device(), "softmax attention: doc_start is on ",
               doc_start.device(), " but q on ", q.device());
-  if (spec.window > 0) return windowed(q, k, v, layout, comm, spec, doc_start);  // every method, offload too
+  // Ulysses and USP hold whole group sequences: the window needs no halo there.
+  if (method == SoftmaxMethod::kUlysses) return ulysses_attention(q, k, v, layout, comm, spec, doc_start, 0);
+  if (method == SoftmaxMethod::kUsp) return ulysses_attention(q, k, v, layout, comm, spec, doc_start, ulysses_degree);
+  if (spec.window > 0) return windowed(q, k, v, layout, comm, spec, doc_start);  // every other method, offload too
   if (method == SoftmaxMethod::kOffload) {
     if (!offload)
       throw ConfigError("softmax attention method 'offload' needs memory nodes: set offload.memory_ranks > 0");
@@ -434,7 +444,9 @@ std::pair<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const 
                                                    spec.window, spec.block);
       return {res[0], res[1]};
     }
-    case SoftmaxMethod::kOffload: break;
+    case SoftmaxMethod::kOffload:
+    case SoftmaxMethod::kUlysses:
+    case SoftmaxMethod::kUsp: break;
   }
   TORCH_CHECK(false, "unknown softmax attention method");
 }

@@ -11,8 +11,15 @@
 //   kAllGather  LASP-2H's softmax half: one AllGather of K,V, local attention
 //               to the causal prefix, backward reduce-scatters dK,dV;
 //   kOffload    K,V on memory nodes, attention computed there
-//               (offload_attention.h); needs an OffloadClient.
-// With a sliding window (spec.window > 0) every method uses the halo instead:
+//               (offload_attention.h); needs an OffloadClient;
+//   kUlysses    DeepSpeed-Ulysses: all-to-all from sequence- to head-sharded,
+//               whole-sequence attention per head group, all-to-all back
+//               (ulysses.h);
+//   kUsp        2D: all-to-all inside groups of `ulysses_degree` consecutive
+//               ranks, ring across the groups (ulysses.h).
+// With a sliding window (spec.window > 0) every method but kUlysses and kUsp
+// uses the halo instead (those two attend whole group sequences, where the
+// window only skips blocks):
 // each chunk receives the last window-1 keys/values of the chunk before it
 // (halo_exchange), which is exact and moves O(window) tokens; a window longer
 // than a chunk is rejected with a clear error.
@@ -51,23 +58,25 @@ class OffloadClient;
 
 namespace loom::softmax_attention {
 
-enum class SoftmaxMethod { kLocal, kRing, kAllGather, kOffload };
+enum class SoftmaxMethod { kLocal, kRing, kAllGather, kOffload, kUlysses, kUsp };
 const char* method_name(SoftmaxMethod method);
-// "local", "ring", "allgather", "offload" (any case); throws ConfigError otherwise.
+// "local", "ring", "allgather", "offload", "ulysses", "usp" (any case); throws ConfigError otherwise.
 SoftmaxMethod parse_method(const std::string& name);
 
 // `offload` is required by (and only used by) kOffload. `doc_start`: see above.
+// `ulysses_degree`: the all-to-all group of kUsp (0: the whole communicator,
+// which is kUlysses); other methods ignore it.
 std::pair<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const SequenceLayout& layout, const CommPtr& comm,
                                                      SoftmaxMethod method, const AttentionSpec& spec,
                                                      offload::OffloadClient* offload = nullptr,
-                                                     const at::Tensor& doc_start = {});
+                                                     const at::Tensor& doc_start = {}, int ulysses_degree = 0);
 
 inline at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const SequenceLayout& layout, const CommPtr& comm, SoftmaxMethod method,
                             const AttentionSpec& spec, offload::OffloadClient* offload = nullptr,
-                            const at::Tensor& doc_start = {}) {
-  return attention_with_lse(q, k, v, layout, comm, method, spec, offload, doc_start).first;
+                            const at::Tensor& doc_start = {}, int ulysses_degree = 0) {
+  return attention_with_lse(q, k, v, layout, comm, method, spec, offload, doc_start, ulysses_degree).first;
 }
 
 // Forward of this rank's query chunks against every rank's K,V already

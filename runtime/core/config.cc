@@ -689,16 +689,39 @@ void validate_config(const pb::LoomConfig& c) {
                 ": memory nodes serve only parallel.softmax_method = OFFLOAD (they would sit idle)");
   v.require(!offload || c.train().device() == "cpu",
             "field parallel.softmax_method = OFFLOAD: the memory nodes' transport is MPI, so train.device must be cpu");
-  // Reserved in the schema for the methods being built (Ulysses, USP, recompute); refused until they run.
-  v.require(c.parallel().softmax_method() != pb::ULYSSES && c.parallel().softmax_method() != pb::USP,
-            "field parallel.softmax_method = " + pb::SoftmaxMethod_Name(c.parallel().softmax_method()) +
-                ": not supported by this build yet (use RING, ALLGATHER, LOCAL or OFFLOAD)");
-  v.require(c.parallel().linear_method() != pb::LINEAR_ULYSSES,
-            "field parallel.linear_method = LINEAR_ULYSSES: not supported by this build yet (use LASP2, "
-            "LASP2_ALLSCAN or LASP1)");
-  v.require(c.parallel().ulysses_degree() == 0,
-            "field parallel.ulysses_degree = " + std::to_string(c.parallel().ulysses_degree()) +
-                ": only parallel.softmax_method = USP uses it, which this build does not support yet");
+  // Head-parallel methods: the heads they exchange must divide among the
+  // all-to-all group (checked here when parallel.sp is given, else at start-up
+  // once the world size is known).
+  const bool usp = p.softmax_method() == pb::USP;
+  const bool ulysses_softmax = p.softmax_method() == pb::ULYSSES || usp;
+  const bool softmax_layers = m.pattern().find_first_of("AW") != std::string::npos;
+  v.require(p.ulysses_degree() == 0 || usp,
+            "field parallel.ulysses_degree = " + std::to_string(p.ulysses_degree()) +
+                ": only parallel.softmax_method = USP uses it (ULYSSES spans the whole sp group)");
+  if (usp && p.ulysses_degree() > 0 && p.sp() > 0)
+    v.require(p.sp() % p.ulysses_degree() == 0,
+              "field parallel.ulysses_degree = " + std::to_string(p.ulysses_degree()) +
+                  ": must divide parallel.sp = " + std::to_string(p.sp()) + " (sp = ulysses_degree x ring degree)");
+  const int64_t all_to_all_ranks = usp && p.ulysses_degree() > 0 ? p.ulysses_degree() : p.sp();
+  if (ulysses_softmax && softmax_layers && all_to_all_ranks > 0 && m.n_heads() >= 1)
+    v.require(m.n_heads() % all_to_all_ranks == 0,
+              "field model.n_heads = " + std::to_string(m.n_heads()) + ": parallel.softmax_method = " +
+                  pb::SoftmaxMethod_Name(p.softmax_method()) + " shards the heads over " +
+                  std::to_string(all_to_all_ranks) + " ranks (" + (usp && p.ulysses_degree() > 0 ? "parallel.ulysses_degree" : "parallel.sp") +
+                  "), which must divide it");
+  if (p.linear_method() == pb::LINEAR_ULYSSES && p.sp() > 0) {
+    if (m.pattern().find_first_of("LK") != std::string::npos && m.n_heads() >= 1)
+      v.require(m.n_heads() % p.sp() == 0, "field model.n_heads = " + std::to_string(m.n_heads()) +
+                                               ": parallel.linear_method = LINEAR_ULYSSES shards the heads over "
+                                               "parallel.sp = " + std::to_string(p.sp()) + " ranks, which must divide it");
+    const int64_t key_heads = m.delta_key_heads() > 0 ? m.delta_key_heads() : m.n_heads();
+    const int64_t value_heads = m.delta_value_heads() > 0 ? m.delta_value_heads() : key_heads;
+    if (m.pattern().find('D') != std::string::npos && value_heads >= 1)
+      v.require(value_heads % p.sp() == 0, "field model.delta_value_heads = " + std::to_string(value_heads) +
+                                               ": parallel.linear_method = LINEAR_ULYSSES shards the Gated DeltaNet "
+                                               "heads over parallel.sp = " + std::to_string(p.sp()) +
+                                               " ranks, which must divide it");
+  }
   v.require(c.train().recompute() == pb::TrainConfig::NONE,
             "field train.recompute = " + pb::TrainConfig::Recompute_Name(c.train().recompute()) +
                 ": not supported by this build yet (use NONE)");

@@ -166,8 +166,11 @@ Job::Job(pb::LoomConfig config) : config_(std::move(config)) {
   agree_on_failure(world->handle(), [&] {
     if (memory) return;
     try {
+      // USP's all-to-all groups and rings are built with the mesh (collective here, not in a layer).
+      const int ulysses_degree =
+          config_.parallel().softmax_method() == pb::USP ? config_.parallel().ulysses_degree() : 0;
       mesh_ = std::make_unique<ProcessMesh>(mesh_world(compute, config_.parallel(), config_.train(), device_),
-                                            config_.parallel().dp(), config_.parallel().sp());
+                                            config_.parallel().dp(), config_.parallel().sp(), ulysses_degree);
     } catch (const ConfigError& e) {
       if (M == 0) throw;
       throw ConfigError(std::to_string(S) + " ranks - offload.memory_ranks " + std::to_string(M) + " = " +
