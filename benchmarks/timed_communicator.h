@@ -40,6 +40,10 @@ class TimedCommunicator final : public Communicator {
     return timed([&] { return inner_->exscan(out, in, op); });
   }
   WorkPtr all_to_all(const at::Tensor& out, const at::Tensor& in) override { return timed([&] { return inner_->all_to_all(out, in); }); }
+  WorkPtr all_to_all(const at::Tensor& out, const at::Tensor& in, const std::vector<int64_t>& out_splits,
+                     const std::vector<int64_t>& in_splits) override {
+    return timed([&] { return inner_->all_to_all(out, in, out_splits, in_splits); });
+  }
   WorkPtr barrier() override { return timed([&] { return inner_->barrier(); }); }
   WorkPtr isend(const at::Tensor& t, int dst, int tag) override { return timed([&] { return inner_->isend(t, dst, tag); }); }
   WorkPtr irecv(const at::Tensor& t, int src, int tag) override { return timed([&] { return inner_->irecv(t, src, tag); }); }

@@ -159,6 +159,46 @@ TEST_P(CommunicatorTest, AllToAllTransposesBlocks) {
   EXPECT_EQ(comm->stats()[OpType::kAllToAll].bytes_received, (W - 1) * 2 * esize());
 }
 
+TEST_P(CommunicatorTest, AllToAllUnevenSplits) {
+  // Rank q sends rows(q, p) = (q + 2p) % 3 rows to rank p (some blocks empty,
+  // the one to itself included); row i of that block holds 100q + 10p + i.
+  auto rows = [](int q, int p) -> int64_t { return (q + 2 * p) % 3; };
+  std::vector<int64_t> input_splits, output_splits;
+  std::vector<at::Tensor> blocks;
+  for (int p = 0; p < W; ++p) {
+    input_splits.push_back(rows(r, p));
+    output_splits.push_back(rows(p, r));
+    for (int64_t i = 0; i < rows(r, p); ++i) blocks.push_back(at::full({1, 2}, 100 * r + 10 * p + i, opts()));
+  }
+  int64_t in_rows = 0, out_rows = 0, sent_rows = 0, received_rows = 0;
+  for (int p = 0; p < W; ++p) {
+    in_rows += input_splits[p];
+    out_rows += output_splits[p];
+    if (p != r) sent_rows += input_splits[p], received_rows += output_splits[p];
+  }
+  const at::Tensor in = in_rows > 0 ? at::cat(blocks) : at::empty({0, 2}, opts());
+  at::Tensor out = at::full({out_rows, 2}, -1, opts());
+  comm->all_to_all(out, in, output_splits, input_splits)->wait();
+  int64_t row = 0;
+  for (int q = 0; q < W; ++q)
+    for (int64_t i = 0; i < rows(q, r); ++i, ++row) expect_equal(out[row], at::full({2}, 100 * q + 10 * r + i, opts()));
+  const auto& c = comm->stats()[OpType::kAllToAll];
+  EXPECT_EQ(c.calls, 1);
+  EXPECT_EQ(c.bytes_sent, sent_rows * 2 * esize());
+  EXPECT_EQ(c.bytes_received, received_rows * 2 * esize());
+}
+
+TEST_P(CommunicatorTest, AllToAllUnevenSplitsAreChecked) {
+  const std::vector<int64_t> ones(W, 1);
+  at::Tensor in = at::zeros({W, 2}, opts()), out = at::zeros({W, 2}, opts());
+  // Sum of splits differs from the rows; wrong number of splits; rows differ.
+  EXPECT_THROW(comm->all_to_all(out, in, ones, std::vector<int64_t>(W, 2)), c10::Error);
+  EXPECT_THROW(comm->all_to_all(out, in, ones, std::vector<int64_t>(W + 1, 1)), c10::Error);
+  EXPECT_THROW(comm->all_to_all(at::zeros({W, 3}, opts()), in, ones, ones), c10::Error);
+  // A rejected call is neither counted nor posted.
+  EXPECT_EQ(comm->stats()[OpType::kAllToAll].calls, 0);
+}
+
 TEST_P(CommunicatorTest, RingSendRecv) {
   const int next = (r + 1) % W, prev = (r - 1 + W) % W;
   at::Tensor out = at::empty({6}, opts());

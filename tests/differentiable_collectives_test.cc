@@ -112,6 +112,76 @@ TEST_F(DifferentiableCollectives, RingShiftBackwardShiftsBack) {
   }
 }
 
+TEST_F(DifferentiableCollectives, AllToAllBackwardIsReverseAllToAll) {
+  // Ulysses' shape change: rank q holds X_q [2, 2W, 3, 2] (heads x its tokens);
+  // rank r receives heads 2r, 2r+1 of every rank's tokens, in rank order.
+  const std::vector<int64_t> in_shape{2, 2 * W, 3, 2}, out_shape{2, 2, 3 * W, 2};
+  std::vector<at::Tensor> Xs;
+  for (int q = 0; q < W; ++q) Xs.push_back(seeded_randn(in_shape, 60 + q).requires_grad_(true));
+  at::Tensor x = Xs[r].detach().clone().requires_grad_(true);
+  at::Tensor y = all_to_all(x, comm, /*scatter_dim=*/1, /*gather_dim=*/2);
+  (y * y * upstream(out_shape, r)).sum().backward();
+
+  auto expected = [&](int p) {
+    std::vector<at::Tensor> parts;
+    for (int q = 0; q < W; ++q) parts.push_back(Xs[q].narrow(1, 2 * p, 2));
+    return at::cat(parts, 2);
+  };
+  at::Tensor loss = at::zeros({}, at::kDouble);
+  for (int p = 0; p < W; ++p) {
+    const at::Tensor e = expected(p);
+    loss = loss + (e * e * upstream(out_shape, p)).sum();
+  }
+  loss.backward();
+  EXPECT_TRUE(ReferenceCheck(r, kTol)
+                  .same("all_to_all output", y, expected(r))
+                  .same("all_to_all grad", x.grad(), Xs[r].grad())
+                  .verdict());
+  // And back: the reverse exchange restores the input.
+  EXPECT_TRUE(at::equal(all_to_all(y.detach(), comm, 2, 1), Xs[r].detach()));
+}
+
+TEST_F(DifferentiableCollectives, AllToAllUnevenBackwardSwapsSplits) {
+  // rows(q, p) = (2q + p) % 3 + (p == q ? 0 : 1) rows go from rank q to rank p.
+  auto rows = [](int q, int p) -> int64_t { return (2 * q + p) % 3 + (p == q ? 0 : 1); };
+  auto total_rows = [&](int q) {
+    int64_t n = 0;
+    for (int p = 0; p < W; ++p) n += rows(q, p);
+    return n;
+  };
+  std::vector<at::Tensor> Xs;
+  for (int q = 0; q < W; ++q) Xs.push_back(seeded_randn({total_rows(q), 3}, 70 + q).requires_grad_(true));
+  // Block of rank q's rows addressed to rank p.
+  auto block = [&](int q, int p) {
+    int64_t start = 0;
+    for (int s = 0; s < p; ++s) start += rows(q, s);
+    return Xs[q].narrow(0, start, rows(q, p));
+  };
+  auto expected = [&](int p) {
+    std::vector<at::Tensor> parts;
+    for (int q = 0; q < W; ++q) parts.push_back(block(q, p));
+    return at::cat(parts);
+  };
+  std::vector<int64_t> input_splits, output_splits;
+  for (int p = 0; p < W; ++p) {
+    input_splits.push_back(rows(r, p));
+    output_splits.push_back(rows(p, r));
+  }
+  at::Tensor x = Xs[r].detach().clone().requires_grad_(true);
+  at::Tensor y = all_to_all_uneven(x, comm, output_splits, input_splits);
+  (y.sin() * upstream(y.sizes(), r)).sum().backward();
+  at::Tensor loss = at::zeros({}, at::kDouble);
+  for (int p = 0; p < W; ++p) {
+    const at::Tensor e = expected(p);
+    loss = loss + (e.sin() * upstream(e.sizes(), p)).sum();
+  }
+  loss.backward();
+  EXPECT_TRUE(ReferenceCheck(r, kTol)
+                  .same("all_to_all_uneven output", y, expected(r))
+                  .same("all_to_all_uneven grad", x.grad(), Xs[r].grad())
+                  .verdict());
+}
+
 // Naive halo of one rank: for each of its chunks, the `halo` tokens before the
 // chunk's start in the padded global sequence (zeros before position 0).
 at::Tensor naive_halo(const at::Tensor& X_padded, const SequenceLayout& layout, int rank, int64_t halo) {

@@ -1,5 +1,6 @@
 #include "loom/runtime/comm/communicator.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
@@ -86,6 +87,44 @@ void wait_all(const std::vector<WorkPtr>& works) {
     if (w) w->wait();
 }
 
+AllToAllPlan plan_all_to_all(const at::Tensor& output, const at::Tensor& input,
+                             const std::vector<int64_t>& output_splits, const std::vector<int64_t>& input_splits,
+                             int rank, int size) {
+  TORCH_CHECK(input.defined() && output.defined(), "all_to_all: input and output must be defined");
+  TORCH_CHECK(input.dim() >= 1 && output.dim() >= 1, "all_to_all (split sizes): input and output need a dim 0 to split");
+  TORCH_CHECK(output.scalar_type() == input.scalar_type(), "all_to_all: output dtype ", output.scalar_type(),
+              " differs from input dtype ", input.scalar_type());
+  TORCH_CHECK(static_cast<int>(input_splits.size()) == size && static_cast<int>(output_splits.size()) == size,
+              "all_to_all: ", input_splits.size(), " input and ", output_splits.size(),
+              " output split sizes for a communicator of ", size, " ranks (one per rank)");
+  const int64_t in_row = input.size(0) > 0 ? input.numel() / input.size(0) : 0;
+  const int64_t out_row = output.size(0) > 0 ? output.numel() / output.size(0) : 0;
+  TORCH_CHECK(input.size(0) == 0 || output.size(0) == 0 || in_row == out_row, "all_to_all: input rows hold ", in_row,
+              " elements, output rows ", out_row, "; rows must match");
+  const int64_t row = std::max(in_row, out_row), esize = static_cast<int64_t>(input.element_size());
+  AllToAllPlan plan;
+  int64_t in_total = 0, out_total = 0;
+  for (int q = 0; q < size; ++q) {
+    TORCH_CHECK(input_splits[q] >= 0 && output_splits[q] >= 0, "all_to_all: split sizes for rank ", q,
+                " are negative (input ", input_splits[q], ", output ", output_splits[q], ")");
+    plan.send_offsets.push_back(in_total * row);
+    plan.send_counts.push_back(input_splits[q] * row);
+    plan.recv_offsets.push_back(out_total * row);
+    plan.recv_counts.push_back(output_splits[q] * row);
+    in_total += input_splits[q];
+    out_total += output_splits[q];
+    if (q != rank) {
+      plan.bytes_sent += input_splits[q] * row * esize;
+      plan.bytes_received += output_splits[q] * row * esize;
+    }
+  }
+  TORCH_CHECK(in_total == input.size(0), "all_to_all: input split sizes sum to ", in_total, " rows, the input has ",
+              input.size(0));
+  TORCH_CHECK(out_total == output.size(0), "all_to_all: output split sizes sum to ", out_total,
+              " rows, the output has ", output.size(0));
+  return plan;
+}
+
 ScanOp sum_scan_op() {
   ScanOp op;
   op.name = "sum";
@@ -154,6 +193,10 @@ WorkPtr Communicator::reduce_scatter(const at::Tensor&, const at::Tensor&, Reduc
 WorkPtr Communicator::broadcast(const at::Tensor&, int) { throw_unsupported("broadcast"); }
 WorkPtr Communicator::exscan(const at::Tensor&, const at::Tensor&, const ScanOp&) { throw_unsupported("exscan"); }
 WorkPtr Communicator::all_to_all(const at::Tensor&, const at::Tensor&) { throw_unsupported("all_to_all"); }
+WorkPtr Communicator::all_to_all(const at::Tensor&, const at::Tensor&, const std::vector<int64_t>&,
+                                 const std::vector<int64_t>&) {
+  throw_unsupported("all_to_all (split sizes)");
+}
 WorkPtr Communicator::barrier() { throw_unsupported("barrier"); }
 WorkPtr Communicator::isend(const at::Tensor&, int, int) { throw_unsupported("isend"); }
 WorkPtr Communicator::irecv(const at::Tensor&, int, int) { throw_unsupported("irecv"); }

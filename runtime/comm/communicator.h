@@ -27,8 +27,14 @@
 //
 // Shapes: all_gather concatenates along dim 0 (output has size(0) = W * input
 // size(0)); reduce_scatter splits its input along dim 0 into W equal blocks;
-// all_to_all sends block r of dim 0 to rank r. Contiguous tensors are used in
-// place, others are staged through a contiguous copy.
+// all_to_all sends block r of dim 0 to rank r (equal blocks), or, with split
+// sizes, the rows input_splits[0] .. of dim 0 to rank 0, the next
+// input_splits[1] rows to rank 1, ..., and receives output_splits[q] rows from
+// rank q into consecutive rows of the output (uneven blocks; each rank's
+// input_splits[q] must equal rank q's output_splits[r]; rows are dim-0 slices
+// and input and output rows must have the same number of elements).
+// Contiguous tensors are used in place, others are staged through a
+// contiguous copy.
 //
 // Every backend counts calls and bytes per operation (stats()). Bytes are the
 // payload that crosses the rank boundary by the operation's definition, not by
@@ -38,6 +44,8 @@
 //   broadcast:                    root sends (W-1) * bytes, others receive bytes
 //   exscan:                       received = bytes on ranks > 0, sent = bytes on ranks < W-1
 //   all_to_all:                   sent = received = (W-1)/W * tensor bytes
+//   all_to_all (split sizes):     sent = input rows to other ranks, received =
+//                                 output rows from other ranks (never rank r's own)
 //   send / recv:                  the message bytes
 #pragma once
 
@@ -49,6 +57,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace loom {
 
@@ -125,6 +134,20 @@ struct ScanOp {
 // Elementwise sum as a ScanOp (exscan(sum) == MPI_Exscan with MPI_SUM, with 0 on rank 0).
 ScanOp sum_scan_op();
 
+// An uneven all_to_all resolved into element counts and offsets per peer,
+// after checking the split sizes against the tensors (one entry per rank,
+// none negative, summing to each tensor's rows, rows of equal element count,
+// the same dtype). Backends call it before counting or posting anything.
+struct AllToAllPlan {
+  std::vector<int64_t> send_counts, send_offsets;  // elements, per destination rank
+  std::vector<int64_t> recv_counts, recv_offsets;  // elements, per source rank
+  int64_t bytes_sent = 0;      // to ranks other than `rank`
+  int64_t bytes_received = 0;  // from ranks other than `rank`
+};
+AllToAllPlan plan_all_to_all(const at::Tensor& output, const at::Tensor& input,
+                             const std::vector<int64_t>& output_splits, const std::vector<int64_t>& input_splits,
+                             int rank, int size);
+
 class Communicator;
 using CommPtr = std::shared_ptr<Communicator>;
 
@@ -150,6 +173,9 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   virtual WorkPtr broadcast(const at::Tensor& tensor, int root);
   virtual WorkPtr exscan(const at::Tensor& output, const at::Tensor& input, const ScanOp& op);
   virtual WorkPtr all_to_all(const at::Tensor& output, const at::Tensor& input);
+  // Uneven blocks: split sizes count dim-0 rows, one entry per rank.
+  virtual WorkPtr all_to_all(const at::Tensor& output, const at::Tensor& input,
+                             const std::vector<int64_t>& output_splits, const std::vector<int64_t>& input_splits);
   virtual WorkPtr barrier();
 
   // Point-to-point. tag >= 0.

@@ -49,6 +49,36 @@ at::Tensor ring_shift_raw(const at::Tensor& x, Communicator& comm, int shift) {
   return out;
 }
 
+at::Tensor all_to_all_along(const at::Tensor& x, Communicator& comm, int64_t scatter_dim, int64_t gather_dim) {
+  const int64_t W = comm.size();
+  scatter_dim = at::maybe_wrap_dim(scatter_dim, x.dim());
+  gather_dim = at::maybe_wrap_dim(gather_dim, x.dim());
+  TORCH_CHECK(scatter_dim != gather_dim, "all_to_all: scatter and gather dimension are both ", scatter_dim);
+  TORCH_CHECK(x.size(scatter_dim) % W == 0, "all_to_all: dimension ", scatter_dim, " has ", x.size(scatter_dim),
+              " entries, not divisible by the ", W, " ranks");
+  // Block q of the scatter dimension becomes row q of a leading rank dimension.
+  auto split_shape = x.sizes().vec();
+  split_shape[scatter_dim] = x.size(scatter_dim) / W;
+  split_shape.insert(split_shape.begin() + scatter_dim, W);
+  const at::Tensor send = x.reshape(split_shape).movedim(scatter_dim, 0).contiguous();
+  at::Tensor received = at::empty_like(send);
+  comm.all_to_all(received, send)->wait();
+  // Row q came from rank q: put it in front of the gather dimension, merge.
+  return received.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1);
+}
+
+at::Tensor all_to_all_rows(const at::Tensor& x, Communicator& comm, const std::vector<int64_t>& output_splits,
+                           const std::vector<int64_t>& input_splits) {
+  TORCH_CHECK(x.dim() >= 1, "all_to_all: needs a dim 0 to split");
+  auto shape = x.sizes().vec();
+  shape[0] = 0;
+  for (int64_t rows : output_splits) shape[0] += rows;
+  const at::Tensor in = x.contiguous();
+  at::Tensor out = at::empty(shape, in.options());
+  comm.all_to_all(out, in, output_splits, input_splits)->wait();
+  return out;
+}
+
 at::Tensor halo_forward_raw(const at::Tensor& x, const SequenceLayout& layout, int64_t halo, Communicator& comm,
                             int64_t dim) {
   dim = at::maybe_wrap_dim(dim, x.dim());
@@ -223,6 +253,48 @@ struct RingShiftFunction : public torch::autograd::Function<RingShiftFunction> {
   }
 };
 
+struct AllToAllFunction : public torch::autograd::Function<AllToAllFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& x,
+                               const CommPtr& comm, int64_t scatter_dim, int64_t gather_dim) {
+    ctx->saved_data["order"] = CommOrder::claim();
+    save_comm(ctx, comm);
+    ctx->saved_data["scatter_dim"] = scatter_dim;
+    ctx->saved_data["gather_dim"] = gather_dim;
+    at::Tensor out = all_to_all_along(x, *comm, scatter_dim, gather_dim);
+    remember_output(ctx, out);
+    return {out, CommOrder::new_token()};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    CommOrder::backward_ran(ctx->saved_data["order"].toInt());
+    return {at::Tensor(),
+            all_to_all_along(grad_or_zero(grads[0], ctx), *comm_of(ctx), ctx->saved_data["gather_dim"].toInt(),
+                             ctx->saved_data["scatter_dim"].toInt()),
+            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+struct AllToAllUnevenFunction : public torch::autograd::Function<AllToAllUnevenFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& x,
+                               const CommPtr& comm, const std::vector<int64_t>& output_splits,
+                               const std::vector<int64_t>& input_splits) {
+    ctx->saved_data["order"] = CommOrder::claim();
+    save_comm(ctx, comm);
+    ctx->saved_data["output_splits"] = output_splits;
+    ctx->saved_data["input_splits"] = input_splits;
+    at::Tensor out = all_to_all_rows(x, *comm, output_splits, input_splits);
+    remember_output(ctx, out);
+    return {out, CommOrder::new_token()};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    CommOrder::backward_ran(ctx->saved_data["order"].toInt());
+    // The gradient travels back: what this rank received it now sends.
+    return {at::Tensor(),
+            all_to_all_rows(grad_or_zero(grads[0], ctx), *comm_of(ctx), ctx->saved_data["input_splits"].toIntVector(),
+                            ctx->saved_data["output_splits"].toIntVector()),
+            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 struct HaloExchangeFunction : public torch::autograd::Function<HaloExchangeFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& order, const at::Tensor& x,
                                const SequenceLayout& layout, int64_t halo, const CommPtr& comm, int64_t dim) {
@@ -259,6 +331,13 @@ at::Tensor reduce_scatter(const at::Tensor& x, const CommPtr& comm, int64_t dim)
 at::Tensor all_reduce(const at::Tensor& x, const CommPtr& comm) { return apply_in_order<AllReduceFunction>(x, comm)[0]; }
 at::Tensor ring_shift(const at::Tensor& x, const CommPtr& comm, int shift) {
   return apply_in_order<RingShiftFunction>(x, comm, static_cast<int64_t>(shift))[0];
+}
+at::Tensor all_to_all(const at::Tensor& x, const CommPtr& comm, int64_t scatter_dim, int64_t gather_dim) {
+  return apply_in_order<AllToAllFunction>(x, comm, scatter_dim, gather_dim)[0];
+}
+at::Tensor all_to_all_uneven(const at::Tensor& x, const CommPtr& comm, const std::vector<int64_t>& output_splits,
+                             const std::vector<int64_t>& input_splits) {
+  return apply_in_order<AllToAllUnevenFunction>(x, comm, output_splits, input_splits)[0];
 }
 at::Tensor halo_exchange(const at::Tensor& x, const SequenceLayout& layout, int64_t halo, const CommPtr& comm,
                          int64_t dim) {

@@ -2,6 +2,7 @@
 
 #include <c10/util/BFloat16.h>
 
+#include <array>
 #include <climits>
 #include <cstdlib>
 #include <iostream>
@@ -392,6 +393,38 @@ WorkPtr MpiCommunicator::all_to_all(const at::Tensor& output, const at::Tensor& 
   const MPI_Datatype type = mpi_type(in.scalar_type(), "all_to_all");
   LOOM_MPI_CHECK(MPI_Ialltoall(in.data_ptr(), count, type, out->buffer.data_ptr(), count, type, comm_,
                                work->add_request()),
+                 "all_to_all");
+  return work;
+}
+
+WorkPtr MpiCommunicator::all_to_all(const at::Tensor& output, const at::Tensor& input,
+                                    const std::vector<int64_t>& output_splits,
+                                    const std::vector<int64_t>& input_splits) {
+  check_cpu(input, "all_to_all", "input", size_ == 1);
+  check_cpu(output, "all_to_all", "output", size_ == 1);
+  const AllToAllPlan plan = plan_all_to_all(output, input, output_splits, input_splits, rank_, size_);
+  // MPI counts and displacements are ints: check them all before posting.
+  std::vector<int> send_counts, send_displs, recv_counts, recv_displs;
+  for (int q = 0; q < size_; ++q) {
+    send_counts.push_back(checked_count(plan.send_counts[q], "all_to_all"));
+    send_displs.push_back(checked_count(plan.send_offsets[q], "all_to_all"));
+    recv_counts.push_back(checked_count(plan.recv_counts[q], "all_to_all"));
+    recv_displs.push_back(checked_count(plan.recv_offsets[q], "all_to_all"));
+  }
+  const at::Tensor in = input.contiguous();
+  auto out = std::make_shared<Output>(output);
+  record(OpType::kAllToAll, plan.bytes_sent, plan.bytes_received);
+  if (size_ == 1) return complete_locally(output, in);
+  // MPI may read the count vectors until the request completes: the
+  // completion callback owns them.
+  auto counts = std::make_shared<std::array<std::vector<int>, 4>>(
+      std::array<std::vector<int>, 4>{std::move(send_counts), std::move(send_displs), std::move(recv_counts),
+                                      std::move(recv_displs)});
+  auto work = std::make_shared<MpiWork>(timeout(), describe(OpType::kAllToAll, ++seq_, in.nbytes()),
+                                        std::vector<at::Tensor>{in, out->buffer}, [out, counts] { out->finish(); });
+  const MPI_Datatype type = mpi_type(in.scalar_type(), "all_to_all");
+  LOOM_MPI_CHECK(MPI_Ialltoallv(in.data_ptr(), (*counts)[0].data(), (*counts)[1].data(), type, out->buffer.data_ptr(),
+                                (*counts)[2].data(), (*counts)[3].data(), type, comm_, work->add_request()),
                  "all_to_all");
   return work;
 }

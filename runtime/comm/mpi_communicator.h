@@ -4,6 +4,7 @@
 // id over MPI). Supported dtypes: float32, float64, bfloat16 (reduced in float32
 // by user operations, since MPI has no bf16), int64, int32 and uint8.
 // Every operation maps to a non-blocking MPI call (MPI_Iallgather, ...,
+// MPI_Ialltoallv for uneven all_to_all,
 // MPI_Isend/Irecv); Work::wait() drives MPI progress under the watchdog.
 // Contiguous tensors are passed to MPI without copies.
 //
@@ -41,6 +42,8 @@ class MpiCommunicator final : public Communicator {
   WorkPtr broadcast(const at::Tensor& tensor, int root) override;
   WorkPtr exscan(const at::Tensor& output, const at::Tensor& input, const ScanOp& op) override;
   WorkPtr all_to_all(const at::Tensor& output, const at::Tensor& input) override;
+  WorkPtr all_to_all(const at::Tensor& output, const at::Tensor& input, const std::vector<int64_t>& output_splits,
+                     const std::vector<int64_t>& input_splits) override;
   WorkPtr barrier() override;
   WorkPtr isend(const at::Tensor& tensor, int dst, int tag) override;
   WorkPtr irecv(const at::Tensor& tensor, int src, int tag) override;

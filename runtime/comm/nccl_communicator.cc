@@ -292,6 +292,33 @@ WorkPtr NcclCommunicator::all_to_all(const at::Tensor& output, const at::Tensor&
   });
 }
 
+WorkPtr NcclCommunicator::all_to_all(const at::Tensor& output, const at::Tensor& input,
+                                     const std::vector<int64_t>& output_splits,
+                                     const std::vector<int64_t>& input_splits) {
+  check_cuda(input, "all_to_all");
+  check_cuda(output, "all_to_all");
+  const AllToAllPlan plan = plan_all_to_all(output, input, output_splits, input_splits, rank(), size());
+  record(OpType::kAllToAll, plan.bytes_sent, plan.bytes_received);
+  const size_t esize = input.element_size();
+  return impl_->collective("all_to_all", input.nbytes(), {input, output}, [&] {
+    const ncclDataType_t type = nccl_type(input.scalar_type(), "all_to_all");
+    LOOM_NCCL_CHECK(ncclGroupStart(), "all_to_all");
+    // An empty block is skipped on both sides: rank q's send count to r is
+    // r's receive count from q.
+    for (int peer = 0; peer < size(); ++peer) {
+      if (plan.send_counts[peer] > 0)
+        LOOM_NCCL_CHECK(ncclSend(static_cast<char*>(input.data_ptr()) + plan.send_offsets[peer] * esize,
+                                 plan.send_counts[peer], type, peer, impl_->comm, impl_->stream),
+                        "all_to_all");
+      if (plan.recv_counts[peer] > 0)
+        LOOM_NCCL_CHECK(ncclRecv(static_cast<char*>(output.data_ptr()) + plan.recv_offsets[peer] * esize,
+                                 plan.recv_counts[peer], type, peer, impl_->comm, impl_->stream),
+                        "all_to_all");
+    }
+    LOOM_NCCL_CHECK(ncclGroupEnd(), "all_to_all");
+  });
+}
+
 WorkPtr NcclCommunicator::barrier() {
   record(OpType::kBarrier, 0, 0);
   at::Tensor one = at::zeros({1}, at::TensorOptions().dtype(at::kFloat).device(at::Device(at::kCUDA, impl_->device)));

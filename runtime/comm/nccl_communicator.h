@@ -9,7 +9,8 @@
 // torch-CUDA glue installs (set_current_stream_provider); without it, the
 // legacy default stream is used. Point-to-point operations are queued and
 // issued together in one NCCL group at the next wait() or collective, so a
-// ring of irecv/isend cannot deadlock. exscan runs by recursive doubling over
+// ring of irecv/isend cannot deadlock. all_to_all (equal or uneven) is one
+// group of ncclSend/ncclRecv per peer. exscan runs by recursive doubling over
 // send/recv with the user operation applied between rounds. A watchdog thread
 // aborts the NCCL communicator (ncclCommAbort) and the job when an operation
 // is not complete after timeout(), naming the operation, rank and host.
@@ -45,6 +46,8 @@ class NcclCommunicator final : public Communicator {
   WorkPtr broadcast(const at::Tensor& tensor, int root) override;
   WorkPtr exscan(const at::Tensor& output, const at::Tensor& input, const ScanOp& op) override;
   WorkPtr all_to_all(const at::Tensor& output, const at::Tensor& input) override;
+  WorkPtr all_to_all(const at::Tensor& output, const at::Tensor& input, const std::vector<int64_t>& output_splits,
+                     const std::vector<int64_t>& input_splits) override;
   WorkPtr barrier() override;
   WorkPtr isend(const at::Tensor& tensor, int dst, int tag) override;
   WorkPtr irecv(const at::Tensor& tensor, int src, int tag) override;
