@@ -32,7 +32,9 @@ class C10dCommunicator::Group {
   virtual GroupWork allgather(std::vector<std::vector<at::Tensor>>& outputs, std::vector<at::Tensor>& inputs) = 0;
   virtual GroupWork allreduce(std::vector<at::Tensor>& tensors, ReduceOp op) = 0;
   virtual GroupWork broadcast(std::vector<at::Tensor>& tensors, int root) = 0;
-  virtual GroupWork alltoall(at::Tensor& output, at::Tensor& input) = 0;
+  // Split sizes count dim-0 rows; empty: W equal blocks.
+  virtual GroupWork alltoall(at::Tensor& output, at::Tensor& input, std::vector<int64_t>& output_splits,
+                             std::vector<int64_t>& input_splits) = 0;
   virtual GroupWork barrier() = 0;
   virtual GroupWork send(std::vector<at::Tensor>& tensors, int dst, int tag) = 0;
   virtual GroupWork recv(std::vector<at::Tensor>& tensors, int src, int tag) = 0;
@@ -72,9 +74,9 @@ class GroupOf final : public C10dCommunicator::Group {
     options.rootRank = root;
     return group_->broadcast(tensors, options);
   }
-  GroupWork alltoall(at::Tensor& output, at::Tensor& input) override {
-    std::vector<int64_t> equal_splits;  // empty: W equal blocks of dim 0
-    return group_->alltoall_base(output, input, equal_splits, equal_splits, c10d::AllToAllOptions());
+  GroupWork alltoall(at::Tensor& output, at::Tensor& input, std::vector<int64_t>& output_splits,
+                     std::vector<int64_t>& input_splits) override {
+    return group_->alltoall_base(output, input, output_splits, input_splits, c10d::AllToAllOptions());
   }
   GroupWork barrier() override { return group_->barrier(c10d::BarrierOptions()); }
   GroupWork send(std::vector<at::Tensor>& tensors, int dst, int tag) override {
@@ -242,6 +244,28 @@ class SelfRecvWork final : public Work {
 
 }  // namespace
 
+namespace {
+
+// Posts one operation on the group; an error the group raises at once becomes
+// a CommError naming the operation, rank and host.
+template <typename Post>
+GroupWork post(const std::string& what, Post&& post_it) {
+  try {
+    return post_it();
+  } catch (const std::exception& e) {
+    const std::string text = e.what();
+    throw CommError(what + " failed on host " + host_name() + ": " + text.substr(0, text.find('\n')));
+  }
+}
+
+// A collective of one rank moves nothing: output <- input, on any device.
+WorkPtr complete_locally(const at::Tensor& output, const at::Tensor& input) {
+  if (output.defined()) output.view(input.sizes()).copy_(input);
+  return std::make_shared<CompletedWork>();
+}
+
+}  // namespace
+
 // ---- C10dCommunicator ----
 
 C10dCommunicator::C10dCommunicator(std::unique_ptr<Group> group, c10::intrusive_ptr<c10d::Store> store,
@@ -285,8 +309,18 @@ std::shared_ptr<C10dCommunicator> C10dCommunicator::create_gloo(c10::intrusive_p
                     std::to_string(size) + ", host " + host_name() + "): " + what.substr(0, what.find('\n')));
   }
   std::shared_ptr<C10dCommunicator> c(
-      new C10dCommunicator(std::make_unique<GroupOf<c10d::ProcessGroupGloo>>(std::move(gloo)), std::move(store),
+      new C10dCommunicator(std::make_unique<GroupOf<c10d::ProcessGroupGloo>>(gloo), std::move(store),
                            std::move(name)));
+  // A rank's constructor returns once its own connections are up, while a
+  // peer may still be connecting to a third rank: were this rank to destroy
+  // the group at once, that peer would see its connection closed. The
+  // barrier (not counted) returns only when every rank is connected.
+  if (size > 1) {
+    const std::string what = "creation barrier of c10d communicator '" + c->name() + "' (rank " +
+                             std::to_string(rank) + " of " + std::to_string(size) + ")";
+    auto work = post(what, [&] { return gloo->barrier(c10d::BarrierOptions()); });
+    C10dWork(std::vector<GroupWork>{work}, true, c->timeout(), what, {}, nullptr).wait();
+  }
   c->register_self();
   return c;
 }
@@ -302,27 +336,6 @@ std::string C10dCommunicator::describe(OpType op, int64_t bytes) const {
   return out.str();
 }
 
-namespace {
-
-// Posts one operation on the group; an error the group raises at once becomes
-// a CommError naming the operation, rank and host.
-template <typename Post>
-GroupWork post(const std::string& what, Post&& post_it) {
-  try {
-    return post_it();
-  } catch (const std::exception& e) {
-    const std::string text = e.what();
-    throw CommError(what + " failed on host " + host_name() + ": " + text.substr(0, text.find('\n')));
-  }
-}
-
-// A collective of one rank moves nothing: output <- input, on any device.
-WorkPtr complete_locally(const at::Tensor& output, const at::Tensor& input) {
-  if (output.defined()) output.view(input.sizes()).copy_(input);
-  return std::make_shared<CompletedWork>();
-}
-
-}  // namespace
 
 WorkPtr C10dCommunicator::all_gather(const at::Tensor& output, const at::Tensor& input) {
   check_dtype(input, "all_gather", "input");
@@ -385,7 +398,8 @@ WorkPtr C10dCommunicator::reduce_scatter(const at::Tensor& output, const at::Ten
   at::Tensor received = at::empty_like(in);
   at::Tensor send_wire = wire(in), recv_wire = wire(received);
   const std::string what = describe(OpType::kReduceScatter, bytes);
-  auto work = post(what, [&] { return group_->alltoall(recv_wire, send_wire); });
+  std::vector<int64_t> equal_splits;
+  auto work = post(what, [&] { return group_->alltoall(recv_wire, send_wire, equal_splits, equal_splits); });
   const int world = size_;
   const at::Tensor target = output;
   return std::make_shared<C10dWork>(
@@ -439,7 +453,28 @@ WorkPtr C10dCommunicator::all_to_all(const at::Tensor& output, const at::Tensor&
   auto out = std::make_shared<Output>(output);
   at::Tensor send_wire = wire(in), recv_wire = wire(out->buffer);
   const std::string what = describe(OpType::kAllToAll, bytes);
-  auto work = post(what, [&] { return group_->alltoall(recv_wire, send_wire); });
+  std::vector<int64_t> equal_splits;
+  auto work = post(what, [&] { return group_->alltoall(recv_wire, send_wire, equal_splits, equal_splits); });
+  return std::make_shared<C10dWork>(std::vector<GroupWork>{work}, true, timeout(), what,
+                                    std::vector<at::Tensor>{in, out->buffer}, [out] { out->finish(); });
+}
+
+WorkPtr C10dCommunicator::all_to_all(const at::Tensor& output, const at::Tensor& input,
+                                     const std::vector<int64_t>& output_splits,
+                                     const std::vector<int64_t>& input_splits) {
+  check_dtype(input, "all_to_all", "input");
+  check_dtype(output, "all_to_all", "output");
+  const AllToAllPlan plan = plan_all_to_all(output, input, output_splits, input_splits, rank_, size_);
+  const at::Tensor in = input.contiguous();
+  record(OpType::kAllToAll, plan.bytes_sent, plan.bytes_received);
+  ++seq_;
+  if (size_ == 1) return complete_locally(output, in);
+  auto out = std::make_shared<Output>(output);
+  // The wire tensors are flat: the plan's element counts are their rows.
+  at::Tensor send_wire = wire(in), recv_wire = wire(out->buffer);
+  std::vector<int64_t> send_counts = plan.send_counts, recv_counts = plan.recv_counts;
+  const std::string what = describe(OpType::kAllToAll, in.nbytes());
+  auto work = post(what, [&] { return group_->alltoall(recv_wire, send_wire, recv_counts, send_counts); });
   return std::make_shared<C10dWork>(std::vector<GroupWork>{work}, true, timeout(), what,
                                     std::vector<at::Tensor>{in, out->buffer}, [out] { out->finish(); });
 }

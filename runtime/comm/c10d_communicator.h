@@ -17,7 +17,7 @@
 //   broadcast       broadcast
 //   exscan          recursive doubling over send/recv on tags >= kReservedTagBase,
 //                   the user operation applied between rounds (as NCCL does)
-//   all_to_all      alltoall_base with equal splits
+//   all_to_all      alltoall_base with equal splits, or the split sizes given
 //   barrier         barrier
 //   isend / irecv   send / recv (a rank's messages to itself are matched locally,
 //                   Gloo has no self-connection); user tags < kReservedTagBase
@@ -79,6 +79,8 @@ class C10dCommunicator final : public Communicator {
   WorkPtr broadcast(const at::Tensor& tensor, int root) override;
   WorkPtr exscan(const at::Tensor& output, const at::Tensor& input, const ScanOp& op) override;
   WorkPtr all_to_all(const at::Tensor& output, const at::Tensor& input) override;
+  WorkPtr all_to_all(const at::Tensor& output, const at::Tensor& input, const std::vector<int64_t>& output_splits,
+                     const std::vector<int64_t>& input_splits) override;
   WorkPtr barrier() override;
   WorkPtr isend(const at::Tensor& tensor, int dst, int tag) override;
   WorkPtr irecv(const at::Tensor& tensor, int src, int tag) override;
