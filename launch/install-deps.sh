@@ -8,7 +8,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake git pkg-config
-  libtorch-dev
+  libtorch-dev libgloo-dev python3-torch pybind11-dev python3-dev
   libopenmpi-dev openmpi-bin
   libprotobuf-dev protobuf-compiler
   libgtest-dev libgmock-dev

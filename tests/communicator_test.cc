@@ -1,33 +1,85 @@
 // Every Communicator operation, in every supported dtype, against values
-// computed by hand; counted calls and bytes against the documented sizes.
+// computed by hand; counted calls and bytes against the documented sizes. The
+// same suite runs on every CPU backend: MPI (instantiations without a prefix
+// naming the backend) and, when built, c10d over a Gloo group on a FileStore
+// (C10dGloo*: the ranks of mpirun share a store file that rank 0 names).
 #include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
 
 #include "distributed_reference.h"
+#include "loom/runtime/core/build_config.h"
 #include "loom/runtime/core/error.h"
 #include "loom/runtime/comm/mpi_communicator.h"
+#if LOOM_WITH_C10D
+#include <torch/csrc/distributed/c10d/FileStore.hpp>
+
+#include "loom/runtime/comm/c10d_communicator.h"
+#endif
 
 namespace loom {
 namespace {
 
-class CommunicatorTest : public ::testing::TestWithParam<at::ScalarType> {
+enum class Backend { kMpi, kC10dGloo };
+
+std::string backend_label(Backend backend) { return backend == Backend::kMpi ? "Mpi" : "C10dGloo"; }
+
+#if LOOM_WITH_C10D
+// A Gloo group over all of mpirun's ranks, on a FileStore whose path rank 0
+// picks and broadcasts; every call makes a new store file and group.
+std::shared_ptr<C10dCommunicator> c10d_gloo_world() {
+  static std::atomic<int> groups{0};
+  auto mpi = MpiCommunicator::world();
+  at::Tensor path = at::zeros({256}, at::kByte);
+  if (mpi->rank() == 0) {
+    const std::string name = ::testing::TempDir() + "loom-c10d-store-" + std::to_string(getpid()) + "-" +
+                             std::to_string(groups++);
+    std::memcpy(path.data_ptr(), name.data(), name.size());
+  }
+  mpi->broadcast(path, 0)->wait();
+  auto store = c10::make_intrusive<c10d::FileStore>(std::string(static_cast<const char*>(path.data_ptr())), mpi->size());
+  return C10dCommunicator::create_gloo(store, mpi->rank(), mpi->size(), "world");
+}
+#endif
+
+CommPtr make_world(Backend backend) {
+#if LOOM_WITH_C10D
+  if (backend == Backend::kC10dGloo) return c10d_gloo_world();
+#endif
+  if (backend != Backend::kMpi) throw UnsupportedError("this build has no c10d backend");
+  return MpiCommunicator::world();
+}
+
+std::vector<Backend> built_backends() {
+#if LOOM_WITH_C10D
+  return {Backend::kMpi, Backend::kC10dGloo};
+#else
+  return {Backend::kMpi};
+#endif
+}
+
+class CommunicatorTest : public ::testing::TestWithParam<std::tuple<Backend, at::ScalarType>> {
  protected:
   void SetUp() override {
-    comm = MpiCommunicator::world();
+    comm = make_world(std::get<0>(GetParam()));
     W = comm->size();
     r = comm->rank();
   }
-  at::TensorOptions opts() const { return at::TensorOptions().dtype(GetParam()); }
-  int64_t esize() const { return at::elementSize(GetParam()); }
+  at::ScalarType dtype() const { return std::get<1>(GetParam()); }
+  at::TensorOptions opts() const { return at::TensorOptions().dtype(dtype()); }
+  int64_t esize() const { return at::elementSize(dtype()); }
   // Small integers are exact in every dtype, bfloat16 included.
   at::Tensor ints(at::IntArrayRef sizes, int64_t offset) const {
     int64_t n = 1;
     for (auto s : sizes) n *= s;
-    return (at::arange(n, at::kLong) + offset).reshape(sizes).to(GetParam());
+    return (at::arange(n, at::kLong) + offset).reshape(sizes).to(dtype());
   }
   static void expect_equal(const at::Tensor& a, const at::Tensor& b) {
     EXPECT_TRUE(at::equal(a.to(at::kDouble), b.to(at::kDouble))) << "got\n" << a << "\nexpected\n" << b;
   }
-  std::shared_ptr<MpiCommunicator> comm;
+  CommPtr comm;
   int W = 1, r = 0;
 };
 
@@ -168,15 +220,33 @@ TEST_P(CommunicatorTest, NonContiguousTensorsAreStaged) {
   for (int q = 0; q < W; ++q) expect_equal(out.narrow(0, 2 * q, 2), ints({3, 2}, 10 * q).t());
 }
 
-INSTANTIATE_TEST_SUITE_P(Dtypes, CommunicatorTest, ::testing::Values(at::kFloat, at::kDouble, at::kBFloat16, at::kLong),
-                         [](const ::testing::TestParamInfo<at::ScalarType>& info) {
-                           return std::string(c10::toString(info.param));
-                         });
+const auto kDtypes = ::testing::Values(at::kFloat, at::kDouble, at::kBFloat16, at::kLong);
+std::string dtype_name(const ::testing::TestParamInfo<std::tuple<Backend, at::ScalarType>>& info) {
+  return std::string(c10::toString(std::get<1>(info.param)));
+}
+INSTANTIATE_TEST_SUITE_P(Dtypes, CommunicatorTest, ::testing::Combine(::testing::Values(Backend::kMpi), kDtypes),
+                         dtype_name);
+#if LOOM_WITH_C10D
+INSTANTIATE_TEST_SUITE_P(C10dGlooDtypes, CommunicatorTest,
+                         ::testing::Combine(::testing::Values(Backend::kC10dGloo), kDtypes), dtype_name);
+#endif
 
-TEST(CommunicatorScan, UserOperationIsOrderedAndNonCommutative) {
+// The tests below run once per backend: Backends/<Suite>.<Test>/Mpi, .../C10dGloo.
+class CommunicatorBackend : public ::testing::TestWithParam<Backend> {
+ protected:
+  CommPtr world() const { return make_world(GetParam()); }
+};
+using CommunicatorScan = CommunicatorBackend;
+using CommunicatorSplit = CommunicatorBackend;
+using CommunicatorStats = CommunicatorBackend;
+using CommunicatorErrors = CommunicatorBackend;
+using CommunicatorRegistry = CommunicatorBackend;
+std::string backend_name(const ::testing::TestParamInfo<Backend>& info) { return backend_label(info.param); }
+
+TEST_P(CommunicatorScan, UserOperationIsOrderedAndNonCommutative) {
   // Matrix product is associative but not commutative: rank r must receive
   // M_0 M_1 ... M_{r-1} (identity on rank 0).
-  auto comm = MpiCommunicator::world();
+  auto comm = world();
   const int r = comm->rank();
   ScanOp matmul_op;
   matmul_op.name = "matmul";
@@ -189,15 +259,15 @@ TEST(CommunicatorScan, UserOperationIsOrderedAndNonCommutative) {
   EXPECT_TRUE(testing::tensors_close(out, expected, 1e-12, "exscan(matmul)"));
 }
 
-TEST(CommunicatorScan, Bf16UserOperation) {
-  auto comm = MpiCommunicator::world();
+TEST_P(CommunicatorScan, Bf16UserOperation) {
+  auto comm = world();
   at::Tensor out = at::empty({4}, at::kBFloat16);
   comm->exscan(out, at::full({4}, 2.0, at::kBFloat16), sum_scan_op())->wait();
   EXPECT_TRUE(at::equal(out.to(at::kFloat), at::full({4}, 2.0f * comm->rank())));
 }
 
-TEST(CommunicatorSplit, SubgroupsReduceAmongThemselves) {
-  auto comm = MpiCommunicator::world();
+TEST_P(CommunicatorSplit, SubgroupsReduceAmongThemselves) {
+  auto comm = world();
   const int W = comm->size(), r = comm->rank();
   auto sub = comm->split(r % 2, r);
   ASSERT_NE(sub, nullptr);
@@ -215,8 +285,8 @@ TEST(CommunicatorSplit, SubgroupsReduceAmongThemselves) {
   EXPECT_EQ(none == nullptr, r != 0);
 }
 
-TEST(CommunicatorStats, ResetAndDifference) {
-  auto comm = MpiCommunicator::world();
+TEST_P(CommunicatorStats, ResetAndDifference) {
+  auto comm = world();
   comm->barrier()->wait();
   const CommStats before = comm->stats();
   at::Tensor t = at::ones({8}, at::kFloat);
@@ -229,8 +299,8 @@ TEST(CommunicatorStats, ResetAndDifference) {
   EXPECT_EQ(comm->stats().total_calls(), 0);
 }
 
-TEST(CommunicatorErrors, WrongDtypeAndShapeAreNamed) {
-  auto comm = MpiCommunicator::world();
+TEST_P(CommunicatorErrors, WrongDtypeAndShapeAreNamed) {
+  auto comm = world();
   at::Tensor half = at::ones({2}, at::kHalf);
   try {
     comm->all_reduce(half);
@@ -251,7 +321,7 @@ class NothingCommunicator final : public Communicator {
   std::string backend_name() const override { return "nothing"; }
 };
 
-TEST(CommunicatorErrors, UnsupportedOperationNamesBackend) {
+TEST(CommunicatorInterface, UnsupportedOperationNamesBackend) {
   NothingCommunicator c;
   try {
     c.all_to_all(at::ones({1}), at::ones({1}));
@@ -263,15 +333,21 @@ TEST(CommunicatorErrors, UnsupportedOperationNamesBackend) {
   }
 }
 
-TEST(CommunicatorRegistry, FindsLiveCommunicatorsOnly) {
+TEST_P(CommunicatorRegistry, FindsLiveCommunicatorsOnly) {
   int64_t id = 0;
   {
-    auto comm = MpiCommunicator::world();
+    auto comm = world();
     id = comm->id();
     EXPECT_EQ(Communicator::by_id(id).get(), comm.get());
   }
   EXPECT_THROW(Communicator::by_id(id), CommError);
 }
+
+INSTANTIATE_TEST_SUITE_P(Backends, CommunicatorScan, ::testing::ValuesIn(built_backends()), backend_name);
+INSTANTIATE_TEST_SUITE_P(Backends, CommunicatorSplit, ::testing::ValuesIn(built_backends()), backend_name);
+INSTANTIATE_TEST_SUITE_P(Backends, CommunicatorStats, ::testing::ValuesIn(built_backends()), backend_name);
+INSTANTIATE_TEST_SUITE_P(Backends, CommunicatorErrors, ::testing::ValuesIn(built_backends()), backend_name);
+INSTANTIATE_TEST_SUITE_P(Backends, CommunicatorRegistry, ::testing::ValuesIn(built_backends()), backend_name);
 
 }  // namespace
 }  // namespace loom

@@ -194,8 +194,12 @@ void wait_with_watchdog(const std::function<bool()>& is_done, std::chrono::milli
     const auto pause = std::chrono::duration_cast<std::chrono::microseconds>(waited / 100);
     std::this_thread::sleep_for(std::clamp(pause, std::chrono::microseconds(50), std::chrono::microseconds(2000)));
   }
+  report_timeout(timeout, describe());
+}
+
+void report_timeout(std::chrono::milliseconds timeout, const std::string& description) {
   const double seconds = std::chrono::duration<double>(timeout).count();
-  const std::string mine = describe();
+  const std::string& mine = description;
   std::ostringstream msg;
   msg << "loom watchdog: rank " << world_rank_or_minus_one() << " on host " << host_name() << ": " << mine;
   if (!watchdog_context().empty()) msg << " (" << watchdog_context() << ")";

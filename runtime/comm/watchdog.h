@@ -45,6 +45,12 @@ constexpr int kWatchdogExitCode = 124;
 void wait_with_watchdog(const std::function<bool()>& is_done, std::chrono::milliseconds timeout,
                         const std::function<std::string()>& describe);
 
+// The end of wait_with_watchdog() for a backend that waited by other means (a
+// blocking wait with a deadline, as c10d's Gloo send/recv): `description`
+// did not finish within `timeout`; reports it (asking peers, as above) and
+// aborts or throws CommTimeout.
+[[noreturn]] void report_timeout(std::chrono::milliseconds timeout, const std::string& description);
+
 // Names what the code waiting in this scope is doing (say, "offload ATTEND of
 // call 3 with memory node rank 2"): the watchdog adds it to its message, since
 // a point-to-point receive alone does not say which request it belongs to.

@@ -3,6 +3,8 @@
 #include <mpi.h>
 #include <unistd.h>
 
+#include <climits>
+#include <cstdlib>
 #include <sstream>
 
 namespace loom {
@@ -11,7 +13,15 @@ int world_rank_or_minus_one() {
   int initialized = 0, finalized = 0;
   MPI_Initialized(&initialized);
   MPI_Finalized(&finalized);
-  if (!initialized || finalized) return -1;
+  if (!initialized || finalized) {
+    // A torchrun job (the Python module over c10d) has no MPI: its launcher's
+    // RANK names the process.
+    const char* env = std::getenv("RANK");
+    if (env == nullptr || *env == '\0') return -1;
+    char* end = nullptr;
+    const long rank = std::strtol(env, &end, 10);
+    return *end == '\0' && rank >= 0 && rank <= INT_MAX ? static_cast<int>(rank) : -1;
+  }
   int rank = -1;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   return rank;
