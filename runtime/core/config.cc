@@ -689,7 +689,7 @@ void validate_config(const pb::LoomConfig& c) {
                 ": memory nodes serve only parallel.softmax_method = OFFLOAD (they would sit idle)");
   v.require(!offload || c.train().device() == "cpu",
             "field parallel.softmax_method = OFFLOAD: the memory nodes' transport is MPI, so train.device must be cpu");
-  // Reserved in the schema for the methods being built (Ulysses, USP, recompute); refused until they run.
+  // Reserved in the schema for the methods being built (Ulysses, USP); refused until they run.
   v.require(c.parallel().softmax_method() != pb::ULYSSES && c.parallel().softmax_method() != pb::USP,
             "field parallel.softmax_method = " + pb::SoftmaxMethod_Name(c.parallel().softmax_method()) +
                 ": not supported by this build yet (use RING, ALLGATHER, LOCAL or OFFLOAD)");
@@ -699,9 +699,10 @@ void validate_config(const pb::LoomConfig& c) {
   v.require(c.parallel().ulysses_degree() == 0,
             "field parallel.ulysses_degree = " + std::to_string(c.parallel().ulysses_degree()) +
                 ": only parallel.softmax_method = USP uses it, which this build does not support yet");
-  v.require(c.train().recompute() == pb::TrainConfig::NONE,
+  v.require(c.train().recompute() == pb::TrainConfig::NONE || !offload,
             "field train.recompute = " + pb::TrainConfig::Recompute_Name(c.train().recompute()) +
-                ": not supported by this build yet (use NONE)");
+                " with parallel.softmax_method = OFFLOAD: a recomputed block would send its keys and values to the "
+                "memory nodes again; use train.recompute = NONE with offload");
   v.one_of("log.level", c.log().level(), {"debug", "info", "warn", "error"});
   v.throw_if_any();
 }
