@@ -19,6 +19,8 @@
 #include "loom/models/hybrid_lm.h"
 #include "loom/runtime/comm/documents.h"
 #include "loom/runtime/comm/mpi_communicator.h"
+#include "loom/runtime/core/config.h"
+#include "loom/runtime/core/error.h"
 #include "loom/runtime/core/memory_tracker.h"
 
 namespace loom::models {
@@ -289,6 +291,26 @@ TEST(RecomputeExact, EvaluationUnderNoGradRunsThePlainForward) {
   model->set_recompute(RecomputeMode::kSelective);
   const at::Tensor selective = model->forward(input, make_context(pb::ParallelConfig(), layout, comm));
   EXPECT_TRUE(ReferenceCheck(comm->rank(), 0.0).same("logits", selective, plain).verdict());
+}
+
+TEST(RecomputeExact, ConfigAcceptsTheModesButNotWithOffload) {
+  pb::LoomConfig c;
+  for (auto mode : {pb::TrainConfig::BLOCK, pb::TrainConfig::SELECTIVE}) {
+    c.mutable_train()->set_recompute(mode);
+    EXPECT_NO_THROW(validate_config(c)) << pb::TrainConfig::Recompute_Name(mode);
+  }
+  c.mutable_parallel()->set_softmax_method(pb::OFFLOAD);
+  c.mutable_offload()->set_memory_ranks(1);
+  try {
+    validate_config(c);
+    FAIL() << "expected ConfigError for train.recompute with OFFLOAD";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("train.recompute = SELECTIVE with parallel.softmax_method = OFFLOAD"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_EQ(recompute_mode(pb::TrainConfig::BLOCK), RecomputeMode::kBlock);
+  EXPECT_EQ(recompute_mode(pb::TrainConfig::SELECTIVE), RecomputeMode::kSelective);
 }
 
 }  // namespace
