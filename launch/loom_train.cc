@@ -395,6 +395,7 @@ int run_job(loom::Job& job, const Options& opt) {
       torch::manual_seed(config.train().seed());  // identical parameters on every rank
       model = lm::HybridLM(model_config, at::TensorOptions().device(job.device()));
       model->set_precision(*loom::scalar_type_from_name(config.train().dtype()));  // validated above
+      model->set_recompute(lm::recompute_mode(config.train().recompute()));
     }
   } catch (const std::exception& e) {
     setup_error = e.what();

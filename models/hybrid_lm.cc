@@ -6,6 +6,7 @@
 #include <map>
 #include <sstream>
 
+#include "loom/models/chunked_loss.h"
 #include "loom/models/titans.h"
 #include "loom/parallel/softmax_attention/offload_attention.h"
 #include "loom/parallel/softmax_attention/ulysses.h"
@@ -215,10 +216,36 @@ HybridLMImpl::HybridLMImpl(const pb::ModelConfig& c, at::TensorOptions options) 
   if (!c.tie_embeddings()) head_ = register_module("head", make_projection(D, c.vocab_size()));
 }
 
-at::Tensor HybridLMImpl::forward(const at::Tensor& tokens, const SequenceContext& given) {
+at::Tensor HybridLMImpl::forward(const at::Tensor& tokens, const SequenceContext& ctx) {
+  const at::Tensor x = hidden(tokens, ctx);
+  return head_ ? head_(x) : at::matmul(x, embedding_->weight.t());
+}
+
+at::Tensor HybridLMImpl::block_forward(size_t i, const at::Tensor& input, const SequenceContext& ctx) {
+  // A mixer kept in another dtype (set_precision) works in its own.
+  const at::Tensor mixed = mixer_norms_[i](input);
+  const auto own = mixer_weights_[i].scalar_type();
+  const at::Tensor x = input + (own == input.scalar_type() ? mixers_[i]->forward(mixed, ctx)
+                                                           : mixers_[i]->forward(mixed.to(own), ctx).to(input.scalar_type()));
+  return x + mlps_[i](mlp_norms_[i](x));
+}
+
+std::vector<at::Tensor> HybridLMImpl::block_parameters(size_t i) {
+  std::vector<at::Tensor> params;
+  for (torch::nn::Module* m : std::initializer_list<torch::nn::Module*>{mixer_norms_[i].get(), mixers_[i].get(),
+                                                                       mlp_norms_[i].get(), mlps_[i].get()})
+    for (const auto& p : m->parameters()) params.push_back(p);
+  return params;
+}
+
+at::Tensor HybridLMImpl::hidden(const at::Tensor& tokens, const SequenceContext& given) {
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == given.layout.local_len(), "HybridLM: tokens ", tokens.sizes(),
               " must be [B, ", given.layout.local_len(), "] for ", given.layout.describe());
   if (given.doc_start.defined()) check_document_starts(given.doc_start, tokens, 1, "HybridLM");
+  if (recompute_ != RecomputeMode::kNone && given.offload)
+    throw UnsupportedError(
+        "train.recompute with parallel.softmax_method = OFFLOAD: a recomputed block would send its keys and values "
+        "to the memory nodes again; use train.recompute = NONE with offload");
   // Where rotary positions restart is a property of the model (its config).
   SequenceContext ctx = given;
   ctx.positions_per_document = config_.positions_per_document();
@@ -226,17 +253,19 @@ at::Tensor HybridLMImpl::forward(const at::Tensor& tokens, const SequenceContext
   if (ctx.offload) ctx.offload->close_calls(ctx.comm);  // the previous step's K,V on the memory nodes
   at::Tensor x = embedding_(tokens);
   for (size_t i = 0; i < mixers_.size(); ++i) {
-    // A mixer kept in another dtype (set_precision) works in its own.
-    const at::Tensor mixed = mixer_norms_[i](x);
-    const auto own = mixer_weights_[i].scalar_type();
-    x = x + (own == x.scalar_type() ? mixers_[i]->forward(mixed, ctx)
-                                    : mixers_[i]->forward(mixed.to(own), ctx).to(x.scalar_type()));
-    x = x + mlps_[i](mlp_norms_[i](x));
+    if (recompute_ == RecomputeMode::kNone) {
+      x = block_forward(i, x, ctx);
+      continue;
+    }
+    x = recompute_block([this, i, ctx](const at::Tensor& input) { return block_forward(i, input, ctx); }, x,
+                        block_parameters(i), recompute_);
   }
-  x = final_norm_(x);
   // The loss must reach the last communication on every rank (CommOrder).
-  return CommOrder::close(head_ ? head_(x) : at::matmul(x, embedding_->weight.t()));
+  return CommOrder::close(final_norm_(x));
 }
+
+const at::Tensor& HybridLMImpl::head_weight() const { return head_ ? head_->weight : embedding_->weight; }
+at::Tensor HybridLMImpl::head_bias() const { return head_ ? head_->bias : at::Tensor(); }
 
 at::Tensor HybridLMImpl::decode_step(const at::Tensor& tokens, std::vector<DecodeCache>& caches, DecodeContext ctx) {
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == 1, "HybridLM::decode_step: tokens ", tokens.sizes(),
@@ -415,17 +444,27 @@ int64_t admissible_length(const pb::ModelConfig& m, LayoutKind kind, int sp, int
   return ((chunk + multiple - 1) / multiple) * multiple * chunks;
 }
 
+RecomputeMode recompute_mode(pb::TrainConfig::Recompute recompute) {
+  switch (recompute) {
+    case pb::TrainConfig::NONE: return RecomputeMode::kNone;
+    case pb::TrainConfig::BLOCK: return RecomputeMode::kBlock;
+    case pb::TrainConfig::SELECTIVE: return RecomputeMode::kSelective;
+    default: break;
+  }
+  throw UnsupportedError("train.recompute = " + pb::TrainConfig::Recompute_Name(recompute) +
+                         " is not supported by this build");
+}
+
 LossFn language_model_loss(const pb::ParallelConfig& parallel, offload::OffloadClient* offload) {
   return [parallel, offload](torch::nn::Module& module, const Batch& local, const SequenceLayout& layout,
                              const CommPtr& sp) {
     auto& model = dynamic_cast<HybridLMImpl&>(module);
     SequenceContext ctx = make_context(parallel, layout, sp, offload);
     ctx.doc_start = local.doc_start;
-    const at::Tensor logits = model.forward(local.inputs, ctx);
-    // Log-softmax in float32 at least (float64 stays float64).
-    const at::Tensor flat = logits.reshape({-1, logits.size(-1)});
-    return at::nll_loss(at::log_softmax(flat.scalar_type() == at::kDouble ? flat : flat.to(at::kFloat), -1),
-                        local.labels.reshape({-1}), {}, at::Reduction::Sum, -100);
+    const at::Tensor hidden = model.hidden(local.inputs, ctx);
+    // Block by block of tokens, log-softmax in float32 at least (chunked_loss.h).
+    return chunked_cross_entropy(hidden.reshape({-1, hidden.size(-1)}), model.head_weight(), model.head_bias(),
+                                 local.labels.reshape({-1}));
   };
 }
 

@@ -4,7 +4,12 @@
 //
 // forward() takes this rank's shard of token ids [B, n] under ctx.layout and
 // returns logits [B, n, vocab]; every mixer runs sequence-parallel through
-// ctx. Parameters are replicated on every rank; their gradients from one
+// ctx. hidden() returns the final-normed states [B, n, D] before the LM head
+// (head_weight()/head_bias()), which the chunked loss (chunked_loss.h) takes
+// instead of the logits; both are closed onto the CommOrder chain.
+// set_recompute(): each block (mixer and MLP with their norms) runs through
+// recompute_block (runtime/comm/recompute.h) in the given mode; not with
+// attention offload (UnsupportedError in forward). Parameters are replicated on every rank; their gradients from one
 // backward are this rank's share and must be all-reduced over dp x sp (the
 // trainer does it).
 //
@@ -25,6 +30,7 @@
 #include "loom/models/mixers.h"
 #include "loom/models/sequence_context.h"
 #include "loom/runtime/core/proto/loom.pb.h"
+#include "loom/runtime/comm/recompute.h"
 #include "loom/runtime/data/loss_function.h"
 
 namespace loom::models {
@@ -42,6 +48,13 @@ class HybridLMImpl : public torch::nn::Module {
   // the CPU), see ParameterScope.
   explicit HybridLMImpl(const pb::ModelConfig& resolved, at::TensorOptions options = {});
   at::Tensor forward(const at::Tensor& tokens, const SequenceContext& ctx);
+  // The final-normed hidden states [B, n, D] (forward() is head(hidden())).
+  at::Tensor hidden(const at::Tensor& tokens, const SequenceContext& ctx);
+  // The LM head: the embedding when tied; bias undefined without one.
+  const at::Tensor& head_weight() const;
+  at::Tensor head_bias() const;
+  void set_recompute(RecomputeMode mode) { recompute_ = mode; }
+  RecomputeMode recompute() const { return recompute_; }
   // Incremental decoding: tokens [S, 1] at ctx.position -> logits [S, 1, V];
   // `caches` (one per layer) carry the mixers' state between calls.
   at::Tensor decode_step(const at::Tensor& tokens, std::vector<DecodeCache>& caches, DecodeContext ctx);
@@ -64,6 +77,10 @@ class HybridLMImpl : public torch::nn::Module {
   std::vector<SwiGLU> mlps_;
   RMSNorm final_norm_{nullptr};
   Projection head_{nullptr};  // null when tied to the embedding
+  RecomputeMode recompute_ = RecomputeMode::kNone;
+  // Block i's forward: x + mixer(norm(x)), then + MLP(norm(.)).
+  at::Tensor block_forward(size_t i, const at::Tensor& x, const SequenceContext& ctx);
+  std::vector<at::Tensor> block_parameters(size_t i);
 };
 TORCH_MODULE(HybridLM);
 
@@ -82,7 +99,10 @@ void check_sequence_length(const pb::ModelConfig& model, const SequenceLayout& l
 std::string check_parallel_methods(const pb::ModelConfig& model, const pb::ParallelConfig& parallel, int sp);
 // The smallest length >= n that check_sequence_length accepts for `sp` ranks.
 int64_t admissible_length(const pb::ModelConfig& model, LayoutKind kind, int sp, int64_t n);
-// LossFn of a HybridLM: summed cross-entropy of the shard's labels.
+// The recompute mode of train.recompute.
+RecomputeMode recompute_mode(pb::TrainConfig::Recompute recompute);
+// LossFn of a HybridLM: summed cross-entropy of the shard's labels, by the
+// chunked loss (never [N, vocab] logits at once).
 LossFn language_model_loss(const pb::ParallelConfig& parallel,
                                     offload::OffloadClient* offload = nullptr);
 // Called after each generated token with the number generated so far (the

@@ -8,6 +8,7 @@
 
 #include "loom/runtime/comm/autograd_state.h"
 #include "loom/runtime/comm/comm_order.h"
+#include "loom/runtime/comm/recompute.h"
 #include "loom/runtime/core/error.h"
 
 namespace loom {
@@ -56,6 +57,7 @@ struct ChainFunction : public torch::autograd::Function<ChainFunction> {
     std::vector<at::Tensor> outputs(mine.size()), states_in(mine.size());
     std::vector<WorkPtr> sends;
     at::Tensor carried;
+    const bool replay = CommTape::replaying();  // recompute.h: no sends, no receives
     for (size_t idx = 0; idx < mine.size(); ++idx) {  // local order is sequence order
       const int64_t c = mine[idx];
       at::Tensor state;
@@ -63,9 +65,12 @@ struct ChainFunction : public torch::autograd::Function<ChainFunction> {
         state = initial_state.expand({inputs.size(0), initial_state.size(-1)}).contiguous();
       } else if (layout.owner_of(c - 1) == me) {
         state = carried;
+      } else if (replay) {  // a selective recompute's rerun: the state the first run received
+        state = CommTape::replay("state chain: entering state")[0];
       } else {
         state = at::empty({inputs.size(0), initial_state.size(-1)}, initial_state.options());
         comm->irecv(state, layout.owner_of(c - 1), static_cast<int>(c))->wait();
+        CommTape::record("state chain: entering state", {state});
       }
       states_in[idx] = state;
       auto [out, next] = step->step(inputs.narrow(1, static_cast<int64_t>(idx) * L, L), state);
@@ -73,7 +78,7 @@ struct ChainFunction : public torch::autograd::Function<ChainFunction> {
       if (c + 1 < layout.num_chunks()) {
         if (layout.owner_of(c + 1) == me)
           carried = next;
-        else
+        else if (!replay)
           sends.push_back(comm->isend(next.contiguous(), layout.owner_of(c + 1), static_cast<int>(c + 1)));
       }
     }

@@ -7,6 +7,7 @@
 #include "loom/runtime/comm/autograd_state.h"
 #include "loom/runtime/comm/comm_order.h"
 #include "loom/runtime/comm/documents.h"
+#include "loom/runtime/comm/recompute.h"
 #include "loom/runtime/core/dtypes.h"
 
 namespace loom::gated_delta {
@@ -67,13 +68,20 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
       offsets.push_back(B);
     }
     const at::Tensor chunk_transitions = at::stack(transitions);
-    auto prefix = make_affine_prefix(static_cast<LinearAttentionMethod>(method), layout, comm,
-                                     PrefixDirection::kForward);
-    prefix->start(chunk_transitions, at::stack(offsets));
+    // A selective recompute's rerun replays the entering states its first run
+    // received (recompute.h) and exchanges nothing.
+    const bool replay = CommTape::replaying();
+    std::unique_ptr<AffinePrefix> prefix;
+    if (!replay) {
+      prefix = make_affine_prefix(static_cast<LinearAttentionMethod>(method), layout, comm, PrefixDirection::kForward);
+      prefix->start(chunk_transitions, at::stack(offsets));
+    }
 
     std::vector<BlockOutputs> query_side;
     for (int64_t i = 0; i < cpr; ++i) query_side.push_back(block_outputs(blocks[i], maps[i]));
-    const at::Tensor entering = prefix->finish();  // [cpr, B, H, d_k, d_v]
+    const at::Tensor entering =  // [cpr, B, H, d_k, d_v]
+        replay ? CommTape::replay("gated delta rule: entering states")[0] : prefix->finish();
+    if (!replay) CommTape::record("gated delta rule: entering states", {entering});
     std::vector<at::Tensor> outs;
     for (int64_t i = 0; i < cpr; ++i)
       outs.push_back(stretch_outputs(query_side[i], block_states(maps[i], entering[i]).first, L));

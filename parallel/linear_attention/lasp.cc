@@ -10,6 +10,7 @@
 #include "loom/runtime/comm/autograd_state.h"
 #include "loom/runtime/comm/comm_order.h"
 #include "loom/runtime/comm/documents.h"
+#include "loom/runtime/comm/recompute.h"
 #include "loom/runtime/core/dtypes.h"
 
 namespace loom::linear_attention {
@@ -123,12 +124,18 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
     const auto chunks = layout.chunks_of(comm->rank());
     const ChunkFactors f = chunk_factors(kernel_decay, gates, q.size(1), layout, comm->rank(), docs, q.options());
 
-    std::vector<at::Tensor> states;
-    for (int64_t i = 0; i < cpr; ++i)
-      states.push_back(at::matmul(k.narrow(2, i * L, L).transpose(-1, -2), v.narrow(2, i * L, L) * f.key[i]));
-    auto prefix = make_state_prefix(static_cast<LinearAttentionMethod>(method), layout, comm, f.across,
-                                    PrefixDirection::kForward);
-    prefix->start(at::stack(states));
+    // A selective recompute's rerun replays the entering states its first run
+    // received (recompute.h) and exchanges nothing.
+    const bool replay = CommTape::replaying();
+    std::unique_ptr<StatePrefix> prefix;
+    if (!replay) {
+      std::vector<at::Tensor> states;
+      for (int64_t i = 0; i < cpr; ++i)
+        states.push_back(at::matmul(k.narrow(2, i * L, L).transpose(-1, -2), v.narrow(2, i * L, L) * f.key[i]));
+      prefix = make_state_prefix(static_cast<LinearAttentionMethod>(method), layout, comm, f.across,
+                                 PrefixDirection::kForward);
+      prefix->start(at::stack(states));
+    }
 
     // Intra-chunk work while the states travel.
     std::vector<at::Tensor> outs, block_states;
@@ -138,7 +145,8 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
       outs.push_back(r.out);
       block_states.push_back(r.block_states);
     }
-    const at::Tensor entering = prefix->finish();
+    const at::Tensor entering = replay ? CommTape::replay("linear attention: entering states")[0] : prefix->finish();
+    if (!replay) CommTape::record("linear attention: entering states", {entering});
     for (int64_t i = 0; i < cpr; ++i) outs[i].add_(at::matmul(q.narrow(2, i * L, L) * f.query[i], entering[i]));
 
     ctx->save_for_backward({q, k, v, decay, entering, at::stack(block_states), doc_start, log_gate});

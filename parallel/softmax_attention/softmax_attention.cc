@@ -11,6 +11,7 @@
 #include "loom/runtime/comm/comm_order.h"
 #include "loom/runtime/comm/differentiable_collectives.h"
 #include "loom/runtime/comm/documents.h"
+#include "loom/runtime/comm/recompute.h"
 #include "loom/runtime/core/error.h"
 
 namespace loom::softmax_attention {
@@ -219,6 +220,15 @@ struct RingFunction : public torch::autograd::Function<RingFunction> {
     const int W = comm->size(), r = comm->rank();
     const int64_t L = layout.chunk_len();
     const QueryChunks mine = query_chunks(layout, r, doc_start);
+    // A selective recompute's rerun keeps the first run's output and LSE
+    // (recompute.h): no ring, no attention.
+    if (CommTape::replaying()) {
+      const auto kept = CommTape::replay("ring attention: output and LSE");
+      // Fresh aliases: autograd marks outputs, the tape's tensors stay as recorded.
+      const at::Tensor out = kept[0].detach(), lse = kept[1].detach();
+      ctx->save_for_backward({q, k, v, out, lse, doc_start});
+      return finish_forward(ctx, comm, layout, spec, out.to(q.scalar_type()), lse);
+    }
     std::vector<Partial> partials;
     for (size_t i = 0; i < mine.starts.size(); ++i) partials.push_back(empty_partial(q.narrow(2, i * L, L)));
     // Every step forwards K,V even when its pairs are skipped (documents that
@@ -241,6 +251,7 @@ struct RingFunction : public torch::autograd::Function<RingFunction> {
       }
     }
     auto [out, lse] = join(partials);
+    CommTape::record("ring attention: output and LSE", {out, lse});
     ctx->save_for_backward({q, k, v, out, lse, doc_start});
     return finish_forward(ctx, comm, layout, spec, out.to(q.scalar_type()), lse);
   }
@@ -314,12 +325,23 @@ struct AllGatherFunction : public torch::autograd::Function<AllGatherFunction> {
     const at::Tensor doc_start = documents.value_or(at::Tensor());
     const AttentionSpec spec{scale, window, block};
     const int W = comm->size(), r = comm->rank();
-    const at::Tensor kv = at::stack({k, v}).unsqueeze(0).contiguous();  // [1, 2, B, Hkv, n, d]
-    auto shape = kv.sizes().vec();
-    shape[0] = W;
-    at::Tensor all = at::empty(shape, kv.options());
-    comm->all_gather(all, kv)->wait();
-    auto [out, lse] = gathered_forward(q, all, layout, r, spec, doc_start);
+    // A selective recompute's rerun keeps the first run's gathered K,V,
+    // output and LSE (recompute.h): no all-gather, no attention.
+    at::Tensor all, out, lse;
+    if (CommTape::replaying()) {
+      const auto kept = CommTape::replay("all-gather attention: K,V, output and LSE");
+      all = kept[0];
+      out = kept[1].detach();  // fresh aliases: autograd marks outputs, the tape's tensors stay as recorded
+      lse = kept[2].detach();
+    } else {
+      const at::Tensor kv = at::stack({k, v}).unsqueeze(0).contiguous();  // [1, 2, B, Hkv, n, d]
+      auto shape = kv.sizes().vec();
+      shape[0] = W;
+      all = at::empty(shape, kv.options());
+      comm->all_gather(all, kv)->wait();
+      std::tie(out, lse) = gathered_forward(q, all, layout, r, spec, doc_start);
+      CommTape::record("all-gather attention: K,V, output and LSE", {all, out, lse});
+    }
     // Keep the gathered K,V: backward needs every chunk again (more memory than
     // the ring, fewer steps).
     ctx->save_for_backward({q, all, out, lse, doc_start});

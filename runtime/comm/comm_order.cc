@@ -82,4 +82,26 @@ void CommOrder::reset() {
   s.head_consumed = true;
 }
 
+CommOrder::Isolation::Isolation() {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  head_ = std::move(s.head);
+  head_output_ = s.head_output;
+  head_id_ = s.head_id;
+  pending_id_ = s.pending_id;
+  head_consumed_ = s.head_consumed;
+  s.head.reset();
+  s.head_consumed = true;
+}
+
+CommOrder::Isolation::~Isolation() {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  s.head = std::move(head_);
+  s.head_output = head_output_;
+  s.head_id = head_id_;
+  s.pending_id = pending_id_;
+  s.head_consumed = head_consumed_;
+}
+
 }  // namespace loom

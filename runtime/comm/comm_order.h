@@ -19,11 +19,18 @@
 // on and then dropped without backward would be linked into the next one:
 // evaluate under NoGradGuard, or call reset() (HybridLM::forward and the
 // trainer do at every step).
+// Nested graphs (activation recompute, recompute.h): a forward rerun inside a
+// backward builds a graph of its own, whose communicating nodes must chain
+// among themselves, not onto the outer chain (whose head may be a node that
+// has not run yet), and must leave the outer chain as it was. An Isolation
+// saves the chain, starts a fresh one, and restores the saved one when it
+// ends; ids keep counting, so an inner node's id never equals an outer one's.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -50,6 +57,22 @@ class CommOrder {
   // state); otherwise that rank would skip the node's backward while the
   // others wait in its collective. Values are unchanged.
   static at::Tensor close(const at::Tensor& out);
+
+  // Scope of a nested graph (see above). Not copyable; nest freely (each
+  // restores what it found).
+  class Isolation {
+   public:
+    Isolation();
+    ~Isolation();
+    Isolation(const Isolation&) = delete;
+    Isolation& operator=(const Isolation&) = delete;
+
+   private:
+    std::shared_ptr<torch::autograd::Node> head_;
+    uint32_t head_output_;
+    int64_t head_id_, pending_id_;
+    bool head_consumed_;
+  };
 };
 
 // F::apply(token, args...) for an F whose forward takes the order token first

@@ -4,6 +4,7 @@
 
 #include "loom/runtime/comm/autograd_state.h"
 #include "loom/runtime/comm/comm_order.h"
+#include "loom/runtime/comm/recompute.h"
 #include "loom/runtime/core/error.h"
 
 namespace loom {
@@ -175,6 +176,17 @@ void remember_output(AutogradContext* ctx, const at::Tensor& out) {
   ctx->saved_data["out_dtype"] = static_cast<int64_t>(out.scalar_type());
 }
 
+// What the collective delivered: communicated, or, in a selective
+// recompute's rerun, what the first run received (recompute.h).
+template <typename Communicate>
+at::Tensor received(const char* name, Communicate communicate) {
+  // A fresh alias: autograd marks the output, the tape's tensor stays as recorded.
+  if (CommTape::replaying()) return CommTape::replay(name)[0].detach();
+  at::Tensor out = communicate();
+  CommTape::record(name, {out});
+  return out;
+}
+
 // An output that nothing downstream used arrives undefined; it still takes
 // part in the collective (every rank must call it) as zeros.
 at::Tensor grad_or_zero(const at::Tensor& grad, AutogradContext* ctx) {
@@ -189,7 +201,7 @@ struct AllGatherFunction : public torch::autograd::Function<AllGatherFunction> {
     ctx->saved_data["order"] = CommOrder::claim();
     save_comm(ctx, comm);
     ctx->saved_data["dim"] = dim;
-    at::Tensor out = all_gather_along(x, *comm, dim);
+    at::Tensor out = received("all_gather", [&] { return all_gather_along(x, *comm, dim); });
     remember_output(ctx, out);
     return {out, CommOrder::new_token()};
   }
@@ -206,7 +218,7 @@ struct ReduceScatterFunction : public torch::autograd::Function<ReduceScatterFun
     ctx->saved_data["order"] = CommOrder::claim();
     save_comm(ctx, comm);
     ctx->saved_data["dim"] = dim;
-    at::Tensor out = reduce_scatter_along(x, *comm, dim);
+    at::Tensor out = received("reduce_scatter", [&] { return reduce_scatter_along(x, *comm, dim); });
     remember_output(ctx, out);
     return {out, CommOrder::new_token()};
   }
@@ -222,8 +234,11 @@ struct AllReduceFunction : public torch::autograd::Function<AllReduceFunction> {
                                const CommPtr& comm) {
     ctx->saved_data["order"] = CommOrder::claim();
     save_comm(ctx, comm);
-    at::Tensor out = x.clone(at::MemoryFormat::Contiguous);
-    comm->all_reduce(out)->wait();
+    at::Tensor out = received("all_reduce", [&] {
+      at::Tensor sum = x.clone(at::MemoryFormat::Contiguous);
+      comm->all_reduce(sum)->wait();
+      return sum;
+    });
     remember_output(ctx, out);
     return {out, CommOrder::new_token()};
   }
@@ -241,7 +256,7 @@ struct RingShiftFunction : public torch::autograd::Function<RingShiftFunction> {
     ctx->saved_data["order"] = CommOrder::claim();
     save_comm(ctx, comm);
     ctx->saved_data["shift"] = shift;
-    at::Tensor out = ring_shift_raw(x, *comm, static_cast<int>(shift));
+    at::Tensor out = received("ring_shift", [&] { return ring_shift_raw(x, *comm, static_cast<int>(shift)); });
     remember_output(ctx, out);
     return {out, CommOrder::new_token()};
   }
@@ -304,7 +319,7 @@ struct HaloExchangeFunction : public torch::autograd::Function<HaloExchangeFunct
     ctx->saved_data["halo"] = halo;
     save_layout(ctx, layout);
     ctx->saved_data["x_sizes"] = x.sizes().vec();
-    at::Tensor out = halo_forward_raw(x, layout, halo, *comm, dim);
+    at::Tensor out = received("halo_exchange", [&] { return halo_forward_raw(x, layout, halo, *comm, dim); });
     ctx->saved_data["out_sizes"] = out.sizes().vec();
     return {out, CommOrder::new_token()};
   }

@@ -722,9 +722,10 @@ void validate_config(const pb::LoomConfig& c) {
                                                "heads over parallel.sp = " + std::to_string(p.sp()) +
                                                " ranks, which must divide it");
   }
-  v.require(c.train().recompute() == pb::TrainConfig::NONE,
+  v.require(c.train().recompute() == pb::TrainConfig::NONE || !offload,
             "field train.recompute = " + pb::TrainConfig::Recompute_Name(c.train().recompute()) +
-                ": not supported by this build yet (use NONE)");
+                " with parallel.softmax_method = OFFLOAD: a recomputed block would send its keys and values to the "
+                "memory nodes again; use train.recompute = NONE with offload");
   v.one_of("log.level", c.log().level(), {"debug", "info", "warn", "error"});
   v.throw_if_any();
 }
