@@ -5,7 +5,7 @@
 // this rank's shard of the sequence, collective over a torch.distributed
 // process group:
 //   lasp2_linear_attention(q, k, v, layout, group, method="lasp2", decay=None, ...)
-//   attention(q, k, v, layout, group, method="ring"|"allgather", window=0, ...)
+//   attention(q, k, v, layout, group, method="ring"|"allgather"|"ulysses"|"usp", window=0, ...)
 //   gated_delta(q, k, v, beta, log_alpha, layout, group, method="lasp2", ...)
 // They are Loom's C++ autograd functions: the returned tensors carry their
 // backward, which runs the backward collectives over the same group.
@@ -117,12 +117,12 @@ at::Tensor lasp2_linear_attention(const at::Tensor& q, const at::Tensor& k, cons
 
 py::object attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const SequenceLayout& layout,
                      const py::object& group, const std::string& method, int64_t window, double scale, int64_t block,
-                     const c10::optional<at::Tensor>& doc_start, bool return_lse) {
+                     const c10::optional<at::Tensor>& doc_start, bool return_lse, int ulysses_degree) {
   auto comm = checked_communicator(group, layout, "attention");
   const auto parsed = softmax_attention::parse_method(method);
   if (parsed == softmax_attention::SoftmaxMethod::kOffload)
     throw UnsupportedError("attention: method 'offload' needs Loom's memory nodes (loom-train); from Python use "
-                           "'ring' or 'allgather'");
+                           "'ring', 'allgather', 'ulysses' or 'usp'");
   if (parsed == softmax_attention::SoftmaxMethod::kLocal && comm->size() != 1)
     throw ConfigError("attention: method 'local' is for a group of one rank, this one has " +
                       std::to_string(comm->size()));
@@ -134,7 +134,7 @@ py::object attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   {
     py::gil_scoped_release no_gil;
     result = softmax_attention::attention_with_lse(q, k, v, layout, comm, parsed, spec, nullptr,
-                                                   optional_tensor(doc_start));
+                                                   optional_tensor(doc_start), ulysses_degree);
     result.first = CommOrder::close(result.first);
   }
   if (return_lse) return py::make_tuple(result.first, result.second);
@@ -242,8 +242,10 @@ PYBIND11_MODULE(loom, m) {
   m.def("attention", &python::attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("layout"),
         py::arg("group"), py::arg("method") = "ring", py::arg("window") = 0, py::arg("scale") = 0.0,
         py::arg("block") = 128, py::arg("doc_start") = py::none(), py::arg("return_lse") = false,
+        py::arg("ulysses_degree") = 0,
         "Causal softmax attention on this rank's shard: q [B, Hq, n, d], k, v [B, Hkv, n, d], method 'ring' | "
-        "'allgather', window > 0 for sliding-window attention, scale 0 for 1/sqrt(d).");
+        "'allgather' | 'ulysses' | 'usp' (all-to-all inside groups of ulysses_degree consecutive ranks, ring "
+        "across them; 0: the whole group), window > 0 for sliding-window attention, scale 0 for 1/sqrt(d).");
   m.def("gated_delta", &python::gated_delta, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("beta"),
         py::arg("log_alpha"), py::arg("layout"), py::arg("group"), py::arg("method") = "lasp2",
         py::arg("block_size") = 64, py::arg("doc_start") = py::none(),
