@@ -225,8 +225,10 @@ at::Tensor HybridLMImpl::block_forward(size_t i, const at::Tensor& input, const 
   // A mixer kept in another dtype (set_precision) works in its own.
   const at::Tensor mixed = mixer_norms_[i](input);
   const auto own = mixer_weights_[i].scalar_type();
-  const at::Tensor x = input + (own == input.scalar_type() ? mixers_[i]->forward(mixed, ctx)
-                                                           : mixers_[i]->forward(mixed.to(own), ctx).to(input.scalar_type()));
+  const at::Tensor mixer_out = own == input.scalar_type()
+                                   ? mixers_[i]->forward(mixed, ctx)
+                                   : mixers_[i]->forward(mixed.to(own), ctx).to(input.scalar_type());
+  const at::Tensor x = input + mixer_out;
   return x + mlps_[i](mlp_norms_[i](x));
 }
 

@@ -170,7 +170,8 @@ at::Tensor random_tokens(int64_t rows, int64_t n, uint64_t seed) {
 ::testing::AssertionResult same_step(const Step& got, const Step& ref, int rank, const std::string& what) {
   ReferenceCheck check(rank, kExact);
   check.same(what + " loss", at::tensor({got.loss}, at::kDouble), at::tensor({ref.loss}, at::kDouble));
-  for (size_t i = 0; i < ref.grads.size(); ++i) check.same(what + " grad" + std::to_string(i), got.grads[i], ref.grads[i]);
+  for (size_t i = 0; i < ref.grads.size(); ++i)
+    check.same(what + " grad" + std::to_string(i), got.grads[i], ref.grads[i]);
   return check.verdict();
 }
 
