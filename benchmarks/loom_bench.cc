@@ -649,9 +649,11 @@ int run(int argc, char** argv) {
   }
   // Head-parallel methods: Ulysses and USP against the ring, on the same model
   // with every layer softmax attention, and LINEAR_ULYSSES on the linear model.
+  // Projected whenever the sweep has one of them: all degrees (U = 8 is one node).
   std::set<Method> head_methods;
   for (const auto& mname : w.methods())
-    if (ulysses_degree(parse_method(mname), 2) > 0) head_methods.insert(parse_method(mname));
+    if (ulysses_degree(parse_method(mname), 2) > 0)
+      head_methods = {Method::kUlysses, Method::kUsp2, Method::kUsp4, Method::kUsp8};
   if (!w.clusters().empty() && !head_methods.empty()) {
     pb::ModelConfig user;
     user.set_preset(w.projection_model_preset());
@@ -682,7 +684,7 @@ int run(int argc, char** argv) {
                << ring.compute_s << ',' << ring.exposed_comm_s << ",softmax_layer\n";
           std::ostringstream line;
           char head[200];
-          std::snprintf(head, sizeof head, "  softmax_layer %-12s W=%-4d N=%5ldK: ring %8.0f tok/s (comm exposed %5.1f%%)",
+          std::snprintf(head, sizeof head, "  softmax_layer %-12s W=%-4d N=%5ldK: ring %8.0f tok/s (comm exposed %5.2f%%)",
                         c.name().c_str(), W, long(n / 1024), n / ring.seconds, 100 * ring.exposed_comm_s / ring.seconds);
           line << head;
           for (Method m : head_methods) {
@@ -695,7 +697,7 @@ int run(int argc, char** argv) {
             proj << c.name() << ',' << W << ',' << n << ',' << method_name(m) << ',' << pr.seconds << ','
                  << n / pr.seconds << ',' << pr.compute_s << ',' << pr.exposed_comm_s << ",softmax_layer\n";
             char part[160];
-            std::snprintf(part, sizeof part, "; %s %+.1f%% vs ring (exposed %.1f%%)", method_name(m),
+            std::snprintf(part, sizeof part, "; %s %+.2f%% vs ring (exposed %.2f%%)", method_name(m),
                           100 * (pr.seconds / ring.seconds - 1), 100 * pr.exposed_comm_s / pr.seconds);
             line << part;
           }
@@ -707,7 +709,7 @@ int run(int argc, char** argv) {
               const Projection u = project(Method::kUlysses, lm, c, n, W);
               proj << c.name() << ',' << W << ',' << n << ",ulysses," << u.seconds << ',' << n / u.seconds << ','
                    << u.compute_s << ',' << u.exposed_comm_s << ",linear_layer\n";
-              std::snprintf(part, sizeof part, "  linear_layer  %-12s W=%-4d N=%5ldK: LINEAR_ULYSSES %+.1f%% vs LASP-2\n",
+              std::snprintf(part, sizeof part, "  linear_layer  %-12s W=%-4d N=%5ldK: LINEAR_ULYSSES %+.2f%% vs LASP-2\n",
                             c.name().c_str(), W, long(n / 1024), 100 * (u.seconds / l2.seconds - 1));
             } else {
               std::snprintf(part, sizeof part,
