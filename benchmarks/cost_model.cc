@@ -114,6 +114,7 @@ int64_t forward_bytes_formula(Subject subject, Method method, const Shape& s, in
 
 int64_t forward_bytes_formula(Subject subject, Method method, const Shape& s, int64_t n, int W) {
   if (W == 1 || method == Method::kNone || subject == Subject::kTinyModel) return 0;
+  if (head_parallel(method)) return forward_bytes_formula(subject, method, s, n, W, /*packed_documents=*/false);
   if (gated_recurrent(subject)) return gated_forward_bytes(subject, method, s, n, W);
   const int64_t per_rank_chunks = zigzag(method) ? 2 : 1;
   switch (method) {
