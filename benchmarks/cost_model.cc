@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 
 #include "loom/parallel/gated_delta/chunked_kernel.h"
 #include "loom/parallel/linear_attention/chunked_kernel.h"
@@ -11,7 +12,8 @@
 namespace loom::bench {
 namespace {
 
-bool zigzag(Method m) { return m == Method::kRingZigzag || m == Method::kAllGather; }
+bool zigzag(Method m) { return m == Method::kRingZigzag || m == Method::kAllGather || is_usp(m); }
+bool head_parallel(Method m) { return m == Method::kUlysses || is_usp(m); }
 int64_t chunk_tokens(int64_t n, int world, Method m) {
   const int64_t chunks = world * (zigzag(m) ? 2 : 1);
   return (n + chunks - 1) / chunks;
@@ -48,10 +50,71 @@ int64_t gated_forward_bytes(Subject subject, Method method, const Shape& s, int6
   }
 }
 
+// Head-parallel methods (parallel/softmax_attention/ulysses.h,
+// parallel/linear_attention/ulysses.h). Everything below is per rank and
+// step; every rank moves the same bytes (no busiest rank).
+struct UlyssesTraffic {
+  int64_t fwd_bytes = 0, bwd_bytes = 0, messages = 0;
+};
+// Softmax ULYSSES (U = W) and USP (U < W, R = W/U, zigzag): one all-to-all of
+// q, k, v (KV heads repeated f = U / gcd(U, Hkv) times when U does not divide
+// them), one of out and one of lse (accumulation dtype, b' = max(b, 4)) forward;
+// dout and dq, dk, dv backward; each (U-1)/U of its tensor, in U-1 messages.
+// USP's ring: R-1 K,V messages of this rank's n tokens x Hk heads forward,
+// R-1 again and R of dK,dV (accumulation dtype) backward.
+UlyssesTraffic softmax_ulysses_traffic(Method method, const Shape& s, int64_t n, int W) {
+  const int64_t U = ulysses_degree(method, W), R = W / U;
+  const int64_t local = chunk_tokens(n, W, method) * (zigzag(method) ? 2 : 1);
+  const int64_t hk = s.kv_heads * (U / std::gcd(U, s.kv_heads));
+  const int64_t acc = std::max<int64_t>(s.element_bytes, 4);
+  const int64_t rows = (U - 1) * s.batch * local;  // received: (U-1)/U of every head, H/U heads a block
+  const int64_t qkv = rows * ((s.heads + 2 * hk) / U) * s.head_dim * s.element_bytes;
+  const int64_t out = rows * (s.heads / U) * s.head_dim * s.element_bytes;
+  const int64_t lse = rows * (s.heads / U) * acc;
+  const int64_t kv = 2 * s.batch * hk * local * s.head_dim;  // elements of one ring message
+  UlyssesTraffic t;
+  t.fwd_bytes = qkv + out + lse + (R - 1) * kv * s.element_bytes;
+  t.bwd_bytes = qkv + out + (R > 1 ? (R - 1) * kv * s.element_bytes + R * kv * acc : 0);
+  t.messages = 5 * (U - 1) + (R > 1 ? 3 * R - 2 : 0);
+  return t;
+}
+// LINEAR_ULYSSES (contiguous, U = W): q, k, v in one all-to-all, the gates
+// (GLA log g; Gated DeltaNet beta and log alpha) in another, out back; the
+// same for the gradients backward. Features per token and head: 2 d_k + d_v
+// + d_v of out, plus 1 (GLA) or 2 (Gated DeltaNet) gates, all in b.
+UlyssesTraffic linear_ulysses_traffic(Subject subject, const Shape& s, int64_t n, int W) {
+  const int64_t local = per_rank_tokens(n, W);
+  const int64_t gates = subject == Subject::kGatedDeltaLayer ? 2 : subject == Subject::kGlaLayer ? 1 : 0;
+  const int64_t features = 4 * s.head_dim + gates;
+  UlyssesTraffic t;
+  t.fwd_bytes = s.batch * (s.heads / W) * local * (W - 1) * features * s.element_bytes;
+  t.bwd_bytes = t.fwd_bytes;
+  t.messages = 2 * (gates > 0 ? 3 : 2) * (W - 1);
+  return t;
+}
+UlyssesTraffic ulysses_traffic(Subject subject, Method method, const Shape& s, int64_t n, int W) {
+  return subject == Subject::kSoftmaxLayer ? softmax_ulysses_traffic(method, s, n, W)
+                                           : linear_ulysses_traffic(subject, s, n, W);
+}
+
 }  // namespace
+
+int64_t forward_bytes_formula(Subject subject, Method method, const Shape& s, int64_t n, int W,
+                              bool packed_documents) {
+  if (W == 1 || method == Method::kNone || subject == Subject::kTinyModel) return 0;
+  if (head_parallel(method)) {
+    // Packed rows: the document starts (int64, [B, n] per rank) are gathered within the all-to-all group.
+    const int64_t U = ulysses_degree(method, W);
+    const int64_t local = subject == Subject::kSoftmaxLayer ? chunk_tokens(n, W, method) * (zigzag(method) ? 2 : 1)
+                                                            : per_rank_tokens(n, W);
+    return ulysses_traffic(subject, method, s, n, W).fwd_bytes + (packed_documents ? (U - 1) * s.batch * local * 8 : 0);
+  }
+  return forward_bytes_formula(subject, method, s, n, W);
+}
 
 int64_t forward_bytes_formula(Subject subject, Method method, const Shape& s, int64_t n, int W) {
   if (W == 1 || method == Method::kNone || subject == Subject::kTinyModel) return 0;
+  if (head_parallel(method)) return forward_bytes_formula(subject, method, s, n, W, /*packed_documents=*/false);
   if (gated_recurrent(subject)) return gated_forward_bytes(subject, method, s, n, W);
   const int64_t per_rank_chunks = zigzag(method) ? 2 : 1;
   switch (method) {
@@ -85,6 +148,11 @@ std::pair<int64_t, int64_t> critical_messages(Method method, const Shape& s, int
 }
 
 std::pair<int64_t, int64_t> critical_messages(Subject subject, Method method, const Shape& s, int64_t n, int W) {
+  if (W > 1 && head_parallel(method) && subject != Subject::kTinyModel) {
+    // Mixed sizes (all-to-alls, USP's ring): the mean message carries the total.
+    const UlyssesTraffic t = ulysses_traffic(subject, method, s, n, W);
+    return {t.messages, (t.fwd_bytes + t.bwd_bytes) / t.messages};
+  }
   if (!gated_recurrent(subject)) return critical_messages(method, s, n, W);
   if (W == 1 || method == Method::kNone) return {0, 0};
   const int64_t steps = W - 1;
@@ -122,7 +190,9 @@ std::pair<double, double> work_units(Subject subject, Method method, int64_t n, 
   // keys for its n queries (minus half a diagonal block); zigzag / all-gather:
   // balanced, N^2 / (2W).
   const double N = static_cast<double>(n), c = N / world;
-  const double slowest = (!zigzag(method) || world == 1) ? (N * c - c * c / 2) : N * N / (2.0 * world);
+  // Ulysses / USP: whole sequences of H/U heads per rank (USP's ring zigzag-balanced): N^2 / (2W) too.
+  const double slowest =
+      (!zigzag(method) && !head_parallel(method)) || world == 1 ? (N * c - c * c / 2) : N * N / (2.0 * world);
   return {tokens, std::max(slowest, N * N / 2 / shared) / 1e6};
 }
 
@@ -233,6 +303,10 @@ double projected_attention_flops(const ProjectedModel& m, int64_t tokens) {
       return m.heads * linear_attention::gated_linear_attention_flops(tokens, m.block, m.head_dim, m.head_dim);
     case Subject::kGatedDeltaLayer:
       return m.heads * gated_delta::gated_delta_flops(tokens, m.block, m.head_dim, m.head_dim);
+    case Subject::kSoftmaxLayer: {  // causal: N^2/2 pairs, 4 d FLOPs forward and 10 d backward per pair
+      const double t = static_cast<double>(tokens);
+      return m.heads * 14.0 * m.head_dim * t * t / 2;
+    }
     default:
       return m.heads * linear_attention::chunked_linear_attention_flops(tokens, m.block, m.head_dim, m.head_dim);
   }
@@ -280,9 +354,72 @@ Projection project_gated(Method method, const ProjectedModel& m, double alpha, d
   return p;
 }
 
+// An all-to-all over `group` consecutive ranks of `bytes` per rank: group-1
+// pairwise rounds of bytes/group, each at the link it crosses (inside a node
+// of ranks_per_node, or across nodes), not overlapped with compute.
+double all_to_all_seconds(const pb::ClusterConstants& c, int group, double bytes) {
+  const int per_node = std::max(1, c.ranks_per_node());
+  const int inside = std::min(group, per_node) - 1, across = group - 1 - inside;
+  const double block = bytes / group;
+  double t = 0;
+  if (inside > 0) t += inside * (c.intra_latency_s() + block / c.intra_bandwidth_bytes_per_s());
+  if (across > 0) t += across * (c.latency_s() + block / c.bandwidth_bytes_per_s());
+  return t;
+}
+
+bool ring_across_nodes(const pb::ClusterConstants& c, int ranks_spanned) {
+  return c.ranks_per_node() <= 1 || ranks_spanned > c.ranks_per_node();
+}
+
 }  // namespace
 
+bool head_parallel_possible(Method method, const ProjectedModel& m, int W) {
+  const int U = ulysses_degree(method, W);
+  if (U == 0) return true;
+  if (W % U != 0 || m.heads % U != 0) return false;
+  if (m.mixer == Subject::kSoftmaxLayer) return true;
+  return method == Method::kUlysses;  // linear layers: LINEAR_ULYSSES over all W only
+}
+
+Projection project_head_parallel(Method method, const ProjectedModel& m, const pb::ClusterConstants& c, int64_t n,
+                                 int W) {
+  if (!head_parallel_possible(method, m, W))
+    throw ConfigError(std::string("projection: ") + method_name(method) + " at " + std::to_string(W) + " ranks needs " +
+                      "n_heads = " + std::to_string(m.heads) + " divisible by its all-to-all group of " +
+                      std::to_string(ulysses_degree(method, W)) + " ranks");
+  const int U = ulysses_degree(method, W), R = W / U;
+  const double local = static_cast<double>(n) / W, d = static_cast<double>(m.head_dim), b = m.element_bytes;
+  const double flops = c.compute_flops();
+  // Softmax: W's share of the causal pairs; linear: H/W heads of all N tokens. Both balanced.
+  const double attn_flops = projected_attention_flops(m, n) / W;
+  Projection p;
+  p.compute_s = (6.0 * m.params_non_embedding * local + m.layers * attn_flops) / flops;
+  double per_layer = 0;
+  if (m.mixer == Subject::kSoftmaxLayer) {
+    const int64_t f = U / std::gcd<int64_t>(U, m.kv_heads);
+    const double hk = static_cast<double>(m.kv_heads * f);
+    // Forward: q, k, v; out; lse (float32). Backward: dout; dq, dk, dv.
+    const double qkv = local * (m.heads + 2 * hk) * d * b, out = local * m.heads * d * b, lse = local * m.heads * 4;
+    per_layer = 2 * all_to_all_seconds(c, U, qkv) + 2 * all_to_all_seconds(c, U, out) + all_to_all_seconds(c, U, lse);
+    if (R > 1) {  // ring across the groups: K,V of this rank's tokens x hk heads, overlapped like the ring's steps
+      const bool across = ring_across_nodes(c, W);
+      const double alpha = across ? c.latency_s() : c.intra_latency_s();
+      const double beta = across ? c.bandwidth_bytes_per_s() : c.intra_bandwidth_bytes_per_s();
+      const double kv = 2 * local * hk * d * b;
+      per_layer += 3 * (R - 1) * std::max(0.0, alpha + kv / beta - attn_flops / R / flops);
+    }
+  } else {
+    const double gates = m.mixer == Subject::kGatedDeltaLayer ? 2 : m.mixer == Subject::kGlaLayer ? 1 : 0;
+    const double qkv_out = local * m.heads * (4 * d + gates) * b;  // q, k, v, gates out; out back
+    per_layer = 2 * all_to_all_seconds(c, W, qkv_out);              // and the gradients
+  }
+  p.exposed_comm_s = m.layers * per_layer;
+  p.seconds = p.compute_s + p.exposed_comm_s;
+  return p;
+}
+
 Projection project(Method method, const ProjectedModel& m, const pb::ClusterConstants& c, int64_t n, int W) {
+  if (ulysses_degree(method, W) > 0) return project_head_parallel(method, m, c, n, W);
   const bool across_nodes = c.ranks_per_node() <= 1 || W > c.ranks_per_node();
   const double alpha = across_nodes ? c.latency_s() : c.intra_latency_s();
   const double beta = across_nodes ? c.bandwidth_bytes_per_s() : c.intra_bandwidth_bytes_per_s();
@@ -292,7 +429,10 @@ Projection project(Method method, const ProjectedModel& m, const pb::ClusterCons
   const double d = static_cast<double>(m.head_dim);
   // Linear attention per layer fwd+bwd; its intra-block part is what LASP-2's AllGather overlaps.
   const int64_t local = static_cast<int64_t>(tokens);
-  const double attn_flops = m.heads * linear_attention::chunked_linear_attention_flops(local, m.block, m.head_dim, m.head_dim);
+  // A softmax model (mixer kSoftmaxLayer, ring methods only): this rank's share of the causal pairs.
+  const double attn_flops = m.mixer == Subject::kSoftmaxLayer
+                                ? projected_attention_flops(m, n) / W
+                                : m.heads * linear_attention::chunked_linear_attention_flops(local, m.block, m.head_dim, m.head_dim);
   const double intra_flops = attn_flops - m.heads * linear_attention::chunked_linear_attention_flops(local, 0, m.head_dim, m.head_dim);
   Projection p;
   p.compute_s = (6.0 * m.params_non_embedding * tokens + m.layers * attn_flops) / c.compute_flops();

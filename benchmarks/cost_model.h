@@ -47,6 +47,21 @@ struct Network {
 //                 (GLA g = 1, Gated DeltaNet g = 2: beta and alpha).
 // Every one is independent of N except the all-gather baseline's.
 int64_t forward_bytes_formula(Subject subject, Method method, const Shape& s, int64_t n_tokens, int world);
+// With the head-parallel methods too (every rank moves the same bytes; n the
+// rank's padded tokens, b the element size, b' = max(b, 4) the accumulation
+// dtype of the lse, f = U / gcd(U, H_kv) the KV heads' repetition):
+//   ulysses (softmax, U = W)  (U-1) B (H/U) n (4 d b + b') when f = 1: q, k, v
+//                             out and lse, (U-1)/U of each ((H + 2 f H_kv)/U d
+//                             b for q, k, v in general);
+//   uspU (softmax, R = W/U)   the same inside the group of U, plus the ring's
+//                             2 B f H_kv n d b (K,V of the group's n U
+//                             tokens, H f H_kv / U heads);
+//   ulysses (linear, GLA, Gated DeltaNet; U = W)  (W-1) B (H/W) n (4 d + g) b,
+//                             g gates per token (0, 1, 2);
+// `packed_documents` adds the document starts gathered in the group,
+// (U-1) B n 8 bytes. Other methods ignore it (their bytes do not change).
+int64_t forward_bytes_formula(Subject subject, Method method, const Shape& s, int64_t n_tokens, int world,
+                              bool packed_documents);
 // Messages and bytes per message of one forward+backward on the critical path
 // (the first form: linear and softmax layers, which differ by method only).
 std::pair<int64_t, int64_t> critical_messages(Method method, const Shape& s, int64_t n_tokens, int world);
@@ -98,7 +113,8 @@ struct Projection {
   double tokens_per_s() const { return seconds > 0 ? 1.0 / seconds : 0; }
 };
 // `mixer`: what every attention layer is: kLinearLayer (Lightning-2 linear
-// attention), kGlaLayer or kGatedDeltaLayer (d_k = d_v = head_dim). For the
+// attention), kGlaLayer or kGatedDeltaLayer (d_k = d_v = head_dim), or
+// kSoftmaxLayer (causal softmax attention: ring and the head-parallel methods). For the
 // gated layers kAllGather is the all-gather K,V baseline: k, v and the gates of
 // the whole sequence gathered (W-1 messages) and their gradients
 // reduce-scattered back, nothing overlapped, and the last rank runs the
@@ -110,7 +126,21 @@ struct ProjectedModel {
   int64_t block = 256;
   Subject mixer = Subject::kLinearLayer;
 };
-// FLOPs of one attention layer's forward+backward per head over `tokens`.
+// Head-parallel methods (kUlysses, kUsp2/4/8): the all-to-alls are not
+// overlapped; an all-to-all over G consecutive ranks is G-1 pairwise rounds of
+// 1/G of the tensor, each at the constants of the link it crosses (the
+// cluster's intra_* inside a node of ranks_per_node, latency_s /
+// bandwidth_bytes_per_s across nodes). Softmax models (mixer kSoftmaxLayer):
+// q, k, v, out and lse forward, dout and dq, dk, dv backward; USP's ring
+// across the W/U groups passes K,V of n/W tokens x the group's heads
+// (3 messages, each overlapping 1/R of the attention compute) at the
+// inter-node constants when W spans nodes. Linear models: LINEAR_ULYSSES over
+// all W ranks, q, k, v (+ gates) and out, forward and backward. A method whose
+// all-to-all group does not divide the heads (or USP for a linear model) is
+// not possible: head_parallel_possible() says so, project() throws ConfigError.
+bool head_parallel_possible(Method method, const ProjectedModel& model, int world);
+// FLOPs of one attention layer's forward+backward per head over `tokens`
+// (softmax: causal, 14 d per query-key pair: 4 d forward, 10 d backward).
 double projected_attention_flops(const ProjectedModel& model, int64_t tokens);
 Projection project(Method method, const ProjectedModel& model, const pb::ClusterConstants& cluster,
                    int64_t n_tokens, int world);

@@ -75,8 +75,12 @@ std::vector<double> max_over(Communicator& comm, const std::vector<double>& valu
 }
 double max_over(Communicator& comm, double v) { return max_over(comm, std::vector<double>{v})[0]; }
 
+// USP runs its ring across groups on the zigzag layout (balance); Ulysses on
+// the contiguous one (every rank attends whole sequences: nothing to balance,
+// and the linear layers need no permutation).
 LayoutKind layout_for(Method m) {
-  return (m == Method::kRingZigzag || m == Method::kAllGather) ? LayoutKind::kZigzag : LayoutKind::kContiguous;
+  return (m == Method::kRingZigzag || m == Method::kAllGather || is_usp(m)) ? LayoutKind::kZigzag
+                                                                            : LayoutKind::kContiguous;
 }
 
 // GLA and Gated DeltaNet layers run every method on the contiguous layout (the
@@ -90,7 +94,23 @@ pb::ParallelConfig model_parallel(Method m) {
   p.set_linear_method(m == Method::kLasp2AllScan ? pb::LASP2_ALLSCAN : m == Method::kLasp1 ? pb::LASP1 : pb::LASP2);
   p.set_softmax_method(m == Method::kRingContiguous || m == Method::kRingZigzag || m == Method::kLasp1 ? pb::RING
                                                                                                        : pb::ALLGATHER);
+  if (m == Method::kUlysses) {  // every layer head-parallel
+    p.set_softmax_method(pb::ULYSSES);
+    p.set_linear_method(pb::LINEAR_ULYSSES);
+  } else if (is_usp(m)) {  // softmax layers 2D; linear layers LASP-2 on the same zigzag layout
+    p.set_softmax_method(pb::USP);
+    p.set_ulysses_degree(ulysses_degree(m, 0));
+  }
   return p;
+}
+
+linear_attention::LinearAttentionMethod linear_method(Method m) {
+  switch (m) {
+    case Method::kLasp2AllScan: return linear_attention::LinearAttentionMethod::kLasp2AllScan;
+    case Method::kLasp1: return linear_attention::LinearAttentionMethod::kLasp1;
+    case Method::kUlysses: return linear_attention::LinearAttentionMethod::kUlysses;
+    default: return linear_attention::LinearAttentionMethod::kLasp2;
+  }
 }
 
 // Packed rows: documents with log-normal lengths (sigma 1, mean `mean`, at
@@ -160,9 +180,7 @@ std::function<at::Tensor()> gated_recurrent_op(const pb::BenchSweep& w, Subject 
                                    return kernel(q_, x.narrow(-1, 0, d), x.narrow(-1, d, d), g, docs);
                                  });
     };
-  const auto lm = method == Method::kLasp2AllScan ? linear_attention::LinearAttentionMethod::kLasp2AllScan
-                  : method == Method::kLasp1      ? linear_attention::LinearAttentionMethod::kLasp1
-                                                  : linear_attention::LinearAttentionMethod::kLasp2;
+  const auto lm = linear_method(method);
   if (method == Method::kNone) return [=] { return kernel(q, k, v, gates, doc_start); };
   if (delta) {
     gated_delta::GatedDeltaOptions o;
@@ -240,17 +258,18 @@ StepFn make_step(const pb::BenchSweep& w, Subject subject, Method method, int64_
     linear_attention::LinearAttentionOptions lin;
     lin.block_size = w.block();
     lin.doc_start = doc_start;
-    const auto lm = method == Method::kLasp2AllScan ? linear_attention::LinearAttentionMethod::kLasp2AllScan
-                    : method == Method::kLasp1      ? linear_attention::LinearAttentionMethod::kLasp1
-                                                    : linear_attention::LinearAttentionMethod::kLasp2;
+    const auto lm = linear_method(method);
     op = [=] { return linear_attention::sequence_parallel_linear_attention(q, k, v, layout, comm, lm, lin); };
   } else {
-    const auto sm = W == 1 ? softmax_attention::SoftmaxMethod::kLocal
+    const auto sm = W == 1                         ? softmax_attention::SoftmaxMethod::kLocal
                     : method == Method::kAllGather ? softmax_attention::SoftmaxMethod::kAllGather
+                    : method == Method::kUlysses   ? softmax_attention::SoftmaxMethod::kUlysses
+                    : is_usp(method)               ? softmax_attention::SoftmaxMethod::kUsp
                                                    : softmax_attention::SoftmaxMethod::kRing;
+    const int degree = ulysses_degree(method, W);
     op = [=] {
       return softmax_attention::attention(q, k, v, layout, comm, sm, softmax_attention::AttentionSpec(), nullptr,
-                                          doc_start);
+                                          doc_start, degree);
     };
   }
   return [=](const std::function<void()>& fwd_done) mutable {
@@ -274,15 +293,16 @@ Point run_point(const pb::BenchSweep& w, Subject subject, Method method, int64_t
   auto nothing = [] {};
   for (int i = 0; i < w.warmup(); ++i) step(nothing);
   // Bytes of one step, forward alone and in all; its time sizes the repetitions.
-  const CommStats s0 = comm->inner().stats();
-  CommStats s_fwd;
+  // (USP's group and ring communicators, split from comm, count as comm's.)
+  const auto s0 = comm->counters();
+  TimedCommunicator::Counters s_fwd;
   const auto probe = Clock::now();
-  step([&] { s_fwd = comm->inner().stats(); });
+  step([&] { s_fwd = comm->counters(); });
   const double one = since(probe);
-  const CommStats fwd = s_fwd - s0, all = comm->inner().stats() - s0;
-  p.fwd_bytes = fwd.total_bytes_received();
-  p.bytes = all.total_bytes_received();
-  p.calls = all.total_calls();
+  const auto s1 = comm->counters();
+  p.fwd_bytes = s_fwd.bytes_received - s0.bytes_received;
+  p.bytes = s1.bytes_received - s0.bytes_received;
+  p.calls = s1.calls - s0.calls;
   // Timed steps: reps, or more for short steps (the same count on every rank).
   const double slowest = max_over(*comm, one);
   const int reps = std::clamp(static_cast<int>(std::ceil(w.min_time_s() / std::max(slowest, 1e-6))), w.reps(), 100);
@@ -437,7 +457,15 @@ int run(int argc, char** argv) {
         for (const auto& mname : w.methods()) {
           const Subject s = parse_subject(sname);
           const Method m = parse_method(mname);
-          if (!applies(s, m)) continue;
+          if (!applies(s, m) || !runs_at(m, W)) continue;
+          // Head-parallel methods split the layer subjects' heads over the group: skipped, and said, where
+          // they cannot (the tiny model's own head count is checked by the model, as a ConfigError).
+          if (s != Subject::kTinyModel && ulysses_degree(m, W) > 0 && w.heads() % ulysses_degree(m, W) != 0) {
+            if (root)
+              std::printf("W=%d %-13s %-15s skipped: heads = %d do not divide among its all-to-all group of %d\n", W,
+                          subject_name(s), method_name(m), int(w.heads()), ulysses_degree(m, W));
+            continue;
+          }
           if (m == Method::kNone && W != worlds.front()) continue;  // one rank: once
           for (int64_t n : w.seq_lens())
             for (int64_t doc_mean : doc_means) {
@@ -449,7 +477,7 @@ int run(int argc, char** argv) {
               } else {
                 p = run_point(w, s, m, n, comm, net, doc_mean);
               }
-              p.fwd_bytes_formula = forward_bytes_formula(s, m, shape, p.n, p.world);
+              p.fwd_bytes_formula = forward_bytes_formula(s, m, shape, p.n, p.world, p.doc_mean > 0);
               if (root) {
                 std::printf("W=%d %-13s %-15s N=%-7ld docs %-6ld %9.2f ms [%.2f, %.2f] %10.0f tok/s %8.1f MiB fwd %9ld B "
                             "(formula %9ld)\n",
@@ -617,6 +645,80 @@ int run(int argc, char** argv) {
                           100 * (l1.seconds / l2.seconds - 1), 100 * (ag.seconds / l2.seconds - 1));
             report << line;
           }
+    }
+  }
+  // Head-parallel methods: Ulysses and USP against the ring, on the same model
+  // with every layer softmax attention, and LINEAR_ULYSSES on the linear model.
+  // Projected whenever the sweep has one of them: all degrees (U = 8 is one node).
+  std::set<Method> head_methods;
+  for (const auto& mname : w.methods())
+    if (ulysses_degree(parse_method(mname), 2) > 0)
+      head_methods = {Method::kUlysses, Method::kUsp2, Method::kUsp4, Method::kUsp8};
+  if (!w.clusters().empty() && !head_methods.empty()) {
+    pb::ModelConfig user;
+    user.set_preset(w.projection_model_preset());
+    const auto mc = models::resolve_model_config(user);
+    ProjectedModel sm;
+    sm.layers = mc.pattern().size();
+    sm.heads = mc.n_heads();
+    sm.kv_heads = mc.n_kv_heads() > 0 ? mc.n_kv_heads() : mc.n_heads();
+    sm.head_dim = mc.d_model() / mc.n_heads();
+    sm.params_non_embedding = models::count_parameters(mc) - mc.vocab_size() * mc.d_model() * (mc.tie_embeddings() ? 1 : 2);
+    ProjectedModel lm = sm;
+    sm.mixer = Subject::kSoftmaxLayer;
+    report << "head-parallel methods (the same model, " << sm.heads << " query / " << sm.kv_heads
+           << " KV heads): all-to-alls not overlapped, G-1 pairwise rounds each at the link it crosses; inside a node\n"
+           << "of ranks_per_node at intra_latency_s / intra_bandwidth_bytes_per_s, across nodes at latency_s /\n"
+           << "bandwidth_bytes_per_s (the cluster lines of the sweep); uspU: all-to-all inside groups of U consecutive\n"
+           << "ranks (U = 8 = one node), zigzag ring across the W/U groups at the inter-node constants, each K,V step\n"
+           << "overlapping 1/R of the attention; ring_zigzag: 3(W-1) K,V steps across nodes. Softmax layers: causal,\n"
+           << "14 d FLOPs per query-key pair; linear layers: LINEAR_ULYSSES over all W ranks vs LASP-2.\n";
+    for (const auto& c : w.clusters()) {
+      report << "  " << c.name() << ": ranks_per_node " << c.ranks_per_node() << ", intra " << c.intra_latency_s() * 1e6
+             << " us / " << c.intra_bandwidth_bytes_per_s() / 1e9 << " GB/s, inter " << c.latency_s() * 1e6 << " us / "
+             << c.bandwidth_bytes_per_s() / 1e9 << " GB/s per GPU, " << c.compute_flops() / 1e12 << " TFLOP/s\n";
+      for (int W : w.projection_world_sizes())
+        for (int64_t n : w.projection_seq_lens()) {
+          const Projection ring = project(Method::kRingZigzag, sm, c, n, W);
+          proj << c.name() << ',' << W << ',' << n << ",ring_zigzag," << ring.seconds << ',' << n / ring.seconds << ','
+               << ring.compute_s << ',' << ring.exposed_comm_s << ",softmax_layer\n";
+          std::ostringstream line;
+          char head[200];
+          std::snprintf(head, sizeof head, "  softmax_layer %-12s W=%-4d N=%5ldK: ring %8.0f tok/s (comm exposed %5.2f%%)",
+                        c.name().c_str(), W, long(n / 1024), n / ring.seconds, 100 * ring.exposed_comm_s / ring.seconds);
+          line << head;
+          for (Method m : head_methods) {
+            if (!head_parallel_possible(m, sm, W)) {
+              line << "; " << method_name(m) << " not possible (" << sm.heads << " heads, group of "
+                   << ulysses_degree(m, W) << ")";
+              continue;
+            }
+            const Projection pr = project(m, sm, c, n, W);
+            proj << c.name() << ',' << W << ',' << n << ',' << method_name(m) << ',' << pr.seconds << ','
+                 << n / pr.seconds << ',' << pr.compute_s << ',' << pr.exposed_comm_s << ",softmax_layer\n";
+            char part[160];
+            std::snprintf(part, sizeof part, "; %s %+.2f%% vs ring (exposed %.2f%%)", method_name(m),
+                          100 * (pr.seconds / ring.seconds - 1), 100 * pr.exposed_comm_s / pr.seconds);
+            line << part;
+          }
+          report << line.str() << "\n";
+          if (head_methods.count(Method::kUlysses)) {
+            const Projection l2 = project(Method::kLasp2, lm, c, n, W);
+            char part[240];
+            if (head_parallel_possible(Method::kUlysses, lm, W)) {
+              const Projection u = project(Method::kUlysses, lm, c, n, W);
+              proj << c.name() << ',' << W << ',' << n << ",ulysses," << u.seconds << ',' << n / u.seconds << ','
+                   << u.compute_s << ',' << u.exposed_comm_s << ",linear_layer\n";
+              std::snprintf(part, sizeof part, "  linear_layer  %-12s W=%-4d N=%5ldK: LINEAR_ULYSSES %+.2f%% vs LASP-2\n",
+                            c.name().c_str(), W, long(n / 1024), 100 * (u.seconds / l2.seconds - 1));
+            } else {
+              std::snprintf(part, sizeof part,
+                            "  linear_layer  %-12s W=%-4d N=%5ldK: LINEAR_ULYSSES not possible (%ld heads over %d ranks)\n",
+                            c.name().c_str(), W, long(n / 1024), long(lm.heads), W);
+            }
+            report << part;
+          }
+        }
     }
   }
   std::ofstream lim(out_dir + "/limits.csv");

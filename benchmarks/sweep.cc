@@ -21,7 +21,9 @@ const std::vector<std::pair<const char*, Method>>& methods() {
       {"lasp2", Method::kLasp2},          {"lasp2_allscan", Method::kLasp2AllScan},
       {"lasp1", Method::kLasp1},          {"ring_contiguous", Method::kRingContiguous},
       {"ring_zigzag", Method::kRingZigzag}, {"allgather", Method::kAllGather},
-      {"none", Method::kNone}};
+      {"none", Method::kNone},            {"ulysses", Method::kUlysses},
+      {"usp2", Method::kUsp2},            {"usp4", Method::kUsp4},
+      {"usp8", Method::kUsp8}};
   return t;
 }
 
@@ -52,8 +54,25 @@ const char* method_name(Method m) {
   return "?";
 }
 
+int ulysses_degree(Method m, int world) {
+  switch (m) {
+    case Method::kUlysses: return world;
+    case Method::kUsp2: return 2;
+    case Method::kUsp4: return 4;
+    case Method::kUsp8: return 8;
+    default: return 0;
+  }
+}
+
+bool runs_at(Method m, int world) {
+  if (!is_usp(m)) return true;
+  const int U = ulysses_degree(m, world);
+  return U < world && world % U == 0;
+}
+
 bool applies(Subject s, Method m) {
-  if (m == Method::kNone || s == Subject::kTinyModel) return true;
+  if (m == Method::kNone || s == Subject::kTinyModel || m == Method::kUlysses) return true;
+  if (is_usp(m)) return s == Subject::kSoftmaxLayer;
   const bool linear = m == Method::kLasp2 || m == Method::kLasp2AllScan || m == Method::kLasp1;
   if (gated_recurrent(s)) return linear || m == Method::kAllGather;
   return s == Subject::kLinearLayer ? linear : !linear;

@@ -3,12 +3,18 @@
 // blocked in Work::wait(): loom-bench's split of a step into compute (the
 // rest), transfer (the alpha-beta time of the bytes moved) and waiting
 // (blocked beyond the transfer: late peers, load imbalance). Bytes and calls
-// are the wrapped communicator's stats().
+// are the wrapped communicator's stats() plus those of the smaller groups
+// split from this one (USP's all-to-all groups and rings, built by
+// ulysses_grid() through split()): counters() sums them. A split over all the
+// ranks (reversed(), all-scan's backward) is timed but not counted, as before
+// USP existed, so that all-scan's byte columns stay comparable across runs.
+// Every split is timed into the same blocked seconds.
 #pragma once
 
 #include <chrono>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "loom/runtime/comm/communicator.h"
 
@@ -47,10 +53,32 @@ class TimedCommunicator final : public Communicator {
   WorkPtr barrier() override { return timed([&] { return inner_->barrier(); }); }
   WorkPtr isend(const at::Tensor& t, int dst, int tag) override { return timed([&] { return inner_->isend(t, dst, tag); }); }
   WorkPtr irecv(const at::Tensor& t, int src, int tag) override { return timed([&] { return inner_->irecv(t, src, tag); }); }
-  std::shared_ptr<Communicator> split(int color, int key) override { return inner_->split(color, key); }
+  // The split is wrapped, registered and kept, so that its bytes, calls and
+  // blocked time count as this communicator's (it is collective like the inner split).
+  std::shared_ptr<Communicator> split(int color, int key) override {
+    std::shared_ptr<TimedCommunicator> child(new TimedCommunicator(inner_->split(color, key), blocked_));
+    child->register_self();
+    children_.push_back(child);
+    return child;
+  }
+  // Bytes received and calls of this communicator and of everything split from it.
+  struct Counters {
+    int64_t bytes_received = 0, calls = 0;
+  };
+  Counters counters() const {
+    Counters c{inner_->stats().total_bytes_received(), inner_->stats().total_calls()};
+    for (const auto& child : children_) {
+      if (child->size() == size()) continue;  // reversed(): see above
+      const Counters d = child->counters();
+      c.bytes_received += d.bytes_received;
+      c.calls += d.calls;
+    }
+    return c;
+  }
 
  private:
-  explicit TimedCommunicator(CommPtr inner) : inner_(std::move(inner)) {}
+  explicit TimedCommunicator(CommPtr inner, std::shared_ptr<double> blocked = std::make_shared<double>(0))
+      : inner_(std::move(inner)), blocked_(std::move(blocked)) {}
   using Clock = std::chrono::steady_clock;
   class TimedWork final : public Work {
    public:
@@ -75,7 +103,8 @@ class TimedCommunicator final : public Communicator {
   }
 
   CommPtr inner_;
-  std::shared_ptr<double> blocked_ = std::make_shared<double>(0);
+  std::shared_ptr<double> blocked_;
+  std::vector<std::shared_ptr<TimedCommunicator>> children_;
 };
 
 }  // namespace loom::bench

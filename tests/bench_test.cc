@@ -251,6 +251,126 @@ TEST(BenchCostModel, ProjectionOrdersTheGatedMethods) {
   EXPECT_GT(projected_attention_flops(delta, 4096), projected_attention_flops(gla, 4096));
 }
 
+TEST(BenchSweep, HeadParallelMethodsAndTheirDegrees) {
+  EXPECT_EQ(parse_method("ulysses"), Method::kUlysses);
+  EXPECT_EQ(parse_method("usp2"), Method::kUsp2);
+  EXPECT_STREQ(method_name(Method::kUsp8), "usp8");
+  EXPECT_EQ(ulysses_degree(Method::kUlysses, 4), 4);
+  EXPECT_EQ(ulysses_degree(Method::kUsp2, 4), 2);
+  EXPECT_EQ(ulysses_degree(Method::kRingZigzag, 4), 0);
+  // USP needs 1 < U < W with U dividing W (U = W is Ulysses).
+  EXPECT_TRUE(runs_at(Method::kUsp2, 4));
+  EXPECT_FALSE(runs_at(Method::kUsp2, 2));
+  EXPECT_FALSE(runs_at(Method::kUsp4, 6));
+  EXPECT_TRUE(runs_at(Method::kUlysses, 2));
+  for (Subject s : {Subject::kLinearLayer, Subject::kSoftmaxLayer, Subject::kGlaLayer, Subject::kGatedDeltaLayer})
+    EXPECT_TRUE(applies(s, Method::kUlysses)) << subject_name(s);
+  EXPECT_TRUE(applies(Subject::kSoftmaxLayer, Method::kUsp2));
+  EXPECT_FALSE(applies(Subject::kLinearLayer, Method::kUsp2));  // no linear USP in Loom
+  EXPECT_FALSE(applies(Subject::kGlaLayer, Method::kUsp4));
+  expect_error("methods: ['usp3'] subjects: ['softmax_layer'] seq_lens: [64]", "usp3");
+}
+
+TEST(BenchCostModel, HeadParallelBytesFollowTheFormulas) {
+  Shape s;
+  s.batch = 1, s.heads = 4, s.kv_heads = 4, s.head_dim = 8, s.element_bytes = 4;
+  const auto S = Subject::kSoftmaxLayer;
+  // Ulysses, W = U = 4, N = 1024 (contiguous, 256 tokens per rank): 3/4 of q, k, v and out
+  // (4 x 4 heads x 256 x 8 x 4 bytes) and of the float32 lse (4 heads x 256 x 4).
+  EXPECT_EQ(forward_bytes_formula(S, Method::kUlysses, s, 1024, 4), 3 * 256 * (4 * 8 * 4 + 4));
+  // float64: the lse in float64 too; bfloat16: the lse stays float32.
+  Shape d = s;
+  d.element_bytes = 8;
+  EXPECT_EQ(forward_bytes_formula(S, Method::kUlysses, d, 1024, 4), 3 * 256 * (4 * 8 * 8 + 8));
+  d.element_bytes = 2;
+  EXPECT_EQ(forward_bytes_formula(S, Method::kUlysses, d, 1024, 4), 3 * 256 * (4 * 8 * 2 + 4));
+  // 4 x the local activations, (U-1)/U: the rule, lse aside.
+  EXPECT_EQ(forward_bytes_formula(S, Method::kUlysses, s, 1024, 4) - 3 * 256 * 4,
+            3 * (4 * 256 * 4 * 8 * 4) / 4);
+  // USP 2 x 2: the group's all-to-alls (U = 2) plus one ring step of K,V of the rank's
+  // 256 tokens x 4 heads (2 x 256 x 4 x 8 x 4 bytes).
+  EXPECT_EQ(forward_bytes_formula(S, Method::kUsp2, s, 1024, 4),
+            1 * 256 * 2 * (4 * 8 * 4 + 4) + 2 * 256 * 4 * 8 * 4);
+  // GQA: 2 KV heads over U = 4 ranks are repeated twice (4 exchanged): the same bytes as MHA;
+  // 4 KV heads over U = 2 divide (q: 2 heads a block, k, v: 2 each).
+  Shape g = s;
+  g.kv_heads = 2;
+  EXPECT_EQ(forward_bytes_formula(S, Method::kUlysses, g, 1024, 4), forward_bytes_formula(S, Method::kUlysses, s, 1024, 4));
+  g.kv_heads = 1;  // repeated 4 times
+  EXPECT_EQ(forward_bytes_formula(S, Method::kUlysses, g, 1024, 4), forward_bytes_formula(S, Method::kUlysses, s, 1024, 4));
+  // Packed documents add the document starts gathered in the group: (U-1) x 256 int64.
+  EXPECT_EQ(forward_bytes_formula(S, Method::kUlysses, s, 1024, 4, true),
+            forward_bytes_formula(S, Method::kUlysses, s, 1024, 4) + 3 * 256 * 8);
+  EXPECT_EQ(forward_bytes_formula(S, Method::kUsp2, s, 1024, 4, true),
+            forward_bytes_formula(S, Method::kUsp2, s, 1024, 4) + 1 * 256 * 8);
+  // Other methods ignore the documents.
+  EXPECT_EQ(forward_bytes_formula(S, Method::kRingZigzag, s, 1024, 4, true),
+            forward_bytes_formula(S, Method::kRingZigzag, s, 1024, 4));
+  // Linear Ulysses: (W-1) B (H/W) n (4 d + gates) b; bytes double with N.
+  EXPECT_EQ(forward_bytes_formula(Subject::kLinearLayer, Method::kUlysses, s, 1024, 4), 3 * 1 * 256 * 32 * 4);
+  EXPECT_EQ(forward_bytes_formula(Subject::kGlaLayer, Method::kUlysses, s, 1024, 4), 3 * 1 * 256 * 33 * 4);
+  EXPECT_EQ(forward_bytes_formula(Subject::kGatedDeltaLayer, Method::kUlysses, s, 1024, 4), 3 * 1 * 256 * 34 * 4);
+  EXPECT_EQ(forward_bytes_formula(Subject::kGlaLayer, Method::kUlysses, s, 2048, 4),
+            2 * forward_bytes_formula(Subject::kGlaLayer, Method::kUlysses, s, 1024, 4));
+  EXPECT_EQ(forward_bytes_formula(S, Method::kUlysses, s, 1024, 1), 0);
+}
+
+TEST(BenchCostModel, HeadParallelMessagesAndWork) {
+  Shape s;
+  s.batch = 1, s.heads = 4, s.kv_heads = 4, s.head_dim = 8, s.element_bytes = 4;
+  const Network net{1e-5, 1e8};
+  const auto S = Subject::kSoftmaxLayer;
+  // Ulysses at W = 4: 5 all-to-alls (q,k,v; out; lse; dout; dq,dk,dv) of 3 messages; bytes forward as
+  // the formula, backward without the lse.
+  const int64_t fwd = forward_bytes_formula(S, Method::kUlysses, s, 1024, 4), lse = 3 * 256 * 4;
+  EXPECT_NEAR(comm_seconds(S, Method::kUlysses, s, 1024, 4, net), 15 * 1e-5 + double(2 * fwd - lse) / 1e8, 1e-12);
+  EXPECT_EQ(critical_messages(S, Method::kUlysses, s, 1024, 4).first, 15);
+  // USP 2 x 2: 5 all-to-alls of one message, the ring's 1 + 1 + 2 (dK,dV home).
+  EXPECT_EQ(critical_messages(S, Method::kUsp2, s, 1024, 4).first, 5 + 4);
+  // Linear Ulysses: q,k,v and out, forward and backward; gates add one all-to-all each way.
+  EXPECT_EQ(critical_messages(Subject::kLinearLayer, Method::kUlysses, s, 1024, 4).first, 4 * 3);
+  EXPECT_EQ(critical_messages(Subject::kGlaLayer, Method::kUlysses, s, 1024, 4).first, 6 * 3);
+  // Work: whole sequences of H/W heads, balanced: N^2 / (2W) pairs, N/W tokens.
+  EXPECT_DOUBLE_EQ(work_units(S, Method::kUlysses, 1000, 4).second, 1000.0 * 1000 / 8 / 1e6);
+  EXPECT_DOUBLE_EQ(work_units(S, Method::kUsp2, 1000, 4).second, 1000.0 * 1000 / 8 / 1e6);
+  EXPECT_DOUBLE_EQ(work_units(Subject::kGatedDeltaLayer, Method::kUlysses, 1000, 4).first, 250.0);
+}
+
+TEST(BenchCostModel, ProjectionOfTheHeadParallelMethods) {
+  pb::ClusterConstants c;
+  c.set_latency_s(5e-6);
+  c.set_bandwidth_bytes_per_s(25e9);
+  c.set_compute_flops(150e12);
+  c.set_ranks_per_node(8);
+  c.set_intra_latency_s(2e-6);
+  c.set_intra_bandwidth_bytes_per_s(300e9);
+  ProjectedModel m;
+  m.params_non_embedding = 1'000'000'000;
+  m.heads = 32, m.kv_heads = 8, m.head_dim = 64;
+  m.mixer = Subject::kSoftmaxLayer;
+  const int64_t n = 2 << 20;
+  // 32 heads cannot be split over 64 ranks: Ulysses alone is not possible there, USP with a node is.
+  EXPECT_FALSE(head_parallel_possible(Method::kUlysses, m, 64));
+  EXPECT_THROW(project(Method::kUlysses, m, c, n, 64), ConfigError);
+  EXPECT_TRUE(head_parallel_possible(Method::kUsp8, m, 64));
+  const Projection ring = project(Method::kRingZigzag, m, c, n, 64), usp = project(Method::kUsp8, m, c, n, 64);
+  EXPECT_DOUBLE_EQ(ring.compute_s, usp.compute_s);
+  EXPECT_GT(usp.exposed_comm_s, 0);
+  // Inside one node (W = 8) Ulysses moves everything over NVLink: cheaper than across nodes.
+  const Projection u8 = project(Method::kUlysses, m, c, n, 8);
+  pb::ClusterConstants flat = c;
+  flat.set_ranks_per_node(1);
+  EXPECT_LT(u8.exposed_comm_s, project(Method::kUlysses, m, flat, n, 8).exposed_comm_s);
+  // Linear layers: LINEAR_ULYSSES over all W only.
+  ProjectedModel lin = m;
+  lin.mixer = Subject::kLinearLayer;
+  EXPECT_FALSE(head_parallel_possible(Method::kUsp8, lin, 64));
+  EXPECT_TRUE(head_parallel_possible(Method::kUlysses, lin, 32));
+  EXPECT_GT(project(Method::kUlysses, lin, c, n, 32).exposed_comm_s, 0);
+  // Softmax FLOPs: causal pairs x 14 d per head.
+  EXPECT_DOUBLE_EQ(projected_attention_flops(m, 1000), 32 * 14.0 * 64 * 1000 * 1000 / 2);
+}
+
 // loom-bench's all-gather K,V baseline computes the layer: each rank's rows
 // and the gradients of its q, k, v and gates equal the single-rank kernel's on
 // the whole sequence (float64, a length that does not divide the ranks, packed
