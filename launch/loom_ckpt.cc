@@ -33,6 +33,7 @@
 // Exit codes: 0 done; 2 bad arguments or input (missing file, wrong format,
 // unknown, missing or misshapen tensor: the message names it), with nothing
 // written (outputs appear by rename only when complete); 1 anything else.
+#include <algorithm>
 #include <CLI/CLI.hpp>
 #include <fcntl.h>
 #include <nlohmann/json.hpp>
@@ -256,6 +257,13 @@ NamedTensors read_torch(const std::vector<char>& bytes, const std::string& path)
   try {
     value = torch::jit::pickle_load(bytes);
   } catch (const std::exception& e) {
+    // torch.save(model.state_dict()) pickles a collections.OrderedDict, which libtorch's C++ unpickler
+    // (1.13) turns into None; torch.save stores its pickle uncompressed, so the class name is in the bytes.
+    const std::string ordered = "collections\nOrderedDict";
+    if (std::search(bytes.begin(), bytes.end(), ordered.begin(), ordered.end()) != bytes.end())
+      throw InputError("'" + path + "' holds a collections.OrderedDict (what nn.Module.state_dict() returns), which "
+                       "libtorch's C++ unpickler cannot read: save a plain dict instead, "
+                       "torch.save(dict(model.state_dict()), path)");
     const std::string what = e.what();
     throw InputError("'" + path + "' is not a file torch.save wrote (zip format): " + what.substr(0, what.find('\n')));
   }
@@ -459,6 +467,15 @@ int import_checkpoint(const std::string& input, const std::string& output, const
   std::error_code ec;
   if (fs::exists(output, ec) && !fs::is_directory(output, ec))
     throw InputError("--output '" + output + "' is a file; name a checkpoint directory");
+  // A run's directory keeps its own checkpoints: an import there would become its latest (and could move a
+  // checkpoint of the same step aside), so it is refused, as loom-train refuses a reused directory.
+  if (fs::is_directory(output, ec)) {
+    const auto existing = list_checkpoints(output);
+    if (!existing.empty())
+      throw InputError("--output '" + output + "' already holds " + std::to_string(existing.size()) +
+                       " checkpoint(s) (latest " + existing.back().path +
+                       "): importing there would make the import that run's latest; name a new directory");
+  }
   fs::create_directories(output, ec);
   if (ec) throw InputError("cannot create --output '" + output + "': " + ec.message());
   const std::string written = save_checkpoint(output, data);

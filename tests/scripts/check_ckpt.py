@@ -224,6 +224,20 @@ elif scenario == "bad_input":
                    "no tensor for the model's parameter 'embedding.weight'", out_dir)
     expect_refused([ckpt_tool, "import", os.path.join(work, "missing.bin"), "--output", out_dir],
                    "carries no Loom manifest", out_dir)
+    # model.state_dict() is an OrderedDict, which libtorch's C++ unpickler cannot read: a named hint.
+    from collections import OrderedDict
+    torch.save(OrderedDict(good), os.path.join(work, "ordered.bin"))
+    expect_refused([ckpt_tool, "import", os.path.join(work, "ordered.bin"), "--output", out_dir, "--like", step_dir],
+                   "torch.save(dict(model.state_dict()), path)", out_dir)
+    # A run's directory that holds checkpoints is refused, and nothing in it moves.
+    torch.save(good, os.path.join(work, "good.bin"))
+    run_dir = os.path.dirname(step_dir)
+    before = sorted(os.listdir(run_dir))
+    out = run([ckpt_tool, "import", os.path.join(work, "good.bin"), "--output", run_dir, "--like", step_dir], expect=2)
+    if "already holds" not in out:
+        fail("an import into a run's directory is not refused by name")
+    if sorted(os.listdir(run_dir)) != before:
+        fail(f"the run's directory changed: {before} -> {sorted(os.listdir(run_dir))}")
     export_target = os.path.join(work, "exported.safetensors")
     expect_refused([ckpt_tool, "export", os.path.join(work, "no-such-ckpt"), "--format", "safetensors",
                     "--output", export_target], "does not exist", export_target)
