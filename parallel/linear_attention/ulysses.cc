@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "loom/runtime/comm/differentiable_collectives.h"
+#include "loom/runtime/comm/recompute.h"
 #include "loom/runtime/core/error.h"
 
 namespace loom::linear_attention {
@@ -45,7 +46,14 @@ at::Tensor UlyssesExchange::from_heads(const at::Tensor& x) const {
 
 at::Tensor UlyssesExchange::gather_doc_start(const at::Tensor& doc_start) const {
   if (!doc_start.defined()) return doc_start;
-  const at::Tensor gathered = all_gather_along(doc_start, *comm_, 1);
+  // A selective recompute's rerun replays the gathered starts (recompute.h) and sends nothing.
+  at::Tensor gathered;
+  if (CommTape::replaying()) {
+    gathered = CommTape::replay("linear ulysses: document starts")[0];
+  } else {
+    gathered = all_gather_along(doc_start, *comm_, 1);
+    CommTape::record("linear ulysses: document starts", {gathered});
+  }
   return to_global_.defined() ? gathered.index_select(1, to_global_.to(doc_start.device())) : gathered;
 }
 

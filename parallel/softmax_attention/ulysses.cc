@@ -10,6 +10,7 @@
 #include "loom/runtime/comm/comm_order.h"
 #include "loom/runtime/comm/differentiable_collectives.h"
 #include "loom/runtime/comm/process_mesh.h"
+#include "loom/runtime/comm/recompute.h"
 #include "loom/runtime/core/error.h"
 #include "loom/runtime/core/logging.h"
 
@@ -239,7 +240,16 @@ std::pair<at::Tensor, at::Tensor> ulysses_attention(const at::Tensor& q, const a
   const at::Tensor heads = all_to_all(qkv, group, /*scatter_dim=*/1, /*gather_dim=*/2);
   const at::Tensor qh = heads.narrow(1, 0, Hq / U), kh = heads.narrow(1, Hq / U, Hk / U),
                    vh = heads.narrow(1, Hq / U + Hk / U, Hk / U);
-  const at::Tensor group_doc_start = doc_start.defined() ? all_gather_along(doc_start, *group, 1) : at::Tensor();
+  // A selective recompute's rerun replays the gathered starts (recompute.h) and sends nothing.
+  at::Tensor group_doc_start;
+  if (doc_start.defined()) {
+    if (CommTape::replaying()) {
+      group_doc_start = CommTape::replay("ulysses attention: document starts")[0];
+    } else {
+      group_doc_start = all_gather_along(doc_start, *group, 1);
+      CommTape::record("ulysses attention: document starts", {group_doc_start});
+    }
+  }
   auto res = apply_in_order<GroupAttentionFunction>(qh, kh, vh, optional_tensor(group_doc_start), layout, ring,
                                                     static_cast<int64_t>(U), spec.scale, spec.window, spec.block);
   const at::Tensor out = all_to_all(res[0], group, /*scatter_dim=*/2, /*gather_dim=*/1);

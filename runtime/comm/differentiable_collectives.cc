@@ -275,7 +275,7 @@ struct AllToAllFunction : public torch::autograd::Function<AllToAllFunction> {
     save_comm(ctx, comm);
     ctx->saved_data["scatter_dim"] = scatter_dim;
     ctx->saved_data["gather_dim"] = gather_dim;
-    at::Tensor out = all_to_all_along(x, *comm, scatter_dim, gather_dim);
+    at::Tensor out = received("all_to_all", [&] { return all_to_all_along(x, *comm, scatter_dim, gather_dim); });
     remember_output(ctx, out);
     return {out, CommOrder::new_token()};
   }
@@ -296,7 +296,8 @@ struct AllToAllUnevenFunction : public torch::autograd::Function<AllToAllUnevenF
     save_comm(ctx, comm);
     ctx->saved_data["output_splits"] = output_splits;
     ctx->saved_data["input_splits"] = input_splits;
-    at::Tensor out = all_to_all_rows(x, *comm, output_splits, input_splits);
+    at::Tensor out = received("all_to_all (splits)",
+                              [&] { return all_to_all_rows(x, *comm, output_splits, input_splits); });
     remember_output(ctx, out);
     return {out, CommOrder::new_token()};
   }
