@@ -140,11 +140,16 @@ NeuralMemoryImpl::NeuralMemoryImpl(const pb::ModelConfig& c, bool own_projection
     const at::Tensor k = split_heads(inputs.narrow(-1, D, D), heads_);
     const at::Tensor v = split_heads(inputs.narrow(-1, 2 * D, D), heads_);
     const at::Tensor g = inputs.narrow(-1, 3 * D, 3 * heads_);
+    // split, not narrow per chunk: narrow's backward writes a zero tensor of
+    // the whole length for every chunk (O(L^2 / chunk) in backward).
+    const auto qs = q.split(chunk_, 2), ks = k.split(chunk_, 2), vs = v.split(chunk_, 2), gs = g.split(chunk_, 1);
+    // The reset column is a constant: detached, so its per-chunk select has no backward.
+    const at::Tensor reset_column = documents ? inputs.select(-1, inputs.size(-1) - 1).detach() : at::Tensor();
     std::vector<at::Tensor> outs;
-    for (int64_t t0 = 0; t0 < L; t0 += chunk_) {
-      if (documents) reset_where(inputs.select(-1, inputs.size(-1) - 1).select(1, t0), w, s);
-      outs.push_back(read(w, q.narrow(2, t0, chunk_)));
-      update(w, s, k.narrow(2, t0, chunk_), v.narrow(2, t0, chunk_), g.narrow(1, t0, chunk_));
+    for (int64_t c = 0; c < L / chunk_; ++c) {
+      if (documents) reset_where(reset_column.select(1, c * chunk_), w, s);
+      outs.push_back(read(w, qs[c]));
+      update(w, s, ks[c], vs[c], gs[c]);
     }
     return std::make_pair(merge_heads(at::cat(outs, 2)), pack_state(w, s));
   };
@@ -317,12 +322,15 @@ at::Tensor NeuralMemoryImpl::forward_affine(const at::Tensor& q, const at::Tenso
   }
 
   // Compose each layout chunk's memory chunks: (T1, B1) then (T2, B2) = (T1 T2, B1 T2 + B2).
+  // Per memory chunk views by unbind: select(2, j) inside the loops would give
+  // every step a backward that writes a zero tensor of all m chunks (O(m^2)).
+  const std::vector<at::Tensor> Ts = T.unbind(2), Bs = Bm.unbind(2);
   std::vector<at::Tensor> composed;
   for (int64_t i = 0; i < cpr; ++i) {
     at::Tensor Tc = at::eye(2 * d, opts).expand({B, H, 2 * d, 2 * d});
     at::Tensor Bc = at::zeros({B, H, d, 2 * d}, opts);
     for (int64_t j = 0; j < nc; ++j) {
-      const at::Tensor Tj = T.select(2, i * nc + j), Bj = Bm.select(2, i * nc + j);
+      const at::Tensor &Tj = Ts[i * nc + j], &Bj = Bs[i * nc + j];
       Bc = at::matmul(Bc, Tj) + Bj;
       Tc = at::matmul(Tc, Tj);
     }
@@ -347,15 +355,16 @@ at::Tensor NeuralMemoryImpl::forward_affine(const at::Tensor& q, const at::Tenso
     X = at::matmul(X, by_chunk[c].narrow(-2, 0, 2 * d)) + by_chunk[c].narrow(-2, 2 * d, d);
   }
   // Inside my chunks: read with W_c, then X <- X T + B.
-  const at::Tensor Q = q.reshape({B, H, m, b, d});
+  const std::vector<at::Tensor> Qs = q.reshape({B, H, m, b, d}).unbind(2);
   std::vector<at::Tensor> outs;
   for (int64_t i = 0; i < cpr; ++i) {
     at::Tensor Xi = entering[i];
     for (int64_t j = 0; j < nc; ++j) {
+      const int64_t c = i * nc + j;
       // A memory chunk that starts a document reads the initial weights.
-      const at::Tensor read_from = resets.defined() ? at::where(reset_of.select(2, i * nc + j).to(at::kBool), X0, Xi) : Xi;
-      outs.push_back(at::matmul(Q.select(2, i * nc + j), read_from.narrow(-1, 0, d).transpose(-1, -2)));
-      Xi = at::matmul(Xi, T.select(2, i * nc + j)) + Bm.select(2, i * nc + j);
+      const at::Tensor read_from = resets.defined() ? at::where(reset_of.select(2, c).to(at::kBool), X0, Xi) : Xi;
+      outs.push_back(at::matmul(Qs[c], read_from.narrow(-1, 0, d).transpose(-1, -2)));
+      Xi = at::matmul(Xi, Ts[c]) + Bs[c];
     }
   }
   // A rank whose chunks need no earlier chunk's map (rank 0, contiguous) does
@@ -417,10 +426,12 @@ std::pair<at::Tensor, at::Tensor> TitansMACMixer::run_chunk(const at::Tensor& in
   const auto flags = x.options().dtype(at::kBool);
   const at::Tensor causal = at::ones({b, b}, flags).tril();
   const at::Tensor visible = at::cat({at::ones({b, persistent_}, flags), causal, causal}, 1);
+  const auto segments = x.split(b, 1);  // not narrow per segment: O(L^2 / b) backward
+  const at::Tensor reset_column = documents ? inputs.select(-1, D).detach() : at::Tensor();  // constant
   std::vector<at::Tensor> outs;
   for (int64_t t0 = 0; t0 < L; t0 += b) {
-    if (documents) memory_->reset_where(inputs.select(-1, D).select(1, t0), w, s);
-    const at::Tensor seg = x.narrow(1, t0, b);
+    if (documents) memory_->reset_where(reset_column.select(1, t0), w, s);
+    const at::Tensor& seg = segments[t0 / b];
     // Retrieve with the weights of the segment's start.
     const at::Tensor retrieved =
         merge_heads(memory_->read(w, l2_normalise(split_heads(mem_q_(seg), heads_))));

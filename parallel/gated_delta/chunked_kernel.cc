@@ -104,13 +104,16 @@ BlockOutputs block_outputs(const Blocks& x, const BlockMaps& m) {
 }
 
 std::pair<at::Tensor, at::Tensor> block_states(const BlockMaps& m, const at::Tensor& entering) {
-  const int64_t nb = m.transition.size(2);
+  // unbind, not select(2, b) in the loop: each select's backward writes a
+  // zero tensor of the whole [.., nb, ..] size, which made backward O(nb^2).
+  const std::vector<at::Tensor> transitions = m.transition.unbind(2), offsets = m.offset.unbind(2);
+  const int64_t nb = static_cast<int64_t>(transitions.size());
   std::vector<at::Tensor> states;
   states.reserve(nb);
   at::Tensor S = entering;
   for (int64_t b = 0; b < nb; ++b) {
     states.push_back(S);
-    S = at::matmul(m.transition.select(2, b), S) + m.offset.select(2, b);
+    S = at::matmul(transitions[b], S) + offsets[b];
   }
   return {at::stack(states, 2), S};
 }
@@ -121,11 +124,11 @@ at::Tensor stretch_outputs(const BlockOutputs& o, const at::Tensor& states, int6
 }
 
 std::pair<at::Tensor, at::Tensor> compose_blocks(const BlockMaps& m) {
-  at::Tensor A = m.transition.select(2, 0), B = m.offset.select(2, 0);
-  for (int64_t b = 1; b < m.transition.size(2); ++b) {
-    const at::Tensor Ab = m.transition.select(2, b);
-    B = at::matmul(Ab, B) + m.offset.select(2, b);
-    A = at::matmul(Ab, A);
+  const std::vector<at::Tensor> transitions = m.transition.unbind(2), offsets = m.offset.unbind(2);
+  at::Tensor A = transitions[0], B = offsets[0];
+  for (size_t b = 1; b < transitions.size(); ++b) {
+    B = at::matmul(transitions[b], B) + offsets[b];
+    A = at::matmul(transitions[b], A);
   }
   return {A, B};
 }
