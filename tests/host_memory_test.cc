@@ -23,15 +23,15 @@ long minor_faults() {
   return usage.ru_minflt;
 }
 
-// Faults of `rounds` allocations of a 1 MiB block (below the 2 MiB of a transparent huge page, like most
-// activations of a small model), each written and freed.
-long faults_of_alloc_free_rounds(int rounds) {
-  constexpr size_t kBytes = 1 << 20;
+// Faults of `rounds` allocations of a block (1 MiB: below the 2 MiB of a transparent huge page, like most
+// activations of a small model; 64 MiB: above glibc's largest mmap threshold, like a long sequence's), each
+// written and freed.
+long faults_of_alloc_free_rounds(int rounds, size_t kBytes = 1 << 20) {
   const long before = minor_faults();
   for (int i = 0; i < rounds; ++i) {
     auto* p = static_cast<char*>(std::malloc(kBytes));
     if (p == nullptr) {
-      ADD_FAILURE() << "malloc of 1 MiB failed";
+      ADD_FAILURE() << "malloc of " << kBytes << " bytes failed";
       return -1;
     }
     std::memset(p, i, kBytes);
@@ -61,6 +61,11 @@ TEST(HostMemory, FreedBlocksAreReusedWithoutPageFaults) {
   const long after = faults_of_alloc_free_rounds(40);
   EXPECT_LT(after, 256) << "freed 1 MiB blocks were returned to the kernel and faulted in again (baseline "
                          << before << ")";
+  // Blocks above 32 MiB (glibc maps those whatever the threshold) are reused too: 16,384 pages each.
+  constexpr size_t kLarge = size_t{64} << 20;
+  faults_of_alloc_free_rounds(1, kLarge);
+  const long large = faults_of_alloc_free_rounds(5, kLarge);
+  EXPECT_LT(large, 16384) << "freed 64 MiB blocks were unmapped and faulted in again";
 #endif
 }
 

@@ -8,11 +8,13 @@
 // time in the kernel per step. Keeping freed blocks in the process (as the
 // CUDA caching allocator does on the GPU) removes that cost.
 //
-// keep_freed_host_memory() raises the mmap threshold to glibc's maximum
-// (32 MiB on 64-bit), stops heap trimming below 1 GiB and pads heap growth,
-// so freed activations are reused without faults; resident memory then stays
-// at the step's peak instead of dropping between steps. It is process-wide,
-// called once by Job (loom-train and embedding trainers that use Job) before
+// keep_freed_host_memory() serves every block from the heap (no mmap: glibc's
+// threshold stops at 32 MiB, below a long sequence's activations), never trims
+// the heap and pads its growth, so freed activations of any size are reused
+// without faults; resident memory then stays at the step's peak instead of
+// dropping between steps (as with the CUDA caching allocator). If the heap
+// cannot grow, glibc still falls back to mmap. It is process-wide, called once
+// by Job (loom-train and embedding trainers that use Job) before
 // the first tensor; LOOM_KEEP_FREED_HOST_MEMORY=0 in the environment leaves
 // glibc's defaults. No effect (and false) on a C library other than glibc.
 #pragma once
