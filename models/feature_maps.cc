@@ -61,8 +61,9 @@ int64_t FeatureMapImpl::output_dim() const {
 }
 
 at::Tensor FeatureMapImpl::forward(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 4 && x.size(1) == heads_ && x.size(3) == dim_, "FeatureMap(", feature_map_name(kind_),
-              "): expected [B, ", heads_, ", N, ", dim_, "], got ", x.sizes());
+  TORCH_CHECK(x.dim() == 4 && (x.size(1) == heads_ || !per_head()) && x.size(3) == dim_, "FeatureMap(",
+              feature_map_name(kind_), "): expected [B, ", per_head() ? std::to_string(heads_) : std::string("H"),
+              ", N, ", dim_, "], got ", x.sizes());
   switch (kind_) {
     case FeatureMapKind::kIdentity: return x;
     case FeatureMapKind::kElu: return at::elu(x) + 1;

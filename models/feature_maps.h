@@ -32,6 +32,9 @@ class FeatureMapImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x);
   int64_t output_dim() const;
   FeatureMapKind kind() const { return kind_; }
+  // Whether the map differs per head (Hedgehog's weights). The fixed maps take
+  // any head count (GQA key heads), a per-head map exactly num_heads.
+  bool per_head() const { return kind_ == FeatureMapKind::kHedgehog; }
   // Hedgehog's [H, d, m] weight (undefined for the fixed maps).
   const at::Tensor& hedgehog_weight() const { return hedgehog_weight_; }
 

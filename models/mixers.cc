@@ -51,9 +51,15 @@ LinearAttentionMixer::LinearAttentionMixer(const pb::ModelConfig& c)
 at::Tensor LinearAttentionMixer::forward(const at::Tensor& x, const SequenceContext& ctx) {
   const int64_t group = heads_ / kv_heads_;
   at::Tensor q = feature_map_(split_heads(q_(x), heads_));
-  // GQA: each key/value head serves `group` query heads.
-  at::Tensor k = softmax_attention::repeat_kv_heads(split_heads(k_(x), kv_heads_), group);
-  at::Tensor v = softmax_attention::repeat_kv_heads(split_heads(v_(x), kv_heads_), group);
+  // GQA: each key/value head serves `group` query heads. Without a per-head
+  // decay or feature map the operator takes them unrepeated and exchanges
+  // states per key/value head (lasp.h); otherwise each query head's state
+  // differs and k, v are repeated here.
+  at::Tensor k = split_heads(k_(x), kv_heads_), v = split_heads(v_(x), kv_heads_);
+  if (decay_.defined() || feature_map_->per_head()) {
+    k = softmax_attention::repeat_kv_heads(k, group);
+    v = softmax_attention::repeat_kv_heads(v, group);
+  }
   k = feature_map_(k);
   linear_attention::LinearAttentionOptions opt;
   opt.block_size = block_;

@@ -236,6 +236,82 @@ TEST(LinearAttentionCommunication, Lasp2OneCollectiveEachWayBytesIndependentOfN)
   }
 }
 
+// GQA: k and v with fewer heads than q (each serving a group of query heads)
+// equal the reference on repeated k, v, outputs and gradients; the decay case
+// takes the repeat-first path, the others exchange states per key/value head.
+TEST_P(LinearAttentionSequenceParallel, GroupedKeyValueHeadsMatchRepeatedReference) {
+  const auto [kind, method] = GetParam();
+  auto comm = MpiCommunicator::world();
+  const int W = comm->size(), r = comm->rank();
+  constexpr int64_t kQueryHeads = 4;
+  int cases = 0;
+  for (int64_t kv_heads : {int64_t(1), int64_t(2)}) {
+    for (bool decay : {false, true}) {
+      for (bool normalize : {false, true}) {
+        for (int64_t n : {int64_t(kBlock - 1), int64_t(2 * kBlock * W + 3)}) {
+          const SequenceLayout layout(kind, n, W);
+          la::LinearAttentionOptions opt;
+          opt.block_size = kBlock;
+          opt.normalize = normalize;
+          if (decay) opt.decay = at::tensor({0.9, 0.6, 0.8, 0.7}, at::kDouble);
+          // exp keeps feature products positive for the normaliser.
+          const at::Tensor Q = seeded_randn({B, kQueryHeads, n, D}, 50 + n).exp(),
+                           K = seeded_randn({B, kv_heads, n, D}, 60 + n).exp(),
+                           V = seeded_randn({B, kv_heads, n, DV}, 70 + n),
+                           G = seeded_randn({B, kQueryHeads, n, DV}, 80 + n);
+          at::Tensor Qr = Q.clone().requires_grad_(true), Kr = K.clone().requires_grad_(true),
+                     Vr = V.clone().requires_grad_(true);
+          const int64_t group = kQueryHeads / kv_heads;
+          const at::Tensor ref = la::naive_linear_attention(Qr, Kr.repeat_interleave(group, 1),
+                                                            Vr.repeat_interleave(group, 1), opt);
+          (ref * G).sum().backward();
+
+          at::Tensor q = layout.shard(Q, r, 2).requires_grad_(true), k = layout.shard(K, r, 2).requires_grad_(true),
+                     v = layout.shard(V, r, 2).requires_grad_(true);
+          const at::Tensor out = la::sequence_parallel_linear_attention(q, k, v, layout, comm, method, opt);
+          (out * layout.shard(G, r, 2)).sum().backward();
+          ReferenceCheck check(r, kTol);
+          check.sharded("out", out, ref, layout, 2)
+              .sharded("dq", q.grad(), Qr.grad(), layout, 2)
+              .sharded("dk", k.grad(), Kr.grad(), layout, 2)
+              .sharded("dv", v.grad(), Vr.grad(), layout, 2);
+          EXPECT_TRUE(check.verdict()) << kv_heads << " kv heads, decay=" << decay << " normalize=" << normalize
+                                       << " " << layout.describe();
+          ++cases;
+        }
+      }
+    }
+  }
+  EXPECT_EQ(cases, 16);
+}
+
+// With grouped key/value heads LASP-2 exchanges states per key/value head:
+// the bytes are those of Hkv heads, forward and backward.
+TEST(LinearAttentionCommunication, Lasp2GroupedHeadsExchangeKeyValueHeadStates) {
+  auto comm = MpiCommunicator::world();
+  const int W = comm->size(), r = comm->rank();
+  constexpr int64_t kQueryHeads = 4, kKvHeads = 1;
+  for (auto kind : {LayoutKind::kContiguous, LayoutKind::kZigzag}) {
+    const int64_t n = 64 * W;
+    const SequenceLayout layout(kind, n, W);
+    at::Tensor q = layout.shard(seeded_randn({1, kQueryHeads, n, D}, 1), r, 2).requires_grad_(true);
+    at::Tensor k = layout.shard(seeded_randn({1, kKvHeads, n, D}, 2), r, 2).requires_grad_(true);
+    at::Tensor v = layout.shard(seeded_randn({1, kKvHeads, n, DV}, 3), r, 2).requires_grad_(true);
+    const CommStats s0 = comm->stats();
+    at::Tensor out = la::sequence_parallel_linear_attention(q, k, v, layout, comm, la::LinearAttentionMethod::kLasp2,
+                                                            options(false, false));
+    const CommStats s1 = comm->stats();
+    out.sum().backward();
+    const CommStats forward = s1 - s0, backward = comm->stats() - s1;
+    const int64_t cpr = kind == LayoutKind::kZigzag ? 2 : 1;
+    const int64_t expected_bytes = (W - 1) * cpr * kKvHeads * D * DV * int64_t(sizeof(double));
+    EXPECT_EQ(forward.total_calls(), 1);
+    EXPECT_EQ(backward.total_calls(), 1);
+    EXPECT_EQ(forward.total_bytes_received(), expected_bytes) << layout.describe();
+    EXPECT_EQ(backward.total_bytes_received(), expected_bytes) << layout.describe();
+  }
+}
+
 TEST(LinearAttentionCommunication, AllScanVolumeIndependentOfWorldSize) {
   auto comm = MpiCommunicator::world();
   const int W = comm->size(), r = comm->rank();

@@ -86,6 +86,21 @@ ChunkFactors chunk_factors(const at::Tensor& decay, const at::Tensor& log_gate, 
   return out;
 }
 
+// GQA: k, v carry Hkv = H / group heads, each serving `group` consecutive
+// query heads. Only the local kernel sees them repeated; the exchanged states
+// and chunk gradients stay at Hkv heads, so the bytes scale with Hkv.
+at::Tensor repeat_heads(const at::Tensor& x, int64_t group) {  // [B, Hkv, ...] -> [B, Hkv * group, ...]
+  if (group == 1) return x;
+  std::vector<int64_t> expanded = x.sizes().vec(), merged = x.sizes().vec();
+  expanded.insert(expanded.begin() + 2, group);
+  merged[1] *= group;
+  return x.unsqueeze(2).expand(expanded).reshape(merged);
+}
+at::Tensor sum_groups(const at::Tensor& x, int64_t group) {  // [B, Hkv * group, ...] -> [B, Hkv, ...]
+  if (group == 1) return x;
+  return x.unflatten(1, {x.size(1) / group, group}).sum(2);
+}
+
 // The local doc_start of chunk i, or undefined.
 at::Tensor chunk_docs(const at::Tensor& doc_start, int64_t i, int64_t L) {
   return doc_start.defined() ? doc_start.narrow(1, i * L, L) : at::Tensor();
@@ -114,15 +129,25 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
     const int64_t L = layout.chunk_len(), cpr = layout.chunks_per_rank();
     TORCH_CHECK(q.dim() == 4 && q.size(2) == layout.local_len(), "linear attention: local q has shape ", q.sizes(),
                 "; expected [B, H, ", layout.local_len(), ", d] for ", layout.describe());
-    TORCH_CHECK(k.sizes() == q.sizes() && v.dim() == 4 && v.size(2) == q.size(2),
-                "linear attention: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), " do not agree");
+    TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.size(0) == q.size(0) && k.size(2) == q.size(2) &&
+                    k.size(3) == q.size(3) && v.size(0) == q.size(0) && v.size(1) == k.size(1) &&
+                    v.size(2) == q.size(2) && k.size(1) >= 1 && q.size(1) % k.size(1) == 0,
+                "linear attention: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(),
+                " do not agree (k and v may have fewer heads than q, a divisor of its count)");
+    const int64_t group = q.size(1) / k.size(1);
+    TORCH_CHECK(group == 1 || (log_gate.numel() == 0 && decay.size(0) == k.size(1)),
+                "linear attention: grouped key/value heads need factors shared by each group (no gates; decay per "
+                "key/value head)");
     const at::Tensor docs = doc_start.numel() > 0 ? doc_start : at::Tensor();
     const at::Tensor gates = log_gate.numel() > 0 ? log_gate : at::Tensor();
     check_document_starts(docs, q, 2, "linear attention");
     if (gates.defined()) check_log_gate(gates, q, "linear attention");
     const at::Tensor kernel_decay = gates.defined() ? at::Tensor() : decay;
     const auto chunks = layout.chunks_of(comm->rank());
-    const ChunkFactors f = chunk_factors(kernel_decay, gates, q.size(1), layout, comm->rank(), docs, q.options());
+    // State side at k's head count, query side at q's (the same factors repeated).
+    const ChunkFactors f = chunk_factors(kernel_decay, gates, k.size(1), layout, comm->rank(), docs, q.options());
+    const at::Tensor query_decay = kernel_decay.defined() ? repeat_heads(kernel_decay.unsqueeze(0), group)[0] : kernel_decay;
+    const at::Tensor k_local = repeat_heads(k, group), v_local = repeat_heads(v, group);
 
     // A selective recompute's rerun replays the entering states its first run
     // received (recompute.h) and exchanges nothing.
@@ -140,14 +165,16 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
     // Intra-chunk work while the states travel.
     std::vector<at::Tensor> outs, block_states;
     for (int64_t i = 0; i < cpr; ++i) {
-      auto r = chunk_forward(q.narrow(2, i * L, L), k.narrow(2, i * L, L), v.narrow(2, i * L, L), kernel_decay, block,
-                             0, chunk_docs(docs, i, L), layout.chunk_start(chunks[i]), chunk_gates(gates, i, L));
+      auto r = chunk_forward(q.narrow(2, i * L, L), k_local.narrow(2, i * L, L), v_local.narrow(2, i * L, L),
+                             query_decay, block, 0, chunk_docs(docs, i, L), layout.chunk_start(chunks[i]),
+                             chunk_gates(gates, i, L));
       outs.push_back(r.out);
       block_states.push_back(r.block_states);
     }
     const at::Tensor entering = replay ? CommTape::replay("linear attention: entering states")[0] : prefix->finish();
     if (!replay) CommTape::record("linear attention: entering states", {entering});
-    for (int64_t i = 0; i < cpr; ++i) outs[i].add_(at::matmul(q.narrow(2, i * L, L) * f.query[i], entering[i]));
+    for (int64_t i = 0; i < cpr; ++i)
+      outs[i].add_(at::matmul(q.narrow(2, i * L, L) * repeat_heads(f.query[i], group), repeat_heads(entering[i], group)));
 
     ctx->save_for_backward({q, k, v, decay, entering, at::stack(block_states), doc_start, log_gate});
     save_comm(ctx, comm);
@@ -170,30 +197,35 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
     const int64_t block = ctx->saved_data["block"].toInt();
     const int64_t L = layout.chunk_len(), cpr = layout.chunks_per_rank();
     const auto chunks = layout.chunks_of(comm->rank());
-    const ChunkFactors f = chunk_factors(kernel_decay, gates, q.size(1), layout, comm->rank(), docs, q.options());
+    const int64_t group = q.size(1) / k.size(1);
+    const ChunkFactors f = chunk_factors(kernel_decay, gates, k.size(1), layout, comm->rank(), docs, q.options());
+    const at::Tensor query_decay = kernel_decay.defined() ? repeat_heads(kernel_decay.unsqueeze(0), group)[0] : kernel_decay;
+    const at::Tensor k_local = repeat_heads(k, group), v_local = repeat_heads(v, group);
     // Unused output: zeros, since every rank must still take part in the exchange.
     const at::Tensor dout = grads[0].defined() ? grads[0].contiguous()
                                                : at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
 
     std::vector<at::Tensor> chunk_grads;
     for (int64_t i = 0; i < cpr; ++i)
-      chunk_grads.push_back(
-          at::matmul((q.narrow(2, i * L, L) * f.query[i]).transpose(-1, -2), dout.narrow(2, i * L, L)));
+      chunk_grads.push_back(sum_groups(
+          at::matmul((q.narrow(2, i * L, L) * repeat_heads(f.query[i], group)).transpose(-1, -2),
+                     dout.narrow(2, i * L, L)),
+          group));
     auto suffix = make_state_prefix(static_cast<LinearAttentionMethod>(ctx->saved_data["method"].toInt()), layout,
                                     comm, f.across, PrefixDirection::kBackward);
     suffix->start(at::stack(chunk_grads));
 
     std::vector<at::Tensor> dqs, dks, dvs;
     for (int64_t i = 0; i < cpr; ++i) {
-      const at::Tensor qc = q.narrow(2, i * L, L), kc = k.narrow(2, i * L, L), vc = v.narrow(2, i * L, L);
+      const at::Tensor qc = q.narrow(2, i * L, L), kc = k_local.narrow(2, i * L, L), vc = v_local.narrow(2, i * L, L);
       const at::Tensor dc = dout.narrow(2, i * L, L);
-      auto [dq, dk, dv] = chunk_backward(qc, kc, vc, kernel_decay, block, block_states[i], dc, 0,
+      auto [dq, dk, dv] = chunk_backward(qc, kc, vc, query_decay, block, block_states[i], dc, 0,
                                          chunk_docs(docs, i, L), layout.chunk_start(chunks[i]),
                                          chunk_gates(gates, i, L));
-      dq.add_(at::matmul(dc, entering[i].transpose(-1, -2)).mul_(f.query[i]));
+      dq.add_(at::matmul(dc, repeat_heads(entering[i], group).transpose(-1, -2)).mul_(repeat_heads(f.query[i], group)));
       dqs.push_back(dq);
-      dks.push_back(dk);
-      dvs.push_back(dv);
+      dks.push_back(sum_groups(dk, group));
+      dvs.push_back(sum_groups(dv, group));
     }
     const at::Tensor later = suffix->finish();  // gradient reaching each chunk's state
     std::vector<at::Tensor> dgates;
@@ -224,6 +256,8 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
 
 at::Tensor linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const LinearAttentionOptions& options) {
+  if (k.dim() == 4 && q.dim() == 4 && k.size(1) != q.size(1) && k.size(1) > 0 && q.size(1) % k.size(1) == 0)
+    return linear_attention(q, repeat_heads(k, q.size(1) / k.size(1)), repeat_heads(v, q.size(1) / k.size(1)), options);
   return with_normaliser(q, k, v, options, [&](const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_) {
     return chunked_linear_attention(q_, k_, v_, options.decay, options.block_size, options.doc_start,
                                     options.log_gate);
@@ -234,6 +268,18 @@ at::Tensor sequence_parallel_linear_attention(const at::Tensor& q, const at::Ten
                                               const SequenceLayout& layout, const CommPtr& comm,
                                               LinearAttentionMethod method, const LinearAttentionOptions& options) {
   TORCH_CHECK(comm, "sequence_parallel_linear_attention: communicator is null");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && k.size(1) >= 1 && v.size(1) == k.size(1) &&
+                  q.size(1) % k.size(1) == 0,
+              "sequence_parallel_linear_attention: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(),
+              ": k and v need the same head count, a divisor of q's");
+  const int64_t group = q.size(1) / k.size(1);
+  // Grouped heads travel unrepeated when the factors are the same for every
+  // query head of a group (no decay, no gates). A per-query-head decay or gate
+  // makes each query head's state its own: then k and v are repeated here, and
+  // so are the states (Ulysses also takes them repeated).
+  if (group > 1 && (options.decay.defined() || options.log_gate.defined() || method == LinearAttentionMethod::kUlysses))
+    return sequence_parallel_linear_attention(q, repeat_heads(k, group), repeat_heads(v, group), layout, comm, method,
+                                              options);
   if (method == LinearAttentionMethod::kUlysses) {
     // Head-parallel: whole sequences of H/W heads through the single-rank kernel.
     const UlyssesExchange exchange(layout, comm, q.size(1), "the linear attention head count");
@@ -253,7 +299,7 @@ at::Tensor sequence_parallel_linear_attention(const at::Tensor& q, const at::Ten
     // empty tensors are "no documents" and "no gates".
     const at::Tensor gates = folded_gates(options);
     const at::Tensor decay = options.decay.defined() && !gates.defined() ? options.decay
-                                                                         : at::ones({q_.size(1)}, at::kDouble);
+                                                                         : at::ones({k_.size(1)}, at::kDouble);
     const at::Tensor docs = options.doc_start.defined() ? options.doc_start : at::empty({0}, at::kLong);
     return apply_in_order<SequenceParallelFunction>(q_, k_, v_, decay, docs,
                                                     gates.defined() ? gates : at::empty({0}, q_.options()), layout,
@@ -263,6 +309,9 @@ at::Tensor sequence_parallel_linear_attention(const at::Tensor& q, const at::Ten
 
 at::Tensor naive_linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const LinearAttentionOptions& options) {
+  if (k.dim() == 4 && q.dim() == 4 && k.size(1) != q.size(1) && k.size(1) > 0 && q.size(1) % k.size(1) == 0)
+    return naive_linear_attention(q, repeat_heads(k, q.size(1) / k.size(1)), repeat_heads(v, q.size(1) / k.size(1)),
+                                  options);
   return with_normaliser(q, k, v, options, [&](const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_) {
     const int64_t n = q_.size(2);
     const at::Tensor t = at::arange(n, at::kDouble);

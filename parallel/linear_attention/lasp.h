@@ -4,8 +4,14 @@
 //   S_i = sum_{j<=i} lambda^(i-j) phi(k_j) v_j^T,  z_i = sum_{j<=i} lambda^(i-j) phi(k_j)
 //
 // Inputs are already feature-mapped (models/feature_maps.h applies phi):
-// q, k [B, H, n, d_k], v [B, H, n, d_v]. The normaliser is the same machinery
-// with a column of ones appended to v.
+// q [B, H, n, d_k], k [B, Hkv, n, d_k], v [B, Hkv, n, d_v] with Hkv dividing H
+// (GQA: key/value head j serves query heads j*H/Hkv ..). The normaliser is the
+// same machinery with a column of ones appended to v.
+// GQA and bytes: without decay and gates the chunk states M_c = K_c^T V_c and
+// their gradients are exchanged at Hkv heads (H/Hkv times fewer bytes than
+// repeating k and v first); only the local chunked kernel sees k, v repeated.
+// A decay or gate per query head gives every query head its own state, so
+// then k and v are repeated up front (as they are for LINEAR_ULYSSES).
 //
 // sequence_parallel_linear_attention() takes this rank's shard under `layout`
 // (n = layout.local_len(), chunks in local order) and computes, per local chunk:
