@@ -7,6 +7,8 @@
 // is refused, signals stop every rank with one checkpoint and the handlers
 // found are restored, metrics failures are errors and each run has a header.
 #include <gtest/gtest.h>
+
+#include <limits>
 #include <sys/wait.h>
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
@@ -255,6 +257,22 @@ TEST(Training, GradNormIsTheGlobalNormBeforeClipping) {
   EXPECT_DOUBLE_EQ(a.grad().item<double>(), 3.0);
   EXPECT_DOUBLE_EQ(clip_gradients(params, 1.0), 5.0);
   EXPECT_NEAR(std::hypot(a.grad().item<double>(), b.grad().item<double>()), 1.0, 1e-9);
+  // Below the limit nothing changes (the scale is exactly 1); a parameter
+  // without a gradient is skipped; float32 gradients are scaled in float32.
+  at::Tensor c = at::zeros({2}, at::kFloat).requires_grad_(), unused = at::zeros({3}, at::kDouble).requires_grad_();
+  c.mutable_grad() = at::tensor({0.3f, 0.4f});
+  const NamedTensors mixed = {{"c", c}, {"unused", unused}};
+  EXPECT_NEAR(clip_gradients(mixed, 1.0), 0.5, 1e-7);
+  EXPECT_TRUE(at::equal(c.grad(), at::tensor({0.3f, 0.4f})));
+  EXPECT_FALSE(unused.grad().defined());
+  EXPECT_NEAR(clip_gradients(mixed, 0.25), 0.5, 1e-7);
+  EXPECT_EQ(c.grad().scalar_type(), at::kFloat);
+  EXPECT_NEAR(c.grad().norm().item<double>(), 0.25, 1e-6);
+  // A non-finite norm is reported as such and leaves the gradients alone (the
+  // trainer stops on it).
+  c.mutable_grad() = at::tensor({std::numeric_limits<float>::infinity(), 1.0f});
+  EXPECT_FALSE(std::isfinite(clip_gradients(mixed, 1.0)));
+  EXPECT_EQ(c.grad()[1].item<float>(), 1.0f);
 
   // The trainer reports it every step: positive, finite, the same on every rank.
   auto world = MpiCommunicator::world();

@@ -174,6 +174,7 @@ CommPtr comm_of(AutogradContext* ctx) { return saved_comm(ctx); }
 void remember_output(AutogradContext* ctx, const at::Tensor& out) {
   ctx->saved_data["out_sizes"] = out.sizes().vec();
   ctx->saved_data["out_dtype"] = static_cast<int64_t>(out.scalar_type());
+  ctx->saved_data["out_device"] = out.device();
 }
 
 // What the collective delivered: communicated, or, in a selective
@@ -191,8 +192,11 @@ at::Tensor received(const char* name, Communicate communicate) {
 // part in the collective (every rank must call it) as zeros.
 at::Tensor grad_or_zero(const at::Tensor& grad, AutogradContext* ctx) {
   if (grad.defined()) return grad;
+  // On the output's device: a CPU zero tensor would reach NCCL from a CUDA run.
   return at::zeros(ctx->saved_data["out_sizes"].toIntVector(),
-                   at::TensorOptions().dtype(static_cast<at::ScalarType>(ctx->saved_data["out_dtype"].toInt())));
+                   at::TensorOptions()
+                       .dtype(static_cast<at::ScalarType>(ctx->saved_data["out_dtype"].toInt()))
+                       .device(ctx->saved_data["out_device"].toDevice()));
 }
 
 struct AllGatherFunction : public torch::autograd::Function<AllGatherFunction> {
