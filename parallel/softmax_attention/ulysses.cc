@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "loom/runtime/comm/autograd_state.h"
 #include "loom/runtime/comm/comm_order.h"
 #include "loom/runtime/comm/differentiable_collectives.h"
 #include "loom/runtime/comm/process_mesh.h"
@@ -138,9 +139,7 @@ struct GroupAttentionFunction : public torch::autograd::Function<GroupAttentionF
     ctx->save_for_backward({q, k, v, out, lse, doc_start});
     ctx->saved_data["ring"] = ring ? ring->id() : int64_t(-1);  // -1: no ring (plain Ulysses)
     ctx->saved_data["degree"] = degree;
-    ctx->saved_data["layout_kind"] = static_cast<int64_t>(layout.kind());
-    ctx->saved_data["layout_len"] = layout.global_len();
-    ctx->saved_data["layout_world"] = static_cast<int64_t>(layout.world_size());
+    save_layout(ctx, layout);
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["window"] = window;
     ctx->saved_data["block"] = block;
@@ -154,9 +153,7 @@ struct GroupAttentionFunction : public torch::autograd::Function<GroupAttentionF
     const at::Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4], &doc_start = s[5];
     const int64_t ring_id = ctx->saved_data["ring"].toInt();
     const CommPtr ring = ring_id >= 0 ? Communicator::by_id(ring_id) : nullptr;
-    const SequenceLayout layout(static_cast<LayoutKind>(ctx->saved_data["layout_kind"].toInt()),
-                                ctx->saved_data["layout_len"].toInt(),
-                                static_cast<int>(ctx->saved_data["layout_world"].toInt()));
+    const SequenceLayout layout = saved_layout(ctx);
     const AttentionSpec spec{ctx->saved_data["scale"].toDouble(), ctx->saved_data["window"].toInt(),
                              ctx->saved_data["block"].toInt()};
     const int U = static_cast<int>(ctx->saved_data["degree"].toInt());
