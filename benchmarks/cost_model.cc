@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <sstream>
 
 #include "loom/parallel/gated_delta/chunked_kernel.h"
 #include "loom/parallel/linear_attention/chunked_kernel.h"
@@ -459,6 +460,175 @@ Projection project(Method method, const ProjectedModel& m, const pb::ClusterCons
   p.exposed_comm_s = m.layers * per_layer;
   p.seconds = p.compute_s + p.exposed_comm_s;
   return p;
+}
+
+// ---------------------------------------------------------------------------
+// The LASP-2 paper's setting (cost_model.h).
+
+const char* paper_method_name(PaperMethod m) {
+  switch (m) {
+    case PaperMethod::kLasp2: return "LASP-2";
+    case PaperMethod::kLasp1: return "LASP-1";
+    case PaperMethod::kRing: return "Ring Attention";
+  }
+  return "?";
+}
+
+double paper_dense_flops_per_token(const PaperModel& m) {
+  const double D = static_cast<double>(m.d_model), F = static_cast<double>(m.d_ff);
+  return 6.0 * (m.layers * (5 * D * D + 3 * D * F) + static_cast<double>(m.vocab) * D);
+}
+
+double paper_state_bytes(const PaperModel& m) {
+  return static_cast<double>(m.heads) * m.head_dim * m.head_dim * m.state_bytes_per_element;
+}
+
+double paper_kv_bytes(const PaperModel& m, double tokens) {
+  return 2.0 * tokens * m.heads * m.head_dim * m.element_bytes;
+}
+
+double paper_ring_pair_flops(const PaperModel& m, double chunk) {
+  return 12.0 * chunk * chunk * m.head_dim * m.heads;
+}
+
+namespace {
+
+bool spans_nodes(const PaperHardware& hw, int world) { return world > std::max(1, hw.ranks_per_node); }
+double nvlink_hop(const PaperHardware& hw, double bytes) { return hw.nvlink_latency_s + bytes / hw.nvlink_bytes_per_s; }
+double ib_hop(const PaperHardware& hw, double bytes) { return hw.ib_latency_s + bytes / hw.ib_bytes_per_s; }
+// One ring step: every rank sends at once, the slowest link sets the pace.
+double ring_step(const PaperHardware& hw, int world, double bytes) {
+  return spans_nodes(hw, world) ? ib_hop(hw, bytes) : nvlink_hop(hw, bytes);
+}
+// The linear attention kernel (chunked_linear_attention_flops) of one chunk, all heads:
+// forward 2NC(dk+dv) + 4N dk dv, the rest backward.
+double kernel_forward_flops(const PaperModel& m, double n) {
+  const double d = static_cast<double>(m.head_dim);
+  return m.heads * (2 * n * m.block * (2 * d) + 4 * n * d * d);
+}
+double kernel_flops(const PaperModel& m, int64_t n) {
+  return m.heads * linear_attention::chunked_linear_attention_flops(n, m.block, m.head_dim, m.head_dim);
+}
+
+}  // namespace
+
+double paper_allgather_seconds(const PaperHardware& hw, int world, double bytes) {
+  return world <= 1 ? 0 : (world - 1) * ring_step(hw, world, bytes);
+}
+
+double paper_chain_seconds(const PaperHardware& hw, int world, double bytes) {
+  if (world <= 1) return 0;
+  const int per_node = std::max(1, hw.ranks_per_node);
+  const int across = spans_nodes(hw, world) ? (world + per_node - 1) / per_node - 1 : 0;
+  return (world - 1 - across) * nvlink_hop(hw, bytes) + across * ib_hop(hw, bytes);
+}
+
+PaperStep paper_step(PaperMethod method, const PaperModel& m, const PaperHardware& hw, int64_t n_tokens, int W) {
+  TORCH_CHECK(n_tokens > 0 && W > 0 && n_tokens % W == 0, "paper_step: ", n_tokens, " tokens over ", W, " ranks");
+  const int64_t chunk = n_tokens / W;
+  const double n = static_cast<double>(chunk), L = static_cast<double>(m.layers), R = hw.sustained_flops;
+  const double dense_s = paper_dense_flops_per_token(m) * n / R;
+  const double kernel_s = kernel_flops(m, chunk) / R, kernel_fwd_s = kernel_forward_flops(m, n) / R;
+  const double state = paper_state_bytes(m);
+  PaperStep p;
+  p.fixed_s = hw.fixed_step_s;
+  switch (method) {
+    case PaperMethod::kLasp2:
+      p.compute_s = dense_s + L * kernel_s;
+      p.extra_s = 2 * L * paper_allgather_seconds(hw, W, state);
+      break;
+    case PaperMethod::kLasp1: {
+      p.compute_s = dense_s + L * kernel_s;
+      const double chain = paper_chain_seconds(hw, W, state);
+      p.extra_s = L * ((W - 1) * kernel_fwd_s + chain) + (W - 1) * (kernel_s - kernel_fwd_s) + chain;
+      break;
+    }
+    case PaperMethod::kRing: {
+      // Per layer: W pair computations on the last rank; W-1 K,V transfers
+      // forward and W-1 of K,V with dK,dV backward, each overlapping one pair.
+      const double pair = paper_ring_pair_flops(m, n) / R, pair_fwd = pair / 3, pair_bwd = pair - pair_fwd;
+      const double kv = paper_kv_bytes(m, n);
+      p.compute_s = dense_s + L * W * pair;
+      p.extra_s = L * (W - 1) *
+                  (std::max(0.0, ring_step(hw, W, kv) - pair_fwd) + std::max(0.0, ring_step(hw, W, 2 * kv) - pair_bwd));
+      break;
+    }
+  }
+  p.seconds = p.fixed_s + p.compute_s + p.extra_s;
+  p.tokens_per_s = static_cast<double>(n_tokens) / p.seconds;
+  return p;
+}
+
+bool PaperFigure::reproduced() const { return std::abs(error()) <= 0.25; }
+
+std::vector<PaperFigure> lasp2_paper_figures(const PaperModel& m, const PaperHardware& hw) {
+  const int64_t K = 1024;
+  auto gain = [&](PaperMethod base, int64_t n, int W) {
+    return 100 * (paper_step(base, m, hw, n, W).seconds / paper_step(PaperMethod::kLasp2, m, hw, n, W).seconds - 1);
+  };
+  auto rate = [&](int64_t n, int W) { return paper_step(PaperMethod::kLasp2, m, hw, n, W).tokens_per_s; };
+  return {
+      {"LASP-2 over LASP-1, 512K, 64 GPUs (sec. 4.2)", "%", 7.3, gain(PaperMethod::kLasp1, 512 * K, 64)},
+      {"LASP-2 over LASP-1, 2048K, 64 GPUs (sec. 4.2)", "%", 15.2, gain(PaperMethod::kLasp1, 2048 * K, 64)},
+      {"LASP-2 over Ring Attention, 512K, 64 GPUs", "%", 17.8, gain(PaperMethod::kRing, 512 * K, 64)},
+      {"LASP-2 over Ring Attention, 2048K, 64 GPUs", "%", 36.6, gain(PaperMethod::kRing, 2048 * K, 64)},
+      {"LASP-2 512K, 64 GPUs (Table 6)", "tokens/s", 245353, rate(512 * K, 64)},
+      {"LASP-2 512K, 128 GPUs (Table 6)", "tokens/s", 233442, rate(512 * K, 128)},
+      {"LASP-2 1024K, 64 GPUs (Table 6)", "tokens/s", 442221, rate(1024 * K, 64)},
+      {"LASP-2 1024K, 64 GPUs (Table 5, same point)", "tokens/s", 486183, rate(1024 * K, 64)},
+      {"LASP-2 1024K, 128 GPUs (Table 6)", "tokens/s", 416465, rate(1024 * K, 128)},
+      {"LASP-2 2048K, 128 GPUs (Table 6)", "tokens/s", 769030, rate(2048 * K, 128)},
+  };
+}
+
+std::string lasp2_paper_report(const PaperModel& m, const PaperHardware& hw) {
+  std::ostringstream out;
+  char line[400];
+  out << "cost model against the LASP-2 paper (arXiv 2502.07563): Linear-Llama3-1B as Linear-MoE builds it, "
+      << m.layers << " layers, D " << m.d_model << ", " << m.heads << " heads x " << m.head_dim << " for q, k, v, F "
+      << m.d_ff << ", V " << m.vocab << ", batch 1, SP = W\n";
+  std::snprintf(line, sizeof line,
+                "constants: A100 bf16 peak %.0f TFLOP/s, sustained %.0f TFLOP/s (%.0f%%) for matmuls and the kernels "
+                "(block %ld); NVLink %.0f us / %.0f GB/s inside nodes of %d, IB %.0f us / %.0f GB/s per GPU across; "
+                "fixed step %.2f s (Table 6 at 2K tokens)\n",
+                hw.peak_flops / 1e12, hw.sustained_flops / 1e12, 100 * hw.sustained_flops / hw.peak_flops,
+                long(m.block), hw.nvlink_latency_s * 1e6, hw.nvlink_bytes_per_s / 1e9, hw.ranks_per_node,
+                hw.ib_latency_s * 1e6, hw.ib_bytes_per_s / 1e9, hw.fixed_step_s);
+  out << line;
+  out << "| figure | paper | model | error | within 25% |\n| --- | ---: | ---: | ---: | --- |\n";
+  for (const PaperFigure& f : lasp2_paper_figures(m, hw)) {
+    if (f.unit == "%")
+      std::snprintf(line, sizeof line, "| %s | +%.1f%% | %+.1f%% | %+.0f%% | %s |\n", f.what.c_str(), f.paper, f.model,
+                    100 * f.error(), f.reproduced() ? "yes" : "no");
+    else
+      std::snprintf(line, sizeof line, "| %s | %.0f | %.0f | %+.0f%% | %s |\n", f.what.c_str(), f.paper, f.model,
+                    100 * f.error(), f.reproduced() ? "yes" : "no");
+    out << line;
+  }
+  const int64_t K = 1024;
+  out << "steps (s = fixed + compute + the method's extra: LASP-2 its AllGathers, LASP-1 its serial chain, ring its "
+         "exposed K,V transfers):\n";
+  for (int64_t n : {512 * K, 2048 * K})
+    for (PaperMethod method : {PaperMethod::kLasp2, PaperMethod::kLasp1, PaperMethod::kRing}) {
+      const PaperStep p = paper_step(method, m, hw, n, 64);
+      std::snprintf(line, sizeof line, "  %5ldK W=64 %-14s %8.3f s = %.2f + %8.3f + %6.3f, %8.0f tokens/s\n",
+                    long(n / K), paper_method_name(method), p.seconds, p.fixed_s, p.compute_s, p.extra_s,
+                    p.tokens_per_s);
+      out << line;
+    }
+  // What the paper's ring gaps imply, next to the least time the ring's K,V traffic can take.
+  for (auto [n, gap] : {std::pair<int64_t, double>{512 * K, 17.8}, std::pair<int64_t, double>{2048 * K, 36.6}}) {
+    const double base = paper_step(PaperMethod::kLasp2, m, hw, n, 64).seconds;
+    const double kv_forward = m.layers * 63.0 * paper_kv_bytes(m, static_cast<double>(n) / 64);
+    std::snprintf(line, sizeof line,
+                  "  ring at %ldK, 64 GPUs: the paper's +%.1f%% is %.2f s over LASP-2; receiving the sequence's K,V "
+                  "once per layer forward (%.0f GB per rank) takes %.2f s at NVLink speed, %.1f s at the IB links a "
+                  "64-GPU ring crosses; forward+backward moves 3x that\n",
+                  long(n / K), gap, gap / 100 * base, kv_forward / 1e9, kv_forward / hw.nvlink_bytes_per_s,
+                  kv_forward / hw.ib_bytes_per_s);
+    out << line;
+  }
+  return out.str();
 }
 
 }  // namespace loom::bench

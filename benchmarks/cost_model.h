@@ -145,4 +145,91 @@ double projected_attention_flops(const ProjectedModel& model, int64_t tokens);
 Projection project(Method method, const ProjectedModel& model, const pb::ClusterConstants& cluster,
                    int64_t n_tokens, int world);
 
+// ---------------------------------------------------------------------------
+// The LASP-2 paper's setting, its baselines modelled as the paper ran them
+// (arXiv 2502.07563, section 4 and appendix A.5; benchmarks/README.md,
+// "Cost model against the LASP-2 paper"). Called by loom-bench
+// (--lasp2-paper, and the projections section of every report) and by
+// tests/bench_test.cc, which holds the reproduced figures to a 25% band.
+//
+// Step time of one sequence of N tokens over W ranks (batch 1, SP = W):
+//   step = fixed_step_s + dense + attention kernel + method's own extra
+// dense = 6 (L P_layer + V D) N/W FLOPs (Linear-MoE's layer: q, k, v, an
+// output gate and o of D x D each, SwiGLU D x F x 3; the LM head V x D) and
+// the chunk's linear attention kernel (chunked_linear_attention_flops at the
+// kernels' block, 32 heads for q, k and v), both at sustained_flops.
+//   LASP-2 (Linear-MoE lasp2 op): one AllGather of the float32 states before
+//     the kernel, forward and backward, not overlapped: 2 L ring AllGathers.
+//   LASP-1 (the public LASP code, lasp_fuse_parallel): each layer's forward
+//     starts with a barrier, then blocking recv -> the whole local kernel ->
+//     send, so the W chunks' forward kernels run one after another and the
+//     barrier stops layers from pipelining; the backward chain (recv dKV ->
+//     kernel -> send, no barrier) pipelines across layers, so it costs its
+//     W-1 serial kernels once. Extra over LASP-2:
+//       L [(W-1) t_fwd(N/W) + chain] + (W-1) t_bwd(N/W) + chain - 2 L AllGather.
+//   Ring attention "without the right-product kernel trick" (the paper's
+//     words): K,V chunks around the ring, each (query chunk, key chunk) pair in
+//     the left-product form, 4 C^2 d FLOPs per head forward (Q K^T, then times
+//     V) and 8 C^2 d backward (dV, dP, dQ, dK); contiguous causal chunks, so the
+//     last rank has W pairs, each ring step overlapping its K,V transfer.
+// Links: inside a node of ranks_per_node at nvlink_*, across nodes at ib_*;
+// a ring or chain over W > ranks_per_node ranks crosses nodes, and a ring
+// step runs at its slowest link. fixed_step_s is the paper's own step at 2K
+// tokens (Table 6: 1.59-1.70 s at 16-128 GPUs), where the model's work is
+// under 1% of it: optimizer, gradient reduction and framework costs the paper
+// does not break down.
+struct PaperHardware {
+  double peak_flops = 312e12;       // A100 SXM bf16 dense peak
+  double sustained_flops = 150e12;  // matmuls and Triton attention kernels: 48% of peak
+  int ranks_per_node = 8;           // DGX-A100
+  double nvlink_latency_s = 2e-6, nvlink_bytes_per_s = 300e9;  // NVSwitch, per direction (600 GB/s both)
+  double ib_latency_s = 5e-6, ib_bytes_per_s = 25e9;           // one HDR 200 Gb/s HCA per GPU
+  double fixed_step_s = 1.65;
+};
+// Linear-Llama3-1B as Linear-MoE builds it (layer type list of 16 'L').
+struct PaperModel {
+  int64_t layers = 16, d_model = 2048, heads = 32, head_dim = 64, d_ff = 8192, vocab = 128256;
+  int64_t element_bytes = 2;  // bf16 activations (K,V blocks)
+  int64_t state_bytes_per_element = 4;  // both LASP codes keep and send the d x d states in float32
+  int64_t block = 256;  // BLOCK of the LASP and lasp2 kernels for chunks over 128 tokens
+};
+enum class PaperMethod { kLasp2, kLasp1, kRing };
+const char* paper_method_name(PaperMethod m);
+
+struct PaperStep {
+  double seconds = 0, fixed_s = 0, compute_s = 0, extra_s = 0;  // seconds = fixed + compute + extra
+  double tokens_per_s = 0;
+};
+// Dense FLOPs per token, forward+backward: 6 (L (5 D^2 + 3 D F) + V D).
+double paper_dense_flops_per_token(const PaperModel& m);
+// The d x d states of every head, as sent: H d^2 x state_bytes_per_element.
+double paper_state_bytes(const PaperModel& m);
+// K and V of `tokens` tokens, as the ring passes them: 2 tokens H d b.
+double paper_kv_bytes(const PaperModel& m, double tokens);
+// One (query chunk, key chunk) pair of C tokens in the left-product form,
+// forward+backward, all heads: 12 C^2 d H.
+double paper_ring_pair_flops(const PaperModel& m, double chunk);
+// A ring AllGather of `bytes` per rank over W ranks: W-1 steps at the slowest
+// link of the ring; a chain (W-1 point-to-point hops, one after another) pays
+// each hop at its own link: W/ranks_per_node - 1 hops cross nodes.
+double paper_allgather_seconds(const PaperHardware& hw, int world, double bytes);
+double paper_chain_seconds(const PaperHardware& hw, int world, double bytes);
+PaperStep paper_step(PaperMethod method, const PaperModel& m, const PaperHardware& hw, int64_t n_tokens, int world);
+
+// One figure of the paper next to the model's.
+struct PaperFigure {
+  std::string what;      // "LASP-2 over LASP-1, 2048K, 64 GPUs"
+  std::string unit;      // "%" (throughput gain) or "tokens/s"
+  double paper = 0, model = 0;
+  bool reproduced() const;  // model within 25% of paper
+  double error() const { return paper != 0 ? model / paper - 1 : 0; }
+};
+// Every figure the model is compared with: the four gaps of section 4.2 and
+// Table 6's rows at 64 and 128 GPUs from 512K (its 2048K / 128 GPU row among them).
+std::vector<PaperFigure> lasp2_paper_figures(const PaperModel& m = {}, const PaperHardware& hw = {});
+// The report: the figures as a table with the constants and, for the ring,
+// the extra time the paper's gap implies next to the least time its K,V
+// traffic can take.
+std::string lasp2_paper_report(const PaperModel& m = {}, const PaperHardware& hw = {});
+
 }  // namespace loom::bench

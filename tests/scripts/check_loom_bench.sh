@@ -15,7 +15,9 @@ trap 'rm -rf "$out"' EXIT
 for f in results.jsonl results.csv projections.csv limits.csv report.txt; do
   [ -s "$out/$f" ] || { echo "FAIL: $f missing"; exit 1; }
 done
-grep -q "paper: 36.6%" "$out/report.txt" || { echo "FAIL: no projection next to the paper"; exit 1; }
+grep -q "Loom's LASP-2 .* faster than Loom's ring by" "$out/report.txt" || { echo "FAIL: no projection of Loom's methods"; exit 1; }
+grep -q "| LASP-2 over LASP-1, 2048K, 64 GPUs (sec. 4.2) | +15.2% |" "$out/report.txt" ||
+  { echo "FAIL: no cost model against the LASP-2 paper"; exit 1; }
 grep -q "BYTES != FORMULA" "$out/report.txt" && { echo "FAIL: bytes differ from a formula"; exit 1; }
 # Columns by name: the CSV may gain columns.
 col() { head -1 "$out/results.csv" | tr , '\n' | grep -nx "$1" | cut -d: -f1; }
