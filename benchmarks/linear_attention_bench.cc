@@ -15,6 +15,7 @@
 #include <CLI/CLI.hpp>
 
 #include <cmath>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <string>
@@ -22,6 +23,7 @@
 #include <vector>
 
 #include "bench_util.h"
+#include "linear_attention_bench_before.h"
 #include "loom/parallel/gated_delta/chunked_kernel.h"
 #include "loom/parallel/gated_delta/gated_delta.h"
 #include "loom/parallel/linear_attention/chunked_kernel.h"
@@ -39,7 +41,60 @@ using loom::bench::time_it;
 
 namespace {
 
+// Useful FLOPs are counted at this block whatever block runs (issue 19), so
+// that a block doing more masked work per token cannot look faster.
+constexpr int64_t kReferenceBlock = 64;
 
+// Issue 19's kernel table: forward+backward of the differentiable chunked
+// kernel (autograd included) against the 2048^3 float32 matmul measured
+// right before each point, best of `reps` for both; the kernel before issue
+// 19 (linear_attention_bench_before.cc) and the current one, decay on and off,
+// interleaved in this process. FLOPs: chunked_linear_attention_flops at C = 64.
+void kernel_table(const std::vector<int64_t>& lengths, int64_t heads, int64_t d, int reps,
+                  const std::vector<int64_t>& blocks) {
+  std::printf("== issue 19 kernel table: chunked linear attention forward+backward, B=1 H=%ld d=%ld float32, one "
+              "thread, best of %d ==\n"
+              "FLOPs per head at C=%ld whatever block runs: 2NC(dk+dv) + 4N dk dv + 2NC(3dk+2dv) + 8N dk dv; "
+              "%% mm = kernel GFLOP/s over the 2048^3 matmul's measured just before the point\n",
+              static_cast<long>(heads), static_cast<long>(d), reps, static_cast<long>(kReferenceBlock));
+  std::printf("%8s %-6s %-7s %5s | %10s %10s %9s %9s %8s\n", "N", "decay", "kernel", "C", "ms", "us/token",
+              "GFLOP/s", "mm GF/s", "% mm");
+  const at::Tensor decay = la::default_decay(heads);
+  for (const int64_t n : lengths) {
+    at::Tensor q = (at::randn({1, heads, n, d}) * 0.1).requires_grad_(true);
+    at::Tensor k = (at::randn({1, heads, n, d}) * 0.1).requires_grad_(true);
+    at::Tensor v = at::randn({1, heads, n, d}).requires_grad_(true);
+    const at::Tensor g = at::randn({1, heads, n, d});
+    const double flops = heads * la::chunked_linear_attention_flops(n, kReferenceBlock, d, d);
+    for (const bool with_decay : {true, false}) {
+      const at::Tensor dec = with_decay ? decay : at::Tensor();
+      struct Row {
+        const char* name;
+        int64_t block;
+        std::function<at::Tensor()> run;
+      };
+      std::vector<Row> rows{{"before", 64, [&] {
+                               return loom::bench::linear_before_issue19::chunked_linear_attention(q, k, v, dec, 64);
+                             }}};
+      for (const int64_t c : blocks)
+        rows.push_back({"after", c, [&, c] { return la::chunked_linear_attention(q, k, v, dec, c); }});
+      for (const Row& row : rows) {
+        auto step = [&] {
+          for (at::Tensor* t : {&q, &k, &v}) t->mutable_grad().reset();
+          row.run().backward(g);
+        };
+        const double mm = loom::bench::matmul_gflops(2048, 3);
+        const double s = time_it(step, 1, reps).min_s;
+        const double gf = flops / s / 1e9;
+        std::printf("%8ld %-6s %-7s %5ld | %10.2f %10.3f %9.2f %9.2f %7.1f%%\n", static_cast<long>(n),
+                    with_decay ? "on" : "off", row.name, static_cast<long>(row.block), s * 1e3, s / n * 1e6, gf, mm,
+                    100.0 * gf / mm);
+        std::fflush(stdout);
+      }
+    }
+  }
+  std::printf("\n");
+}
 
 // The gated kernel (data-dependent log gates, g = exp(-softplus(x)) per token
 // and head) at the ungated kernel's block size, forward+backward including
@@ -72,7 +127,7 @@ std::map<int64_t, double> gated_study(int64_t max_n, int64_t heads, int64_t d, i
         },
         heads, n, d, reps, 0.1);
     seconds[n] = g.seconds;
-    const double gf = heads * la::gated_linear_attention_flops(n, block, d, d) / g.seconds / 1e9;
+    const double gf = heads * la::gated_linear_attention_flops(n, kReferenceBlock, d, d) / g.seconds / 1e9;
     std::printf("%8ld | %12.2f %12.0f %10.1f %9.1f %7.1f%% | %14.2f\n", static_cast<long>(n), g.seconds * 1e3,
                 n / g.seconds, mib(g.peak_bytes), gf, 100.0 * gf / peak_gflops, g.seconds / u.seconds);
   }
@@ -178,7 +233,7 @@ void single_rank_study(int64_t max_n, int64_t naive_max_n, int64_t heads, int64_
   for (int64_t c : {32, 64, 128, 256}) {
     opt.block_size = c;
     const Measured m = measure_attention(chunked, heads, sweep_n, d, reps, 0.1);
-    const double gf = heads * la::chunked_linear_attention_flops(sweep_n, c, d, d) / m.seconds / 1e9;
+    const double gf = heads * la::chunked_linear_attention_flops(sweep_n, kReferenceBlock, d, d) / m.seconds / 1e9;
     std::printf("  C=%ld %.1f ms (%.1f GFLOP/s)", static_cast<long>(c), m.seconds * 1e3, gf);
     if (m.seconds < best_time) best_time = m.seconds, best_block = c;
   }
@@ -190,7 +245,7 @@ void single_rank_study(int64_t max_n, int64_t naive_max_n, int64_t heads, int64_
   double t8k = 0, t64k = 0, m8k = 0, m64k = 0;
   for (int64_t n = 1024; n <= max_n; n *= 2) {
     const Measured c = measure_attention(chunked, heads, n, d, reps, 0.1);
-    const double gf = heads * la::chunked_linear_attention_flops(n, best_block, d, d) / c.seconds / 1e9;
+    const double gf = heads * la::chunked_linear_attention_flops(n, kReferenceBlock, d, d) / c.seconds / 1e9;
     std::printf("%8ld | %12.2f %12.0f %10.1f %9.1f %7.1f%% |", static_cast<long>(n), c.seconds * 1e3, n / c.seconds,
                 mib(c.peak_bytes), gf, 100.0 * gf / peak_gflops);
     if (n <= naive_max_n) {
@@ -287,6 +342,11 @@ int main(int argc, char** argv) {
   CLI::App app{"Linear attention benchmark: chunked vs naive on one rank, LASP communication on 1/2/4 ranks"};
   int64_t max_n = 65536, naive_max_n = 8192, heads = 4, d = 64, comm_tokens = 1024;
   int reps = 3, threads = 1;
+  std::vector<int64_t> kernel_lengths{4096, 16384, 65536}, kernel_blocks{64};
+  bool kernel_table_only = false;
+  app.add_option("--kernel-lengths", kernel_lengths, "Lengths of the issue 19 kernel table (before/after)");
+  app.add_option("--kernel-blocks", kernel_blocks, "Blocks the current kernel runs at in the kernel table");
+  app.add_flag("--kernel-table-only", kernel_table_only, "Print the issue 19 kernel table and stop");
   app.add_option("--max-n", max_n, "Longest sequence of the one-rank study");
   app.add_option("--naive-max-n", naive_max_n, "Longest sequence for the naive quadratic reference");
   app.add_option("--heads", heads, "Heads");
@@ -298,6 +358,8 @@ int main(int argc, char** argv) {
   at::set_num_threads(threads);
   loom::MemoryTracker::install();
   auto world = loom::MpiCommunicator::world();
+  if (world->rank() == 0) kernel_table(kernel_lengths, heads, d, reps, kernel_blocks);
+  if (kernel_table_only) return 0;
   if (world->rank() == 0) single_rank_study(max_n, naive_max_n, heads, d, reps);
   world->barrier()->wait();
   communication_study(world, comm_tokens, heads, d);

@@ -11,9 +11,13 @@
 #include <ATen/Parallel.h>
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <cstdio>
+#include <string>
+#include <vector>
 
 #include "bench_util.h"
+#include "softmax_attention_bench_before.h"
 #include "loom/parallel/softmax_attention/softmax_attention.h"
 #include "loom/runtime/core/memory_tracker.h"
 #include "loom/runtime/comm/mpi_communicator.h"
@@ -26,6 +30,57 @@ using loom::bench::time_it;
 
 namespace {
 
+// Issue 19's kernel table: the blockwise kernel's forward+backward on one
+// causal sequence (attend_pair, rowsum(dout * out), attend_pair_backward:
+// what method 'local' runs under autograd) against the 2048^3 float32 matmul
+// measured right before each point, best of `reps` for both; the kernel before
+// issue 19 (softmax_attention_bench_before.cc) and the current one,
+// interleaved in this process. FLOPs: the causal count, half of full attention
+// (the FlashAttention convention): forward 2 N^2 d, forward+backward 3.5x
+// that = 7 N^2 d per head.
+void kernel_table(const std::vector<int64_t>& lengths, int64_t heads, int64_t d, int reps,
+                  const std::vector<int64_t>& blocks) {
+  std::printf("== issue 19 kernel table: blockwise causal softmax attention forward+backward, B=1 H=%ld d=%ld "
+              "float32, one thread, best of %d ==\n"
+              "FLOPs per head 7 N^2 d (causal: half of full; backward 2.5x forward); %% mm = kernel GFLOP/s over the "
+              "2048^3 matmul's measured just before the point\n",
+              static_cast<long>(heads), static_cast<long>(d), reps);
+  std::printf("%8s %-7s %5s | %10s %10s %9s %9s %8s\n", "N", "kernel", "block", "ms", "us/token", "GFLOP/s",
+              "mm GF/s", "% mm");
+  namespace before = loom::bench::softmax_before_issue19;
+  for (const int64_t n : lengths) {
+    const at::Tensor q = at::randn({1, heads, n, d}), k = at::randn({1, heads, n, d}), v = at::randn({1, heads, n, d});
+    const at::Tensor g = at::randn({1, heads, n, d});
+    const double flops = 7.0 * heads * static_cast<double>(n) * n * d;
+    struct Row {
+      const char* name;
+      int64_t block;
+    };
+    std::vector<Row> rows{{"before", 128}};
+    for (const int64_t b : blocks) rows.push_back({"after", b});
+    for (const Row& row : rows) {
+      sa::AttentionSpec spec;
+      spec.block = row.block;
+      const bool old = std::string(row.name) == "before";
+      auto step = [&] {
+        const sa::Partial p = old ? before::attend_pair(q, 0, k, v, 0, spec, {}) : sa::attend_pair(q, 0, k, v, 0, spec);
+        at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+        const at::Tensor delta = (g * p.out).sum(-1);
+        if (old)
+          before::attend_pair_backward(q, 0, k, v, 0, spec, p.lse, g, delta, dq, dk, dv, {});
+        else
+          sa::attend_pair_backward(q, 0, k, v, 0, spec, p.lse, g, delta, dq, dk, dv);
+      };
+      const double mm = loom::bench::matmul_gflops(2048, 3);
+      const double s = time_it(step, 1, reps).min_s;
+      const double gf = flops / s / 1e9;
+      std::printf("%8ld %-7s %5ld | %10.1f %10.3f %9.2f %9.2f %7.1f%%\n", static_cast<long>(n), row.name,
+                  static_cast<long>(row.block), s * 1e3, s / n * 1e6, gf, mm, 100.0 * gf / mm);
+      std::fflush(stdout);
+    }
+  }
+  std::printf("\n");
+}
 
 void single_rank_study(const loom::CommPtr& self, int64_t max_n, int64_t naive_max_n, int64_t heads, int64_t d,
                        int64_t block, int reps) {
@@ -122,6 +177,11 @@ int main(int argc, char** argv) {
   CLI::App app{"Softmax attention benchmark: blockwise vs naive on one rank, ring vs all-gather on 1/2/4 ranks"};
   int64_t max_n = 32768, naive_max_n = 4096, heads = 4, d = 64, block = 128, ring_tokens = 1024;
   int reps = 2, threads = 1;
+  std::vector<int64_t> kernel_lengths{2048, 4096, 8192}, kernel_blocks{128};
+  bool kernel_table_only = false;
+  app.add_option("--kernel-lengths", kernel_lengths, "Lengths of the issue 19 kernel table (before/after)");
+  app.add_option("--kernel-blocks", kernel_blocks, "Blocks the current kernel runs at in the kernel table");
+  app.add_flag("--kernel-table-only", kernel_table_only, "Print the issue 19 kernel table and stop");
   app.add_option("--max-n", max_n, "Longest sequence of the one-rank study");
   app.add_option("--naive-max-n", naive_max_n, "Longest sequence for the naive reference");
   app.add_option("--heads", heads, "Heads");
@@ -135,6 +195,8 @@ int main(int argc, char** argv) {
   loom::MemoryTracker::install();
   auto world = loom::MpiCommunicator::world();
   auto self = world->split(world->rank(), 0);
+  if (world->rank() == 0) kernel_table(kernel_lengths, heads, d, std::max(reps, 3), kernel_blocks);
+  if (kernel_table_only) return 0;
   if (world->rank() == 0) single_rank_study(self, max_n, naive_max_n, heads, d, block, reps);
   world->barrier()->wait();
   ring_study(world, ring_tokens, heads, d, block);

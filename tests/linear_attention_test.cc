@@ -99,6 +99,45 @@ TEST(LinearAttentionKernel, SegmentsOfBlocksMatchNaive) {
   }
 }
 
+TEST(LinearAttentionKernel, NoDecayStridedInputsAndTheOpByOpScanMatchNaive) {
+  // Without decay the kernel applies no factor at all; inputs that are views
+  // of a [B, n, H, d] buffer go through the contiguous block slabs; segments
+  // carry the state across. Then the same in bfloat16, whose state recurrence
+  // takes the op-by-op path (the fused scan is for float32/float64 on the CPU).
+  const int64_t n = 45;
+  const at::Tensor q = seeded_randn({B, n, H, D}, 1).transpose(1, 2), k = seeded_randn({B, n, H, D}, 2).transpose(1, 2),
+                   v = seeded_randn({B, n, H, DV}, 3).transpose(1, 2), g = seeded_randn({B, H, n, DV}, 4);
+  ASSERT_FALSE(q.is_contiguous());
+  at::Tensor qr = q.clone().requires_grad_(true), kr = k.clone().requires_grad_(true), vr = v.clone().requires_grad_(true);
+  at::Tensor ref = la::naive_linear_attention(qr, kr, vr, options(false, false));
+  (ref * g).sum().backward();
+  for (int64_t segment : {1, 3, 100}) {
+    auto fwd = la::chunk_forward(q, k, v, at::Tensor(), 4, segment);
+    auto [dq, dk, dv] = la::chunk_backward(q, k, v, at::Tensor(), 4, fwd.block_states, g, segment);
+    EXPECT_TRUE(ReferenceCheck(0, kTol)
+                    .same("out", fwd.out, ref)
+                    .same("dq", dq, qr.grad())
+                    .same("dk", dk, kr.grad())
+                    .same("dv", dv, vr.grad())
+                    .verdict())
+        << "segment " << segment;
+  }
+  const at::Tensor decay = options(true, false).decay;
+  auto exact = la::chunk_forward(q, k, v, decay, 4, 3);
+  auto [dq, dk, dv] = la::chunk_backward(q, k, v, decay, 4, exact.block_states, g, 3);
+  const auto bf = [](const at::Tensor& x) { return x.to(at::kBFloat16); };
+  auto low = la::chunk_forward(bf(q), bf(k), bf(v), decay, 4, 3);
+  auto [dq16, dk16, dv16] = la::chunk_backward(bf(q), bf(k), bf(v), decay, 4, low.block_states, bf(g), 3);
+  const auto close = [](const at::Tensor& got, const at::Tensor& want) {
+    return (got.to(at::kDouble) - want).abs().max().item<double>() <= 0.05 * want.abs().max().item<double>();
+  };
+  EXPECT_TRUE(close(low.out, exact.out));
+  EXPECT_TRUE(close(low.block_states, exact.block_states));
+  EXPECT_TRUE(close(dq16, dq));
+  EXPECT_TRUE(close(dk16, dk));
+  EXPECT_TRUE(close(dv16, dv));
+}
+
 TEST(LinearAttentionKernel, SavedMemoryIsLinear) {
   // What backward keeps: q, k, v and N/C block states, nothing N x N.
   const int64_t n = 512;

@@ -150,6 +150,26 @@ TEST(SoftmaxAttentionLocal, BlockwiseMatchesNaiveAndRejectsSplitSequences) {
   }
 }
 
+TEST(SoftmaxAttentionLocal, BackwardIntoStridedGradientsMatchesContiguous) {
+  // dK, dV that no [B*Hkv, L, d] view can address (here transposed views of a
+  // [B, L, Hkv, d] buffer) are accumulated in a copy and written back: the same
+  // values as contiguous gradients, added to what they held (GQA, 4 over 2 heads).
+  const int64_t n = 19;
+  const at::Tensor q = seeded_randn({2, 4, n, 8}, 1), k = seeded_randn({2, 2, n, 8}, 2), v = seeded_randn({2, 2, n, 8}, 3);
+  const at::Tensor dout = seeded_randn({2, 4, n, 8}, 4);
+  sa::AttentionSpec spec;
+  spec.block = 4;
+  const sa::Partial p = sa::attend_pair(q, 0, k, v, 0, spec);
+  const at::Tensor delta = (dout * p.out).sum(-1);
+  at::Tensor dq = at::zeros_like(q), dk = seeded_randn({2, 2, n, 8}, 5), dv = seeded_randn({2, 2, n, 8}, 6);
+  at::Tensor dq_s = at::zeros_like(q), dk_s = dk.transpose(1, 2).contiguous().transpose(1, 2),
+             dv_s = dv.transpose(1, 2).contiguous().transpose(1, 2);
+  ASSERT_FALSE(dk_s.is_contiguous());
+  sa::attend_pair_backward(q, 0, k, v, 0, spec, p.lse, dout, delta, dq, dk, dv);
+  sa::attend_pair_backward(q, 0, k, v, 0, spec, p.lse, dout, delta, dq_s, dk_s, dv_s);
+  EXPECT_TRUE(ReferenceCheck(0, kTol).same("dq", dq_s, dq).same("dk", dk_s, dk).same("dv", dv_s, dv).verdict());
+}
+
 TEST(SoftmaxAttentionWindow, LongerThanChunkIsRejected) {
   auto comm = MpiCommunicator::world();
   const SequenceLayout layout(LayoutKind::kZigzag, 4 * comm->size(), comm->size());

@@ -1,6 +1,9 @@
 #include "loom/parallel/linear_attention/chunked_kernel.h"
 
+#include <ATen/Dispatch.h>
 #include <torch/autograd.h>
+
+#include <algorithm>
 
 #include "loom/parallel/linear_attention/decay.h"
 #include "loom/runtime/comm/documents.h"
@@ -36,33 +39,19 @@ at::Tensor from_blocks(const at::Tensor& x, int64_t n) {
 // Head-wise factor [H, a, b] viewed to broadcast over [B, H, nb, a, b].
 at::Tensor per_head(const at::Tensor& f) { return f.unsqueeze(0).unsqueeze(2); }
 
-// The kernel's factors, each broadcastable over [B, H, nb, C, *]: decay alone
-// has batch and block dimensions of size 1; gates make query, key and across
-// per row, head and block (and the causal factor per segment, from log_cum);
-// documents make query, key and across per row and block, and add the
-// same-document mask `visible`.
+// The kernel's factors, each [1|B, 1|H, 1|nb, ...] (a dimension of size 1 is
+// shared): decay alone has batch and block dimensions of size 1; gates make
+// query, key and across per row, head and block (and the causal factor per
+// segment, from log_cum); documents make query, key and across per row and
+// block, and add the same-document mask `visible`. Without decay, gates and
+// documents query, key and across are undefined (1: nothing to multiply).
 struct KernelFactors {
-  at::Tensor causal;   // [1, H, 1, C, C], undefined with gates
+  at::Tensor causal;   // [1, 1|H, 1, C, C], undefined with gates
   at::Tensor log_cum;  // [B, H, nb, C] with gates (float64), else undefined
   at::Tensor visible;  // [B, 1, nb, C, C] with documents, else undefined
-  at::Tensor query;    // [1|B, H, 1|nb, C, 1]
-  at::Tensor key;      // [1|B, H, 1|nb, C, 1]
-  at::Tensor across;   // [1|B, H, 1|nb, 1, 1]
-
-  // Blocks b0 .. b0+n-1 of a factor (all of them share it when its block dimension is 1).
-  static at::Tensor blocks(const at::Tensor& f, int64_t b0, int64_t n) {
-    return f.size(2) == 1 ? f : f.narrow(2, b0, n);
-  }
-  // Decay across block b, against a [B, H, d_k, d_v] state.
-  at::Tensor across_block(int64_t b) const { return across.select(2, across.size(2) == 1 ? 0 : b); }
-  // The causal factor of blocks b0 .. b0+n-1 (made per segment with gates).
-  at::Tensor causal_blocks(int64_t b0, int64_t n, const at::TensorOptions& options) const {
-    return log_cum.defined() ? gated_causal(log_cum.narrow(2, b0, n), options) : causal;
-  }
-  void mask_scores(at::Tensor& scores, const at::Tensor& causal_factor, int64_t b0, int64_t n) const {
-    scores.mul_(causal_factor);
-    if (visible.defined()) scores.mul_(blocks(visible, b0, n));
-  }
+  at::Tensor query;    // [1|B, 1|H, 1|nb, C, 1] or undefined
+  at::Tensor key;      // [1|B, 1|H, 1|nb, C, 1] or undefined
+  at::Tensor across;   // [1|B, 1|H, 1|nb, 1, 1] or undefined
 };
 
 KernelFactors kernel_factors(const at::Tensor& decay, const at::Tensor& log_gate, int64_t H, int64_t C, int64_t nb,
@@ -74,35 +63,120 @@ KernelFactors kernel_factors(const at::Tensor& decay, const at::Tensor& log_gate
     k.query = g.query;
     k.key = g.key;
     k.across = g.block;
-  } else {
+  } else if (decay.defined()) {
     const BlockDecay f = block_decay(decay, H, C, options);
     k.causal = per_head(f.causal);
     k.query = per_head(f.query);
     k.key = per_head(f.key);
     k.across = per_head(f.block);
+  } else {
+    k.causal = at::ones({C, C}, options).tril().view({1, 1, 1, C, C});
   }
   if (doc_start.defined()) {
     const DocumentBlocks d = document_blocks(doc_start, first_position, nb, C, /*with_visible=*/true, options);
     k.visible = d.visible;
-    k.query = k.query * d.query;
-    k.key = k.key * d.key;
-    k.across = k.across * d.across;
+    k.query = k.query.defined() ? k.query * d.query : d.query;
+    k.key = k.key.defined() ? k.key * d.key : d.key;
+    k.across = k.across.defined() ? k.across * d.across : d.across;
   }
   return k;
 }
 
-}  // namespace
+// One (batch row, head)'s view of the factors: [1|nb, ...] each, and the
+// blocks b0 .. b0+n-1 of it.
+struct HeadFactors {
+  at::Tensor causal, log_cum, visible, query, key, across;
 
-namespace {
+  static at::Tensor of(const at::Tensor& f, int64_t b, int64_t h) {
+    if (!f.defined()) return f;
+    const at::Tensor row = f.select(0, f.size(0) == 1 ? 0 : b);
+    return row.select(0, row.size(0) == 1 ? 0 : h);
+  }
+  static at::Tensor blocks(const at::Tensor& f, int64_t b0, int64_t n) {
+    return !f.defined() || f.size(0) == 1 ? f : f.narrow(0, b0, n);
+  }
+  HeadFactors(const KernelFactors& k, int64_t b, int64_t h)
+      : causal(of(k.causal, b, h)), log_cum(of(k.log_cum, b, h)), visible(of(k.visible, b, h)),
+        query(of(k.query, b, h)), key(of(k.key, b, h)), across(of(k.across, b, h)) {}
 
-// Blocks are processed in segments small enough that a segment's score blocks
-// ([B, H, blocks, C, C]) stay in cache: about 2^18 elements per segment.
-int64_t segment_blocks(int64_t batch_heads, int64_t c) {
-  return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, batch_heads * c * c));
+  // scores [n, C, C] *= causal (and same-document) factor of blocks b0 .. b0+n-1.
+  // `causal_blocks` is made once per segment (with gates it is per block).
+  at::Tensor causal_blocks(int64_t b0, int64_t n, const at::TensorOptions& options) const {
+    return log_cum.defined() ? gated_causal(log_cum.narrow(0, b0, n), options) : causal;
+  }
+  void mask_scores(at::Tensor& scores, const at::Tensor& causal_factor, int64_t b0, int64_t n) const {
+    scores.mul_(causal_factor);
+    if (visible.defined()) scores.mul_(blocks(visible, b0, n));
+  }
+};
+
+// x * f, or x itself where f is undefined (a factor of 1).
+at::Tensor scaled(const at::Tensor& x, const at::Tensor& f) { return f.defined() ? x * f : x; }
+
+// The state recurrence of one head's segment of n blocks, x [n, dk, dv]:
+//   forward (step +1):  s[0] = carry, s[i] = a[i-1] s[i-1] + x[i-1]; returns a[n-1] s[n-1] + x[n-1];
+//   backward (step -1): s[n-1] = carry, s[i] = a[i+1] s[i+1] + x[i+1]; returns a[0] s[0] + x[0];
+// a = across [1|n, 1, 1] (undefined: 1). On the CPU one fused pass over the
+// contiguous states; elsewhere two ops per block.
+template <typename scalar_t>
+void scan_cpu(scalar_t* s, const scalar_t* x, const scalar_t* a, int64_t a_stride, const scalar_t* carry,
+              scalar_t* carry_out, int64_t n, int64_t m, int step) {
+  const int64_t first = step > 0 ? 0 : n - 1;
+  std::copy(carry, carry + m, s + first * m);
+  for (int64_t t = 1; t < n; ++t) {
+    const int64_t i = step > 0 ? t : n - 1 - t, prev = i - step;
+    const scalar_t f = a ? a[prev * a_stride] : scalar_t(1);
+    const scalar_t* sp = s + prev * m;
+    const scalar_t* xp = x + prev * m;
+    scalar_t* si = s + i * m;
+    for (int64_t j = 0; j < m; ++j) si[j] = f * sp[j] + xp[j];
+  }
+  const int64_t last = step > 0 ? n - 1 : 0;
+  const scalar_t f = a ? a[last * a_stride] : scalar_t(1);
+  for (int64_t j = 0; j < m; ++j) carry_out[j] = f * s[last * m + j] + x[last * m + j];
 }
 
+at::Tensor scan_states(at::Tensor& s, const at::Tensor& x, const at::Tensor& across, const at::Tensor& carry,
+                       int step) {
+  const int64_t n = s.size(0);
+  const bool fused = s.device().is_cpu() && s.is_contiguous() && x.is_contiguous() &&
+                     (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble) &&
+                     x.scalar_type() == s.scalar_type() && (!across.defined() || across.scalar_type() == s.scalar_type());
+  if (fused) {
+    at::Tensor out = at::empty_like(carry, at::MemoryFormat::Contiguous);
+    const at::Tensor c = carry.contiguous(), a = across.defined() ? across.contiguous() : across;
+    AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "linear attention state scan", [&] {
+      scan_cpu<scalar_t>(s.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), a.defined() ? a.data_ptr<scalar_t>() : nullptr,
+                         a.defined() && a.size(0) > 1 ? 1 : 0, c.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n,
+                         s.numel() / std::max<int64_t>(1, n), step);
+    });
+    return out;
+  }
+  auto factor = [&](int64_t i) { return across.defined() ? across.select(0, across.size(0) == 1 ? 0 : i) : at::Tensor(); };
+  const int64_t first = step > 0 ? 0 : n - 1, last = step > 0 ? n - 1 : 0;
+  s.select(0, first).copy_(carry);
+  for (int64_t t = 1; t < n; ++t) {
+    const int64_t i = step > 0 ? t : n - 1 - t, prev = i - step;
+    at::Tensor dst = s.select(0, i);
+    if (across.defined()) {
+      at::mul_out(dst, s.select(0, prev), factor(prev));
+      dst.add_(x.select(0, prev));
+    } else {
+      at::add_out(dst, s.select(0, prev), x.select(0, prev));
+    }
+  }
+  return scaled(s.select(0, last), factor(last)) + x.select(0, last);
+}
+
+// Blocks are processed per (batch row, head) in segments small enough that a
+// segment's score blocks ([blocks, C, C]) stay in cache: about 2^16 elements.
+int64_t segment_blocks(int64_t c) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, c * c)); }
+
 }  // namespace
 
+// Both passes walk one (batch row, head) at a time: its blocks are contiguous
+// [nb, C, d] slabs, so every product is a bmm on contiguous operands (no
+// copies) that writes straight into the output.
 ChunkForwardResult chunk_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& decay, int64_t block, int64_t segment, const at::Tensor& doc_start,
                                  int64_t first_position, const at::Tensor& log_gate) {
@@ -113,33 +187,31 @@ ChunkForwardResult chunk_forward(const at::Tensor& q, const at::Tensor& k, const
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), dk = q.size(3), dv = v.size(3);
   const int64_t C = effective_block(N, block), nb = (N + C - 1) / C;
   const KernelFactors f = kernel_factors(decay, log_gate, H, C, nb, doc_start, first_position, q.options());
-  const at::Tensor Q = to_blocks(q, nb, C), K = to_blocks(k, nb, C), V = to_blocks(v, nb, C);
+  const at::Tensor Q = to_blocks(q, nb, C).contiguous(), K = to_blocks(k, nb, C).contiguous(),
+                   V = to_blocks(v, nb, C).contiguous();
 
   at::Tensor O = at::empty({B, H, nb, C, dv}, q.options());
   at::Tensor states = at::empty({B, H, nb, dk, dv}, q.options());
-  at::Tensor carry = at::zeros({B, H, dk, dv}, q.options());  // state entering the segment
-  const int64_t seg = segment > 0 ? segment : segment_blocks(B * H, C);
-  for (int64_t b0 = 0; b0 < nb; b0 += seg) {
-    const int64_t n = std::min(seg, nb - b0);
-    const at::Tensor Qs = Q.narrow(2, b0, n), Ks = K.narrow(2, b0, n), Vs = V.narrow(2, b0, n);
-    at::Tensor Os = O.narrow(2, b0, n);
-    // Intra-block: [(Q K^T) * D] V.
-    at::Tensor scores = at::matmul(Qs, Ks.transpose(-1, -2));
-    f.mask_scores(scores, f.causal_blocks(b0, n, scores.options()), b0, n);
-    at::matmul_out(Os, scores, Vs);
-    // State entering block b: S_b = a_(b-1) S_(b-1) + K_(b-1)^T (Lk V_(b-1)).
-    const at::Tensor block_kv = at::matmul(Ks.transpose(-1, -2), Vs * KernelFactors::blocks(f.key, b0, n));
-    at::Tensor st = states.narrow(2, b0, n);
-    st.select(2, 0).copy_(carry);
-    for (int64_t b = 1; b < n; ++b) {
-      at::Tensor dst = st.select(2, b);
-      at::mul_out(dst, st.select(2, b - 1), f.across_block(b0 + b - 1));
-      dst.add_(block_kv.select(2, b - 1));
+  const int64_t seg = segment > 0 ? segment : segment_blocks(C);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const HeadFactors hf(f, b, h);
+      at::Tensor carry = at::zeros({dk, dv}, q.options());  // state entering the segment
+      for (int64_t b0 = 0; b0 < nb; b0 += seg) {
+        const int64_t n = std::min(seg, nb - b0);
+        const at::Tensor Qs = Q[b][h].narrow(0, b0, n), Ks = K[b][h].narrow(0, b0, n), Vs = V[b][h].narrow(0, b0, n);
+        at::Tensor Os = O[b][h].narrow(0, b0, n), st = states[b][h].narrow(0, b0, n);
+        // Intra-block: [(Q K^T) * D] V.
+        at::Tensor scores = at::bmm(Qs, Ks.transpose(1, 2));
+        hf.mask_scores(scores, hf.causal_blocks(b0, n, scores.options()), b0, n);
+        at::bmm_out(Os, scores, Vs);
+        // State entering block i: S_i = a_(i-1) S_(i-1) + K_(i-1)^T (Lk V_(i-1)).
+        const at::Tensor block_kv = at::bmm(Ks.transpose(1, 2), scaled(Vs, HeadFactors::blocks(hf.key, b0, n)));
+        carry = scan_states(st, block_kv, HeadFactors::blocks(hf.across, b0, n), carry, +1);
+        // Inter-block: O_i += (Lq Q_i) S_i.
+        Os.baddbmm_(scaled(Qs, HeadFactors::blocks(hf.query, b0, n)), st);
+      }
     }
-    carry = st.select(2, n - 1) * f.across_block(b0 + n - 1) + block_kv.select(2, n - 1);
-    // Inter-block: O_b += (Lq Q_b) S_b.
-    Os.add_(at::matmul(Qs * KernelFactors::blocks(f.query, b0, n), st));
-  }
   return {from_blocks(O, N), states};
 }
 
@@ -153,46 +225,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_backward(const at::Tensor& 
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), dk = q.size(3), dv = v.size(3);
   const int64_t C = effective_block(N, block), nb = (N + C - 1) / C;
   const KernelFactors f = kernel_factors(decay, log_gate, H, C, nb, doc_start, first_position, q.options());
-  const at::Tensor Q = to_blocks(q, nb, C), K = to_blocks(k, nb, C), V = to_blocks(v, nb, C);
-  const at::Tensor dO = to_blocks(grad_out, nb, C);
+  const at::Tensor Q = to_blocks(q, nb, C).contiguous(), K = to_blocks(k, nb, C).contiguous(),
+                   V = to_blocks(v, nb, C).contiguous();
+  const at::Tensor dO = to_blocks(grad_out, nb, C).contiguous(), S = block_states.contiguous();
 
   at::Tensor dQ = at::empty({B, H, nb, C, dk}, q.options());
   at::Tensor dK = at::empty({B, H, nb, C, dk}, q.options());
   at::Tensor dV = at::empty({B, H, nb, C, dv}, q.options());
-  // carry = R of the block before the segment: the gradient reaching it through
-  // every later state, R_b = sum_{c > b} (decay across b+1 .. c-1) G_c, G_c = (Lq Q_c)^T dO_c.
-  at::Tensor carry = at::zeros({B, H, dk, dv}, q.options());
-  const int64_t seg = segment > 0 ? segment : segment_blocks(B * H, C);
+  const int64_t seg = segment > 0 ? segment : segment_blocks(C);
   const int64_t last_start = ((nb - 1) / seg) * seg;
-  for (int64_t b0 = last_start; b0 >= 0; b0 -= seg) {
-    const int64_t n = std::min(seg, nb - b0);
-    const at::Tensor Qs = Q.narrow(2, b0, n), Ks = K.narrow(2, b0, n), Vs = V.narrow(2, b0, n);
-    const at::Tensor dOs = dO.narrow(2, b0, n), st = block_states.narrow(2, b0, n);
-    at::Tensor dQs = dQ.narrow(2, b0, n), dKs = dK.narrow(2, b0, n), dVs = dV.narrow(2, b0, n);
-    // Intra-block: A = (Q K^T) * D, O = A V.
-    at::Tensor scores = at::matmul(Qs, Ks.transpose(-1, -2));
-    const at::Tensor causal = f.causal_blocks(b0, n, scores.options());
-    f.mask_scores(scores, causal, b0, n);
-    at::matmul_out(dVs, scores.transpose(-1, -2), dOs);
-    at::Tensor dA = at::matmul(dOs, Vs.transpose(-1, -2));
-    f.mask_scores(dA, causal, b0, n);
-    at::matmul_out(dQs, dA, Ks);
-    at::matmul_out(dKs, dA.transpose(-1, -2), Qs);
-    // Inter-block.
-    const at::Tensor query = KernelFactors::blocks(f.query, b0, n), key = KernelFactors::blocks(f.key, b0, n);
-    dQs.add_(at::matmul(dOs, st.transpose(-1, -2)).mul_(query));
-    const at::Tensor G = at::matmul((Qs * query).transpose(-1, -2), dOs);
-    at::Tensor R = at::empty_like(G);
-    R.select(2, n - 1).copy_(carry);
-    for (int64_t b = n - 2; b >= 0; --b) {
-      at::Tensor dst = R.select(2, b);
-      at::mul_out(dst, R.select(2, b + 1), f.across_block(b0 + b + 1));
-      dst.add_(G.select(2, b + 1));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const HeadFactors hf(f, b, h);
+      // carry = R of the block before the segment: the gradient reaching it through
+      // every later state, R_i = sum_{c > i} (decay across i+1 .. c-1) G_c, G_c = (Lq Q_c)^T dO_c.
+      at::Tensor carry = at::zeros({dk, dv}, q.options());
+      for (int64_t b0 = last_start; b0 >= 0; b0 -= seg) {
+        const int64_t n = std::min(seg, nb - b0);
+        const at::Tensor Qs = Q[b][h].narrow(0, b0, n), Ks = K[b][h].narrow(0, b0, n), Vs = V[b][h].narrow(0, b0, n);
+        const at::Tensor dOs = dO[b][h].narrow(0, b0, n), st = S[b][h].narrow(0, b0, n);
+        at::Tensor dQs = dQ[b][h].narrow(0, b0, n), dKs = dK[b][h].narrow(0, b0, n), dVs = dV[b][h].narrow(0, b0, n);
+        // Intra-block: A = (Q K^T) * D, O = A V.
+        at::Tensor scores = at::bmm(Qs, Ks.transpose(1, 2));
+        const at::Tensor causal = hf.causal_blocks(b0, n, scores.options());
+        hf.mask_scores(scores, causal, b0, n);
+        at::bmm_out(dVs, scores.transpose(1, 2), dOs);
+        at::Tensor dA = at::bmm(dOs, Vs.transpose(1, 2));
+        hf.mask_scores(dA, causal, b0, n);
+        at::bmm_out(dQs, dA, Ks);
+        at::bmm_out(dKs, dA.transpose(1, 2), Qs);
+        // Inter-block: dQ_i += (Lq dO_i) S_i^T; G_i = Q_i^T (Lq dO_i);
+        // dK_i += (Lk V_i) R_i^T, dV_i += (Lk K_i) R_i.
+        const at::Tensor key = HeadFactors::blocks(hf.key, b0, n);
+        const at::Tensor dOq = scaled(dOs, HeadFactors::blocks(hf.query, b0, n));
+        dQs.baddbmm_(dOq, st.transpose(1, 2));
+        const at::Tensor G = at::bmm(Qs.transpose(1, 2), dOq);
+        at::Tensor R = at::empty_like(G);
+        carry = scan_states(R, G, HeadFactors::blocks(hf.across, b0, n), carry, -1);
+        dKs.baddbmm_(scaled(Vs, key), R.transpose(1, 2));
+        dVs.baddbmm_(scaled(Ks, key), R);
+      }
     }
-    carry = R.select(2, 0) * f.across_block(b0) + G.select(2, 0);
-    dKs.add_(at::matmul(Vs, R.transpose(-1, -2)).mul_(key));
-    dVs.add_(at::matmul(Ks, R).mul_(key));
-  }
   return {from_blocks(dQ, N), from_blocks(dK, N), from_blocks(dV, N)};
 }
 
@@ -209,7 +282,8 @@ struct ChunkedLinearAttentionFunction : public torch::autograd::Function<Chunked
                             const at::Tensor& log_gate) {
     const at::Tensor docs = doc_start.numel() > 0 ? doc_start : at::Tensor();
     const at::Tensor gates = log_gate.numel() > 0 ? log_gate : at::Tensor();
-    auto result = chunk_forward(q, k, v, gates.defined() ? at::Tensor() : decay, block, 0, docs, 0, gates);
+    const at::Tensor per_head_decay = gates.defined() || decay.numel() == 0 ? at::Tensor() : decay;
+    auto result = chunk_forward(q, k, v, per_head_decay, block, 0, docs, 0, gates);
     ctx->save_for_backward({q, k, v, decay, result.block_states, doc_start, log_gate});
     ctx->saved_data["block"] = block;
     return result.out;
@@ -218,7 +292,8 @@ struct ChunkedLinearAttentionFunction : public torch::autograd::Function<Chunked
     const auto saved = ctx->get_saved_variables();
     const at::Tensor docs = saved[5].numel() > 0 ? saved[5] : at::Tensor();
     const at::Tensor gates = saved[6].numel() > 0 ? saved[6] : at::Tensor();
-    auto [dq, dk, dv] = chunk_backward(saved[0], saved[1], saved[2], gates.defined() ? at::Tensor() : saved[3],
+    const at::Tensor per_head_decay = gates.defined() || saved[3].numel() == 0 ? at::Tensor() : saved[3];
+    auto [dq, dk, dv] = chunk_backward(saved[0], saved[1], saved[2], per_head_decay,
                                        ctx->saved_data["block"].toInt(), saved[4], grads[0].contiguous(), 0, docs, 0,
                                        gates);
     at::Tensor dgate;
@@ -241,12 +316,12 @@ double gated_linear_attention_flops(int64_t n, int64_t block, int64_t dk, int64_
 at::Tensor chunked_linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& decay, int64_t block, const at::Tensor& doc_start,
                                     const at::Tensor& log_gate) {
-  // Autograd functions take defined tensors only: lambda = 1 is "no decay".
+  // Autograd functions take defined tensors only: an empty decay is "no decay".
   // With gates the per-head decay is folded into them here (differentiably).
   at::Tensor gates = log_gate.defined() ? log_gate : at::empty({0}, q.options());
   if (log_gate.defined() && decay.defined())
     gates = log_gate + decay.to(log_gate.options()).log().view({1, -1, 1});
-  const at::Tensor d = decay.defined() && !log_gate.defined() ? decay : at::ones({q.size(1)}, at::kDouble);
+  const at::Tensor d = decay.defined() && !log_gate.defined() ? decay : at::empty({0}, at::kDouble);
   const at::Tensor docs = doc_start.defined() ? doc_start : at::empty({0}, at::kLong);
   return ChunkedLinearAttentionFunction::apply(q, k, v, d, block, docs, gates);
 }

@@ -5,8 +5,12 @@
 // The sequence is cut into blocks of C tokens. Inside a block the masked
 // product [(Q K^T) * D] V is a small dense matmul; across blocks a running
 // d_k x d_v state carries the past, multiplied right-first, so the cost is
-// linear in N. All blocks' intra products run as one batched matmul; only the
-// state recurrence is a loop over blocks (cheap d_k x d_v updates).
+// linear in N. The kernel walks one (batch row, head) at a time, whose blocks
+// are contiguous [nb, C, d] slabs, in segments of blocks: every product of a
+// segment is one bmm on contiguous operands written in place (no padding
+// beyond the last block, no copies before a bmm), and the state recurrence is
+// one fused pass over the segment's d_k x d_v states on the CPU (two ops per
+// block elsewhere). Without decay, gates or documents no factor is applied.
 // Memory: saved tensors are q, k, v and the per-block entry states (N/C x
 // d_k x d_v): O(N). The C x C score blocks exist only transiently.
 //

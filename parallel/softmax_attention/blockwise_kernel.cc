@@ -89,6 +89,38 @@ at::Tensor group_q(const at::Tensor& q, int64_t hkv) {
   return q.reshape({q.size(0), hkv, q.size(1) / hkv, q.size(2), q.size(3)});
 }
 
+// Keys or values [B, Hkv, L, d] as [B*Hkv, L, d] in the accumulation dtype
+// (a view where the strides allow, e.g. a chunk narrowed from a longer
+// sequence): blocks are narrows of it, and the products read them in place.
+at::Tensor key_slabs(const at::Tensor& x, at::ScalarType acc) {
+  return x.to(acc).reshape({x.size(0) * x.size(1), x.size(2), x.size(3)});
+}
+
+// Query rows t0 .. t0+bq-1 of grouped qg [B, Hkv, G, L, d], times `scale`, as
+// one contiguous [B*Hkv, G*bq, d] slab (the G heads of a key/value head share
+// every product).
+at::Tensor query_slab(const at::Tensor& qg, int64_t t0, int64_t bq, double scale) {
+  const at::Tensor rows = qg.narrow(3, t0, bq);
+  const at::Tensor slab = scale == 1.0 ? rows.contiguous() : rows * scale;
+  return slab.view({qg.size(0) * qg.size(1), qg.size(2) * bq, qg.size(4)});
+}
+
+// Per-row values [B, Hkv, G, L] for rows t0 .. t0+bq-1 as [B*Hkv, G*bq].
+at::Tensor row_slab(const at::Tensor& x, int64_t t0, int64_t bq) {
+  return x.narrow(3, t0, bq).contiguous().view({x.size(0) * x.size(1), x.size(2) * bq});
+}
+
+// Masks one block's scores [B*Hkv, G*bq, bk] (rows ordered head, then query)
+// with -inf where the key is not visible.
+void mask_block(at::Tensor& scores, int64_t q0, int64_t bq, int64_t k0, int64_t bk, const AttentionSpec& spec,
+                const at::Tensor& doc_b, int64_t max_doc_start, int64_t B, int64_t Hkv, int64_t G) {
+  const at::Tensor vis = doc_b.defined() ? visibility(q0, bq, k0, bk, spec, doc_b, max_doc_start)
+                                         : visibility(q0, bq, k0, bk, spec, scores.device());
+  if (!vis.defined()) return;
+  at::Tensor grouped = scores.view({B, Hkv, G, bq, bk});
+  mask_scores(grouped, vis);
+}
+
 }  // namespace
 
 double AttentionSpec::resolved_scale(int64_t head_dim) const {
@@ -129,7 +161,7 @@ Partial attend_pair(const at::Tensor& q, int64_t q_start, const at::Tensor& k, c
   const double scale = spec.resolved_scale(d);
   const at::ScalarType acc = accumulation_dtype(q.scalar_type());
   const at::Tensor qg = group_q(q, Hkv).to(acc);
-  const at::Tensor kg = k.to(acc).unsqueeze(2), vg = v.to(acc).unsqueeze(2);
+  const at::Tensor ks = key_slabs(k, acc), vs = key_slabs(v, acc);
   at::Tensor out = at::zeros({B, Hkv, G, Lq, d}, qg.options());
   at::Tensor lse = at::full({B, Hkv, G, Lq}, kNegInf, qg.options());
   const BlockDocuments docs = block_documents(doc_start, Lq, blk);
@@ -138,32 +170,30 @@ Partial attend_pair(const at::Tensor& q, int64_t q_start, const at::Tensor& k, c
     const int64_t bq = std::min(blk, Lq - t0);
     const size_t block = static_cast<size_t>(t0 / blk);
     const at::Tensor doc_b = doc_start.defined() ? doc_start.narrow(1, t0, bq) : at::Tensor();
-    const at::Tensor qb = qg.narrow(3, t0, bq) * scale;
-    at::Tensor o = at::zeros({B, Hkv, G, bq, d}, qg.options());
-    at::Tensor m = at::full({B, Hkv, G, bq}, kNegInf, qg.options());
-    at::Tensor l = at::zeros({B, Hkv, G, bq}, qg.options());
+    // The G query heads of a key/value head stacked into one [G*bq, d] slab per (batch row, kv head).
+    const at::Tensor qb = query_slab(qg, t0, bq, scale);
+    at::Tensor o = at::zeros({B * Hkv, G * bq, d}, qg.options());
+    at::Tensor m = at::full({B * Hkv, G * bq}, kNegInf, qg.options());
+    at::Tensor l = at::zeros({B * Hkv, G * bq}, qg.options());
     for (int64_t s0 = 0; s0 < Lk; s0 += blk) {
       const int64_t bk = std::min(blk, Lk - s0);
       if (pair_fully_masked(q_start + t0, bq, k_start + s0, bk, spec, docs.min_of(block))) continue;
-      at::Tensor scores = at::matmul(qb, kg.narrow(3, s0, bk).transpose(-1, -2));  // [B,Hkv,G,bq,bk]
-      if (doc_start.defined()) {
-        mask_scores(scores, visibility(q_start + t0, bq, k_start + s0, bk, spec, doc_b, docs.max_of(block)));
-      } else {
-        const at::Tensor vis = visibility(q_start + t0, bq, k_start + s0, bk, spec, q.device());
-        if (vis.defined()) scores.masked_fill_(vis.logical_not(), kNegInf);
-      }
-      const at::Tensor m_new = at::maximum(m, std::get<0>(scores.max(-1)));
+      at::Tensor scores = at::bmm(qb, ks.narrow(1, s0, bk).transpose(1, 2));  // [B*Hkv, G*bq, bk]
+      mask_block(scores, q_start + t0, bq, k_start + s0, bk, spec, doc_b, docs.max_of(block), B, Hkv, G);
+      const at::Tensor m_new = at::maximum(m, scores.amax(-1));
       // Rows with nothing visible yet keep m = -inf: shift by 0 there instead.
       const at::Tensor shift = at::where(at::isinf(m_new), at::zeros_like(m_new), m_new);
-      const at::Tensor p = at::exp(scores - shift.unsqueeze(-1));
-      const at::Tensor rescale = at::exp(m - shift);
-      l = l * rescale + p.sum(-1);
-      o = o * rescale.unsqueeze(-1) + at::matmul(p, vg.narrow(3, s0, bk));
+      at::Tensor& p = scores.sub_(shift.unsqueeze(-1)).exp_();  // in place: no second score buffer
+      const at::Tensor rescale = (m - shift).exp_();
+      l.mul_(rescale).add_(p.sum(-1));
+      o.mul_(rescale.unsqueeze(-1)).baddbmm_(p, vs.narrow(1, s0, bk));
       m = m_new;
     }
     const at::Tensor seen = l.gt(0);
-    out.narrow(3, t0, bq).copy_(at::where(seen.unsqueeze(-1), o / l.clamp_min(1e-300).unsqueeze(-1), at::zeros_like(o)));
-    lse.narrow(3, t0, bq).copy_(at::where(seen, m + at::log(l.clamp_min(1e-300)), at::full_like(m, kNegInf)));
+    const at::Tensor o_final = at::where(seen.unsqueeze(-1), o / l.clamp_min(1e-300).unsqueeze(-1), at::zeros_like(o));
+    const at::Tensor lse_final = at::where(seen, m + at::log(l.clamp_min(1e-300)), at::full_like(m, kNegInf));
+    out.narrow(3, t0, bq).copy_(o_final.view({B, Hkv, G, bq, d}));
+    lse.narrow(3, t0, bq).copy_(lse_final.view({B, Hkv, G, bq}));
   }
   return {out.reshape({B, Hq, Lq, d}), lse.reshape({B, Hq, Lq})};
 }
@@ -194,39 +224,46 @@ void attend_pair_backward(const at::Tensor& q, int64_t q_start, const at::Tensor
   const at::ScalarType acc = accumulation_dtype(q.scalar_type());
   const at::Tensor qg = group_q(q, Hkv).to(acc), dog = group_q(dout, Hkv).to(acc);
   const at::Tensor lseg = lse.reshape({B, Hkv, G, Lq}).to(acc), deltag = delta.reshape({B, Hkv, G, Lq}).to(acc);
-  const at::Tensor kg = k.to(acc).unsqueeze(2), vg = v.to(acc).unsqueeze(2);
+  const at::Tensor ks = key_slabs(k, acc), vs = key_slabs(v, acc);
   at::Tensor dqg = group_q(dq, Hkv);  // a view of dq: writes land in dq
   TORCH_CHECK(dqg.is_alias_of(dq), "attention backward: dq must be contiguous");
+  // dk, dv as [B*Hkv, Lk, d] views (the products accumulate into them in place),
+  // or copies written back at the end where the strides allow no view.
+  at::Tensor dks = dk.reshape({B * Hkv, Lk, d}), dvs = dv.reshape({B * Hkv, Lk, d});
+  const bool dk_in_place = dks.is_alias_of(dk), dv_in_place = dvs.is_alias_of(dv);
   const BlockDocuments docs = block_documents(doc_start, Lq, blk);
 
   for (int64_t t0 = 0; t0 < Lq; t0 += blk) {
     const int64_t bq = std::min(blk, Lq - t0);
     const size_t block = static_cast<size_t>(t0 / blk);
     const at::Tensor doc_b = doc_start.defined() ? doc_start.narrow(1, t0, bq) : at::Tensor();
-    // Scaled exactly as in forward, so that recomputed scores match the saved
-    // LSE to the last bit even when logits are large.
-    const at::Tensor qb = qg.narrow(3, t0, bq), qs = qb * scale, dob = dog.narrow(3, t0, bq);
-    const at::Tensor lb = lseg.narrow(3, t0, bq), db = deltag.narrow(3, t0, bq);
+    // Scaled exactly as in forward (the same slab, the same products), so that
+    // recomputed scores match the saved LSE to the last bit even when logits are
+    // large. qs also serves dK = dS^T (scale Q).
+    const at::Tensor qs = query_slab(qg, t0, bq, scale), dob = query_slab(dog, t0, bq, 1.0);
+    const at::Tensor lb = row_slab(lseg, t0, bq), db = row_slab(deltag, t0, bq);
     const at::Tensor l_safe = at::where(at::isinf(lb), at::zeros_like(lb), lb).unsqueeze(-1);
+    at::Tensor dq_block = at::zeros({B * Hkv, G * bq, d}, qs.options());
+    bool touched = false;
     for (int64_t s0 = 0; s0 < Lk; s0 += blk) {
       const int64_t bk = std::min(blk, Lk - s0);
       if (pair_fully_masked(q_start + t0, bq, k_start + s0, bk, spec, docs.min_of(block))) continue;
-      const at::Tensor kb = kg.narrow(3, s0, bk), vb = vg.narrow(3, s0, bk);
-      at::Tensor scores = at::matmul(qs, kb.transpose(-1, -2));
-      if (doc_start.defined()) {
-        mask_scores(scores, visibility(q_start + t0, bq, k_start + s0, bk, spec, doc_b, docs.max_of(block)));
-      } else {
-        const at::Tensor vis = visibility(q_start + t0, bq, k_start + s0, bk, spec, q.device());
-        if (vis.defined()) scores.masked_fill_(vis.logical_not(), kNegInf);
-      }
-      const at::Tensor p = at::exp(scores - l_safe);  // masked entries: exp(-inf) = 0
-      dv.narrow(2, s0, bk).add_(at::matmul(p.transpose(-1, -2), dob).sum(2));
-      const at::Tensor dp = at::matmul(dob, vb.transpose(-1, -2));
-      const at::Tensor ds = p * (dp - db.unsqueeze(-1));
-      dqg.narrow(3, t0, bq).add_(at::matmul(ds, kb) * scale);
-      dk.narrow(2, s0, bk).add_(at::matmul(ds.transpose(-1, -2), qb).sum(2) * scale);
+      touched = true;
+      const at::Tensor kb = ks.narrow(1, s0, bk), vb = vs.narrow(1, s0, bk);
+      at::Tensor scores = at::bmm(qs, kb.transpose(1, 2));
+      mask_block(scores, q_start + t0, bq, k_start + s0, bk, spec, doc_b, docs.max_of(block), B, Hkv, G);
+      const at::Tensor& p = scores.sub_(l_safe).exp_();  // masked entries: exp(-inf) = 0
+      at::Tensor dvb = dvs.narrow(1, s0, bk), dkb = dks.narrow(1, s0, bk);
+      dvb.baddbmm_(p.transpose(1, 2), dob);  // the G query heads sum inside the product
+      at::Tensor ds = at::bmm(dob, vb.transpose(1, 2));
+      ds.sub_(db.unsqueeze(-1)).mul_(p);  // dS = P * (dP - delta)
+      dq_block.baddbmm_(ds, kb, 1.0, scale);
+      dkb.baddbmm_(ds.transpose(1, 2), qs);
     }
+    if (touched) dqg.narrow(3, t0, bq).add_(dq_block.view({B, Hkv, G, bq, d}));
   }
+  if (!dk_in_place) dk.copy_(dks.view(dk.sizes()));
+  if (!dv_in_place) dv.copy_(dvs.view(dv.sizes()));
 }
 
 at::Tensor repeat_kv_heads(const at::Tensor& x, int64_t group) {
