@@ -1,13 +1,15 @@
 // Loss by position bucket (runtime/train/position_loss.h): the buckets the
 // main job prints, and the bucketed loss of sequence-parallel shards (zigzag
 // and contiguous, lengths that do and do not divide, every rank count of the
-// run) summed over the ranks equals the single-rank computation in float64.
+// run) summed over the ranks equals the single-rank computation in float64,
+// for given per-token losses and for a small model of the demo's pattern.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <vector>
 
 #include "distributed_reference.h"
+#include "loom/models/hybrid_lm.h"
 #include "loom/runtime/comm/mpi_communicator.h"
 #include "loom/runtime/comm/sequence_layout.h"
 #include "loom/runtime/train/position_loss.h"
@@ -95,6 +97,59 @@ TEST(PositionLoss, ShardsSummedOverRanksEqualOneRank) {
         for (size_t k = 0; k < naive.buckets() && k < sums.size(); ++k) differs += std::abs(naive.count(k) - counts[k]);
         EXPECT_GT(differs, 0);
       }
+    }
+  }
+}
+
+// The whole path of loom-train --position-loss-rows: a model of the demo's
+// pattern (LWCM, float64) run sequence-parallel on every rank, per-token loss
+// of each shard, bucketed and summed over the ranks, against the same model on
+// one rank over the whole rows.
+TEST(PositionLoss, OfADemoPatternModelAcrossRanksEqualsOneRank) {
+  auto world = MpiCommunicator::world();
+  auto self = world->split(world->rank(), 0);
+  const int W = world->size(), r = world->rank();
+  pb::ModelConfig user;
+  user.set_pattern("LWCM");
+  user.set_vocab_size(32);
+  user.set_d_model(16);
+  user.set_n_heads(2);
+  user.set_d_ff(32);
+  user.set_feature_dim(4);
+  user.set_feature_map("taylor");
+  user.set_window(4);
+  user.set_conv_kernel(3);
+  user.set_block_size(4);
+  user.set_memory_chunk(2);
+  user.set_memory_depth(1);
+  torch::manual_seed(5);
+  models::HybridLM model(models::resolve_model_config(user));
+  model->to(at::kDouble);
+  at::NoGradGuard no_grad;
+  const int64_t n = 96 * W;  // whole memory chunks in every layout chunk; buckets 0-64, 64-128, ...
+  at::Generator gen = at::detail::createCPUGenerator(17);
+  const at::Tensor tokens = at::randint(0, 32, {2, n + 1}, gen, at::kLong);
+  const at::Tensor inputs = tokens.narrow(1, 0, n);
+  at::Tensor labels = tokens.narrow(1, 1, n).clone();
+  labels.index_put_({0, at::indexing::Slice(10, 70)}, -100);
+  const std::vector<int64_t> edges = position_bucket_edges(n);
+  // One rank, whole rows.
+  const SequenceLayout one(LayoutKind::kContiguous, n, 1);
+  PositionLoss reference(edges);
+  const at::Tensor logits1 = model->forward(inputs, models::SequenceContext{one, self});
+  reference.add(token_cross_entropy(logits1, labels), labels, one, 0);
+  for (auto kind : {LayoutKind::kZigzag, LayoutKind::kContiguous}) {
+    const SequenceLayout layout(kind, n, W);
+    const at::Tensor local_labels = layout.shard(labels, r, 1, -100);
+    const at::Tensor logits = model->forward(layout.shard(inputs, r, 1, 0), models::SequenceContext{layout, world});
+    PositionLoss bucketed(edges);
+    bucketed.add(token_cross_entropy(logits, local_labels), local_labels, layout, r);
+    bucketed.reduce(*world);
+    for (size_t k = 0; k < reference.buckets(); ++k) {
+      SCOPED_TRACE(std::string(layout_kind_name(kind)) + " bucket " + bucket_label(edges[k], edges[k + 1]) +
+                   " rank " + std::to_string(r));
+      EXPECT_EQ(bucketed.count(k), reference.count(k));
+      EXPECT_NEAR(bucketed.mean(k), reference.mean(k), 1e-10);
     }
   }
 }
