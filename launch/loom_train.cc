@@ -51,6 +51,8 @@
 #include "loom/runtime/data/token_file.h"
 #include "loom/runtime/data/tokenizer.h"
 #include "loom/runtime/train/trainer.h"
+#include "loom/runtime/train/position_loss.h"
+#include "loom/runtime/comm/documents.h"
 
 namespace {
 
@@ -65,6 +67,10 @@ struct Options {
   std::string generate;
   bool generate_requested = false;  // --generate given, possibly with an empty prompt
   int64_t max_new_tokens = 64;
+  // Long-context evaluations after training or with --eval-only (0 / empty: none).
+  int64_t position_loss_rows = 0;
+  std::vector<int64_t> sniah_lengths;
+  int64_t sniah_examples = 16;
 };
 
 // --max-new-tokens at most this: greedy generation without a cache recomputes
@@ -302,6 +308,111 @@ std::vector<int64_t> encode_prompt(const loom::Tokenizer& tokenizer, const Optio
   return prompt;
 }
 
+// ---- Long-context evaluations after training (--position-loss-rows, --sniah-lengths) ----
+
+// One JSON line appended to the run's metrics file (train.metrics_path, else
+// <checkpoint_dir>/metrics.jsonl) by rank 0; a failed write throws
+// MetricsWriteError on every rank alike (collective over `world`).
+void append_metrics_line(const loom::pb::LoomConfig& config, loom::Communicator& world, const std::string& line) {
+  std::string error;
+  if (world.rank() == 0) {
+    std::string path = config.train().metrics_path();
+    if (path.empty()) path = (std::filesystem::path(config.train().checkpoint_dir()) / "metrics.jsonl").string();
+    std::ofstream out(path, std::ios::app);
+    out << line << "\n";
+    out.flush();
+    if (!out) error = "appending to the metrics file '" + path + "' failed: " + std::strerror(errno);
+  }
+  at::Tensor failed = at::tensor({error.empty() ? 0.0 : 1.0}, at::kDouble).to(world.device());
+  world.all_reduce(failed, loom::ReduceOp::kMax)->wait();
+  if (failed.cpu().item<double>() > 0)
+    throw loom::MetricsWriteError(error.empty() ? "appending to the metrics file failed on rank 0" : error);
+}
+
+// The validation loss by position bucket (runtime/train/position_loss.h) over
+// `rows` validation rows of train.seq_len tokens, each dp group taking its
+// own rows as Trainer::evaluate does, summed over the world.
+loom::PositionLoss evaluate_position_loss(loom::models::HybridLMImpl& model, loom::Job& job,
+                                          const loom::Trainer::BatchFn& validation, int64_t rows) {
+  const auto& config = job.config();
+  const loom::SequenceLayout layout(config.parallel().layout() == loom::pb::ZIGZAG ? loom::LayoutKind::kZigzag
+                                                                                    : loom::LayoutKind::kContiguous,
+                                    config.train().seq_len(), job.mesh().sp_size());
+  const int r = job.mesh().sp_index();
+  const int64_t per_batch = config.train().batch_size();
+  const int64_t batches = (rows + per_batch * job.mesh().dp_size() - 1) / (per_batch * job.mesh().dp_size());
+  loom::PositionLoss buckets(loom::position_bucket_edges(config.train().seq_len()));
+  at::NoGradGuard no_grad;
+  model.eval();
+  for (int64_t b = 0; b < batches; ++b) {
+    const int64_t first = (b * job.mesh().dp_size() + job.mesh().dp_index()) * per_batch;
+    const loom::Batch batch = validation(first, per_batch);
+    loom::models::SequenceContext ctx =
+        loom::models::make_context(config.parallel(), layout, job.mesh().sp(), job.offload_client());
+    if (batch.doc_start.defined()) ctx.doc_start = loom::shard_document_starts(batch.doc_start, layout, r).to(job.device());
+    const at::Tensor logits = model.forward(layout.shard(batch.inputs, r, 1, 0).to(job.device()), ctx);
+    const at::Tensor labels = layout.shard(batch.labels, r, 1, -100);
+    buckets.add(loom::token_cross_entropy(logits, labels.to(logits.device())), labels, layout, r);
+  }
+  model.train();
+  buckets.reduce(*job.world());
+  return buckets;
+}
+
+// Needle retrieval (S-NIAH pass key, runtime/data/synthetic_tasks.h) at one
+// length: `examples` rows of `length` tokens, one per forward, spread over the
+// dp groups, summed over the world. The answer's 5 digits are uniformly
+// random and appear earlier only in the needle, so a model that does not
+// retrieve cannot average below ln 10 = 2.303 nats per digit on them (nor,
+// beyond chance, above 10% digit accuracy).
+struct NeedleResult {
+  int64_t length = 0, examples = 0, correct = 0, digits = 0, digits_correct = 0;
+  double answer_loss = 0;  // mean nats per answer digit
+};
+
+NeedleResult evaluate_needle(loom::models::HybridLMImpl& model, loom::Job& job, int64_t length, int64_t examples,
+                             uint64_t seed) {
+  const auto& config = job.config();
+  const loom::SequenceLayout layout(config.parallel().layout() == loom::pb::ZIGZAG ? loom::LayoutKind::kZigzag
+                                                                                    : loom::LayoutKind::kContiguous,
+                                    length, job.mesh().sp_size());
+  loom::models::check_sequence_length(config.model(), layout);
+  const int r = job.mesh().sp_index();
+  at::NoGradGuard no_grad;
+  model.eval();
+  double loss_sum = 0;
+  int64_t correct = 0, groups = 0, digit_hits = 0, digits = 0;
+  for (int64_t e = job.mesh().dp_index(); e < examples; e += job.mesh().dp_size()) {
+    const loom::Batch batch = loom::sniah_batch(e, 1, length, seed);
+    const at::Tensor logits = model.forward(
+        layout.shard(batch.inputs, r, 1, 0).to(job.device()),
+        loom::models::make_context(config.parallel(), layout, job.mesh().sp(), job.offload_client()));
+    const at::Tensor labels = layout.shard(batch.labels, r, 1, -100).to(logits.device());
+    const auto [c, g] = loom::labelled_accuracy(logits, labels, 5);
+    const auto [dc, d] = loom::labelled_accuracy(logits, labels, 1);
+    correct += c;
+    groups += g;
+    digit_hits += dc;
+    digits += d;
+    loss_sum += loom::token_cross_entropy(logits, labels).sum().item<double>();
+  }
+  model.train();
+  at::Tensor totals = at::tensor({loss_sum, static_cast<double>(correct), static_cast<double>(groups),
+                                  static_cast<double>(digit_hits), static_cast<double>(digits)},
+                                 at::kDouble)
+                          .to(job.world()->device());
+  job.world()->all_reduce(totals)->wait();
+  totals = totals.cpu();
+  NeedleResult result;
+  result.length = length;
+  result.correct = static_cast<int64_t>(totals[1].item<double>());
+  result.examples = static_cast<int64_t>(totals[2].item<double>());
+  result.digits_correct = static_cast<int64_t>(totals[3].item<double>());
+  result.digits = static_cast<int64_t>(totals[4].item<double>());
+  result.answer_loss = totals[0].item<double>() / std::max<double>(1.0, totals[4].item<double>());
+  return result;
+}
+
 int run_job(loom::Job& job, const Options& opt) {
   namespace lm = loom::models;
   const auto& config = job.config();
@@ -391,6 +502,31 @@ int run_job(loom::Job& job, const Options& opt) {
       val_batches = make(loom::splitmix64(seed + 1));
       report << "data.task " << config.data().task() << ": parameters valid\n";
     }
+    // The long-context evaluations' options, checked before any training.
+    if (opt.position_loss_rows < 0)
+      throw loom::ConfigError("--position-loss-rows = " + std::to_string(opt.position_loss_rows) +
+                              ": give a number of validation rows >= 0");
+    if (opt.position_loss_rows > 0 && config.data().task() != "text")
+      throw loom::ConfigError("--position-loss-rows: the loss by position is of text validation rows, but data.task = " +
+                              config.data().task());
+    if (opt.sniah_examples < 1)
+      throw loom::ConfigError("--sniah-examples = " + std::to_string(opt.sniah_examples) + ": give 1 or more");
+    for (const int64_t length : opt.sniah_lengths) {
+      if (model_config.vocab_size() < 256)
+        throw loom::ConfigError("--sniah-lengths: S-NIAH uses byte tokens, model.vocab_size must be >= 256");
+      loom::sniah_batch(0, 1, length, 0);  // the task's own checks (at least 160 tokens)
+      try {
+        lm::check_sequence_length(model_config, loom::SequenceLayout(layout.kind(), length, job.mesh().sp_size()));
+      } catch (const loom::ConfigError& e) {
+        throw loom::ConfigError("--sniah-lengths " + std::to_string(length) + ": " + e.what());
+      }
+    }
+    if (opt.position_loss_rows > 0)
+      report << "--position-loss-rows: " << opt.position_loss_rows << " validation rows, buckets of "
+             << config.train().seq_len() << " positions\n";
+    if (!opt.sniah_lengths.empty())
+      report << "--sniah-lengths: " << opt.sniah_lengths.size() << " lengths, " << opt.sniah_examples
+             << " examples each\n";
     if (!opt.dry_run) {  // the model, only once everything above holds
       torch::manual_seed(config.train().seed());  // identical parameters on every rank
       model = lm::HybridLM(model_config, at::TensorOptions().device(job.device()));
@@ -474,6 +610,63 @@ int run_job(loom::Job& job, const Options& opt) {
                 << " (" << counts[0].item<int64_t>() << " of " << counts[1].item<int64_t>()
                 << (mqar ? " queries)" : " pass keys)") << std::endl;
   }
+  if (opt.position_loss_rows > 0) {
+    const auto started = std::chrono::steady_clock::now();
+    const loom::PositionLoss buckets = evaluate_position_loss(*model, job, val_batches, opt.position_loss_rows);
+    // Rows evaluated: whole batches of train.batch_size on every dp group.
+    const int64_t rows_per_round = config.train().batch_size() * job.mesh().dp_size();
+    const int64_t position_rows = (opt.position_loss_rows + rows_per_round - 1) / rows_per_round * rows_per_round;
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    std::ostringstream json;
+    json << "{\"step\": " << trainer.step() << ", \"seq_len\": " << config.train().seq_len()
+         << ", \"position_loss\": [";
+    std::ostringstream text;
+    text << "validation loss by position in the row (" << buckets.edges().back() << " tokens; "
+         << position_rows << " rows, " << std::fixed
+         << std::setprecision(0) << seconds << " s):\n";
+    for (size_t k = 0; k < buckets.buckets(); ++k) {
+      const int64_t from = buckets.edges()[k], to = buckets.edges()[k + 1];
+      const double mean = buckets.mean(k);
+      text << "  positions " << std::setw(9) << std::left << loom::bucket_label(from, to) << std::right
+           << " loss " << std::setprecision(4) << mean << "  (" << std::setprecision(0) << buckets.count(k)
+           << " tokens)\n";
+      json << (k ? ", " : "") << "{\"from\": " << from << ", \"to\": " << to << ", \"loss\": ";
+      if (std::isfinite(mean))
+        json << std::setprecision(6) << mean;
+      else
+        json << "null";
+      json << ", \"tokens\": " << std::llround(buckets.count(k)) << "}";
+    }
+    json << "]}";
+    if (root) std::cout << text.str() << std::flush;
+    append_metrics_line(config, *job.world(), json.str());
+  }
+  for (size_t i = 0; i < opt.sniah_lengths.size(); ++i) {
+    const int64_t length = opt.sniah_lengths[i];
+    const auto started = std::chrono::steady_clock::now();
+    // Examples the training never saw: a seed of their own.
+    const NeedleResult needle =
+        evaluate_needle(*model, job, length, opt.sniah_examples, loom::splitmix64(config.train().seed() + 17));
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    const double ratio = static_cast<double>(length) / static_cast<double>(config.train().seq_len());
+    std::ostringstream times;
+    times << std::setprecision(3) << ratio << "x";
+    if (root)
+      std::cout << "S-NIAH at " << length << " tokens ("
+                << (length == config.train().seq_len() ? std::string("the training length") : times.str() + " it")
+                << "): pass key " << needle.correct << " of " << needle.examples << ", digits " << std::fixed
+                << std::setprecision(3) << static_cast<double>(needle.digits_correct) / std::max<int64_t>(1, needle.digits)
+                << " right (chance 0.1), answer loss " << needle.answer_loss
+                << " nats/digit (without retrieval >= ln 10 = 2.303), " << std::setprecision(0) << seconds << " s"
+                << std::defaultfloat << std::endl;
+    std::ostringstream json;
+    json << "{\"step\": " << trainer.step() << ", \"sniah\": {\"length\": " << length
+         << ", \"examples\": " << needle.examples << ", \"pass_keys_correct\": " << needle.correct
+         << ", \"digit_accuracy\": "
+         << static_cast<double>(needle.digits_correct) / std::max<int64_t>(1, needle.digits)
+         << ", \"answer_loss\": " << needle.answer_loss << "}}";
+    append_metrics_line(config, *job.world(), json.str());
+  }
   if (opt.generate_requested) {
     // Progress on rank 0 every kGenerationProgressEvery tokens.
     const auto started = std::chrono::steady_clock::now();
@@ -532,6 +725,16 @@ int run(int argc, char** argv) {
   app.add_option("--max-new-tokens", opt.max_new_tokens,
                  "Tokens generated by --generate: 1 to " + std::to_string(kMaxNewTokens) +
                      " (each new token recomputes the whole prefix; continue longer texts in several calls)");
+  app.add_option("--position-loss-rows", opt.position_loss_rows,
+                 "After training (or with --eval-only): the validation loss by position in the row (buckets "
+                 "0-64, 64-128, ... doubling to train.seq_len) over this many validation rows, printed and "
+                 "appended to metrics.jsonl (data.task = text)");
+  app.add_option("--sniah-lengths", opt.sniah_lengths,
+                 "After training (or with --eval-only): needle retrieval (S-NIAH pass key) at these lengths, "
+                 "comma separated (e.g. 8192,16384,32768): pass keys right, digit accuracy and answer loss, "
+                 "printed and appended to metrics.jsonl")
+      ->delimiter(',');
+  app.add_option("--sniah-examples", opt.sniah_examples, "Examples per length of --sniah-lengths (default 16)");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The README's first command: installs what is missing, builds Loom, prepares
 # the default corpus (GCIDE dictionary entries, byte tokens) and runs the main
-# job: a tiny BASED/Titans hybrid trained with 2 sequence-parallel ranks, then
-# evaluated, checkpointed, and asked for a short greedy continuation.
+# job: a tiny BASED/Titans hybrid trained on rows of 8,192 tokens with 2
+# sequence-parallel ranks, then evaluated (validation loss, loss by position
+# in the row, plotted to checkpoints/demo/position-loss.png, and needle
+# retrieval at 1x, 2x and 4x the training length), checkpointed, and asked for
+# a short greedy continuation. Arguments go to loom-train.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/install-deps.sh
@@ -18,6 +21,10 @@ if ! info=$(build/launch/loom-data info data/gcide.tok 2>/dev/null) || grep -q "
 fi
 # --overwrite: a previous demo's checkpoints are moved aside into
 # checkpoints/demo/superseded-<time>/, never deleted.
+# --position-loss-rows / --sniah-lengths: the long-context evaluations after
+# training (README, "The main job", says what each number means).
 mpirun -np 2 --oversubscribe build/launch/loom-train --config configs/demo.pbtxt --overwrite \
+  --position-loss-rows 16 --sniah-lengths 8192,16384,32768 --sniah-examples 8 \
   --generate 'Abjure \Ab*jure"\, v. t.' --max-new-tokens 80 "$@"
+bash launch/plot-position-loss.sh checkpoints/demo/metrics.jsonl checkpoints/demo/position-loss.png
 echo "metrics: checkpoints/demo/metrics.jsonl"
