@@ -101,7 +101,9 @@ at::Tensor key_slabs(const at::Tensor& x, at::ScalarType acc) {
 // every product).
 at::Tensor query_slab(const at::Tensor& qg, int64_t t0, int64_t bq, double scale) {
   const at::Tensor rows = qg.narrow(3, t0, bq);
-  const at::Tensor slab = scale == 1.0 ? rows.contiguous() : rows * scale;
+  // rows * scale keeps the strides of a non-contiguous q (a Ulysses head
+  // slice), which view() cannot flatten: make it contiguous (a no-op otherwise).
+  const at::Tensor slab = scale == 1.0 ? rows.contiguous() : (rows * scale).contiguous();
   return slab.view({qg.size(0) * qg.size(1), qg.size(2) * bq, qg.size(4)});
 }
 
