@@ -1,5 +1,7 @@
 #include "loom/models/titans.h"
 
+#include <torch/autograd.h>
+
 #include <cmath>
 #include <limits>
 
@@ -46,6 +48,59 @@ ChunkFactors chunk_factors(const at::Tensor& theta, const at::Tensor& log_eta, c
   f.weight_h = theta * at::matmul(a.unsqueeze(-2), D).squeeze(-2);
   return f;
 }
+
+// Composes each layout chunk's memory-chunk maps: (T1, B1) then (T2, B2) =
+// (T1 T2, B1 T2 + B2), over nc consecutive memory chunks, for the cpr layout
+// chunks of this rank: T [B, H, cpr*nc, 2d, 2d], Bm [B, H, cpr*nc, d, 2d] ->
+// [cpr, B, H, 3d, 2d] ([T | B] stacked on rows). A checkpoint: forward keeps
+// only T and Bm (which the layer keeps anyway) and backward reruns one layout
+// chunk's composition at a time with autograd; the plain loop kept every
+// partial product (2d x 2d and d x 2d per memory chunk and head), a fifth of
+// the M layer's memory at long N. Local: no collective inside.
+struct ComposeAffineChunks : public torch::autograd::Function<ComposeAffineChunks> {
+  static at::Tensor compose(const std::vector<at::Tensor>& Ts, const std::vector<at::Tensor>& Bs, int64_t first,
+                            int64_t nc) {
+    // The first map as is (the identity and zero it would compose with change nothing).
+    at::Tensor Tc = Ts[static_cast<size_t>(first)], Bc = Bs[static_cast<size_t>(first)];
+    for (int64_t j = 1; j < nc; ++j) {
+      const at::Tensor &Tj = Ts[static_cast<size_t>(first + j)], &Bj = Bs[static_cast<size_t>(first + j)];
+      Bc = at::matmul(Bc, Tj) + Bj;
+      Tc = at::matmul(Tc, Tj);
+    }
+    return at::cat({Tc, Bc}, -2);
+  }
+
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& T, const at::Tensor& Bm,
+                            int64_t cpr, int64_t nc) {
+    ctx->save_for_backward({T, Bm});
+    ctx->saved_data["cpr"] = cpr;
+    ctx->saved_data["nc"] = nc;
+    const std::vector<at::Tensor> Ts = T.unbind(2), Bs = Bm.unbind(2);
+    std::vector<at::Tensor> composed;
+    for (int64_t i = 0; i < cpr; ++i) composed.push_back(compose(Ts, Bs, i * nc, nc));
+    return at::stack(composed);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const int64_t cpr = ctx->saved_data["cpr"].toInt(), nc = ctx->saved_data["nc"].toInt();
+    at::Tensor dT = at::zeros_like(saved[0]), dB = at::zeros_like(saved[1]);
+    if (grads[0].defined()) {
+      at::AutoGradMode enable_grad(true);
+      for (int64_t i = 0; i < cpr; ++i) {
+        const at::Tensor T = saved[0].narrow(2, i * nc, nc).detach().requires_grad_(true);
+        const at::Tensor Bm = saved[1].narrow(2, i * nc, nc).detach().requires_grad_(true);
+        const at::Tensor out = compose(T.unbind(2), Bm.unbind(2), 0, nc);
+        const auto g = torch::autograd::grad({out}, {T, Bm}, {grads[0][i]}, /*retain_graph=*/false,
+                                             /*create_graph=*/false, /*allow_unused=*/true);
+        if (g[0].defined()) dT.narrow(2, i * nc, nc).copy_(g[0]);
+        if (g[1].defined()) dB.narrow(2, i * nc, nc).copy_(g[1]);
+      }
+    }
+    return {dT, dB, at::Tensor(), at::Tensor()};
+  }
+};
 
 // theta = max_lr / chunk * sigmoid, log eta = logsigmoid, log(1 - alpha) = logsigmoid(-.)
 // theta is divided by the chunk length: the chunk's tokens all take their
@@ -313,31 +368,31 @@ at::Tensor NeuralMemoryImpl::forward_affine(const at::Tensor& q, const at::Tenso
   // Documents: a memory chunk that starts one forgets what entered it, so its
   // map becomes X -> X0 T + B (T' = 0, B' = X0 T + B): still affine, and the
   // composition and the AllGather below are unchanged.
+  // Only the memory chunks where some row resets take X0 T (index_select): the
+  // product over all m chunks kept a second full copy of T (and X0 broadcast
+  // to every chunk) alive for backward, a third of the layer's memory at long N.
   const at::Tensor resets = memory_chunk_resets(ctx, b, opts);  // [B, m] or undefined
   at::Tensor reset_of;                                          // [B, 1, m, 1, 1]
+  std::vector<char> chunk_resets(static_cast<size_t>(m), 0);    // some row resets at memory chunk c
   if (resets.defined()) {
     reset_of = resets.view({B, 1, m, 1, 1});
-    Bm = Bm + reset_of * at::matmul(X0.unsqueeze(2), T);
-    T = T * (1 - reset_of);
+    const at::Tensor any = resets.ne(0).any(0).to(at::kCPU).contiguous();
+    for (int64_t c = 0; c < m; ++c) chunk_resets[static_cast<size_t>(c)] = any.data_ptr<bool>()[c];
+    const at::Tensor idx = any.nonzero().view(-1).to(T.device());
+    if (idx.numel() > 0) {
+      const at::Tensor reset_sel = reset_of.index_select(2, idx);
+      Bm = Bm.index_add(2, idx, reset_sel * at::matmul(X0.unsqueeze(2), T.index_select(2, idx)));
+      T = T * (1 - reset_of);
+    }
   }
 
   // Compose each layout chunk's memory chunks: (T1, B1) then (T2, B2) = (T1 T2, B1 T2 + B2).
   // Per memory chunk views by unbind: select(2, j) inside the loops would give
   // every step a backward that writes a zero tensor of all m chunks (O(m^2)).
   const std::vector<at::Tensor> Ts = T.unbind(2), Bs = Bm.unbind(2);
-  std::vector<at::Tensor> composed;
-  for (int64_t i = 0; i < cpr; ++i) {
-    at::Tensor Tc = at::eye(2 * d, opts).expand({B, H, 2 * d, 2 * d});
-    at::Tensor Bc = at::zeros({B, H, d, 2 * d}, opts);
-    for (int64_t j = 0; j < nc; ++j) {
-      const at::Tensor &Tj = Ts[i * nc + j], &Bj = Bs[i * nc + j];
-      Bc = at::matmul(Bc, Tj) + Bj;
-      Tc = at::matmul(Tc, Tj);
-    }
-    composed.push_back(at::cat({Tc, Bc}, -2));  // [B, H, 3d, 2d]
-  }
+  const at::Tensor composed = ComposeAffineChunks::apply(T, Bm, cpr, nc);  // [cpr, B, H, 3d, 2d]
   // One differentiable AllGather of every rank's (T, B): [W * cpr, B, H, 3d, 2d].
-  const at::Tensor all = all_gather(at::stack(composed), ctx.comm, 0);
+  const at::Tensor all = all_gather(composed, ctx.comm, 0);
   std::vector<at::Tensor> by_chunk(layout.num_chunks());
   for (int r = 0; r < layout.world_size(); ++r) {
     const auto owned = layout.chunks_of(r);
@@ -361,9 +416,12 @@ at::Tensor NeuralMemoryImpl::forward_affine(const at::Tensor& q, const at::Tenso
     at::Tensor Xi = entering[i];
     for (int64_t j = 0; j < nc; ++j) {
       const int64_t c = i * nc + j;
-      // A memory chunk that starts a document reads the initial weights.
-      const at::Tensor read_from = resets.defined() ? at::where(reset_of.select(2, c).to(at::kBool), X0, Xi) : Xi;
-      outs.push_back(at::matmul(Qs[c], read_from.narrow(-1, 0, d).transpose(-1, -2)));
+      // A memory chunk that starts a document reads the initial weights (where() only there: its
+      // result is kept for backward, Xi is anyway).
+      const at::Tensor W = chunk_resets[static_cast<size_t>(c)]
+                               ? at::where(reset_of.select(2, c).to(at::kBool), X0.narrow(-1, 0, d), Xi.narrow(-1, 0, d))
+                               : Xi.narrow(-1, 0, d);
+      outs.push_back(at::matmul(Qs[c], W.transpose(-1, -2)));
       Xi = at::matmul(Xi, Ts[c]) + Bs[c];
     }
   }
