@@ -7,7 +7,8 @@
 //   into CommWaitTimes, and CommSnapshot sums calls, bytes and waits of every
 //   tracked communicator since its start (later ones from 0);
 // - profiling changes no loss and no gradient (bit-identical, float64) of any
-//   tiny preset (together every mixer letter), with and without recompute,
+//   tiny preset (together every mixer letter), with and without recompute
+//   (BLOCK, SELECTIVE),
 //   and times every layer kind forward and backward once per layer.
 #include <gtest/gtest.h>
 #include <torch/utils.h>
@@ -189,8 +190,10 @@ TEST_P(ProfileModel, ChangesNoLossOrGradientAndTimesEveryLayerKind) {
   const at::Tensor tokens = at::randint(0, 256, {2, 24 * comm->size() + 1}, gen, at::kLong);
   std::map<char, int64_t> layers_of;
   for (char letter : config.pattern()) ++layers_of[letter];
-  for (auto mode : {models::RecomputeMode::kNone, models::RecomputeMode::kBlock}) {
-    const std::string where = GetParam() + (mode == models::RecomputeMode::kNone ? " NONE" : " BLOCK");
+  for (auto mode : {RecomputeMode::kNone, RecomputeMode::kBlock, RecomputeMode::kSelective}) {
+    const std::string where = GetParam() + (mode == RecomputeMode::kNone    ? " NONE"
+                                            : mode == RecomputeMode::kBlock ? " BLOCK"
+                                                                            : " SELECTIVE");
     model->set_recompute(mode);
     profile::global().clear();
     const Step ref = model_step(model, tokens, comm, false);
