@@ -45,16 +45,17 @@ struct BlockBackwardStartMarker : public torch::autograd::Function<BlockBackward
 
 struct BlockBackwardEndMarker : public torch::autograd::Function<BlockBackwardEndMarker> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t block,
-                            std::string part) {
+                            int64_t kind) {
     ctx->saved_data["block"] = block;
-    ctx->saved_data["part"] = std::move(part);
+    ctx->saved_data["kind"] = kind;  // the mixer letter
     return x;
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto it = block_backward_starts().find(ctx->saved_data["block"].toInt());
     if (it != block_backward_starts().end()) {
-      profile::global().add(ctx->saved_data["part"].toStringRef(), profile::seconds_since(it->second));
+      profile::global().add(std::string("backward ") + static_cast<char>(ctx->saved_data["kind"].toInt()),
+                            profile::seconds_since(it->second));
       block_backward_starts().erase(it);
     }
     return {grads[0], at::Tensor(), at::Tensor()};
@@ -305,7 +306,7 @@ at::Tensor HybridLMImpl::hidden(const at::Tensor& tokens, const SequenceContext&
     std::optional<profile::ScopedTimer> forward_timer;
     if (profiled) forward_timer.emplace(std::string("forward ") + config_.pattern()[i]);
     if (mark_backward)
-      x = BlockBackwardEndMarker::apply(x, static_cast<int64_t>(i), std::string("backward ") + config_.pattern()[i]);
+      x = BlockBackwardEndMarker::apply(x, static_cast<int64_t>(i), static_cast<int64_t>(config_.pattern()[i]));
     if (recompute_ == RecomputeMode::kNone)
       x = block_forward(i, x, ctx);
     else

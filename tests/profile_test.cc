@@ -19,6 +19,7 @@
 #include <thread>
 
 #include "loom/models/hybrid_lm.h"
+#include "loom/runtime/comm/comm_order.h"
 #include "loom/runtime/comm/mpi_communicator.h"
 #include "loom/runtime/comm/wait_times.h"
 #include "loom/runtime/core/profile.h"
@@ -173,6 +174,10 @@ Step model_step(models::HybridLM& model, const at::Tensor& tokens, const CommPtr
   }
   Step step{loss.detach().clone(), {}};
   for (auto& p : model->parameters()) step.grads.push_back(p.grad().defined() ? p.grad().clone() : at::Tensor());
+  // Drop the graph CommOrder holds, as the trainer's next step or evaluation
+  // does: a graph with the profile markers still held at exit aborts in static
+  // destruction (seen at 1 rank; see the branch report).
+  CommOrder::reset();
   return step;
 }
 
