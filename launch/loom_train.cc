@@ -71,6 +71,7 @@ struct Options {
   int64_t position_loss_rows = 0;
   std::vector<int64_t> sniah_lengths;
   int64_t sniah_examples = 16;
+  bool profile = false;  // --profile: where a step's time went, printed at the end
 };
 
 // --max-new-tokens at most this: greedy generation without a cache recomputes
@@ -562,6 +563,7 @@ int run_job(loom::Job& job, const Options& opt) {
   } else {
     if (opt.resume) trainer.resume();
     if (opt.overwrite) trainer.overwrite();
+    trainer.set_profile(opt.profile);
     // After a stop signal the job only finishes (final save, exit): signals
     // that arrive between the trainer giving its handlers back and the exit
     // must not kill a rank. This scope takes over from the trainer's without
@@ -580,6 +582,7 @@ int run_job(loom::Job& job, const Options& opt) {
     else if (root)
       std::cout << "trained " << result.steps << " steps: last loss " << result.loss << ", validation loss "
                 << result.validation_loss << ", checkpoint " << result.checkpoint << std::endl;
+    if (root && !result.profile_table.empty()) std::cout << result.profile_table << std::flush;
     if (result.interrupted) return 0;
   }
   if (config.data().task() != "text") {
@@ -720,6 +723,10 @@ int run(int argc, char** argv) {
                "Start over in a train.checkpoint_dir that holds checkpoints: they are moved into "
                "<dir>/superseded-<UTC time>/, not deleted")
       ->excludes(resume_flag);
+  app.add_flag("--profile", opt.profile,
+               "Print where a step's time went at the end of training (layers per mixer letter forward and "
+               "backward, data, gradient all-reduce, clipping, optimizer, checkpoint/eval, collectives) and write "
+               "it as one {\"profile\": ...} line to the metrics file");
   app.add_flag("--eval-only", opt.eval_only, "Evaluate the newest checkpoint (validation loss) instead of training");
   app.add_option("--generate", opt.generate, "Greedy continuation of this prompt (after training or with --eval-only)");
   app.add_option("--max-new-tokens", opt.max_new_tokens,

@@ -1,10 +1,13 @@
 #include "loom/models/hybrid_lm.h"
 
 #include <google/protobuf/text_format.h>
+#include <torch/autograd.h>
 
 #include <cstring>
 #include <map>
+#include <optional>
 #include <sstream>
+#include <unordered_map>
 
 #include "loom/models/chunked_loss.h"
 #include "loom/models/titans.h"
@@ -13,9 +16,51 @@
 #include "loom/runtime/comm/comm_order.h"
 #include "loom/runtime/core/dtypes.h"
 #include "loom/runtime/core/error.h"
+#include "loom/runtime/core/profile.h"
 
 namespace loom::models {
 namespace {
+
+// Backward timing of a block (--profile): identity markers at the block's
+// output and input. The CPU autograd engine runs one node at a time, so the
+// output marker's backward runs when the block's backward starts and the input
+// marker's when it ends (every user of the block's input, the residual too,
+// has delivered its gradient). Both pass the gradient through untouched.
+std::unordered_map<int64_t, profile::Clock::time_point>& block_backward_starts() {
+  static std::unordered_map<int64_t, profile::Clock::time_point> starts;
+  return starts;
+}
+
+struct BlockBackwardStartMarker : public torch::autograd::Function<BlockBackwardStartMarker> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t block) {
+    ctx->saved_data["block"] = block;
+    return x;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    block_backward_starts()[ctx->saved_data["block"].toInt()] = profile::Clock::now();
+    return {grads[0], at::Tensor()};
+  }
+};
+
+struct BlockBackwardEndMarker : public torch::autograd::Function<BlockBackwardEndMarker> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t block,
+                            int64_t kind) {
+    ctx->saved_data["block"] = block;
+    ctx->saved_data["kind"] = kind;  // the mixer letter
+    return x;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto it = block_backward_starts().find(ctx->saved_data["block"].toInt());
+    if (it != block_backward_starts().end()) {
+      profile::global().add(std::string("backward ") + static_cast<char>(ctx->saved_data["kind"].toInt()),
+                            profile::seconds_since(it->second));
+      block_backward_starts().erase(it);
+    }
+    return {grads[0], at::Tensor(), at::Tensor()};
+  }
+};
 
 // BASED 360M: linear attention at layers 1,6,11,16,21, sliding window at
 // 2,7,12,17,22 (1-based), BaseConv elsewhere, 27 layers.
@@ -254,13 +299,20 @@ at::Tensor HybridLMImpl::hidden(const at::Tensor& tokens, const SequenceContext&
   CommOrder::reset();  // this forward's communications form one ordered chain
   if (ctx.offload) ctx.offload->close_calls(ctx.comm);  // the previous step's K,V on the memory nodes
   at::Tensor x = embedding_(tokens);
+  // --profile: per-kind forward timers and backward markers; nothing when off.
+  const bool profiled = profile::layers_active();
+  const bool mark_backward = profiled && at::GradMode::is_enabled() && x.requires_grad();
   for (size_t i = 0; i < mixers_.size(); ++i) {
-    if (recompute_ == RecomputeMode::kNone) {
+    std::optional<profile::ScopedTimer> forward_timer;
+    if (profiled) forward_timer.emplace(std::string("forward ") + config_.pattern()[i]);
+    if (mark_backward)
+      x = BlockBackwardEndMarker::apply(x, static_cast<int64_t>(i), static_cast<int64_t>(config_.pattern()[i]));
+    if (recompute_ == RecomputeMode::kNone)
       x = block_forward(i, x, ctx);
-      continue;
-    }
-    x = recompute_block([this, i, ctx](const at::Tensor& input) { return block_forward(i, input, ctx); }, x,
-                        block_parameters(i), recompute_);
+    else
+      x = recompute_block([this, i, ctx](const at::Tensor& input) { return block_forward(i, input, ctx); }, x,
+                          block_parameters(i), recompute_);
+    if (mark_backward) x = BlockBackwardStartMarker::apply(x, static_cast<int64_t>(i));
   }
   // The loss must reach the last communication on every rank (CommOrder).
   return CommOrder::close(final_norm_(x));

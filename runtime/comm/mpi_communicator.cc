@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "loom/runtime/core/error.h"
+#include "loom/runtime/comm/wait_times.h"
 #include "loom/runtime/comm/watchdog.h"
 
 namespace loom {
@@ -161,9 +162,13 @@ MPI_Op scan_mpi_op() {
 
 class MpiWork final : public Work {
  public:
-  MpiWork(std::chrono::milliseconds timeout, std::string description, std::vector<at::Tensor> keep_alive,
-          std::function<void()> on_complete)
-      : timeout_(timeout),
+  // The seconds wait() blocks go to CommWaitTimes under `op` of communicator
+  // `comm_id` (nowhere once that communicator is gone).
+  MpiWork(OpType op, int64_t comm_id, std::chrono::milliseconds timeout, std::string description,
+          std::vector<at::Tensor> keep_alive, std::function<void()> on_complete)
+      : op_(op),
+        comm_id_(comm_id),
+        timeout_(timeout),
         description_(std::move(description)),
         keep_alive_(std::move(keep_alive)),
         on_complete_(std::move(on_complete)) {}
@@ -185,8 +190,11 @@ class MpiWork final : public Work {
 
   void wait() override {
     if (done_) return;
+    const auto start = std::chrono::steady_clock::now();
     wait_with_watchdog([this] { return test(); }, timeout_, [this] { return description_; });
     finish();
+    CommWaitTimes::record(comm_id_, op_,
+                          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
   bool is_completed() override {
     if (done_) return true;
@@ -209,6 +217,8 @@ class MpiWork final : public Work {
     keep_alive_.clear();
   }
 
+  OpType op_;
+  int64_t comm_id_;
   std::chrono::milliseconds timeout_;
   std::string description_;
   std::vector<at::Tensor> keep_alive_;
@@ -225,6 +235,7 @@ MpiCommunicator::MpiCommunicator(MPI_Comm owned, std::string name) : comm_(owned
   LOOM_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN), "create communicator");
   LOOM_MPI_CHECK(MPI_Comm_rank(comm_, &rank_), "create communicator");
   LOOM_MPI_CHECK(MPI_Comm_size(comm_, &size_), "create communicator");
+  CommWaitTimes::track(id());  // its Works time their waits (--profile)
 }
 
 std::shared_ptr<MpiCommunicator> MpiCommunicator::create(MPI_Comm comm, std::string name) {
@@ -238,6 +249,7 @@ std::shared_ptr<MpiCommunicator> MpiCommunicator::create(MPI_Comm comm, std::str
 std::shared_ptr<MpiCommunicator> MpiCommunicator::world() { return create(MPI_COMM_WORLD, "world"); }
 
 MpiCommunicator::~MpiCommunicator() {
+  CommWaitTimes::forget(id());
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (!finalized && comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
@@ -267,8 +279,9 @@ WorkPtr MpiCommunicator::all_gather(const at::Tensor& output, const at::Tensor& 
   const int64_t bytes = in.nbytes();
   record(OpType::kAllGather, (size_ - 1) * bytes, (size_ - 1) * bytes);
   if (size_ == 1) return complete_locally(output, in);
-  auto work = std::make_shared<MpiWork>(timeout(), describe(OpType::kAllGather, ++seq_, bytes),
-                                        std::vector<at::Tensor>{in, out->buffer}, [out] { out->finish(); });
+  auto work = std::make_shared<MpiWork>(
+      OpType::kAllGather, id(), timeout(), describe(OpType::kAllGather, ++seq_, bytes),
+      std::vector<at::Tensor>{in, out->buffer}, [out] { out->finish(); });
   const MPI_Datatype type = mpi_type(in.scalar_type(), "all_gather");
   const int count = checked_count(in.numel(), "all_gather");
   LOOM_MPI_CHECK(MPI_Iallgather(in.data_ptr(), count, type, out->buffer.data_ptr(), count, type, comm_,
@@ -285,8 +298,9 @@ WorkPtr MpiCommunicator::all_reduce(const at::Tensor& tensor, ReduceOp op) {
   if (size_ == 1) return complete_locally({}, {});
   auto out = std::make_shared<Output>(tensor);
   if (!out->buffer.is_same(tensor)) out->buffer.copy_(tensor);
-  auto work = std::make_shared<MpiWork>(timeout(), describe(OpType::kAllReduce, ++seq_, bytes),
-                                        std::vector<at::Tensor>{out->buffer}, [out] { out->finish(); });
+  auto work = std::make_shared<MpiWork>(
+      OpType::kAllReduce, id(), timeout(), describe(OpType::kAllReduce, ++seq_, bytes),
+      std::vector<at::Tensor>{out->buffer}, [out] { out->finish(); });
   LOOM_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, out->buffer.data_ptr(), checked_count(tensor.numel(), "all_reduce"),
                                 mpi_type(tensor.scalar_type(), "all_reduce"), mpi_op(op, tensor.scalar_type()),
                                 comm_, work->add_request()),
@@ -306,8 +320,9 @@ WorkPtr MpiCommunicator::reduce_scatter(const at::Tensor& output, const at::Tens
   const int64_t bytes = out->buffer.nbytes();
   record(OpType::kReduceScatter, (size_ - 1) * bytes, (size_ - 1) * bytes);
   if (size_ == 1) return complete_locally(output, in);
-  auto work = std::make_shared<MpiWork>(timeout(), describe(OpType::kReduceScatter, ++seq_, bytes),
-                                        std::vector<at::Tensor>{in, out->buffer}, [out] { out->finish(); });
+  auto work = std::make_shared<MpiWork>(
+      OpType::kReduceScatter, id(), timeout(), describe(OpType::kReduceScatter, ++seq_, bytes),
+      std::vector<at::Tensor>{in, out->buffer}, [out] { out->finish(); });
   LOOM_MPI_CHECK(MPI_Ireduce_scatter_block(in.data_ptr(), out->buffer.data_ptr(),
                                            checked_count(output.numel(), "reduce_scatter"),
                                            mpi_type(in.scalar_type(), "reduce_scatter"),
@@ -331,8 +346,9 @@ WorkPtr MpiCommunicator::broadcast(const at::Tensor& tensor, int root) {
     record(OpType::kBroadcast, (size_ - 1) * bytes, 0);
   else
     record(OpType::kBroadcast, 0, bytes);
-  auto work = std::make_shared<MpiWork>(timeout(), describe(OpType::kBroadcast, ++seq_, bytes),
-                                        std::vector<at::Tensor>{out->buffer}, [out] { out->finish(); });
+  auto work = std::make_shared<MpiWork>(
+      OpType::kBroadcast, id(), timeout(), describe(OpType::kBroadcast, ++seq_, bytes),
+      std::vector<at::Tensor>{out->buffer}, [out] { out->finish(); });
   LOOM_MPI_CHECK(MPI_Ibcast(out->buffer.data_ptr(), checked_count(tensor.numel(), "broadcast"),
                             mpi_type(tensor.scalar_type(), "broadcast"), root, comm_, work->add_request()),
                  "broadcast");
@@ -364,12 +380,13 @@ WorkPtr MpiCommunicator::exscan(const at::Tensor& output, const at::Tensor& inpu
   LOOM_MPI_CHECK(MPI_Type_commit(type.get()), "exscan");
   LOOM_MPI_CHECK(MPI_Type_set_attr(*type, scan_keyval(), ctx.get()), "exscan");
   const bool is_first = rank_ == 0;
-  auto work = std::make_shared<MpiWork>(timeout(), describe(OpType::kExscan, seq, bytes),
-                                        std::vector<at::Tensor>{in, out->buffer}, [out, ctx, type, is_first] {
-                                          if (is_first) ctx->op.identity(out->buffer);  // MPI leaves rank 0 undefined
-                                          out->finish();
-                                          MPI_Type_free(type.get());
-                                        });
+  auto work = std::make_shared<MpiWork>(
+      OpType::kExscan, id(), timeout(), describe(OpType::kExscan, seq, bytes),
+      std::vector<at::Tensor>{in, out->buffer}, [out, ctx, type, is_first] {
+        if (is_first) ctx->op.identity(out->buffer);  // MPI leaves rank 0 undefined
+        out->finish();
+        MPI_Type_free(type.get());
+      });
   LOOM_MPI_CHECK(MPI_Iexscan(in.data_ptr(), out->buffer.data_ptr(), 1, *type, scan_mpi_op(), comm_, work->add_request()),
                  "exscan");
   return work;
@@ -387,8 +404,9 @@ WorkPtr MpiCommunicator::all_to_all(const at::Tensor& output, const at::Tensor& 
   const int64_t bytes = in.nbytes();
   record(OpType::kAllToAll, (size_ - 1) * bytes / size_, (size_ - 1) * bytes / size_);
   if (size_ == 1) return complete_locally(output, in);
-  auto work = std::make_shared<MpiWork>(timeout(), describe(OpType::kAllToAll, ++seq_, bytes),
-                                        std::vector<at::Tensor>{in, out->buffer}, [out] { out->finish(); });
+  auto work = std::make_shared<MpiWork>(
+      OpType::kAllToAll, id(), timeout(), describe(OpType::kAllToAll, ++seq_, bytes),
+      std::vector<at::Tensor>{in, out->buffer}, [out] { out->finish(); });
   const int count = checked_count(in.numel() / size_, "all_to_all");
   const MPI_Datatype type = mpi_type(in.scalar_type(), "all_to_all");
   LOOM_MPI_CHECK(MPI_Ialltoall(in.data_ptr(), count, type, out->buffer.data_ptr(), count, type, comm_,
@@ -420,8 +438,9 @@ WorkPtr MpiCommunicator::all_to_all(const at::Tensor& output, const at::Tensor& 
   auto counts = std::make_shared<std::array<std::vector<int>, 4>>(
       std::array<std::vector<int>, 4>{std::move(send_counts), std::move(send_displs), std::move(recv_counts),
                                       std::move(recv_displs)});
-  auto work = std::make_shared<MpiWork>(timeout(), describe(OpType::kAllToAll, ++seq_, in.nbytes()),
-                                        std::vector<at::Tensor>{in, out->buffer}, [out, counts] { out->finish(); });
+  auto work = std::make_shared<MpiWork>(
+      OpType::kAllToAll, id(), timeout(), describe(OpType::kAllToAll, ++seq_, in.nbytes()),
+      std::vector<at::Tensor>{in, out->buffer}, [out, counts] { out->finish(); });
   const MPI_Datatype type = mpi_type(in.scalar_type(), "all_to_all");
   LOOM_MPI_CHECK(MPI_Ialltoallv(in.data_ptr(), (*counts)[0].data(), (*counts)[1].data(), type, out->buffer.data_ptr(),
                                 (*counts)[2].data(), (*counts)[3].data(), type, comm_, work->add_request()),
@@ -431,8 +450,9 @@ WorkPtr MpiCommunicator::all_to_all(const at::Tensor& output, const at::Tensor& 
 
 WorkPtr MpiCommunicator::barrier() {
   record(OpType::kBarrier, 0, 0);
-  auto work = std::make_shared<MpiWork>(timeout(), describe(OpType::kBarrier, ++seq_, 0), std::vector<at::Tensor>{},
-                                        nullptr);
+  auto work = std::make_shared<MpiWork>(
+      OpType::kBarrier, id(), timeout(), describe(OpType::kBarrier, ++seq_, 0), std::vector<at::Tensor>{},
+      nullptr);
   LOOM_MPI_CHECK(MPI_Ibarrier(comm_, work->add_request()), "barrier");
   return work;
 }
@@ -445,7 +465,8 @@ WorkPtr MpiCommunicator::isend(const at::Tensor& tensor, int dst, int tag) {
   record(OpType::kSend, in.nbytes(), 0);
   std::ostringstream what;
   what << describe(OpType::kSend, ++seq_, in.nbytes()) << " to rank " << dst << " tag " << tag;
-  auto work = std::make_shared<MpiWork>(timeout(), what.str(), std::vector<at::Tensor>{in}, nullptr);
+  auto work = std::make_shared<MpiWork>(
+      OpType::kSend, id(), timeout(), what.str(), std::vector<at::Tensor>{in}, nullptr);
   LOOM_MPI_CHECK(MPI_Isend(in.data_ptr(), checked_count(in.numel(), "isend"), mpi_type(in.scalar_type(), "isend"), dst,
                            tag, comm_, work->add_request()),
                  "isend");
@@ -460,8 +481,9 @@ WorkPtr MpiCommunicator::irecv(const at::Tensor& tensor, int src, int tag) {
   record(OpType::kRecv, 0, tensor.nbytes());
   std::ostringstream what;
   what << describe(OpType::kRecv, ++seq_, tensor.nbytes()) << " from rank " << src << " tag " << tag;
-  auto work = std::make_shared<MpiWork>(timeout(), what.str(), std::vector<at::Tensor>{out->buffer},
-                                        [out] { out->finish(); });
+  auto work = std::make_shared<MpiWork>(
+      OpType::kRecv, id(), timeout(), what.str(), std::vector<at::Tensor>{out->buffer},
+      [out] { out->finish(); });
   LOOM_MPI_CHECK(MPI_Irecv(out->buffer.data_ptr(), checked_count(tensor.numel(), "irecv"),
                            mpi_type(tensor.scalar_type(), "irecv"), src, tag, comm_, work->add_request()),
                  "irecv");

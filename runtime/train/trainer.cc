@@ -12,6 +12,7 @@
 #include <cstring>
 #include <ctime>
 #include <filesystem>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <unordered_map>
@@ -20,6 +21,8 @@
 #include "loom/runtime/comm/documents.h"
 #include "loom/runtime/core/logging.h"
 #include "loom/runtime/core/memory_tracker.h"
+#include "loom/runtime/core/profile.h"
+#include "loom/runtime/train/step_profile.h"
 #include "loom/runtime/core/stop_signals.h"
 #include "loom/runtime/data/token_file.h"
 
@@ -407,9 +410,16 @@ double Trainer::train_step() {
   const SequenceLayout l = layout();
   model_->train();
   model_->zero_grad();
+  // --profile: each part of the step into the profile accumulator (profile.h).
+  std::optional<profile::ScopedTimer> timer;
+  auto part = [&](const char* name) {
+    timer.reset();
+    if (profile_ && name) timer.emplace(name);
+  };
   // Draw every micro-batch first: the loss is the mean over the labelled
   // tokens (labels -100 are ignored) of all of them on all ranks, so each
   // backward needs that global count.
+  part("data");
   std::vector<Batch> micro;
   double local_count = 0;
   for (int64_t m = 0; m < t.grad_accum(); ++m) {
@@ -417,23 +427,36 @@ double Trainer::train_step() {
     micro.push_back(shard(train_(first, t.batch_size())).first);
     local_count += static_cast<double>(micro.back().labels.ne(-100).sum().item<int64_t>());
   }
+  part(nullptr);
   const double total_tokens = std::max(1.0, all_reduce_scalar(*mesh_.world(), local_count));
   double local_loss = 0;
   for (const Batch& local : micro) {
     CommOrder::reset();
-    at::Tensor loss = loss_(*model_, local, l, mesh_.sp()) / total_tokens;
-    loss.backward();
+    part("model forward+backward");
+    at::Tensor loss;
+    {
+      const profile::LayersActiveScope layers(profile_);  // the model times its blocks while this is on
+      loss = loss_(*model_, local, l, mesh_.sp()) / total_tokens;
+      loss.backward();
+    }
+    part(nullptr);
     local_loss += loss.item<double>();
   }
+  part("gradient all-reduce");
   all_reduce_gradients(params_, *mesh_.world());
+  part(nullptr);
   const double loss = all_reduce_scalar(*mesh_.world(), local_loss);
   if (!std::isfinite(loss))
     throw NonFiniteLoss("loss is " + std::to_string(loss) + " at step " + std::to_string(step_ + 1) +
                         "; stopping without saving (the last good checkpoint stays the latest)");
+  part("gradient clipping");
   grad_norm_ = clip_gradients(params_, t.grad_clip());
+  part("optimizer step");
   optimizer_->step(learning_rate(t, step_));
   ++step_;
+  part("parameter check");
   check_parameters_finite();
+  part(nullptr);
   return loss;
 }
 
@@ -515,7 +538,16 @@ Trainer::Result Trainer::fit(int64_t stop_after) {
   const auto run_start = std::chrono::steady_clock::now();
   const int64_t first_step = step_;
   double loss = 0;
+  // --profile: the window is every step of this fit (the loop body, periodic
+  // evaluation and checkpoints included) plus the final save and evaluation.
+  std::optional<CommSnapshot> comm_at_start;
+  if (profile_) {
+    profile::global().clear();
+    comm_at_start.emplace();
+  }
+  std::optional<profile::Clock::time_point> step_start;
   while (step_ < last) {
+    if (profile_) step_start = profile::Clock::now();
     MemoryTracker::reset_peak(device_);
     const auto start = std::chrono::steady_clock::now();
     loss = train_step();
@@ -557,14 +589,21 @@ Trainer::Result Trainer::fit(int64_t stop_after) {
       LOOM_LOG(kInfo) << line << peak << " eta " << format_duration(eta);
     }
     if (t.eval_interval() > 0 && step_ % t.eval_interval() == 0 && step_ < last) {
+      std::optional<profile::ScopedTimer> eval_timer;
+      if (profile_) eval_timer.emplace("evaluation");
       const double val = evaluate(t.eval_batches());
+      eval_timer.reset();
       LOOM_LOG(kInfo) << "step " << step_ << " validation loss " << val << " perplexity " << std::exp(val);
       std::ostringstream line;
       line << "{\"step\": " << step_ << ", \"validation_loss\": " << val << "}";
       write_metrics(line.str());
       if (hooks_.on_eval) hooks_.on_eval(step_, val);
     }
-    if (t.checkpoint_interval() > 0 && step_ % t.checkpoint_interval() == 0 && step_ < last) save(loss);
+    if (t.checkpoint_interval() > 0 && step_ % t.checkpoint_interval() == 0 && step_ < last) {
+      std::optional<profile::ScopedTimer> save_timer;
+      if (profile_) save_timer.emplace("checkpoint");
+      save(loss);
+    }
     // Any rank interrupted (a signal, a stop request, a failed metrics
     // write): all stop together after this step.
     std::string requested = hooks_.stop_requested ? hooks_.stop_requested() : std::string();
@@ -575,6 +614,7 @@ Trainer::Result Trainer::fit(int64_t stop_after) {
     mesh_.world()->all_reduce(stop, ReduceOp::kMax)->wait();
     stop = stop.cpu();
     const int signal = static_cast<int>(stop[0].item<double>());
+    if (profile_) profile::global().add_step(profile::seconds_since(*step_start));
     if (signal > 0 || stop[1].item<double>() > 0 || stop[2].item<double>() > 0) {
       result.stop_reason = signal > 0                  ? signal_name(signal)
                            : stop[1].item<double>() > 0 ? std::string("a failed write of the metrics file")
@@ -588,7 +628,15 @@ Trainer::Result Trainer::fit(int64_t stop_after) {
   }
   result.steps = step_;
   result.loss = loss;
-  result.checkpoint = last_saved_step_ == step_ ? last_saved_path_ : save(loss);
+  {
+    const auto save_start = profile::Clock::now();
+    result.checkpoint = last_saved_step_ == step_ ? last_saved_path_ : save(loss);
+    if (profile_) {
+      const double seconds = profile::seconds_since(save_start);
+      profile::global().add("checkpoint", seconds);
+      profile::global().add_wall(seconds);
+    }
+  }
   if (result.interrupted && root)
     LOOM_LOG(kInfo) << "stopped by " << result.stop_reason << " after step " << step_ << ": checkpoint "
                     << result.checkpoint << " is the latest; continue with --resume";
@@ -600,7 +648,13 @@ Trainer::Result Trainer::fit(int64_t stop_after) {
   };
   throw_if_metrics_failed();
   if (!result.interrupted) {
+    const auto eval_start = profile::Clock::now();
     result.validation_loss = evaluate(t.eval_batches());
+    if (profile_) {
+      const double seconds = profile::seconds_since(eval_start);
+      profile::global().add("evaluation", seconds);
+      profile::global().add_wall(seconds);
+    }
     LOOM_LOG(kInfo) << "final validation loss " << result.validation_loss << " perplexity "
                     << std::exp(result.validation_loss) << " after " << step_ << " steps";
     std::ostringstream line;
@@ -608,6 +662,17 @@ Trainer::Result Trainer::fit(int64_t stop_after) {
     write_metrics(line.str());
     throw_if_metrics_failed();
     if (hooks_.on_eval) hooks_.on_eval(step_, result.validation_loss);
+  }
+  if (profile_) {
+    const std::string note =
+        t.recompute() == pb::TrainConfig::NONE
+            ? std::string()
+            : "train.recompute = " + pb::TrainConfig::Recompute_Name(t.recompute()) +
+                  ": each layer's backward row includes the rerun of its forward";
+    const StepProfile report = make_step_profile(profile::global(), comm_at_start->since(), *mesh_.world(), note);
+    result.profile_table = report.table();
+    write_metrics(report.json());
+    throw_if_metrics_failed();
   }
   return result;
 }

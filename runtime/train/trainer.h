@@ -107,6 +107,7 @@ class Trainer {
     std::string stop_reason;   // when interrupted: "SIGTERM", ...
     bool nothing_to_do = false;  // already at train.steps: nothing trained or written
     std::string checkpoint;    // rank 0: the checkpoint that holds the result
+    std::string profile_table;  // with set_profile(true), after a run that trained: step_profile.h
   };
 
   // `config` and `mesh` must outlive the trainer; the mesh's world is the
@@ -135,6 +136,12 @@ class Trainer {
   // gets the path).
   std::string save(double last_loss);
   int64_t step() const { return step_; }
+  // loom-train --profile: fit() times the parts of every step, the layers
+  // (per mixer letter, forward and backward) and the collectives, writes one
+  // {"profile": ...} line to the metrics file after the final validation line
+  // and returns the table in Result::profile_table (step_profile.h). Off by
+  // default: then nothing is timed and the model inserts no markers.
+  void set_profile(bool on) { profile_ = on; }
   const std::vector<double>& losses() const { return losses_; }
 
  private:
@@ -158,6 +165,7 @@ class Trainer {
   int64_t step_ = 0;
   std::vector<double> losses_;
   double grad_norm_ = 0;  // of the last step, before clipping
+  bool profile_ = false;
   std::string run_id_;
   // The checkpoint directory, claimed on rank 0 by the first fit(), save() or overwrite().
   bool directory_ready_ = false, foreign_checked_ = false, overwritten_ = false;
