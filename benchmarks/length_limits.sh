@@ -31,6 +31,19 @@ MAX_STEP_S=${MAX_STEP_S:-600}   # never run a trial predicted to take longer tha
 EXTRA=${EXTRA:-}                # more --set arguments for every run
 VAL_FRACTION=${VAL_FRACTION:-0.1}  # unpacked rows need a validation split of one row: 0.1 of gcide is 4M tokens
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} LOOM_THREADS_PER_RANK=${LOOM_THREADS_PER_RANK:-1}
+# Settings checked before anything runs: positive integers, known modes, existing configs.
+for var in START MAX_LEN RUN_CAP_GIB MACHINE_GIB MAX_STEP_S; do
+  [[ ${!var} =~ ^[1-9][0-9]*$ ]] || { echo "length_limits.sh: $var = '${!var}': give a positive integer" >&2; exit 2; }
+done
+for sp in $SPS; do
+  [[ $sp =~ ^[1-9][0-9]*$ ]] || { echo "length_limits.sh: SPS holds '$sp': give positive integers (ranks)" >&2; exit 2; }
+done
+for mode in $MODES; do
+  [[ $mode =~ ^(NONE|BLOCK|SELECTIVE)$ ]] || { echo "length_limits.sh: MODES holds '$mode': give NONE, BLOCK or SELECTIVE" >&2; exit 2; }
+done
+for config in $CONFIGS; do
+  [[ -f $config ]] || { echo "length_limits.sh: CONFIGS holds '$config', which is not a file" >&2; exit 2; }
+done
 [[ -f $DATA ]] || { echo "length_limits.sh: no token file $DATA (bash launch/run-demo.sh prepares it)" >&2; exit 2; }
 [[ -x $BUILD/launch/loom-train ]] || { echo "length_limits.sh: no $BUILD/launch/loom-train (build it first)" >&2; exit 2; }
 [[ -x /usr/bin/time ]] || { echo "length_limits.sh: needs GNU time (/usr/bin/time) for each rank's resident set" >&2; exit 2; }
@@ -109,3 +122,8 @@ echo
 echo "| config | sp | recompute | KiB per token (rank, longest run) | machine KiB per added token | longest N run | N at ${MACHINE_GIB} GiB (projected) | search stopped by |"
 echo "|---|---:|---|---:|---:|---:|---:|---|"
 printf '%s\n' "${summary[@]}"
+# A study in which some configuration never ran a single trial is a failure.
+if printf '%s\n' "${summary[@]}" | grep -qE '\| 0 \| [^|]* \| failed at'; then
+  echo "length_limits.sh: some configurations failed at their first length (see above)" >&2
+  exit 1
+fi

@@ -420,6 +420,7 @@ int run_job(loom::Job& job, const Options& opt) {
   const bool root = job.world()->rank() == 0;
   lm::HybridLM model{nullptr};
   loom::Trainer::BatchFn train_batches, val_batches;
+  int64_t validation_rows = 0;  // rows of train.seq_len in the text validation split (0: synthetic task)
   // What a real run checks before it allocates a model; --dry-run stops after
   // the checks and reports. The checks are local to each rank, then agreed.
   std::string setup_error;
@@ -489,6 +490,7 @@ int run_job(loom::Job& job, const Options& opt) {
                                   document_alignment(config.data(), model_config));
       train_batches = [s = data.train](int64_t first, int64_t n) { return s->batch(first, n); };
       val_batches = [s = data.validation](int64_t first, int64_t n) { return s->batch(first, n); };
+      validation_rows = std::max<int64_t>(1, data.validation->tokens() / config.train().seq_len());
     } else {
       const int64_t len = config.train().seq_len(), vocab = model_config.vocab_size(), pairs = config.data().mqar_pairs();
       const uint64_t seed = config.train().seed();
@@ -507,6 +509,11 @@ int run_job(loom::Job& job, const Options& opt) {
     if (opt.position_loss_rows < 0)
       throw loom::ConfigError("--position-loss-rows = " + std::to_string(opt.position_loss_rows) +
                               ": give a number of validation rows >= 0");
+    // More rows than the validation split holds would read the same text again.
+    if (opt.position_loss_rows > validation_rows && validation_rows > 0)
+      throw loom::ConfigError("--position-loss-rows = " + std::to_string(opt.position_loss_rows) +
+                              ": the validation split holds about " + std::to_string(validation_rows) + " rows of " +
+                              std::to_string(config.train().seq_len()) + " tokens; give at most that many");
     if (opt.position_loss_rows > 0 && config.data().task() != "text")
       throw loom::ConfigError("--position-loss-rows: the loss by position is of text validation rows, but data.task = " +
                               config.data().task());
@@ -515,12 +522,25 @@ int run_job(loom::Job& job, const Options& opt) {
     for (const int64_t length : opt.sniah_lengths) {
       if (model_config.vocab_size() < 256)
         throw loom::ConfigError("--sniah-lengths: S-NIAH uses byte tokens, model.vocab_size must be >= 256");
-      loom::sniah_batch(0, 1, length, 0);  // the task's own checks (at least 160 tokens)
       try {
+        loom::sniah_batch(0, 1, length, 0);  // the task's own checks (at least 160 tokens)
         lm::check_sequence_length(model_config, loom::SequenceLayout(layout.kind(), length, job.mesh().sp_size()));
-      } catch (const loom::ConfigError& e) {
-        throw loom::ConfigError("--sniah-lengths " + std::to_string(length) + ": " + e.what());
+      } catch (const std::exception& e) {  // the checks name train.seq_len: say which option gave the length
+        throw loom::ConfigError("--sniah-lengths " + std::to_string(length) + " (as a sequence length): " + e.what());
       }
+      // A forward pass at this length (no gradients: one block's activations
+      // and the logits at a time) must fit this node, or the run would train
+      // and then fail at the evaluation.
+      loom::pb::LoomConfig at_length = config;
+      at_length.mutable_train()->set_seq_len(length);
+      at_length.mutable_train()->set_batch_size(1);
+      const MemoryEstimate m = estimate_memory(at_length, model_config, job.mesh().sp_size());
+      const double forward = m.parameters + m.logits_tensor +
+                             m.activations / static_cast<double>(std::max<size_t>(1, model_config.pattern().size()));
+      if (config.train().device() == "cpu" && forward > node_memory_bytes())
+        throw loom::ConfigError("--sniah-lengths " + std::to_string(length) + ": a forward pass at this length needs about " +
+                                human_bytes(forward) + " per rank, more than the " + human_bytes(node_memory_bytes()) +
+                                " of memory on this node");
     }
     if (opt.position_loss_rows > 0)
       report << "--position-loss-rows: " << opt.position_loss_rows << " validation rows, buckets of "
@@ -735,7 +755,8 @@ int run(int argc, char** argv) {
   app.add_option("--position-loss-rows", opt.position_loss_rows,
                  "After training (or with --eval-only): the validation loss by position in the row (buckets "
                  "0-64, 64-128, ... doubling to train.seq_len) over this many validation rows, printed and "
-                 "appended to metrics.jsonl (data.task = text)");
+                 "appended to metrics.jsonl (data.task = text; default 0: off). Ctrl-C during these "
+                 "evaluations ends the process (training's checkpoint is complete)");
   app.add_option("--sniah-lengths", opt.sniah_lengths,
                  "After training (or with --eval-only): needle retrieval (S-NIAH pass key) at these lengths, "
                  "comma separated (e.g. 8192,16384,32768): pass keys right, digit accuracy and answer loss, "

@@ -11,6 +11,9 @@ if [ $# -ne 2 ]; then
 fi
 metrics=$1
 png=$2
+[[ -f $metrics && -r $metrics ]] || { echo "$0: metrics file '$metrics' is not a readable file" >&2; exit 2; }
+out_dir=$(dirname -- "$png")
+[[ -d $out_dir && -w $out_dir ]] || { echo "$0: cannot write '$png': '$out_dir' is not a writable directory" >&2; exit 2; }
 data=$(mktemp)
 trap 'rm -f "$data"' EXIT
 # One row per bucket: index, label, loss, tokens; the title line first.
@@ -18,13 +21,18 @@ python3 - "$metrics" >"$data" <<'EOF'
 import json, sys
 last = None
 with open(sys.argv[1]) as f:
-    for line in f:
+    for number, line in enumerate(f, 1):
         line = line.strip()
         if not line:
             continue
-        record = json.loads(line)
-        if "position_loss" in record:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            sys.exit(f"{sys.argv[1]}:{number}: not a JSON line ({e.msg}); a loom-train metrics file has one per line")
+        if isinstance(record, dict) and "position_loss" in record:
             last = record
+if last is not None and not all(k in last for k in ("step", "seq_len")):
+    sys.exit(f"{sys.argv[1]}: the last position_loss line lacks 'step' or 'seq_len' (not written by loom-train?)")
 if last is None:
     sys.exit(f"{sys.argv[1]}: no position_loss line (run loom-train with --position-loss-rows)")
 def text(p):
@@ -35,7 +43,8 @@ for i, b in enumerate(last["position_loss"]):
         print(f"{i} \"{text(b['from'])}-{text(b['to'])}\" {b['loss']} {b['tokens']}")
 EOF
 title=$(head -1 "$data" | sed 's/^# //')
-gnuplot <<EOF
+# gnuplot writes to stdout when it cannot open the output: keep stdout off the terminal.
+gnuplot >/dev/null <<EOF
 set terminal pngcairo size 900,540 font "sans,11"
 set output "$png"
 set title "Validation loss by position in the row ($title)"
@@ -48,4 +57,5 @@ set xtics rotate by -30
 plot "$data" using 1:3:xtic(2) with linespoints lw 2 pt 7 lc rgb "#4472c4", \
      "$data" using 1:3:(sprintf("%.3f", \$3)) with labels offset 0,1 font "sans,9"
 EOF
+[[ -s $png ]] || { echo "$0: gnuplot wrote no '$png'" >&2; exit 1; }
 echo "plot: $png"

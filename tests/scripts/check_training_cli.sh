@@ -220,11 +220,20 @@ case "$scenario" in
     pid=$!
     wait_for "checkpoint .*step-00000002" "$work/log" 120
     wait_for "pausing 5 s halfway through saving step 4" "$work/log" 60
+    ranks=$(pgrep -P $pid | tr '\n' ' ')
     kill -INT $pid
     sleep 0.3
     kill -INT $pid
     wait $pid; c=$?
     expect nonzero "pausing 5 s halfway through saving step 4" $c "$(cat "$work/log")"
+    # mpirun can exit a moment before the kernel has reaped the ranks it
+    # killed; the lock test below needs them gone (up to 30 s under load).
+    for i in $(seq 1 300); do
+      alive=0
+      for r in $ranks; do kill -0 "$r" 2>/dev/null && alive=1; done
+      [ $alive -eq 0 ] && break
+      sleep 0.1
+    done
     expect_steps "$ckpt" "step-00000002"
     [ -d "$ckpt/step-00000004.tmp" ] || { echo "FAIL: expected the cut save step-00000004.tmp"; ls -la "$ckpt"; exit 1; }
     expect_latest 2 "${mpi[@]}" "$train" "${common[@]}"
