@@ -7,6 +7,7 @@
 #include "loom/parallel/linear_attention/chunked_kernel.h"
 #include "loom/parallel/linear_attention/decay.h"
 #include "loom/parallel/linear_attention/ulysses.h"
+#include "loom/parallel/softmax_attention/blockwise_kernel.h"
 #include "loom/runtime/comm/autograd_state.h"
 #include "loom/runtime/comm/comm_order.h"
 #include "loom/runtime/comm/documents.h"
@@ -87,15 +88,9 @@ ChunkFactors chunk_factors(const at::Tensor& decay, const at::Tensor& log_gate, 
 }
 
 // GQA: k, v carry Hkv = H / group heads, each serving `group` consecutive
-// query heads. Only the local kernel sees them repeated; the exchanged states
-// and chunk gradients stay at Hkv heads, so the bytes scale with Hkv.
-at::Tensor repeat_heads(const at::Tensor& x, int64_t group) {  // [B, Hkv, ...] -> [B, Hkv * group, ...]
-  if (group == 1) return x;
-  std::vector<int64_t> expanded = x.sizes().vec(), merged = x.sizes().vec();
-  expanded.insert(expanded.begin() + 2, group);
-  merged[1] *= group;
-  return x.unsqueeze(2).expand(expanded).reshape(merged);
-}
+// query heads. Only the local kernel sees them repeated
+// (softmax_attention::repeat_kv_heads); the exchanged states and chunk
+// gradients stay at Hkv heads, so the bytes scale with Hkv.
 at::Tensor sum_groups(const at::Tensor& x, int64_t group) {  // [B, Hkv * group, ...] -> [B, Hkv, ...]
   if (group == 1) return x;
   return x.unflatten(1, {x.size(1) / group, group}).sum(2);
@@ -136,8 +131,8 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
                 " do not agree (k and v may have fewer heads than q, a divisor of its count)");
     const int64_t group = q.size(1) / k.size(1);
     TORCH_CHECK(group == 1 || (log_gate.numel() == 0 && decay.size(0) == k.size(1)),
-                "linear attention: grouped key/value heads need factors shared by each group (no gates; decay per "
-                "key/value head)");
+                "linear attention: grouped key/value heads need factors shared by each group (no gates, no decay: "
+                "the caller repeats k and v for those)");
     const at::Tensor docs = doc_start.numel() > 0 ? doc_start : at::Tensor();
     const at::Tensor gates = log_gate.numel() > 0 ? log_gate : at::Tensor();
     check_document_starts(docs, q, 2, "linear attention");
@@ -146,8 +141,8 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
     const auto chunks = layout.chunks_of(comm->rank());
     // State side at k's head count, query side at q's (the same factors repeated).
     const ChunkFactors f = chunk_factors(kernel_decay, gates, k.size(1), layout, comm->rank(), docs, q.options());
-    const at::Tensor query_decay = kernel_decay.defined() ? repeat_heads(kernel_decay.unsqueeze(0), group)[0] : kernel_decay;
-    const at::Tensor k_local = repeat_heads(k, group), v_local = repeat_heads(v, group);
+    const at::Tensor query_decay = group == 1 ? kernel_decay : at::Tensor();  // grouped: decay is all ones
+    const at::Tensor k_local = softmax_attention::repeat_kv_heads(k, group), v_local = softmax_attention::repeat_kv_heads(v, group);
 
     // A selective recompute's rerun replays the entering states its first run
     // received (recompute.h) and exchanges nothing.
@@ -174,7 +169,7 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
     const at::Tensor entering = replay ? CommTape::replay("linear attention: entering states")[0] : prefix->finish();
     if (!replay) CommTape::record("linear attention: entering states", {entering});
     for (int64_t i = 0; i < cpr; ++i)
-      outs[i].add_(at::matmul(q.narrow(2, i * L, L) * repeat_heads(f.query[i], group), repeat_heads(entering[i], group)));
+      outs[i].add_(at::matmul(q.narrow(2, i * L, L) * softmax_attention::repeat_kv_heads(f.query[i], group), softmax_attention::repeat_kv_heads(entering[i], group)));
 
     ctx->save_for_backward({q, k, v, decay, entering, at::stack(block_states), doc_start, log_gate});
     save_comm(ctx, comm);
@@ -199,8 +194,8 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
     const auto chunks = layout.chunks_of(comm->rank());
     const int64_t group = q.size(1) / k.size(1);
     const ChunkFactors f = chunk_factors(kernel_decay, gates, k.size(1), layout, comm->rank(), docs, q.options());
-    const at::Tensor query_decay = kernel_decay.defined() ? repeat_heads(kernel_decay.unsqueeze(0), group)[0] : kernel_decay;
-    const at::Tensor k_local = repeat_heads(k, group), v_local = repeat_heads(v, group);
+    const at::Tensor query_decay = group == 1 ? kernel_decay : at::Tensor();  // grouped: decay is all ones
+    const at::Tensor k_local = softmax_attention::repeat_kv_heads(k, group), v_local = softmax_attention::repeat_kv_heads(v, group);
     // Unused output: zeros, since every rank must still take part in the exchange.
     const at::Tensor dout = grads[0].defined() ? grads[0].contiguous()
                                                : at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
@@ -208,7 +203,7 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
     std::vector<at::Tensor> chunk_grads;
     for (int64_t i = 0; i < cpr; ++i)
       chunk_grads.push_back(sum_groups(
-          at::matmul((q.narrow(2, i * L, L) * repeat_heads(f.query[i], group)).transpose(-1, -2),
+          at::matmul((q.narrow(2, i * L, L) * softmax_attention::repeat_kv_heads(f.query[i], group)).transpose(-1, -2),
                      dout.narrow(2, i * L, L)),
           group));
     auto suffix = make_state_prefix(static_cast<LinearAttentionMethod>(ctx->saved_data["method"].toInt()), layout,
@@ -222,7 +217,7 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
       auto [dq, dk, dv] = chunk_backward(qc, kc, vc, query_decay, block, block_states[i], dc, 0,
                                          chunk_docs(docs, i, L), layout.chunk_start(chunks[i]),
                                          chunk_gates(gates, i, L));
-      dq.add_(at::matmul(dc, repeat_heads(entering[i], group).transpose(-1, -2)).mul_(repeat_heads(f.query[i], group)));
+      dq.add_(at::matmul(dc, softmax_attention::repeat_kv_heads(entering[i], group).transpose(-1, -2)).mul_(softmax_attention::repeat_kv_heads(f.query[i], group)));
       dqs.push_back(dq);
       dks.push_back(sum_groups(dk, group));
       dvs.push_back(sum_groups(dv, group));
@@ -257,7 +252,7 @@ struct SequenceParallelFunction : public torch::autograd::Function<SequenceParal
 at::Tensor linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const LinearAttentionOptions& options) {
   if (k.dim() == 4 && q.dim() == 4 && k.size(1) != q.size(1) && k.size(1) > 0 && q.size(1) % k.size(1) == 0)
-    return linear_attention(q, repeat_heads(k, q.size(1) / k.size(1)), repeat_heads(v, q.size(1) / k.size(1)), options);
+    return linear_attention(q, softmax_attention::repeat_kv_heads(k, q.size(1) / k.size(1)), softmax_attention::repeat_kv_heads(v, q.size(1) / k.size(1)), options);
   return with_normaliser(q, k, v, options, [&](const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_) {
     return chunked_linear_attention(q_, k_, v_, options.decay, options.block_size, options.doc_start,
                                     options.log_gate);
@@ -278,7 +273,7 @@ at::Tensor sequence_parallel_linear_attention(const at::Tensor& q, const at::Ten
   // makes each query head's state its own: then k and v are repeated here, and
   // so are the states (Ulysses also takes them repeated).
   if (group > 1 && (options.decay.defined() || options.log_gate.defined() || method == LinearAttentionMethod::kUlysses))
-    return sequence_parallel_linear_attention(q, repeat_heads(k, group), repeat_heads(v, group), layout, comm, method,
+    return sequence_parallel_linear_attention(q, softmax_attention::repeat_kv_heads(k, group), softmax_attention::repeat_kv_heads(v, group), layout, comm, method,
                                               options);
   if (method == LinearAttentionMethod::kUlysses) {
     // Head-parallel: whole sequences of H/W heads through the single-rank kernel.
@@ -310,7 +305,7 @@ at::Tensor sequence_parallel_linear_attention(const at::Tensor& q, const at::Ten
 at::Tensor naive_linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const LinearAttentionOptions& options) {
   if (k.dim() == 4 && q.dim() == 4 && k.size(1) != q.size(1) && k.size(1) > 0 && q.size(1) % k.size(1) == 0)
-    return naive_linear_attention(q, repeat_heads(k, q.size(1) / k.size(1)), repeat_heads(v, q.size(1) / k.size(1)),
+    return naive_linear_attention(q, softmax_attention::repeat_kv_heads(k, q.size(1) / k.size(1)), softmax_attention::repeat_kv_heads(v, q.size(1) / k.size(1)),
                                   options);
   return with_normaliser(q, k, v, options, [&](const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_) {
     const int64_t n = q_.size(2);
