@@ -523,7 +523,7 @@ int run_job(loom::Job& job, const Options& opt) {
       if (model_config.vocab_size() < 256)
         throw loom::ConfigError("--sniah-lengths: S-NIAH uses byte tokens, model.vocab_size must be >= 256");
       try {
-        loom::sniah_batch(0, 1, length, 0);  // the task's own checks (at least 160 tokens)
+        loom::check_sniah_length(length);  // the task's own check (at least 160 tokens), building no row
         lm::check_sequence_length(model_config, loom::SequenceLayout(layout.kind(), length, job.mesh().sp_size()));
       } catch (const std::exception& e) {  // the checks name train.seq_len: say which option gave the length
         throw loom::ConfigError("--sniah-lengths " + std::to_string(length) + " (as a sequence length): " + e.what());

@@ -206,16 +206,10 @@ TEST_P(DocumentsWholeModel, LossAndEveryGradientMatchEachDocumentAlone) {
       const double count = static_cast<double>(labels.ne(-100).sum().item<int64_t>());
       // Reference: each document alone, losses summed.
       model->zero_grad();
-      at::Tensor ref_loss = at::zeros({}, at::kDouble);
-      for (size_t b = 0; b < rows.lengths.size(); ++b) {
-        int64_t start = 0;
-        for (int64_t len : rows.lengths[b]) {
-          const at::Tensor doc = tokens.narrow(0, static_cast<int64_t>(b), 1).narrow(1, start, len);
-          const at::Tensor doc_labels = labels.narrow(0, static_cast<int64_t>(b), 1).narrow(1, start, len);
-          ref_loss = ref_loss + summed_loss(model(doc, alone_context(len, self)), doc_labels);
-          start += len;
-        }
-      }
+      const at::Tensor ref_logits = each_document_alone(rows.lengths, {tokens}, 1, [&](const std::vector<at::Tensor>& in) {
+        return std::vector<at::Tensor>{model(in[0], alone_context(in[0].size(1), self))};
+      })[0];
+      at::Tensor ref_loss = summed_loss(ref_logits, labels);
       ref_loss = ref_loss / count;
       ref_loss.backward();
       const auto ref_grads = parameter_grads(*model, true);

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <map>
 #include <set>
 #include <string>
 #include <vector>
@@ -68,21 +69,45 @@ inline std::vector<DocumentRows> document_rows(const SequenceLayout& layout, uin
 // [s, s+len) it gets every input narrowed to batch row b and to [s, s+len)
 // along `seq_dim`, and returns its outputs (sequence also on `seq_dim`); the
 // outputs are concatenated along the sequence, then the rows along dim 0.
-// Differentiable: gradients reach the inputs through narrow and cat.
+// Documents of the same length run together as one batch (rows of a batch
+// never see each other, and a row of length-1 documents would otherwise be
+// N separate calls). Differentiable: gradients reach the inputs through
+// narrow, cat and split.
 inline std::vector<at::Tensor> each_document_alone(
     const std::vector<std::vector<int64_t>>& lengths, const std::vector<at::Tensor>& inputs, int64_t seq_dim,
     const std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)>& op) {
+  struct Piece {
+    int64_t row, start;
+  };
+  std::map<int64_t, std::vector<Piece>> by_length;
+  std::vector<std::vector<std::pair<int64_t, size_t>>> order(lengths.size());  // (length, index in its group)
+  for (size_t b = 0; b < lengths.size(); ++b) {
+    int64_t start = 0;
+    for (int64_t len : lengths[b]) {
+      auto& group = by_length[len];
+      order[b].emplace_back(len, group.size());
+      group.push_back({static_cast<int64_t>(b), start});
+      start += len;
+    }
+  }
+  std::map<int64_t, std::vector<std::vector<at::Tensor>>> outputs;  // length -> [output][piece]
+  for (const auto& [len, group] : by_length) {
+    std::vector<at::Tensor> batch;
+    for (const auto& x : inputs) {
+      std::vector<at::Tensor> docs;
+      for (const Piece& p : group) docs.push_back(x.narrow(0, p.row, 1).narrow(seq_dim, p.start, len));
+      batch.push_back(at::cat(docs, 0));
+    }
+    auto& per_output = outputs[len];
+    for (const at::Tensor& out : op(batch)) per_output.push_back(out.split(1, 0));
+  }
   std::vector<std::vector<at::Tensor>> rows;  // [output][row]
   for (size_t b = 0; b < lengths.size(); ++b) {
     std::vector<std::vector<at::Tensor>> pieces;  // [output][document]
-    int64_t start = 0;
-    for (int64_t len : lengths[b]) {
-      std::vector<at::Tensor> doc;
-      for (const auto& x : inputs) doc.push_back(x.narrow(0, static_cast<int64_t>(b), 1).narrow(seq_dim, start, len));
-      const auto outs = op(doc);
-      pieces.resize(outs.size());
-      for (size_t o = 0; o < outs.size(); ++o) pieces[o].push_back(outs[o]);
-      start += len;
+    for (const auto& [len, i] : order[b]) {
+      const auto& per_output = outputs.at(len);
+      pieces.resize(per_output.size());
+      for (size_t o = 0; o < per_output.size(); ++o) pieces[o].push_back(per_output[o][i]);
     }
     rows.resize(pieces.size());
     for (size_t o = 0; o < pieces.size(); ++o) rows[o].push_back(at::cat(pieces[o], seq_dim));

@@ -512,6 +512,11 @@ MpiEnvironment::MpiEnvironment(int* argc, char*** argv) {
   int initialized = 0;
   MPI_Initialized(&initialized);
   if (!initialized) {
+    // Started without mpirun, Open MPI forks a daemon for the singleton (about
+    // a second of start-up); Loom never spawns processes, so it needs none.
+    // A user's own setting of the variable wins; other MPIs ignore it.
+    const bool launched = std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMIX_RANK") || std::getenv("PMI_RANK");
+    if (!launched) setenv("OMPI_MCA_ess_singleton_isolated", "1", /*overwrite=*/0);
     int provided = 0;
     LOOM_MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_SERIALIZED, &provided), "MPI_Init_thread");
     owns_ = true;

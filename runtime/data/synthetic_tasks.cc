@@ -68,12 +68,16 @@ Batch mqar_batch(int64_t first, int64_t batch_size, int64_t seq_len, int64_t pai
   return {inputs, labels};
 }
 
+void check_sniah_length(int64_t seq_len) {
+  if (seq_len < 160)
+    throw ConfigError("S-NIAH: train.seq_len = " + std::to_string(seq_len) + " is too short (at least 160)");
+}
+
 Batch sniah_batch(int64_t first, int64_t batch_size, int64_t seq_len, uint64_t seed) {
   static const std::string filler =
       "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
   const std::string question = " What is the pass key? The pass key is ";
-  if (seq_len < 160)
-    throw ConfigError("S-NIAH: train.seq_len = " + std::to_string(seq_len) + " is too short (at least 160)");
+  check_sniah_length(seq_len);
   at::Tensor inputs = at::zeros({batch_size, seq_len}, at::kLong);
   at::Tensor labels = at::full({batch_size, seq_len}, -100, at::kLong);
   for (int64_t b = 0; b < batch_size; ++b) {

@@ -26,6 +26,9 @@ namespace loom {
 
 Batch mqar_batch(int64_t first, int64_t batch_size, int64_t seq_len, int64_t pairs, int64_t vocab, uint64_t seed);
 Batch sniah_batch(int64_t first, int64_t batch_size, int64_t seq_len, uint64_t seed);
+// sniah_batch's check of the length alone (ConfigError below 160 tokens),
+// without building a row: a start-up check of a long evaluation length.
+void check_sniah_length(int64_t seq_len);
 
 // (correct, total) over labelled positions of this shard: per position
 // (MQAR), or per example over groups of `group` consecutive labels (S-NIAH: 5).
