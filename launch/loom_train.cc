@@ -32,6 +32,8 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <sstream>
+#include <stdexcept>
 
 #include <torch/utils.h>
 
@@ -69,10 +71,35 @@ struct Options {
   int64_t max_new_tokens = 64;
   // Long-context evaluations after training or with --eval-only (0 / empty: none).
   int64_t position_loss_rows = 0;
+  std::string sniah_lengths_text;  // as given: parsed by parse_lengths
   std::vector<int64_t> sniah_lengths;
   int64_t sniah_examples = 16;
   bool profile = false;  // --profile: where a step's time went, printed at the end
 };
+
+// "8192,16384" -> {8192, 16384}. Every item must be a whole number: an empty
+// item ("8192,,16384") or "8k" is an error naming it, not skipped.
+std::vector<int64_t> parse_lengths(const std::string& option, const std::string& text) {
+  std::vector<int64_t> lengths;
+  std::stringstream items(text);
+  std::string item;
+  for (int index = 1; std::getline(items, item, ','); ++index) {
+    size_t used = 0;
+    int64_t value = 0;
+    try {
+      value = std::stoll(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (item.empty() || used != item.size())
+      throw std::invalid_argument(option + " '" + text + "': item " + std::to_string(index) + " ('" + item +
+                                  "') is not a whole number");
+    lengths.push_back(value);
+  }
+  if (!text.empty() && text.back() == ',')
+    throw std::invalid_argument(option + " '" + text + "': ends with an empty item");
+  return lengths;
+}
 
 // --max-new-tokens at most this: greedy generation without a cache recomputes
 // the whole prefix for every new token (time grows with the square of the
@@ -757,11 +784,10 @@ int run(int argc, char** argv) {
                  "0-64, 64-128, ... doubling to train.seq_len) over this many validation rows, printed and "
                  "appended to metrics.jsonl (data.task = text; default 0: off). Ctrl-C during these "
                  "evaluations ends the process (training's checkpoint is complete)");
-  app.add_option("--sniah-lengths", opt.sniah_lengths,
+  app.add_option("--sniah-lengths", opt.sniah_lengths_text,
                  "After training (or with --eval-only): needle retrieval (S-NIAH pass key) at these lengths, "
                  "comma separated (e.g. 8192,16384,32768): pass keys right, digit accuracy and answer loss, "
-                 "printed and appended to metrics.jsonl")
-      ->delimiter(',');
+                 "printed and appended to metrics.jsonl");
   app.add_option("--sniah-examples", opt.sniah_examples, "Examples per length of --sniah-lengths (default 16)");
   try {
     app.parse(argc, argv);
@@ -776,6 +802,12 @@ int run(int argc, char** argv) {
     return code == 0 ? 0 : 2;
   }
   opt.generate_requested = app.count("--generate") > 0;
+  try {
+    opt.sniah_lengths = parse_lengths("--sniah-lengths", opt.sniah_lengths_text);
+  } catch (const std::invalid_argument& e) {  // the same on every rank: no collective yet
+    if (is_root) std::cerr << "loom-train: " << e.what() << std::endl;
+    return 2;
+  }
   if (opt.max_new_tokens < 1 || opt.max_new_tokens > kMaxNewTokens) {  // the same on every rank: no collective yet
     if (is_root)
       std::cerr << "loom-train: --max-new-tokens = " << opt.max_new_tokens << ": allowed 1 to " << kMaxNewTokens
