@@ -1,6 +1,7 @@
 #include "loom/runtime/train/optimizer.h"
 
 #include <cmath>
+#include <unordered_map>
 
 #include "loom/runtime/core/dtypes.h"
 #include "loom/runtime/core/error.h"
@@ -49,6 +50,24 @@ NamedTensors AdamW::state() const {
   }
   s.emplace_back("adamw/steps", at::tensor({steps_}, at::kLong));
   return s;
+}
+
+void AdamW::restart(const NamedTensors& masters) {
+  at::NoGradGuard no_grad;
+  std::unordered_map<std::string, at::Tensor> by_name(masters.begin(), masters.end());
+  for (size_t i = 0; i < params_.size(); ++i) {
+    exp_avg_[i].zero_();
+    exp_avg_sq_[i].zero_();
+    if (!master_[i].defined()) continue;
+    auto it = by_name.find(params_[i].first + "/master");
+    if (it != by_name.end() && it->second.sizes() == master_[i].sizes()) {
+      master_[i].copy_(it->second);
+      params_[i].second.copy_(master_[i]);
+    } else {
+      master_[i].copy_(params_[i].second);
+    }
+  }
+  steps_ = 0;
 }
 
 void AdamW::load_state(const NamedTensors& state) {

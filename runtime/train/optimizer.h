@@ -28,6 +28,11 @@ class AdamW {
   // Optimizer state for checkpoints: "<param>/exp_avg", "<param>/exp_avg_sq", "adamw/steps".
   NamedTensors state() const;
   void load_state(const NamedTensors& state);
+  // A fresh state for parameters that were just replaced (--init-from):
+  // moments zero, step count 0; each float32 master copy is taken from
+  // `masters` ("<param>/master", a checkpoint's, when it has one: nothing is
+  // lost to rounding) or else from the parameter.
+  void restart(const NamedTensors& masters);
 
  private:
   NamedTensors params_;

@@ -197,7 +197,7 @@ std::pair<Batch, Batch> Trainer::shard(const Batch& batch) const {
   return {local, Batch{}};
 }
 
-void Trainer::check_resume_compatible(const CheckpointData& data, const std::string& path) const {
+void Trainer::check_resume_compatible(const CheckpointData& data, const std::string& path, bool starting) const {
   std::vector<std::string> refused, allowed;
   if (!data.manifest.config_text().empty()) {
     pb::LoomConfig saved;
@@ -238,12 +238,14 @@ void Trainer::check_resume_compatible(const CheckpointData& data, const std::str
       mismatched.resize(5);
       mismatched.push_back("and " + std::to_string(more) + " more");
     }
-    throw RunRefused("cannot resume from '" + path + "': it holds a different model" +
+    throw RunRefused(std::string(starting ? "--init-from: cannot start from '" : "cannot resume from '") + path +
+                     "': it holds a different model" +
                      (refused.empty() ? std::string() : " (model fields, checkpoint -> this run: " + join(refused, "; ") + ")") +
                      (mismatched.empty() ? std::string() : "; parameters: " + join(mismatched, "; ")) +
                      ". Resuming would drop or misplace weights: run with the checkpoint's model settings, or start "
                      "over with --overwrite (its checkpoints are moved aside, not deleted)");
   }
+  if (starting) return;  // a new run: the old run's data position, seed and schedule do not carry over
   const auto& t = config_.train();
   if (data.manifest.version() >= 2) {  // version 1 recorded micro-batches, not samples
     const int64_t here = data.manifest.step() * t.grad_accum() * mesh_.dp_size() * t.batch_size();
@@ -274,6 +276,13 @@ std::string Trainer::resume() {
                     "' is visible on some ranks only; put it on a shared filesystem");
   const CheckpointData data = load_checkpoint(*latest);
   check_resume_compatible(data, *latest);
+  const bool has_optimizer = std::any_of(data.tensors.begin(), data.tensors.end(),
+                                         [](const auto& t) { return t.first.rfind("optimizer/", 0) == 0; });
+  if (!has_optimizer)
+    throw RunRefused("cannot resume from '" + *latest +
+                     "': it holds the model only (no optimizer state; e.g. made by loom-ckpt import). Start a new run "
+                     "from its weights with --init-from " + *latest +
+                     " (step 0, fresh optimizer state), into another train.checkpoint_dir or with --overwrite");
   std::unordered_map<std::string, at::Tensor> by_name(data.tensors.begin(), data.tensors.end());
   at::NoGradGuard no_grad;
   for (auto& [name, p] : params_) p.copy_(by_name.at("model/" + name));
@@ -289,6 +298,37 @@ std::string Trainer::resume() {
                     << ": parameters are replicated, the data order changes with dp";
   LOOM_LOG(kInfo) << "resumed from " << *latest << " at step " << step_;
   return *latest;
+}
+
+void Trainer::init_from(const std::string& path) {
+  // Every rank must read it (a path visible on rank 0 only would split the job).
+  CheckpointData data;
+  std::string error;
+  try {
+    data = load_checkpoint(path);
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  const double readable = all_reduce_scalar(*mesh_.world(), error.empty() ? 1.0 : 0.0);
+  if (readable != mesh_.world()->size())
+    throw RunRefused("--init-from '" + path + "': " +
+                     (error.empty() ? std::string("not readable on every rank; put it on a shared filesystem")
+                                    : error));
+  check_resume_compatible(data, path, /*starting=*/true);
+  std::unordered_map<std::string, at::Tensor> by_name(data.tensors.begin(), data.tensors.end());
+  at::NoGradGuard no_grad;
+  for (auto& [name, p] : params_) p.copy_(by_name.at("model/" + name));
+  // The float32 master copies of bf16/fp16 parameters: the checkpoint's own
+  // master when it has one, else its parameter as saved (a float32 run's,
+  // unrounded).
+  NamedTensors masters;
+  for (const auto& [name, p] : params_) {
+    auto master = by_name.find("optimizer/" + name + "/master");
+    masters.emplace_back(name + "/master", master != by_name.end() ? master->second : by_name.at("model/" + name));
+  }
+  optimizer_->restart(masters);
+  LOOM_LOG(kInfo) << "initialised the model from '" << path << "' (step " << data.manifest.step()
+                  << " of its run); training starts at step 0 with fresh optimizer state";
 }
 
 void Trainer::prepare_checkpoint_dir() {

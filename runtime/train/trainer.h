@@ -123,7 +123,16 @@ class Trainer {
   // (and parameters that do not match by name and shape) throw RunRefused
   // naming them; other differences (dp x sp, steps, lr schedule, intervals,
   // seed, data position) are listed in the log.
+  // A model-only checkpoint (no optimizer state, e.g. made by loom-ckpt
+  // import) cannot be resumed: RunRefused pointing at init_from.
   std::string resume();
+  // Starts a new run (step 0, fresh optimizer state) from the parameters of
+  // the checkpoint directory `path` (a step-* directory, full or model-only).
+  // Model fields and parameters must match as for resume (RunRefused naming
+  // them); a missing or unreadable checkpoint is RunRefused naming `path`.
+  // Collective: every rank calls it, before overwrite() (which may move
+  // `path` aside) and fit().
+  void init_from(const std::string& path);
   // Starts over in a directory that holds checkpoints: claims the directory
   // and moves them into <dir>/superseded-<UTC time>/ (returned; "" when there
   // was nothing), deleting nothing.
@@ -147,7 +156,9 @@ class Trainer {
  private:
   double train_step();
   void check_parameters_finite();
-  void check_resume_compatible(const CheckpointData& data, const std::string& path) const;
+  // `starting` = false for --resume, true for --init-from (weights only: the
+  // data position and seed of the checkpoint's run do not matter then).
+  void check_resume_compatible(const CheckpointData& data, const std::string& path, bool starting = false) const;
   void prepare_checkpoint_dir();
   void refuse_checkpoints_of_another_run();
   SequenceLayout layout() const;

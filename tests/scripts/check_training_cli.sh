@@ -194,6 +194,29 @@ case "$scenario" in
     expect 0 "differ from the checkpoint's \(allowed\): .*train.lr .*train.log_interval 1 -> 2" $c "$out"
     grep -q "step 4/4" <<<"$out" || { echo "FAIL: did not continue to step 4"; exit 1; }
     expect_steps "$ckpt" "step-00000002 step-00000004" ;;
+  init_from)
+    # A model-only checkpoint (loom-ckpt import) cannot be resumed: exit 2
+    # pointing at --init-from, which starts a new run from its weights.
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=2 2>&1); c=$?
+    expect 0 "final validation loss" $c "$out"
+    val=$(grep -Eo "final validation loss [0-9.e+-]+" <<<"$out" | awk '{print $4}')
+    "$build/launch/loom-ckpt" export "$ckpt/step-00000002" -o "$work/weights.safetensors" --format safetensors > /dev/null || exit 1
+    "$build/launch/loom-ckpt" import "$work/weights.safetensors" -o "$work/imported" > /dev/null || exit 1
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.checkpoint_dir="$work/imported" --set train.steps=4 --resume 2>&1); c=$?
+    expect 2 "it holds the model only .*--init-from $work/imported/step-00000002" $c "$out"
+    # With lr 1e-30 the weights stay as loaded (updates below rounding): the new run's validation loss is
+    # the first run's, to the printed digits.
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.checkpoint_dir="$work/new" --set train.steps=1 --set train.lr=1e-30 \
+          --init-from "$work/imported/step-00000002" 2>&1); c=$?
+    expect 0 "initialised the model from '$work/imported/step-00000002' \(step 2 of its run\); training starts at step 0" $c "$out"
+    grep -q "final validation loss $val " <<<"$out" || { echo "FAIL: validation loss after --init-from is not $val"; exit 1; }
+    [ -d "$work/new/step-00000001" ] || { echo "FAIL: no step-00000001 in the new run"; exit 1; }
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.checkpoint_dir="$work/other" --set model.d_model=48 \
+          --init-from "$work/imported/step-00000002" 2>&1); c=$?
+    expect 2 "--init-from: cannot start from .*it holds a different model .*model.d_model [0-9]+ -> 48" $c "$out"
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.checkpoint_dir="$work/other" --init-from "$work/none" 2>&1); c=$?
+    expect 2 "--init-from '$work/none': not a checkpoint directory" $c "$out"
+    [ ! -e "$work/other" ] || { echo "FAIL: a refused run created its checkpoint directory"; exit 1; } ;;
   sigint_twice)
     # SIGINT to a rank, then again (to it and another rank) while the
     # checkpoint is being written: ignored, one checkpoint, exit 0.
