@@ -468,8 +468,11 @@ int run_job(loom::Job& job, const Options& opt) {
                     << lm::count_parameters(model_config) << " parameters; " << layout.describe();
     const MemoryEstimate memory = estimate_memory(config, model_config, job.mesh().sp_size());
     check_memory(config, model_config, job.mesh().sp_size(), memory);
-    report << "model '" << model_config.pattern() << "': " << lm::count_parameters(model_config) << " parameters; "
-           << layout.describe() << "\n";
+    report << "model '" << model_config.pattern() << "': " << lm::count_parameters(model_config) << " parameters; ";
+    if (model_config.n_kv_heads() > 0 && model_config.n_kv_heads() != model_config.n_heads())
+      report << model_config.n_heads() << " query heads sharing " << model_config.n_kv_heads()
+             << " key/value heads (grouped-query attention); ";
+    report << layout.describe() << "\n";
     report << "memory per rank (estimate): " << memory.describe() << " (this node: " << human_bytes(node_memory_bytes())
            << ")\n";
     if (!opt.eval_only && root) {

@@ -466,7 +466,10 @@ std::string check_parallel_methods(const pb::ModelConfig& m, const pb::ParallelC
                           std::to_string(U) + " ranks, which must divide it");
       const int64_t kv = m.n_kv_heads() > 0 ? m.n_kv_heads() : m.n_heads();
       const int64_t f = softmax_attention::ulysses_kv_replication(kv, U);
-      out << " (all-to-all groups of " << U << " ranks, ring across " << sp / U << " groups";
+      if (sp / U > 1)
+        out << " (all-to-all groups of " << U << " ranks, ring across " << sp / U << " groups";
+      else
+        out << " (one all-to-all group of " << U << " ranks, no ring";
       if (f > 1) out << "; " << kv << " KV heads repeated " << f << "x to divide among " << U << " ranks";
       out << ")";
     }
