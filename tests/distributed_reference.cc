@@ -8,6 +8,24 @@
 
 namespace loom::testing {
 
+std::vector<at::Tensor> reference_on_root(const CommPtr& comm, const std::vector<at::Tensor>& like,
+                                          const std::function<std::vector<at::Tensor>()>& compute) {
+  std::vector<at::Tensor> out;
+  if (comm->rank() == 0) {
+    for (const at::Tensor& t : compute()) out.push_back(t.detach().contiguous());
+    TORCH_CHECK(out.size() == like.size(), "reference_on_root: compute returned ", out.size(), " tensors, like has ",
+                like.size());
+    for (size_t i = 0; i < out.size(); ++i)
+      TORCH_CHECK(out[i].sizes() == like[i].sizes() && out[i].scalar_type() == like[i].scalar_type(),
+                  "reference_on_root: tensor ", i, " is ", out[i].sizes(), " ", out[i].scalar_type(), ", like says ",
+                  like[i].sizes(), " ", like[i].scalar_type());
+  } else {
+    for (const at::Tensor& t : like) out.push_back(at::empty(t.sizes(), t.options()));
+  }
+  for (at::Tensor& t : out) comm->broadcast(t, 0)->wait();
+  return out;
+}
+
 at::Tensor seeded_randn(at::IntArrayRef sizes, uint64_t seed, at::ScalarType dtype) {
   at::Generator gen = at::detail::createCPUGenerator(seed);
   return at::randn(sizes, gen, at::TensorOptions().dtype(at::kDouble)).to(dtype);

@@ -3,12 +3,15 @@
 // The regime (DESIGN.md §8): every rank builds the same global inputs from the
 // same seed, computes the naive reference on the whole sequence in float64,
 // then compares its own shard of the reference with what the distributed
-// operator produced for that shard, for outputs and for gradients.
+// operator produced for that shard, for outputs and for gradients. Where the
+// reference is costly (a token-by-token recurrence), rank 0 alone computes it
+// and broadcasts it (reference_on_root): the same tensors, computed once.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -17,6 +20,14 @@
 #include "loom/runtime/comm/sequence_layout.h"
 
 namespace loom::testing {
+
+// The reference, computed once: `compute` runs on rank 0 of `comm` only and
+// its tensors are broadcast to the other ranks, which pass `like`: tensors of
+// the shapes and dtypes `compute` returns, in order (e.g. the inputs whose
+// gradients it returns). At W ranks on fewer cores every rank would otherwise
+// repeat the same single-rank work. Collective over `comm`.
+std::vector<at::Tensor> reference_on_root(const CommPtr& comm, const std::vector<at::Tensor>& like,
+                                          const std::function<std::vector<at::Tensor>()>& compute);
 
 // Identical on every rank: a fresh generator seeded with `seed`.
 at::Tensor seeded_randn(at::IntArrayRef sizes, uint64_t seed, at::ScalarType dtype = at::kDouble);

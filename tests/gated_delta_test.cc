@@ -171,9 +171,13 @@ class GatedDeltaSequenceParallel : public ::testing::TestWithParam<Case> {};
                                                     const CommPtr& comm, gd::LinearAttentionMethod method,
                                                     const at::Tensor& doc_start) {
   const int r = comm->rank();
-  Leaves ref_in = leaves(x);
-  const at::Tensor ref = recurrence(ref_in.q, ref_in.k, ref_in.v, ref_in.beta, ref_in.log_alpha, doc_start);
-  (ref * x.grad).sum().backward();
+  // [out, dq, dk, dv, dbeta, dlog_alpha] of the recurrence on the whole sequence.
+  const auto ref = testing::reference_on_root(comm, {x.v, x.q, x.k, x.v, x.beta, x.log_alpha}, [&] {
+    Leaves in = leaves(x);
+    const at::Tensor out = recurrence(in.q, in.k, in.v, in.beta, in.log_alpha, doc_start);
+    (out * x.grad).sum().backward();
+    return std::vector<at::Tensor>{out, in.q.grad(), in.k.grad(), in.v.grad(), in.beta.grad(), in.log_alpha.grad()};
+  });
 
   auto shard = [&](const at::Tensor& t) { return layout.shard(t, r, 2).requires_grad_(true); };
   at::Tensor q = shard(x.q), k = shard(x.k), v = shard(x.v), beta = shard(x.beta), log_alpha = shard(x.log_alpha);
@@ -183,12 +187,12 @@ class GatedDeltaSequenceParallel : public ::testing::TestWithParam<Case> {};
   const at::Tensor out = gd::sequence_parallel_gated_delta_rule(q, k, v, beta, log_alpha, layout, comm, method, o);
   (out * layout.shard(x.grad, r, 2)).sum().backward();
   return ReferenceCheck(r, kTol)
-      .sharded("out", out, ref, layout, 2)
-      .sharded("dq", q.grad(), ref_in.q.grad(), layout, 2)
-      .sharded("dk", k.grad(), ref_in.k.grad(), layout, 2)
-      .sharded("dv", v.grad(), ref_in.v.grad(), layout, 2)
-      .sharded("dbeta", beta.grad(), ref_in.beta.grad(), layout, 2)
-      .sharded("dlog_alpha", log_alpha.grad(), ref_in.log_alpha.grad(), layout, 2)
+      .sharded("out", out, ref[0], layout, 2)
+      .sharded("dq", q.grad(), ref[1], layout, 2)
+      .sharded("dk", k.grad(), ref[2], layout, 2)
+      .sharded("dv", v.grad(), ref[3], layout, 2)
+      .sharded("dbeta", beta.grad(), ref[4], layout, 2)
+      .sharded("dlog_alpha", log_alpha.grad(), ref[5], layout, 2)
       .verdict();
 }
 
