@@ -23,10 +23,10 @@
 #include <vector>
 
 #include "bench_util.h"
-#include "linear_attention_bench_before.h"
 #include "loom/parallel/gated_delta/chunked_kernel.h"
 #include "loom/parallel/gated_delta/gated_delta.h"
 #include "loom/parallel/linear_attention/chunked_kernel.h"
+#include "loom/parallel/linear_attention/cpu_blas.h"
 #include "loom/parallel/linear_attention/decay.h"
 #include "loom/parallel/linear_attention/lasp.h"
 #include "loom/runtime/core/memory_tracker.h"
@@ -47,8 +47,8 @@ constexpr int64_t kReferenceBlock = 64;
 
 // Issue 19's kernel table: forward+backward of the differentiable chunked
 // kernel (autograd included) against the 2048^3 float32 matmul measured
-// right before each point, best of `reps` for both; the kernel before issue
-// 19 (linear_attention_bench_before.cc) and the current one, decay on and off,
+// right before each point, best of `reps` for both; the kernel's ATen path
+// (main's kernel before the BLAS path) and its BLAS path, decay on and off,
 // interleaved in this process. FLOPs: chunked_linear_attention_flops at C = 64.
 void kernel_table(const std::vector<int64_t>& lengths, int64_t heads, int64_t d, int reps,
                   const std::vector<int64_t>& blocks) {
@@ -68,20 +68,24 @@ void kernel_table(const std::vector<int64_t>& lengths, int64_t heads, int64_t d,
     const double flops = heads * la::chunked_linear_attention_flops(n, kReferenceBlock, d, d);
     for (const bool with_decay : {true, false}) {
       const at::Tensor dec = with_decay ? decay : at::Tensor();
+      // "aten": the kernel's ATen path (bmm per segment of blocks), which is
+      // main's kernel before this change and what non-CPU devices and other
+      // dtypes run; "blas": one BLAS call per block product (cpu_blas.h).
       struct Row {
         const char* name;
         int64_t block;
-        std::function<at::Tensor()> run;
+        bool blas;
       };
-      std::vector<Row> rows{{"before", 64, [&] {
-                               return loom::bench::linear_before_issue19::chunked_linear_attention(q, k, v, dec, 64);
-                             }}};
-      for (const int64_t c : blocks)
-        rows.push_back({"after", c, [&, c] { return la::chunked_linear_attention(q, k, v, dec, c); }});
+      std::vector<Row> rows;
+      for (const int64_t c : blocks) {
+        rows.push_back({"aten", c, false});
+        if (loom::cpu_blas::available()) rows.push_back({"blas", c, true});
+      }
       for (const Row& row : rows) {
+        loom::cpu_blas::set_enabled(row.blas);
         auto step = [&] {
           for (at::Tensor* t : {&q, &k, &v}) t->mutable_grad().reset();
-          row.run().backward(g);
+          la::chunked_linear_attention(q, k, v, dec, row.block).backward(g);
         };
         const double mm = loom::bench::matmul_gflops(2048, 3);
         const double s = time_it(step, 1, reps).min_s;
@@ -91,6 +95,7 @@ void kernel_table(const std::vector<int64_t>& lengths, int64_t heads, int64_t d,
                     100.0 * gf / mm);
         std::fflush(stdout);
       }
+      loom::cpu_blas::set_enabled(true);
     }
   }
   std::printf("\n");
@@ -344,8 +349,8 @@ int main(int argc, char** argv) {
   int reps = 3, threads = 1;
   std::vector<int64_t> kernel_lengths{4096, 16384, 65536}, kernel_blocks{64};
   bool kernel_table_only = false;
-  app.add_option("--kernel-lengths", kernel_lengths, "Lengths of the issue 19 kernel table (before/after)");
-  app.add_option("--kernel-blocks", kernel_blocks, "Blocks the current kernel runs at in the kernel table");
+  app.add_option("--kernel-lengths", kernel_lengths, "Lengths of the issue 19 kernel table (ATen path / BLAS path)");
+  app.add_option("--kernel-blocks", kernel_blocks, "Blocks the kernel runs at in the kernel table");
   app.add_flag("--kernel-table-only", kernel_table_only, "Print the issue 19 kernel table and stop");
   app.add_option("--max-n", max_n, "Longest sequence of the one-rank study");
   app.add_option("--naive-max-n", naive_max_n, "Longest sequence for the naive quadratic reference");

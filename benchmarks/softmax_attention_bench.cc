@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "bench_util.h"
-#include "softmax_attention_bench_before.h"
+#include "loom/parallel/linear_attention/cpu_blas.h"
 #include "loom/parallel/softmax_attention/softmax_attention.h"
 #include "loom/runtime/core/memory_tracker.h"
 #include "loom/runtime/comm/mpi_communicator.h"
@@ -33,9 +33,9 @@ namespace {
 // Issue 19's kernel table: the blockwise kernel's forward+backward on one
 // causal sequence (attend_pair, rowsum(dout * out), attend_pair_backward:
 // what method 'local' runs under autograd) against the 2048^3 float32 matmul
-// measured right before each point, best of `reps` for both; the kernel before
-// issue 19 (softmax_attention_bench_before.cc) and the current one,
-// interleaved in this process. FLOPs: the causal count, half of full attention
+// measured right before each point, best of `reps` for both; the kernel's
+// ATen path (main's kernel before the BLAS path, and what non-CPU devices and
+// bfloat16 run) and its BLAS path (cpu_blas.h), interleaved in this process. FLOPs: the causal count, half of full attention
 // (the FlashAttention convention): forward 2 N^2 d, forward+backward 3.5x
 // that = 7 N^2 d per head.
 void kernel_table(const std::vector<int64_t>& lengths, int64_t heads, int64_t d, int reps,
@@ -47,7 +47,6 @@ void kernel_table(const std::vector<int64_t>& lengths, int64_t heads, int64_t d,
               static_cast<long>(heads), static_cast<long>(d), reps);
   std::printf("%8s %-7s %5s | %10s %10s %9s %9s %8s\n", "N", "kernel", "block", "ms", "us/token", "GFLOP/s",
               "mm GF/s", "% mm");
-  namespace before = loom::bench::softmax_before_issue19;
   for (const int64_t n : lengths) {
     const at::Tensor q = at::randn({1, heads, n, d}), k = at::randn({1, heads, n, d}), v = at::randn({1, heads, n, d});
     const at::Tensor g = at::randn({1, heads, n, d});
@@ -55,21 +54,22 @@ void kernel_table(const std::vector<int64_t>& lengths, int64_t heads, int64_t d,
     struct Row {
       const char* name;
       int64_t block;
+      bool blas;
     };
-    std::vector<Row> rows{{"before", 128}};
-    for (const int64_t b : blocks) rows.push_back({"after", b});
+    std::vector<Row> rows;
+    for (const int64_t b : blocks) {
+      rows.push_back({"aten", b, false});
+      if (loom::cpu_blas::available()) rows.push_back({"blas", b, true});
+    }
     for (const Row& row : rows) {
       sa::AttentionSpec spec;
       spec.block = row.block;
-      const bool old = std::string(row.name) == "before";
+      loom::cpu_blas::set_enabled(row.blas);
       auto step = [&] {
-        const sa::Partial p = old ? before::attend_pair(q, 0, k, v, 0, spec, {}) : sa::attend_pair(q, 0, k, v, 0, spec);
+        const sa::Partial p = sa::attend_pair(q, 0, k, v, 0, spec);
         at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
         const at::Tensor delta = (g * p.out).sum(-1);
-        if (old)
-          before::attend_pair_backward(q, 0, k, v, 0, spec, p.lse, g, delta, dq, dk, dv, {});
-        else
-          sa::attend_pair_backward(q, 0, k, v, 0, spec, p.lse, g, delta, dq, dk, dv);
+        sa::attend_pair_backward(q, 0, k, v, 0, spec, p.lse, g, delta, dq, dk, dv);
       };
       const double mm = loom::bench::matmul_gflops(2048, 3);
       const double s = time_it(step, 1, reps).min_s;
@@ -78,6 +78,7 @@ void kernel_table(const std::vector<int64_t>& lengths, int64_t heads, int64_t d,
                   static_cast<long>(row.block), s * 1e3, s / n * 1e6, gf, mm, 100.0 * gf / mm);
       std::fflush(stdout);
     }
+    loom::cpu_blas::set_enabled(true);
   }
   std::printf("\n");
 }
@@ -179,8 +180,8 @@ int main(int argc, char** argv) {
   int reps = 2, threads = 1;
   std::vector<int64_t> kernel_lengths{2048, 4096, 8192}, kernel_blocks{128};
   bool kernel_table_only = false;
-  app.add_option("--kernel-lengths", kernel_lengths, "Lengths of the issue 19 kernel table (before/after)");
-  app.add_option("--kernel-blocks", kernel_blocks, "Blocks the current kernel runs at in the kernel table");
+  app.add_option("--kernel-lengths", kernel_lengths, "Lengths of the issue 19 kernel table (ATen path / BLAS path)");
+  app.add_option("--kernel-blocks", kernel_blocks, "Blocks the kernel runs at in the kernel table");
   app.add_flag("--kernel-table-only", kernel_table_only, "Print the issue 19 kernel table and stop");
   app.add_option("--max-n", max_n, "Longest sequence of the one-rank study");
   app.add_option("--naive-max-n", naive_max_n, "Longest sequence for the naive reference");

@@ -8,9 +8,11 @@
 #include "distributed_reference.h"
 #include "loom/models/feature_maps.h"
 #include "loom/parallel/linear_attention/chunked_kernel.h"
+#include "loom/parallel/linear_attention/cpu_blas.h"
 #include "loom/parallel/linear_attention/decay.h"
 #include "loom/parallel/linear_attention/lasp.h"
 #include "loom/runtime/comm/differentiable_collectives.h"
+#include "loom/runtime/comm/documents.h"
 #include "loom/runtime/comm/mpi_communicator.h"
 
 namespace loom {
@@ -136,6 +138,57 @@ TEST(LinearAttentionKernel, NoDecayStridedInputsAndTheOpByOpScanMatchNaive) {
   EXPECT_TRUE(close(dq16, dq));
   EXPECT_TRUE(close(dk16, dk));
   EXPECT_TRUE(close(dv16, dv));
+}
+
+TEST(LinearAttentionKernel, BlasPathMatchesAtenPath) {
+  // The CPU float32/float64 kernel calls BLAS per block (cpu_blas.h); the ATen
+  // path (bmm per segment) is what every other device and dtype runs. Both on
+  // the same inputs: decay on and off, gates (with and without decay),
+  // documents (with a first position past 0, as a LASP rank has), a length
+  // that needs padding, B = 2, H = 3, dk != dv, two segment sizes.
+  if (!cpu_blas::available()) GTEST_SKIP() << "built without a CBLAS: only the ATen path exists";
+  struct Restore {
+    ~Restore() { cpu_blas::set_enabled(true); }
+  } restore;
+  const int64_t b = 2, h = 3, n = 45, dk = 5, dv = 3, block = 8;
+  const at::Tensor q = seeded_randn({b, h, n, dk}, 11), k = seeded_randn({b, h, n, dk}, 12),
+                   v = seeded_randn({b, h, n, dv}, 13), g = seeded_randn({b, h, n, dv}, 14);
+  const at::Tensor decay = at::tensor({0.9, 0.7, 0.5}, at::kDouble);
+  const at::Tensor log_gate = -at::softplus(seeded_randn({b, h, n}, 15));
+  const at::Tensor docs = document_starts_from_lengths({{10, 20, 15}, {3, 42}}, n);
+  struct Case {
+    const char* name;
+    at::Tensor decay, docs, gates;
+    int64_t first_position;
+  };
+  const std::vector<Case> cases{{"no decay", {}, {}, {}, 0},
+                                {"decay", decay, {}, {}, 0},
+                                {"gates", {}, {}, log_gate, 0},
+                                {"gates and decay", decay, {}, log_gate, 0},
+                                {"documents", {}, docs, {}, 0},
+                                {"documents, decay, first position 5", decay, docs + 5, {}, 5},
+                                {"documents and gates", {}, docs, log_gate, 0}};
+  for (const Case& c : cases)
+    for (int64_t segment : {1, 3}) {
+      for (at::ScalarType dtype : {at::kDouble, at::kFloat}) {
+        const auto t = [&](const at::Tensor& x) { return x.to(dtype); };
+        std::vector<at::Tensor> got[2];
+        for (const bool blas : {true, false}) {
+          cpu_blas::set_enabled(blas);
+          auto fwd = la::chunk_forward(t(q), t(k), t(v), c.decay, block, segment, c.docs, c.first_position, c.gates);
+          auto [dq, dk_, dv_] = la::chunk_backward(t(q), t(k), t(v), c.decay, block, fwd.block_states, t(g), segment,
+                                                  c.docs, c.first_position, c.gates);
+          got[blas] = {fwd.out, fwd.block_states, dq, dk_, dv_};
+        }
+        const double tol = dtype == at::kDouble ? kTol : 1e-5;
+        const char* what[] = {"out", "block_states", "dq", "dk", "dv"};
+        for (size_t i = 0; i < 5; ++i) {
+          ASSERT_EQ(got[1][i].scalar_type(), dtype);
+          EXPECT_TRUE(testing::tensors_close(got[1][i].to(at::kDouble), got[0][i].to(at::kDouble), tol, what[i]))
+              << c.name << ", segment " << segment << ", " << at::toString(dtype);
+        }
+      }
+    }
 }
 
 TEST(LinearAttentionKernel, SavedMemoryIsLinear) {

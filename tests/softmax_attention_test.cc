@@ -6,9 +6,11 @@
 #include <torch/autograd.h>
 
 #include "distributed_reference.h"
+#include "loom/parallel/linear_attention/cpu_blas.h"
 #include "loom/parallel/short_conv.h"
 #include "loom/parallel/softmax_attention/rotary.h"
 #include "loom/parallel/softmax_attention/softmax_attention.h"
+#include "loom/runtime/comm/documents.h"
 #include "loom/runtime/core/error.h"
 #include "loom/runtime/comm/mpi_communicator.h"
 
@@ -168,6 +170,63 @@ TEST(SoftmaxAttentionLocal, BackwardIntoStridedGradientsMatchesContiguous) {
   sa::attend_pair_backward(q, 0, k, v, 0, spec, p.lse, dout, delta, dq, dk, dv);
   sa::attend_pair_backward(q, 0, k, v, 0, spec, p.lse, dout, delta, dq_s, dk_s, dv_s);
   EXPECT_TRUE(ReferenceCheck(0, kTol).same("dq", dq_s, dq).same("dk", dk_s, dk).same("dv", dv_s, dv).verdict());
+}
+
+TEST(SoftmaxAttentionLocal, BlasPathMatchesAtenPath) {
+  // The CPU float32/float64 pair kernels call BLAS per block (cpu_blas.h); the
+  // ATen path is what other devices and bfloat16 run. Both on the same pairs:
+  // the diagonal pair, an earlier key chunk with a halo before position 0,
+  // a window, documents, GQA (4 query heads over 2), partial blocks, Lq != Lk,
+  // and gradients that are strided views, accumulated onto what they held.
+  if (!cpu_blas::available()) GTEST_SKIP() << "built without a CBLAS: only the ATen path exists";
+  struct Restore {
+    ~Restore() { cpu_blas::set_enabled(true); }
+  } restore;
+  const int64_t lq = 19, lk = 23, d = 8;
+  const at::Tensor q = seeded_randn({2, 4, lq, d}, 1), k = seeded_randn({2, 2, lk, d}, 2), v = seeded_randn({2, 2, lk, d}, 3);
+  const at::Tensor dout = seeded_randn({2, 4, lq, d}, 4);
+  const at::Tensor all_docs = document_starts_from_lengths({{9, 20, 21}, {30, 20}}, 50);
+  struct Case {
+    const char* name;
+    int64_t q_start, k_start, window;
+    bool documents;
+  };
+  const std::vector<Case> cases{{"diagonal", 0, 0, 0, false},
+                                {"earlier keys with a halo", 20, -4, 0, false},
+                                {"window", 25, 10, 12, false},
+                                {"documents", 25, 10, 0, true},
+                                {"documents and window", 25, 10, 12, true}};
+  for (const Case& c : cases)
+    for (at::ScalarType dtype : {at::kDouble, at::kFloat}) {
+      const auto t = [&](const at::Tensor& x) { return x.to(dtype); };
+      sa::AttentionSpec spec;
+      spec.block = 4;
+      spec.window = c.window;
+      const at::Tensor docs = c.documents ? all_docs.narrow(1, c.q_start, lq).contiguous() : at::Tensor();
+      std::vector<at::Tensor> got[2];
+      for (const bool blas : {true, false}) {
+        cpu_blas::set_enabled(blas);
+        const sa::Partial p = sa::attend_pair(t(q), c.q_start, t(k), t(v), c.k_start, spec, docs);
+        const at::Tensor delta = (t(dout) * p.out).sum(-1);
+        at::Tensor dq = t(seeded_randn({2, 4, lq, d}, 5));
+        at::Tensor dk = t(seeded_randn({2, 2, lk, d}, 6)).transpose(1, 2).contiguous().transpose(1, 2);
+        at::Tensor dv = t(seeded_randn({2, 2, lk, d}, 7)).transpose(1, 2).contiguous().transpose(1, 2);
+        sa::attend_pair_backward(t(q), c.q_start, t(k), t(v), c.k_start, spec, p.lse, t(dout), delta, dq, dk, dv, docs);
+        got[blas] = {p.out, p.lse, dq, dk, dv};
+      }
+      const double tol = dtype == at::kDouble ? kTol : 1e-5;
+      const char* what[] = {"out", "lse", "dq", "dk", "dv"};
+      for (size_t i = 0; i < 5; ++i) {
+        ASSERT_EQ(got[1][i].scalar_type(), dtype);
+        // lse is -inf where a row sees nothing: compare where finite, and that it is the same rows.
+        const at::Tensor finite = at::isfinite(got[0][i]);
+        ASSERT_TRUE(at::equal(finite, at::isfinite(got[1][i]))) << c.name << " " << what[i];
+        EXPECT_TRUE(testing::tensors_close(got[1][i].masked_fill(finite.logical_not(), 0).to(at::kDouble),
+                                           got[0][i].masked_fill(finite.logical_not(), 0).to(at::kDouble), tol,
+                                           what[i]))
+            << c.name << ", " << at::toString(dtype);
+      }
+    }
 }
 
 TEST(SoftmaxAttentionWindow, LongerThanChunkIsRejected) {

@@ -4,7 +4,10 @@
 #include <torch/autograd.h>
 
 #include <algorithm>
+#include <initializer_list>
+#include <vector>
 
+#include "loom/parallel/linear_attention/cpu_blas.h"
 #include "loom/parallel/linear_attention/decay.h"
 #include "loom/runtime/comm/documents.h"
 
@@ -172,6 +175,158 @@ at::Tensor scan_states(at::Tensor& s, const at::Tensor& x, const at::Tensor& acr
 // segment's score blocks ([blocks, C, C]) stay in cache: about 2^16 elements.
 int64_t segment_blocks(int64_t c) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, c * c)); }
 
+// ---- The CPU float32/float64 path: one BLAS call per block product ----
+// Same algorithm and products as the ATen path below, but block by block with
+// raw pointers into the contiguous [nb, C, d] slabs of one (batch row, head)
+// and no tensor op inside the block loop (cpu_blas.h says why); the state
+// recurrence is folded into the products (beta = 1 onto the scaled state).
+
+bool blas_path(const at::Tensor& q, std::initializer_list<const at::Tensor*> others, const KernelFactors& f) {
+  if (!cpu_blas::enabled() || !q.device().is_cpu()) return false;
+  if (q.scalar_type() != at::kFloat && q.scalar_type() != at::kDouble) return false;
+  for (const at::Tensor* t : others)
+    if (!t->device().is_cpu() || t->scalar_type() != q.scalar_type()) return false;
+  for (const at::Tensor* t : {&f.causal, &f.visible, &f.query, &f.key, &f.across})
+    if (t->defined() && (!t->device().is_cpu() || t->scalar_type() != q.scalar_type())) return false;
+  return true;
+}
+
+// One head's factor as a pointer and a per-block stride (0: shared by every
+// block); null is a factor of 1.
+template <typename T>
+struct RawFactor {
+  at::Tensor keep;  // owns the contiguous copy the pointer reads
+  const T* p = nullptr;
+  int64_t stride = 0;
+  explicit RawFactor(const at::Tensor& f) {
+    if (!f.defined()) return;
+    keep = f.contiguous();
+    p = keep.data_ptr<T>();
+    stride = keep.size(0) == 1 ? 0 : keep.numel() / keep.size(0);
+  }
+  const T* at(int64_t i) const { return p ? p + i * stride : nullptr; }
+};
+
+// The causal (and same-document) factor of one (batch row, head) per block:
+// constant per head with decay, none (a plain lower triangle) without decay,
+// made per segment of `seg` blocks from the cumulative log gates with gates.
+template <typename T>
+struct RawCausal {
+  const HeadFactors& hf;
+  const at::TensorOptions options;
+  const int64_t nb, seg, c;
+  RawFactor<T> fixed, visible;
+  at::Tensor segment_factor;
+  int64_t segment_start = -1;
+  RawCausal(const HeadFactors& h, const at::TensorOptions& o, int64_t nblocks, int64_t s, int64_t block)
+      : hf(h), options(o), nb(nblocks), seg(s), c(block), fixed(h.log_cum.defined() ? at::Tensor() : h.causal),
+        visible(h.visible) {}
+  // Lower-triangular factor of block i (null: ones on and below the diagonal).
+  const T* at(int64_t i) {
+    if (!hf.log_cum.defined()) return fixed.at(i);
+    const int64_t start = i / seg * seg;
+    if (start != segment_start) {
+      segment_factor = hf.causal_blocks(start, std::min(seg, nb - start), options).contiguous();
+      segment_start = start;
+    }
+    return segment_factor.data_ptr<T>() + (i - start) * c * c;
+  }
+};
+
+// scores [C, C] *= causal factor (lower triangle) and visible; zero above the diagonal.
+template <typename T>
+void mask_block(T* scores, const T* causal, const T* visible, int64_t c) {
+  for (int64_t r = 0; r < c; ++r) {
+    T* row = scores + r * c;
+    if (causal) {
+      const T* f = causal + r * c;
+      for (int64_t j = 0; j <= r; ++j) row[j] *= f[j];
+    }
+    if (visible) {
+      const T* f = visible + r * c;
+      for (int64_t j = 0; j <= r; ++j) row[j] *= f[j];
+    }
+    std::fill(row + r + 1, row + c, T(0));
+  }
+}
+
+// dst[C, d] = diag(f) src[C, d]; returns src itself where f is null.
+template <typename T>
+const T* scale_rows(const T* src, const T* f, int64_t c, int64_t d, T* dst) {
+  if (!f) return src;
+  for (int64_t r = 0; r < c; ++r)
+    for (int64_t j = 0; j < d; ++j) dst[r * d + j] = f[r] * src[r * d + j];
+  return dst;
+}
+
+// Forward of one (batch row, head): Q, K [nb, C, dk], V, O [nb, C, dv], S [nb, dk, dv].
+template <typename T>
+void forward_head_blas(const T* Q, const T* K, const T* V, T* O, T* S, int64_t nb, int64_t C, int64_t dk, int64_t dv,
+                       const HeadFactors& hf, int64_t seg, const at::TensorOptions& options) {
+  using cpu_blas::gemm;
+  RawCausal<T> causal(hf, options, nb, seg, C);
+  const RawFactor<T> query(hf.query), key(hf.key), across(hf.across);
+  std::vector<T> scores(C * C), scaled_q(C * dk), scaled_v(C * dv);
+  std::fill(S, S + dk * dv, T(0));  // zero state before token 0
+  for (int64_t i = 0; i < nb; ++i) {
+    const T *Qi = Q + i * C * dk, *Ki = K + i * C * dk, *Vi = V + i * C * dv, *Si = S + i * dk * dv;
+    T* Oi = O + i * C * dv;
+    // Intra-block: O_i = [(Q_i K_i^T) * D] V_i.
+    gemm(false, true, C, C, dk, T(1), Qi, dk, Ki, dk, T(0), scores.data(), C);
+    mask_block(scores.data(), causal.at(i), causal.visible.at(i), C);
+    gemm(false, false, C, dv, C, T(1), scores.data(), C, Vi, dv, T(0), Oi, dv);
+    // Inter-block: O_i += (Lq Q_i) S_i.
+    gemm(false, false, C, dv, dk, T(1), scale_rows(Qi, query.at(i), C, dk, scaled_q.data()), dk, Si, dv, T(1), Oi, dv);
+    if (i + 1 == nb) break;  // the state after the last block is not needed
+    // S_(i+1) = a_i S_i + K_i^T (Lk V_i).
+    T* next = S + (i + 1) * dk * dv;
+    const T a = across.p ? *across.at(i) : T(1);
+    for (int64_t j = 0; j < dk * dv; ++j) next[j] = a * Si[j];
+    gemm(true, false, dk, dv, C, T(1), Ki, dk, scale_rows(Vi, key.at(i), C, dv, scaled_v.data()), dv, T(1), next, dv);
+  }
+}
+
+// Backward of one (batch row, head), blocks from last to first; R carries the
+// gradient reaching block i's state from every later block.
+template <typename T>
+void backward_head_blas(const T* Q, const T* K, const T* V, const T* dO, const T* S, T* dQ, T* dK, T* dV, int64_t nb,
+                        int64_t C, int64_t dk, int64_t dv, const HeadFactors& hf, int64_t seg,
+                        const at::TensorOptions& options) {
+  using cpu_blas::gemm;
+  RawCausal<T> causal(hf, options, nb, seg, C);
+  const RawFactor<T> query(hf.query), key(hf.key), across(hf.across);
+  std::vector<T> scores(C * C), dA(C * C), scaled_do(C * dv), scaled_v(C * dv), scaled_k(C * dk), R(dk * dv, T(0));
+  for (int64_t i = nb - 1; i >= 0; --i) {
+    const T *Qi = Q + i * C * dk, *Ki = K + i * C * dk, *Vi = V + i * C * dv, *dOi = dO + i * C * dv,
+            *Si = S + i * dk * dv;
+    T *dQi = dQ + i * C * dk, *dKi = dK + i * C * dk, *dVi = dV + i * C * dv;
+    const T *causal_i = causal.at(i), *visible_i = causal.visible.at(i);
+    // Intra-block: A = (Q K^T) * D, O = A V: dV = A^T dO, dA = (dO V^T) * D, dQ = dA K, dK = dA^T Q.
+    gemm(false, true, C, C, dk, T(1), Qi, dk, Ki, dk, T(0), scores.data(), C);
+    mask_block(scores.data(), causal_i, visible_i, C);
+    gemm(true, false, C, dv, C, T(1), scores.data(), C, dOi, dv, T(0), dVi, dv);
+    gemm(false, true, C, C, dv, T(1), dOi, dv, Vi, dv, T(0), dA.data(), C);
+    mask_block(dA.data(), causal_i, visible_i, C);
+    gemm(false, false, C, dk, C, T(1), dA.data(), C, Ki, dk, T(0), dQi, dk);
+    gemm(true, false, C, dk, C, T(1), dA.data(), C, Qi, dk, T(0), dKi, dk);
+    // Inter-block: dQ_i += (Lq dO_i) S_i^T; dK_i += (Lk V_i) R_i^T, dV_i += (Lk K_i) R_i
+    // (R of the last block is zero); R_(i-1) = a_i R_i + Q_i^T (Lq dO_i).
+    const T* dOq = scale_rows(dOi, query.at(i), C, dv, scaled_do.data());
+    gemm(false, true, C, dk, dv, T(1), dOq, dv, Si, dv, T(1), dQi, dk);
+    if (i + 1 < nb) {
+      gemm(false, true, C, dk, dv, T(1), scale_rows(Vi, key.at(i), C, dv, scaled_v.data()), dv, R.data(), dv, T(1),
+           dKi, dk);
+      gemm(false, false, C, dv, dk, T(1), scale_rows(Ki, key.at(i), C, dk, scaled_k.data()), dk, R.data(), dv, T(1),
+           dVi, dv);
+    }
+    if (i == 0) break;
+    const T a = across.p ? *across.at(i) : T(1);
+    if (a != T(1))
+      for (T& r : R) r *= a;
+    gemm(true, false, dk, dv, C, T(1), Qi, dk, dOq, dv, T(1), R.data(), dv);
+  }
+}
+
 }  // namespace
 
 // Both passes walk one (batch row, head) at a time: its blocks are contiguous
@@ -193,6 +348,19 @@ ChunkForwardResult chunk_forward(const at::Tensor& q, const at::Tensor& k, const
   at::Tensor O = at::empty({B, H, nb, C, dv}, q.options());
   at::Tensor states = at::empty({B, H, nb, dk, dv}, q.options());
   const int64_t seg = segment > 0 ? segment : segment_blocks(C);
+  if (blas_path(q, {&k, &v}, f)) {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "chunked linear attention forward (BLAS)", [&] {
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t bh = b * H + h;
+          forward_head_blas<scalar_t>(Q.data_ptr<scalar_t>() + bh * nb * C * dk, K.data_ptr<scalar_t>() + bh * nb * C * dk,
+                                      V.data_ptr<scalar_t>() + bh * nb * C * dv, O.data_ptr<scalar_t>() + bh * nb * C * dv,
+                                      states.data_ptr<scalar_t>() + bh * nb * dk * dv, nb, C, dk, dv,
+                                      HeadFactors(f, b, h), seg, q.options());
+        }
+    });
+    return {from_blocks(O, N), states};
+  }
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
       const HeadFactors hf(f, b, h);
@@ -233,6 +401,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_backward(const at::Tensor& 
   at::Tensor dK = at::empty({B, H, nb, C, dk}, q.options());
   at::Tensor dV = at::empty({B, H, nb, C, dv}, q.options());
   const int64_t seg = segment > 0 ? segment : segment_blocks(C);
+  if (blas_path(q, {&k, &v, &grad_out, &block_states}, f)) {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "chunked linear attention backward (BLAS)", [&] {
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t bh = b * H + h, qk = bh * nb * C * dk, vo = bh * nb * C * dv;
+          backward_head_blas<scalar_t>(Q.data_ptr<scalar_t>() + qk, K.data_ptr<scalar_t>() + qk,
+                                       V.data_ptr<scalar_t>() + vo, dO.data_ptr<scalar_t>() + vo,
+                                       S.data_ptr<scalar_t>() + bh * nb * dk * dv, dQ.data_ptr<scalar_t>() + qk,
+                                       dK.data_ptr<scalar_t>() + qk, dV.data_ptr<scalar_t>() + vo, nb, C, dk, dv,
+                                       HeadFactors(f, b, h), seg, q.options());
+        }
+    });
+    return {from_blocks(dQ, N), from_blocks(dK, N), from_blocks(dV, N)};
+  }
   const int64_t last_start = ((nb - 1) / seg) * seg;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {

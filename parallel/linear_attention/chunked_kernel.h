@@ -6,8 +6,12 @@
 // product [(Q K^T) * D] V is a small dense matmul; across blocks a running
 // d_k x d_v state carries the past, multiplied right-first, so the cost is
 // linear in N. The kernel walks one (batch row, head) at a time, whose blocks
-// are contiguous [nb, C, d] slabs, in segments of blocks: every product of a
-// segment is one bmm on contiguous operands written in place (no padding
+// are contiguous [nb, C, d] slabs. On the CPU in float32/float64, where Loom
+// was built with a CBLAS (cpu_blas.h), every block product is one BLAS call on
+// raw pointers and the state recurrence is folded into the products (no
+// tensor op inside the block loop). Elsewhere (other devices and dtypes, or
+// cpu_blas::set_enabled(false)) it walks segments of blocks: every product of
+// a segment is one bmm on contiguous operands written in place (no padding
 // beyond the last block, no copies before a bmm), and the state recurrence is
 // one fused pass over the segment's d_k x d_v states on the CPU (two ops per
 // block elsewhere). Without decay, gates or documents no factor is applied.
@@ -45,7 +49,8 @@ struct ChunkForwardResult {
 };
 
 // `segment`: blocks processed together (their C x C scores live at once);
-// 0 picks a size that keeps a segment's scores in cache.
+// 0 picks a size that keeps a segment's scores in cache. The BLAS path holds
+// one block's scores; there only the gated causal factor is made per segment.
 ChunkForwardResult chunk_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& decay, int64_t block, int64_t segment = 0,
                                  const at::Tensor& doc_start = {}, int64_t first_position = 0,

@@ -1,8 +1,14 @@
 #include "loom/parallel/softmax_attention/blockwise_kernel.h"
 
+#include <ATen/Dispatch.h>
+
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
+#include <vector>
+
+#include "loom/parallel/linear_attention/cpu_blas.h"
 
 namespace loom::softmax_attention {
 namespace {
@@ -123,6 +129,233 @@ void mask_block(at::Tensor& scores, int64_t q0, int64_t bq, int64_t k0, int64_t 
   mask_scores(grouped, vis);
 }
 
+
+// ---- The CPU float32/float64 path: one BLAS call per block product ----
+// The same algorithm and products as the ATen path below, on raw pointers:
+// per (batch row, kv head) and query block the G query heads' rows are one
+// [G*bq, d] slab (scaled as the ATen path scales them); the mask is one
+// visible key interval per row (the causal, window and document bounds are
+// each one-sided), and the online softmax is one pass per row (max, shift,
+// mask), one vectorised exp over the block (ATen's, on the block's buffer:
+// the only tensor op per block pair) and one pass per row (sum, rescale).
+
+bool blas_pair(const at::Tensor& q, std::initializer_list<const at::Tensor*> others) {
+  if (!cpu_blas::enabled() || !q.device().is_cpu() || q.numel() == 0) return false;
+  if (q.scalar_type() != at::kFloat && q.scalar_type() != at::kDouble) return false;
+  for (const at::Tensor* t : others)
+    if (!t->device().is_cpu() || t->scalar_type() != q.scalar_type() || t->stride(-1) != 1) return false;
+  return q.stride(-1) == 1;
+}
+
+// A [B, H, L, d] tensor with unit stride in d (or [B, H, L]) addressed by strides.
+template <typename T>
+struct Rows {
+  T* p;
+  int64_t s0, s1, s2;
+  explicit Rows(const at::Tensor& t)
+      : p(static_cast<T*>(t.data_ptr())), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)) {}
+  T* at(int64_t b, int64_t h, int64_t t = 0) const { return p + b * s0 + h * s1 + t * s2; }
+};
+
+// The keys of a block starting at position kpos0 (bk of them) that the query
+// at qpos sees: indices lo .. hi (none when lo > hi).
+struct KeyInterval {
+  int64_t lo, hi;
+};
+KeyInterval visible_keys(int64_t qpos, int64_t kpos0, int64_t bk, const AttentionSpec& spec, int64_t doc_start) {
+  int64_t first = std::max<int64_t>(0, doc_start);
+  if (spec.window > 0) first = std::max(first, qpos - spec.window + 1);
+  return {std::max<int64_t>(0, first - kpos0), std::min(bk - 1, qpos - kpos0)};
+}
+
+// Row r of scores [rows, bk]: entries outside [lo, hi] set to -inf (exp gives 0).
+template <typename T>
+void mask_outside(T* row, int64_t bk, const KeyInterval& iv) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const int64_t lo = std::min(iv.lo, bk), hi = std::max<int64_t>(iv.hi, lo - 1);
+  std::fill(row, row + lo, neg_inf);
+  std::fill(row + hi + 1, row + bk, neg_inf);
+}
+
+// Max and sum of x[lo .. hi] with 8 independent accumulators: a plain loop is
+// one dependent max/add per element (its latency, not its throughput), and
+// the compiler may not reorder floating-point reductions itself.
+template <typename T>
+T row_max(const T* x, int64_t lo, int64_t hi) {
+  T acc[8];
+  std::fill(acc, acc + 8, -std::numeric_limits<T>::infinity());
+  int64_t j = lo;
+  for (; j + 8 <= hi + 1; j += 8)
+    for (int u = 0; u < 8; ++u) acc[u] = acc[u] < x[j + u] ? x[j + u] : acc[u];
+  for (; j <= hi; ++j) acc[0] = acc[0] < x[j] ? x[j] : acc[0];
+  return *std::max_element(acc, acc + 8);
+}
+template <typename T>
+T row_sum(const T* x, int64_t lo, int64_t hi) {
+  T acc[8] = {};
+  int64_t j = lo;
+  for (; j + 8 <= hi + 1; j += 8)
+    for (int u = 0; u < 8; ++u) acc[u] += x[j + u];
+  for (; j <= hi; ++j) acc[0] += x[j];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+template <typename T>
+void exp_in_place(T* x, int64_t n) {
+  at::from_blob(x, {n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value)).exp_();
+}
+
+// Gathers the G heads' rows t0 .. t0+bq-1 of x [B, Hq, L, d] for (b, kv head hk) into slab [G*bq, d], times scale.
+template <typename T>
+void gather_rows(const Rows<T>& x, int64_t b, int64_t hk, int64_t G, int64_t t0, int64_t bq, int64_t d, T scale,
+                 T* slab) {
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t t = 0; t < bq; ++t) {
+      const T* src = x.at(b, hk * G + g, t0 + t);
+      T* dst = slab + (g * bq + t) * d;
+      if (scale == T(1))
+        std::copy(src, src + d, dst);
+      else
+        for (int64_t j = 0; j < d; ++j) dst[j] = src[j] * scale;
+    }
+}
+
+template <typename T>
+Partial attend_pair_blas(const at::Tensor& q, int64_t q_start, const at::Tensor& k, const at::Tensor& v,
+                         int64_t k_start, const AttentionSpec& spec, const at::Tensor& doc_start) {
+  using cpu_blas::gemm;
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), d = q.size(3), Hkv = k.size(1), Lk = k.size(2);
+  const int64_t G = Hq / Hkv, blk = std::max<int64_t>(1, spec.block);
+  const T scale = static_cast<T>(spec.resolved_scale(d)), neg_inf = -std::numeric_limits<T>::infinity();
+  const BlockDocuments docs = block_documents(doc_start, Lq, blk);
+  const at::Tensor doc = doc_start.defined() ? doc_start.contiguous() : doc_start;
+  const int64_t* doc_p = doc.defined() ? doc.data_ptr<int64_t>() : nullptr;
+  at::Tensor out = at::empty({B, Hq, Lq, d}, q.options());
+  at::Tensor lse = at::empty({B, Hq, Lq}, q.options());
+  const Rows<T> qr(q), kr(k), vr(v), outr(out), lser(lse);
+  const int64_t most = G * std::min(blk, Lq);
+  std::vector<T> qb(most * d), o(most * d), scores(most * blk), m(most), l(most), rescale(most);
+  std::vector<KeyInterval> span(most);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t hk = 0; hk < Hkv; ++hk) {
+      const T *kp = kr.at(b, hk), *vp = vr.at(b, hk);
+      for (int64_t t0 = 0; t0 < Lq; t0 += blk) {
+        const int64_t bq = std::min(blk, Lq - t0), rows = G * bq;
+        const size_t block = static_cast<size_t>(t0 / blk);
+        gather_rows(qr, b, hk, G, t0, bq, d, scale, qb.data());
+        std::fill(o.begin(), o.begin() + rows * d, T(0));
+        std::fill(m.begin(), m.begin() + rows, neg_inf);
+        std::fill(l.begin(), l.begin() + rows, T(0));
+        for (int64_t s0 = 0; s0 < Lk; s0 += blk) {
+          const int64_t bk = std::min(blk, Lk - s0);
+          if (pair_fully_masked(q_start + t0, bq, k_start + s0, bk, spec, docs.min_of(block))) continue;
+          gemm(false, true, rows, bk, d, T(1), qb.data(), d, kp + s0 * kr.s2, kr.s2, T(0), scores.data(), bk);
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t t = r % bq;
+            const KeyInterval iv =
+                visible_keys(q_start + t0 + t, k_start + s0, bk, spec, doc_p ? doc_p[b * Lq + t0 + t] : 0);
+            span[r] = iv;
+            T* sr = scores.data() + r * bk;
+            const T m_new = std::max(m[r], row_max(sr, iv.lo, iv.hi));
+            // Rows with nothing visible yet keep m = -inf: shift by 0 there instead.
+            const T shift = std::isinf(m_new) ? T(0) : m_new;
+            for (int64_t j = iv.lo; j <= iv.hi; ++j) sr[j] -= shift;
+            mask_outside(sr, bk, iv);
+            rescale[r] = std::exp(m[r] - shift);
+            m[r] = m_new;
+          }
+          exp_in_place(scores.data(), rows * bk);
+          for (int64_t r = 0; r < rows; ++r) {
+            const T* pr = scores.data() + r * bk;
+            l[r] = l[r] * rescale[r] + row_sum(pr, span[r].lo, span[r].hi);
+            if (rescale[r] != T(1))
+              for (T* x = o.data() + r * d; x < o.data() + (r + 1) * d; ++x) *x *= rescale[r];
+          }
+          gemm(false, false, rows, d, bk, T(1), scores.data(), bk, vp + s0 * vr.s2, vr.s2, T(1), o.data(), d);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t g = r / bq, t = r % bq;
+          T* dst = outr.at(b, hk * G + g, t0 + t);
+          const T* src = o.data() + r * d;
+          const bool seen = l[r] > 0;
+          for (int64_t j = 0; j < d; ++j) dst[j] = seen ? src[j] / l[r] : T(0);
+          *lser.at(b, hk * G + g, t0 + t) = seen ? m[r] + std::log(l[r]) : neg_inf;
+        }
+      }
+    }
+  return {out, lse};
+}
+
+// Backward of one pair on the BLAS path: dq, dk, dv [.., d] with unit stride in d, of q's dtype.
+template <typename T>
+void attend_pair_backward_blas(const at::Tensor& q, int64_t q_start, const at::Tensor& k, const at::Tensor& v,
+                               int64_t k_start, const AttentionSpec& spec, const at::Tensor& lse,
+                               const at::Tensor& dout, const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk,
+                               at::Tensor& dv, const at::Tensor& doc_start) {
+  using cpu_blas::gemm;
+  const int64_t B = q.size(0), Lq = q.size(2), d = q.size(3), Hkv = k.size(1), Lk = k.size(2);
+  const int64_t G = q.size(1) / Hkv, blk = std::max<int64_t>(1, spec.block);
+  const T scale = static_cast<T>(spec.resolved_scale(d));
+  const BlockDocuments docs = block_documents(doc_start, Lq, blk);
+  const at::Tensor doc = doc_start.defined() ? doc_start.contiguous() : doc_start;
+  const int64_t* doc_p = doc.defined() ? doc.data_ptr<int64_t>() : nullptr;
+  const Rows<T> qr(q), kr(k), vr(v), lr(lse), dor(dout), der(delta), dqr(dq), dkr(dk), dvr(dv);
+  const int64_t most = G * std::min(blk, Lq);
+  std::vector<T> qs(most * d), dob(most * d), dqb(most * d), p(most * blk), ds(most * blk), lb(most), db(most);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t hk = 0; hk < Hkv; ++hk) {
+      const T *kp = kr.at(b, hk), *vp = vr.at(b, hk);
+      T *dkp = dkr.at(b, hk), *dvp = dvr.at(b, hk);
+      for (int64_t t0 = 0; t0 < Lq; t0 += blk) {
+        const int64_t bq = std::min(blk, Lq - t0), rows = G * bq;
+        const size_t block = static_cast<size_t>(t0 / blk);
+        // Scaled exactly as in forward (the same slab, the same products), so that
+        // recomputed scores match the saved LSE to the last bit.
+        gather_rows(qr, b, hk, G, t0, bq, d, scale, qs.data());
+        gather_rows(dor, b, hk, G, t0, bq, d, T(1), dob.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t g = r / bq, t = r % bq;
+          const T l = *lr.at(b, hk * G + g, t0 + t);
+          lb[r] = std::isinf(l) ? T(0) : l;
+          db[r] = *der.at(b, hk * G + g, t0 + t);
+        }
+        std::fill(dqb.begin(), dqb.begin() + rows * d, T(0));
+        bool touched = false;
+        for (int64_t s0 = 0; s0 < Lk; s0 += blk) {
+          const int64_t bk = std::min(blk, Lk - s0);
+          if (pair_fully_masked(q_start + t0, bq, k_start + s0, bk, spec, docs.min_of(block))) continue;
+          touched = true;
+          const T *kb = kp + s0 * kr.s2, *vb = vp + s0 * vr.s2;
+          gemm(false, true, rows, bk, d, T(1), qs.data(), d, kb, kr.s2, T(0), p.data(), bk);
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t t = r % bq;
+            const KeyInterval iv =
+                visible_keys(q_start + t0 + t, k_start + s0, bk, spec, doc_p ? doc_p[b * Lq + t0 + t] : 0);
+            T* pr = p.data() + r * bk;
+            for (int64_t j = iv.lo; j <= iv.hi; ++j) pr[j] -= lb[r];
+            mask_outside(pr, bk, iv);
+          }
+          exp_in_place(p.data(), rows * bk);  // P; masked entries exp(-inf) = 0
+          gemm(true, false, bk, d, rows, T(1), p.data(), bk, dob.data(), d, T(1), dvp + s0 * dvr.s2, dvr.s2);
+          gemm(false, true, rows, bk, d, T(1), dob.data(), d, vb, vr.s2, T(0), ds.data(), bk);
+          for (int64_t r = 0; r < rows; ++r) {  // dS = P * (dP - delta)
+            T* dr = ds.data() + r * bk;
+            const T* pr = p.data() + r * bk;
+            for (int64_t j = 0; j < bk; ++j) dr[j] = (dr[j] - db[r]) * pr[j];
+          }
+          gemm(false, false, rows, d, bk, scale, ds.data(), bk, kb, kr.s2, T(1), dqb.data(), d);
+          gemm(true, false, bk, d, rows, T(1), ds.data(), bk, qs.data(), d, T(1), dkp + s0 * dkr.s2, dkr.s2);
+        }
+        if (!touched) continue;
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t g = r / bq, t = r % bq;
+          T* dst = dqr.at(b, hk * G + g, t0 + t);
+          const T* src = dqb.data() + r * d;
+          for (int64_t j = 0; j < d; ++j) dst[j] += src[j];
+        }
+      }
+    }
+}
 }  // namespace
 
 double AttentionSpec::resolved_scale(int64_t head_dim) const {
@@ -158,6 +391,13 @@ Partial attend_pair(const at::Tensor& q, int64_t q_start, const at::Tensor& k, c
                     const AttentionSpec& spec, const at::Tensor& doc_start) {
   check_pair(q, k, v);
   at::NoGradGuard no_grad;
+  if (blas_pair(q, {&k, &v})) {
+    Partial result;
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attend_pair (BLAS)", [&] {
+      result = attend_pair_blas<scalar_t>(q, q_start, k, v, k_start, spec, doc_start);
+    });
+    return result;
+  }
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), d = q.size(3), Hkv = k.size(1), Lk = k.size(2);
   const int64_t G = Hq / Hkv, blk = std::max<int64_t>(1, spec.block);
   const double scale = spec.resolved_scale(d);
@@ -220,6 +460,12 @@ void attend_pair_backward(const at::Tensor& q, int64_t q_start, const at::Tensor
                           const at::Tensor& doc_start) {
   check_pair(q, k, v);
   at::NoGradGuard no_grad;
+  if (dq.is_contiguous() && blas_pair(q, {&k, &v, &lse, &dout, &delta, &dq, &dk, &dv})) {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attend_pair_backward (BLAS)", [&] {
+      attend_pair_backward_blas<scalar_t>(q, q_start, k, v, k_start, spec, lse, dout, delta, dq, dk, dv, doc_start);
+    });
+    return;
+  }
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), d = q.size(3), Hkv = k.size(1), Lk = k.size(2);
   const int64_t G = Hq / Hkv, blk = std::max<int64_t>(1, spec.block);
   const double scale = spec.resolved_scale(d);

@@ -13,9 +13,13 @@
 // code and cost of the document-free path exactly.
 // GQA: Hq = G * Hkv; query head h reads key head h / G.
 //
-// Forward walks query blocks x key blocks with an online softmax and returns a
-// normalised partial result (out, lse) for the pair; pairs merge with
-// merge_partial() in float32 or wider (never in the input's bf16):
+// On the CPU in float32/float64, where Loom was built with a CBLAS
+// (linear_attention/cpu_blas.h), every block product is one BLAS call on raw
+// pointers and the online softmax runs per row over the block's buffer; other
+// devices and dtypes (and cpu_blas::set_enabled(false)) run the same algorithm
+// in ATen ops. Forward walks query blocks x key blocks with an online softmax
+// and returns a normalised partial result (out, lse) for the pair; pairs merge
+// with merge_partial() in float32 or wider (never in the input's bf16):
 //   lse = max + log1p(exp(min - max)),  out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b.
 // Rows that see no key of the pair have lse = -inf and out = 0, and merge
 // exactly. Backward recomputes scores block by block from q, k, v, the final
