@@ -61,6 +61,26 @@ TEST(Profile, ScopedTimerAndLayersActiveScope) {
   }
   EXPECT_GE(profile::global().seconds("sleep"), 0.015);
   EXPECT_EQ(profile::global().parts().at("sleep").count, 1);
+  EXPECT_DOUBLE_EQ(profile::global().wall_seconds(), 0.0);  // inside a step: the step's wall holds it
+  {
+    // Profiling off: nothing is added, whatever the timer is asked to do.
+    profile::ScopedTimer off("off", /*enabled=*/false);
+    off.start("off again");
+    off.stop();
+  }
+  EXPECT_EQ(profile::global().parts().count("off"), 0u);
+  EXPECT_EQ(profile::global().parts().count("off again"), 0u);
+  {
+    // One timer through consecutive parts; stop() ends one, the destructor nothing more.
+    profile::ScopedTimer timer("first", true, profile::ScopedTimer::Window::kOutsideStep);
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    timer.start("second");
+    timer.stop();
+    timer.stop();
+  }
+  EXPECT_GE(profile::global().seconds("first"), 0.009);
+  EXPECT_EQ(profile::global().parts().at("second").count, 1);
+  EXPECT_GE(profile::global().wall_seconds(), 0.009);  // outside a step: added to the wall
   EXPECT_FALSE(profile::layers_active());
   try {
     const profile::LayersActiveScope on(true);
