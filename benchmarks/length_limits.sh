@@ -32,20 +32,14 @@ EXTRA=${EXTRA:-}                # more --set arguments for every run
 VAL_FRACTION=${VAL_FRACTION:-0.1}  # unpacked rows need a validation split of one row: 0.1 of gcide is 4M tokens
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} LOOM_THREADS_PER_RANK=${LOOM_THREADS_PER_RANK:-1}
 # Settings checked before anything runs: positive integers, known modes, existing configs.
-for var in START MAX_LEN RUN_CAP_GIB MACHINE_GIB MAX_STEP_S; do
-  [[ ${!var} =~ ^[1-9][0-9]*$ ]] || { echo "length_limits.sh: $var = '${!var}': give a positive integer" >&2; exit 2; }
-done
-for sp in $SPS; do
-  [[ $sp =~ ^[1-9][0-9]*$ ]] || { echo "length_limits.sh: SPS holds '$sp': give positive integers (ranks)" >&2; exit 2; }
-done
-for mode in $MODES; do
-  [[ $mode =~ ^(NONE|BLOCK|SELECTIVE)$ ]] || { echo "length_limits.sh: MODES holds '$mode': give NONE, BLOCK or SELECTIVE" >&2; exit 2; }
-done
-for config in $CONFIGS; do
-  [[ -f $config ]] || { echo "length_limits.sh: CONFIGS holds '$config', which is not a file" >&2; exit 2; }
-done
-[[ -f $DATA ]] || { echo "length_limits.sh: no token file $DATA (bash launch/run-demo.sh prepares it)" >&2; exit 2; }
-[[ -x $BUILD/launch/loom-train ]] || { echo "length_limits.sh: no $BUILD/launch/loom-train (build it first)" >&2; exit 2; }
+settings_script=length_limits.sh
+source "$(dirname "${BASH_SOURCE[0]}")/settings_checks.sh"
+require_positive_integer START MAX_LEN RUN_CAP_GIB MACHINE_GIB MAX_STEP_S
+require_positive_integers SPS ranks
+require_recompute_modes MODES
+require_files CONFIGS
+require_token_file "$DATA"
+require_loom_train "$BUILD"
 [[ -x /usr/bin/time ]] || { echo "length_limits.sh: needs GNU time (/usr/bin/time) for each rank's resident set" >&2; exit 2; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -22,15 +22,14 @@ PATTERNS=${PATTERNS:-"LWCM L W C M"}
 STEPS=${STEPS:-2}
 RUN_CAP_GIB=${RUN_CAP_GIB:-16}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} LOOM_THREADS_PER_RANK=${LOOM_THREADS_PER_RANK:-1}
-for var in NP STEPS RUN_CAP_GIB; do
-  [[ ${!var} =~ ^[1-9][0-9]*$ ]] || { echo "throughput_at_length.sh: $var = '${!var}': give a positive integer" >&2; exit 2; }
-done
-for n in $LENGTHS; do
-  [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "throughput_at_length.sh: LENGTHS holds '$n': give positive integers (tokens)" >&2; exit 2; }
-done
-[[ -f $CONFIG ]] || { echo "throughput_at_length.sh: CONFIG = '$CONFIG' is not a file" >&2; exit 2; }
-[[ -f $DATA ]] || { echo "throughput_at_length.sh: no token file $DATA (bash launch/run-demo.sh prepares it)" >&2; exit 2; }
-[[ -x $BUILD/launch/loom-train ]] || { echo "throughput_at_length.sh: no $BUILD/launch/loom-train (build it first)" >&2; exit 2; }
+# Settings checked before anything runs: positive integers, an existing config.
+settings_script=throughput_at_length.sh
+source "$(dirname "${BASH_SOURCE[0]}")/settings_checks.sh"
+require_positive_integer NP STEPS RUN_CAP_GIB
+require_positive_integers LENGTHS tokens
+require_file CONFIG
+require_token_file "$DATA"
+require_loom_train "$BUILD"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 gib=$((1024 * 1024 * 1024))

@@ -36,23 +36,6 @@ class TimedCommunicator final : public Communicator {
   double blocked_seconds() const { return *blocked_; }
   void reset_timers() { *blocked_ = 0; }
 
-  WorkPtr all_gather(const at::Tensor& out, const at::Tensor& in) override { return timed([&] { return inner_->all_gather(out, in); }); }
-  WorkPtr all_reduce(const at::Tensor& t, ReduceOp op) override { return timed([&] { return inner_->all_reduce(t, op); }); }
-  WorkPtr reduce_scatter(const at::Tensor& out, const at::Tensor& in, ReduceOp op) override {
-    return timed([&] { return inner_->reduce_scatter(out, in, op); });
-  }
-  WorkPtr broadcast(const at::Tensor& t, int root) override { return timed([&] { return inner_->broadcast(t, root); }); }
-  WorkPtr exscan(const at::Tensor& out, const at::Tensor& in, const ScanOp& op) override {
-    return timed([&] { return inner_->exscan(out, in, op); });
-  }
-  WorkPtr all_to_all(const at::Tensor& out, const at::Tensor& in) override { return timed([&] { return inner_->all_to_all(out, in); }); }
-  WorkPtr all_to_all(const at::Tensor& out, const at::Tensor& in, const std::vector<int64_t>& out_splits,
-                     const std::vector<int64_t>& in_splits) override {
-    return timed([&] { return inner_->all_to_all(out, in, out_splits, in_splits); });
-  }
-  WorkPtr barrier() override { return timed([&] { return inner_->barrier(); }); }
-  WorkPtr isend(const at::Tensor& t, int dst, int tag) override { return timed([&] { return inner_->isend(t, dst, tag); }); }
-  WorkPtr irecv(const at::Tensor& t, int src, int tag) override { return timed([&] { return inner_->irecv(t, src, tag); }); }
   // The split is wrapped, registered and kept, so that its bytes, calls and
   // blocked time count as this communicator's (it is collective like the inner split).
   std::shared_ptr<Communicator> split(int color, int key) override {
@@ -77,6 +60,25 @@ class TimedCommunicator final : public Communicator {
   }
 
  private:
+  // Every operation forwarded to the inner communicator (whose own stats count its waits).
+  WorkPtr post_all_gather(const at::Tensor& out, const at::Tensor& in) override { return timed([&] { return inner_->all_gather(out, in); }); }
+  WorkPtr post_all_reduce(const at::Tensor& t, ReduceOp op) override { return timed([&] { return inner_->all_reduce(t, op); }); }
+  WorkPtr post_reduce_scatter(const at::Tensor& out, const at::Tensor& in, ReduceOp op) override {
+    return timed([&] { return inner_->reduce_scatter(out, in, op); });
+  }
+  WorkPtr post_broadcast(const at::Tensor& t, int root) override { return timed([&] { return inner_->broadcast(t, root); }); }
+  WorkPtr post_exscan(const at::Tensor& out, const at::Tensor& in, const ScanOp& op) override {
+    return timed([&] { return inner_->exscan(out, in, op); });
+  }
+  WorkPtr post_all_to_all(const at::Tensor& out, const at::Tensor& in) override { return timed([&] { return inner_->all_to_all(out, in); }); }
+  WorkPtr post_all_to_all(const at::Tensor& out, const at::Tensor& in, const std::vector<int64_t>& out_splits,
+                          const std::vector<int64_t>& in_splits) override {
+    return timed([&] { return inner_->all_to_all(out, in, out_splits, in_splits); });
+  }
+  WorkPtr post_barrier() override { return timed([&] { return inner_->barrier(); }); }
+  WorkPtr post_isend(const at::Tensor& t, int dst, int tag) override { return timed([&] { return inner_->isend(t, dst, tag); }); }
+  WorkPtr post_irecv(const at::Tensor& t, int src, int tag) override { return timed([&] { return inner_->irecv(t, src, tag); }); }
+
   explicit TimedCommunicator(CommPtr inner, std::shared_ptr<double> blocked = std::make_shared<double>(0))
       : inner_(std::move(inner)), blocked_(std::move(blocked)) {}
   using Clock = std::chrono::steady_clock;

@@ -48,6 +48,7 @@
 #include "loom/runtime/core/logging.h"
 #include "loom/runtime/core/memory_tracker.h"
 #include "loom/runtime/core/stop_signals.h"
+#include "loom/runtime/comm/agreement.h"
 #include "loom/runtime/comm/mpi_communicator.h"
 #include "loom/runtime/data/synthetic_tasks.h"
 #include "loom/runtime/data/token_file.h"
@@ -123,28 +124,12 @@ struct SetupError : std::runtime_error {
 // Every compute rank calls this once after its set-up checks, with its error
 // ("" when none): the checks are local (files on a node's disk, its memory),
 // so ranks may disagree. If any rank failed, every rank throws the same
-// SetupError with the message of the lowest failing rank, before any rank
-// goes on into a collective the others would never join. (Not
-// agree_on_failure(), runtime/comm/agreement.h: that one runs over an MPI_Comm,
-// while here the memory nodes are serving and the compute ranks'
-// communicator may be NCCL.)
+// SetupError with the message of the lowest failing rank (agree_on_error(),
+// runtime/comm/agreement.h, over the compute ranks' communicator, which may be
+// NCCL), before any rank goes on into a collective the others would never join.
 void agree_on_setup_error(const loom::CommPtr& world, const std::string& error) {
-  const at::Device device = world->device();
-  at::Tensor failing = at::tensor({static_cast<int64_t>(error.empty() ? world->size() : world->rank())}, at::kLong);
-  failing = failing.to(device);
-  world->all_reduce(failing, loom::ReduceOp::kMin)->wait();
-  const int64_t first = failing.cpu().item<int64_t>();
-  if (first == world->size()) return;
-  at::Tensor length = at::tensor({static_cast<int64_t>(error.size())}, at::kLong).to(device);
-  world->broadcast(length, static_cast<int>(first))->wait();
-  const int64_t n = length.cpu().item<int64_t>();
-  at::Tensor bytes = at::zeros({std::max<int64_t>(n, 1)}, at::kByte);
-  if (world->rank() == first) std::memcpy(bytes.data_ptr(), error.data(), static_cast<size_t>(n));
-  bytes = bytes.to(device);
-  world->broadcast(bytes, static_cast<int>(first))->wait();
-  bytes = bytes.cpu();
-  const std::string message(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(n));
-  throw SetupError(first == 0 ? message : "on rank " + std::to_string(first) + ": " + message);
+  const std::string agreed = loom::agree_on_error(*world, error);
+  if (!agreed.empty()) throw SetupError(agreed);
 }
 
 // "512.0 GiB", "3.2 MiB", "12.0 KiB".

@@ -303,8 +303,8 @@ at::Tensor HybridLMImpl::hidden(const at::Tensor& tokens, const SequenceContext&
   const bool profiled = profile::layers_active();
   const bool mark_backward = profiled && at::GradMode::is_enabled() && x.requires_grad();
   for (size_t i = 0; i < mixers_.size(); ++i) {
-    std::optional<profile::ScopedTimer> forward_timer;
-    if (profiled) forward_timer.emplace(std::string("forward ") + config_.pattern()[i]);
+    const profile::ScopedTimer forward_timer(profiled ? std::string("forward ") + config_.pattern()[i] : std::string(),
+                                             profiled);
     if (mark_backward)
       x = BlockBackwardEndMarker::apply(x, static_cast<int64_t>(i), static_cast<int64_t>(config_.pattern()[i]));
     if (recompute_ == RecomputeMode::kNone)

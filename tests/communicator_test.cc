@@ -7,7 +7,9 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
+#include <thread>
 
 #include "distributed_reference.h"
 #include "loom/runtime/core/build_config.h"
@@ -297,6 +299,41 @@ TEST_P(CommunicatorStats, ResetAndDifference) {
   EXPECT_EQ(delta.total_calls(), 1);
   comm->reset_stats();
   EXPECT_EQ(comm->stats().total_calls(), 0);
+}
+
+// The base class times every backend's Work::wait() into stats(): a rank that
+// waits for a late peer counts the wait under the operation (MPI and c10d
+// Gloo alike; a backend whose Works bypassed the wrapper would count 0).
+TEST_P(CommunicatorStats, WaitSecondsPerOperation) {
+  auto comm = world();
+  if (comm->size() < 2) GTEST_SKIP() << "needs a peer to wait for";
+  comm->barrier()->wait();
+  const CommStats before = comm->stats();
+  // Rank 0 arrives 200 ms late: every other rank blocks in wait() that long.
+  if (comm->rank() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  at::Tensor t = at::ones({8}, at::kFloat);
+  WorkPtr work = comm->all_reduce(t);
+  work->wait();
+  const double first = (comm->stats() - before)[OpType::kAllReduce].wait_seconds;
+  work->wait();  // idempotent: adds nothing
+  CommStats delta = comm->stats() - before;
+  EXPECT_EQ(delta[OpType::kAllReduce].wait_seconds, first);
+  if (comm->rank() != 0) EXPECT_GE(first, 0.15);
+  EXPECT_LT(first, 30.0);
+  // Point-to-point: rank 1 receives what rank 0 sends 200 ms late.
+  at::Tensor received = at::zeros({4}, at::kFloat);
+  if (comm->rank() == 0) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    comm->send(at::ones({4}, at::kFloat), 1, 7);
+  } else if (comm->rank() == 1) {
+    comm->recv(received, 0, 7);
+    EXPECT_EQ(received.sum().item<float>(), 4.0f);
+  }
+  comm->barrier()->wait();
+  delta = comm->stats() - before;
+  if (comm->rank() == 1) EXPECT_GE(delta[OpType::kRecv].wait_seconds, 0.15);
+  if (comm->rank() == 0) EXPECT_EQ(delta[OpType::kSend].calls, 1);
+  EXPECT_GE(delta.total_wait_seconds(), delta[OpType::kAllReduce].wait_seconds);
 }
 
 TEST_P(CommunicatorErrors, WrongDtypeAndShapeAreNamed) {

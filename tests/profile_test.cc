@@ -3,9 +3,11 @@
 //   "other" is the wall time minus the parts, "embedding + head/loss" the
 //   model's forward+backward minus the layers, and its max column is the max
 //   over ranks;
-// - the MPI backend times Work::wait() per operation (exposed communication)
-//   into CommWaitTimes, and CommSnapshot sums calls, bytes and waits of every
-//   tracked communicator since its start (later ones from 0);
+// - the Communicator base class times every backend's Work::wait() per
+//   operation (exposed communication) into its CommStats (MPI here; an
+//   in-process backend whose Work sleeps; c10d Gloo in communicator_test.cc),
+//   and CommSnapshot sums calls, bytes and waits of every live communicator
+//   since its start (later ones from 0);
 // - profiling changes no loss and no gradient (bit-identical, float64) of any
 //   tiny preset (together every mixer letter), with and without recompute
 //   (BLOCK, SELECTIVE),
@@ -21,7 +23,6 @@
 #include "loom/models/hybrid_lm.h"
 #include "loom/runtime/comm/comm_order.h"
 #include "loom/runtime/comm/mpi_communicator.h"
-#include "loom/runtime/comm/wait_times.h"
 #include "loom/runtime/core/profile.h"
 #include "loom/runtime/train/step_profile.h"
 
@@ -60,6 +61,26 @@ TEST(Profile, ScopedTimerAndLayersActiveScope) {
   }
   EXPECT_GE(profile::global().seconds("sleep"), 0.015);
   EXPECT_EQ(profile::global().parts().at("sleep").count, 1);
+  EXPECT_DOUBLE_EQ(profile::global().wall_seconds(), 0.0);  // inside a step: the step's wall holds it
+  {
+    // Profiling off: nothing is added, whatever the timer is asked to do.
+    profile::ScopedTimer off("off", /*enabled=*/false);
+    off.start("off again");
+    off.stop();
+  }
+  EXPECT_EQ(profile::global().parts().count("off"), 0u);
+  EXPECT_EQ(profile::global().parts().count("off again"), 0u);
+  {
+    // One timer through consecutive parts; stop() ends one, the destructor nothing more.
+    profile::ScopedTimer timer("first", true, profile::ScopedTimer::Window::kOutsideStep);
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    timer.start("second");
+    timer.stop();
+    timer.stop();
+  }
+  EXPECT_GE(profile::global().seconds("first"), 0.009);
+  EXPECT_EQ(profile::global().parts().at("second").count, 1);
+  EXPECT_GE(profile::global().wall_seconds(), 0.009);  // outside a step: added to the wall
   EXPECT_FALSE(profile::layers_active());
   try {
     const profile::LayersActiveScope on(true);
@@ -118,12 +139,11 @@ TEST(Profile, MpiWorkTimesItsWaitPerOperation) {
   if (world->size() < 2) GTEST_SKIP() << "needs a peer to wait for";
   const CommSnapshot snapshot;
   auto comm = world->split(0, world->rank());  // made after the snapshot: counts from 0
-  const CommWaitTimes::PerOp before = CommWaitTimes::of(world->id());
+  const CommStats before = world->stats();
   // Rank 0 arrives 200 ms late: everyone else blocks in wait() that long.
   if (world->rank() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(200));
   world->barrier()->wait();
-  const double barrier_wait = CommWaitTimes::of(world->id())[static_cast<int>(OpType::kBarrier)] -
-                              before[static_cast<int>(OpType::kBarrier)];
+  const double barrier_wait = (world->stats() - before)[OpType::kBarrier].wait_seconds;
   if (world->rank() != 0) EXPECT_GE(barrier_wait, 0.15);
   // Point-to-point: rank 1 receives what rank 0 sends 200 ms late.
   at::Tensor t = at::zeros({16}, at::kFloat);
@@ -132,7 +152,7 @@ TEST(Profile, MpiWorkTimesItsWaitPerOperation) {
     comm->send(at::ones({16}, at::kFloat), 1, 3);
   } else if (comm->rank() == 1) {
     comm->recv(t, 0, 3);
-    EXPECT_GE(CommWaitTimes::of(comm->id())[static_cast<int>(OpType::kRecv)], 0.15);
+    EXPECT_GE(comm->stats()[OpType::kRecv].wait_seconds, 0.15);
     EXPECT_EQ(t.sum().item<float>(), 16.0f);
   }
   comm->all_reduce(t)->wait();
@@ -145,11 +165,64 @@ TEST(Profile, MpiWorkTimesItsWaitPerOperation) {
     EXPECT_EQ(totals[static_cast<int>(OpType::kRecv)].bytes_received, 64);
     EXPECT_GE(totals[static_cast<int>(OpType::kRecv)].wait_seconds, 0.15);
   }
-  // Gone communicators are no longer tracked.
+  // Gone communicators are no longer summed.
   const int64_t id = comm->id();
   comm.reset();
-  const auto ids = CommWaitTimes::tracked();
-  EXPECT_EQ(std::count(ids.begin(), ids.end(), id), 0);
+  for (const CommPtr& live : Communicator::live()) EXPECT_NE(live->id(), id);
+}
+
+// An in-process backend of one rank whose barrier takes 100 ms to complete:
+// its Work knows nothing of timing, so the seconds can only come from the
+// base class's wrapper.
+class SlowBarrierCommunicator final : public Communicator {
+ public:
+  static std::shared_ptr<SlowBarrierCommunicator> create() {
+    std::shared_ptr<SlowBarrierCommunicator> c(new SlowBarrierCommunicator());
+    c->register_self();
+    return c;
+  }
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  std::string backend_name() const override { return "slow-barrier"; }
+
+ private:
+  SlowBarrierCommunicator() = default;
+  class SleepingWork final : public Work {
+   public:
+    void wait() override {
+      if (!done_) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      done_ = true;
+    }
+    bool is_completed() override { return done_; }
+
+   private:
+    bool done_ = false;
+  };
+  WorkPtr post_barrier() override {
+    record(OpType::kBarrier, 0, 0);
+    return std::make_shared<SleepingWork>();
+  }
+};
+
+TEST(Profile, EveryBackendsWaitIsTimedByTheBaseClass) {
+  const CommSnapshot snapshot;
+  auto comm = SlowBarrierCommunicator::create();
+  WorkPtr work = comm->barrier();
+  EXPECT_EQ(comm->stats()[OpType::kBarrier].wait_seconds, 0.0);  // posted, not waited
+  work->wait();
+  const double waited = comm->stats()[OpType::kBarrier].wait_seconds;
+  EXPECT_GE(waited, 0.09);
+  EXPECT_LT(waited, 30.0);
+  work->wait();  // a second wait adds nothing
+  EXPECT_EQ(comm->stats()[OpType::kBarrier].wait_seconds, waited);
+  const CommSnapshot::Totals totals = snapshot.since();
+  EXPECT_EQ(totals[static_cast<int>(OpType::kBarrier)].calls, 1);
+  EXPECT_GE(totals[static_cast<int>(OpType::kBarrier)].wait_seconds, 0.09);
+  // A Work waited after its communicator is gone counts into nothing, safely.
+  WorkPtr late = comm->barrier();
+  comm.reset();
+  late->wait();
+  EXPECT_TRUE(late->is_completed());
 }
 
 // ---- profiling a model changes nothing ----

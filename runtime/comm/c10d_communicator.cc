@@ -337,7 +337,7 @@ std::string C10dCommunicator::describe(OpType op, int64_t bytes) const {
 }
 
 
-WorkPtr C10dCommunicator::all_gather(const at::Tensor& output, const at::Tensor& input) {
+WorkPtr C10dCommunicator::post_all_gather(const at::Tensor& output, const at::Tensor& input) {
   check_dtype(input, "all_gather", "input");
   check_dtype(output, "all_gather", "output");
   TORCH_CHECK(output.scalar_type() == input.scalar_type(), "all_gather: output dtype ", output.scalar_type(),
@@ -360,7 +360,7 @@ WorkPtr C10dCommunicator::all_gather(const at::Tensor& output, const at::Tensor&
                                     std::vector<at::Tensor>{in, out->buffer}, [out] { out->finish(); });
 }
 
-WorkPtr C10dCommunicator::all_reduce(const at::Tensor& tensor, ReduceOp op) {
+WorkPtr C10dCommunicator::post_all_reduce(const at::Tensor& tensor, ReduceOp op) {
   check_dtype(tensor, "all_reduce", "input/output");
   const int64_t bytes = tensor.nbytes();
   const int64_t ring = size_ > 1 ? 2 * (size_ - 1) * bytes / size_ : 0;
@@ -380,7 +380,7 @@ WorkPtr C10dCommunicator::all_reduce(const at::Tensor& tensor, ReduceOp op) {
                                     });
 }
 
-WorkPtr C10dCommunicator::reduce_scatter(const at::Tensor& output, const at::Tensor& input, ReduceOp op) {
+WorkPtr C10dCommunicator::post_reduce_scatter(const at::Tensor& output, const at::Tensor& input, ReduceOp op) {
   check_dtype(input, "reduce_scatter", "input");
   check_dtype(output, "reduce_scatter", "output");
   TORCH_CHECK(output.scalar_type() == input.scalar_type(), "reduce_scatter: output dtype ", output.scalar_type(),
@@ -419,7 +419,7 @@ WorkPtr C10dCommunicator::reduce_scatter(const at::Tensor& output, const at::Ten
       });
 }
 
-WorkPtr C10dCommunicator::broadcast(const at::Tensor& tensor, int root) {
+WorkPtr C10dCommunicator::post_broadcast(const at::Tensor& tensor, int root) {
   check_dtype(tensor, "broadcast", "input/output");
   TORCH_CHECK(root >= 0 && root < size_, "broadcast: root ", root, " is not a rank of a communicator of size ", size_);
   const int64_t bytes = tensor.nbytes();
@@ -438,7 +438,7 @@ WorkPtr C10dCommunicator::broadcast(const at::Tensor& tensor, int root) {
                                     std::vector<at::Tensor>{out->buffer}, [out] { out->finish(); });
 }
 
-WorkPtr C10dCommunicator::all_to_all(const at::Tensor& output, const at::Tensor& input) {
+WorkPtr C10dCommunicator::post_all_to_all(const at::Tensor& output, const at::Tensor& input) {
   check_dtype(input, "all_to_all", "input");
   check_dtype(output, "all_to_all", "output");
   TORCH_CHECK(output.scalar_type() == input.scalar_type() && output.numel() == input.numel(),
@@ -459,7 +459,7 @@ WorkPtr C10dCommunicator::all_to_all(const at::Tensor& output, const at::Tensor&
                                     std::vector<at::Tensor>{in, out->buffer}, [out] { out->finish(); });
 }
 
-WorkPtr C10dCommunicator::all_to_all(const at::Tensor& output, const at::Tensor& input,
+WorkPtr C10dCommunicator::post_all_to_all(const at::Tensor& output, const at::Tensor& input,
                                      const std::vector<int64_t>& output_splits,
                                      const std::vector<int64_t>& input_splits) {
   check_dtype(input, "all_to_all", "input");
@@ -479,7 +479,7 @@ WorkPtr C10dCommunicator::all_to_all(const at::Tensor& output, const at::Tensor&
                                     std::vector<at::Tensor>{in, out->buffer}, [out] { out->finish(); });
 }
 
-WorkPtr C10dCommunicator::barrier() {
+WorkPtr C10dCommunicator::post_barrier() {
   record(OpType::kBarrier, 0, 0);
   ++seq_;
   if (size_ == 1) return std::make_shared<CompletedWork>();
@@ -530,7 +530,7 @@ WorkPtr C10dCommunicator::recv_internal(const at::Tensor& tensor, int src, int t
                                     std::vector<at::Tensor>{out->buffer}, [out] { out->finish(); });
 }
 
-WorkPtr C10dCommunicator::isend(const at::Tensor& tensor, int dst, int tag) {
+WorkPtr C10dCommunicator::post_isend(const at::Tensor& tensor, int dst, int tag) {
   check_dtype(tensor, "isend", "input");
   TORCH_CHECK(dst >= 0 && dst < size_, "isend: destination ", dst, " is not a rank of a communicator of size ", size_);
   TORCH_CHECK(tag >= 0 && tag < kReservedTagBase, "isend: tag must be in [0, ", kReservedTagBase, "), got ", tag);
@@ -541,7 +541,7 @@ WorkPtr C10dCommunicator::isend(const at::Tensor& tensor, int dst, int tag) {
   return send_internal(tensor, dst, tag, what.str());
 }
 
-WorkPtr C10dCommunicator::irecv(const at::Tensor& tensor, int src, int tag) {
+WorkPtr C10dCommunicator::post_irecv(const at::Tensor& tensor, int src, int tag) {
   check_dtype(tensor, "irecv", "output");
   TORCH_CHECK(src >= 0 && src < size_, "irecv: source ", src, " is not a rank of a communicator of size ", size_);
   TORCH_CHECK(tag >= 0 && tag < kReservedTagBase, "irecv: tag must be in [0, ", kReservedTagBase, "), got ", tag);
@@ -552,7 +552,7 @@ WorkPtr C10dCommunicator::irecv(const at::Tensor& tensor, int src, int tag) {
   return recv_internal(tensor, src, tag, what.str());
 }
 
-WorkPtr C10dCommunicator::exscan(const at::Tensor& output, const at::Tensor& input, const ScanOp& op) {
+WorkPtr C10dCommunicator::post_exscan(const at::Tensor& output, const at::Tensor& input, const ScanOp& op) {
   check_dtype(input, "exscan", "input");
   check_dtype(output, "exscan", "output");
   TORCH_CHECK(op.combine && op.identity, "exscan: scan operation '", op.name, "' needs combine and identity");

@@ -73,17 +73,6 @@ class C10dCommunicator final : public Communicator {
   // c10d's name of the group's backend ("gloo", "nccl", ...).
   std::string group_backend() const;
 
-  WorkPtr all_gather(const at::Tensor& output, const at::Tensor& input) override;
-  WorkPtr all_reduce(const at::Tensor& tensor, ReduceOp op = ReduceOp::kSum) override;
-  WorkPtr reduce_scatter(const at::Tensor& output, const at::Tensor& input, ReduceOp op = ReduceOp::kSum) override;
-  WorkPtr broadcast(const at::Tensor& tensor, int root) override;
-  WorkPtr exscan(const at::Tensor& output, const at::Tensor& input, const ScanOp& op) override;
-  WorkPtr all_to_all(const at::Tensor& output, const at::Tensor& input) override;
-  WorkPtr all_to_all(const at::Tensor& output, const at::Tensor& input, const std::vector<int64_t>& output_splits,
-                     const std::vector<int64_t>& input_splits) override;
-  WorkPtr barrier() override;
-  WorkPtr isend(const at::Tensor& tensor, int dst, int tag) override;
-  WorkPtr irecv(const at::Tensor& tensor, int src, int tag) override;
   std::shared_ptr<Communicator> split(int color, int key) override;
 
   // The process group's operations behind a version-neutral interface (c10d's
@@ -93,6 +82,19 @@ class C10dCommunicator final : public Communicator {
   struct SelfMailbox;
 
  private:
+  // The operations; the base class's public ones call them and time their waits (communicator.h).
+  WorkPtr post_all_gather(const at::Tensor& output, const at::Tensor& input) override;
+  WorkPtr post_all_reduce(const at::Tensor& tensor, ReduceOp op) override;
+  WorkPtr post_reduce_scatter(const at::Tensor& output, const at::Tensor& input, ReduceOp op) override;
+  WorkPtr post_broadcast(const at::Tensor& tensor, int root) override;
+  WorkPtr post_exscan(const at::Tensor& output, const at::Tensor& input, const ScanOp& op) override;
+  WorkPtr post_all_to_all(const at::Tensor& output, const at::Tensor& input) override;
+  WorkPtr post_all_to_all(const at::Tensor& output, const at::Tensor& input, const std::vector<int64_t>& output_splits,
+                          const std::vector<int64_t>& input_splits) override;
+  WorkPtr post_barrier() override;
+  WorkPtr post_isend(const at::Tensor& tensor, int dst, int tag) override;
+  WorkPtr post_irecv(const at::Tensor& tensor, int src, int tag) override;
+
   C10dCommunicator(std::unique_ptr<Group> group, c10::intrusive_ptr<c10d::Store> store, std::string name);
   std::string describe(OpType op, int64_t bytes) const;
   WorkPtr send_internal(const at::Tensor& tensor, int dst, int tag, const std::string& what);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <mutex>
 #include <sstream>
@@ -45,6 +46,8 @@ void CommStats::record(OpType op, int64_t bytes_sent, int64_t bytes_received) {
   c.bytes_received += bytes_received;
 }
 
+void CommStats::record_wait(OpType op, double seconds) { counters_[static_cast<int>(op)].wait_seconds += seconds; }
+
 int64_t CommStats::total_calls() const {
   int64_t n = 0;
   for (const auto& c : counters_) n += c.calls;
@@ -60,6 +63,11 @@ int64_t CommStats::total_bytes_received() const {
   for (const auto& c : counters_) n += c.bytes_received;
   return n;
 }
+double CommStats::total_wait_seconds() const {
+  double s = 0;
+  for (const auto& c : counters_) s += c.wait_seconds;
+  return s;
+}
 
 CommStats CommStats::operator-(const CommStats& earlier) const {
   CommStats d;
@@ -67,6 +75,7 @@ CommStats CommStats::operator-(const CommStats& earlier) const {
     d.counters_[i].calls = counters_[i].calls - earlier.counters_[i].calls;
     d.counters_[i].bytes_sent = counters_[i].bytes_sent - earlier.counters_[i].bytes_sent;
     d.counters_[i].bytes_received = counters_[i].bytes_received - earlier.counters_[i].bytes_received;
+    d.counters_[i].wait_seconds = counters_[i].wait_seconds - earlier.counters_[i].wait_seconds;
   }
   return d;
 }
@@ -143,6 +152,28 @@ std::unordered_map<int64_t, std::weak_ptr<Communicator>>& registry() {
   return r;
 }
 std::atomic<int64_t> next_comm_id{1};
+
+// The Work every public operation returns: the backend's, with the seconds of
+// its first completed wait() added to the communicator's counters.
+class WaitTimedWork final : public Work {
+ public:
+  WaitTimedWork(WorkPtr inner, OpType op, std::shared_ptr<CommStats> stats)
+      : inner_(std::move(inner)), op_(op), stats_(std::move(stats)) {}
+  void wait() override {
+    if (waited_) return;
+    const auto start = std::chrono::steady_clock::now();
+    inner_->wait();
+    waited_ = true;
+    stats_->record_wait(op_, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  bool is_completed() override { return inner_->is_completed(); }
+
+ private:
+  WorkPtr inner_;
+  OpType op_;
+  std::shared_ptr<CommStats> stats_;
+  bool waited_ = false;
+};
 }  // namespace
 
 std::chrono::milliseconds default_comm_timeout() {
@@ -153,7 +184,8 @@ std::chrono::milliseconds default_comm_timeout() {
   return std::chrono::milliseconds(static_cast<int64_t>(config.parallel().comm_timeout_s() * 1000.0));
 }
 
-Communicator::Communicator() : timeout_(default_comm_timeout()), id_(next_comm_id++) {}
+Communicator::Communicator()
+    : stats_(std::make_shared<CommStats>()), timeout_(default_comm_timeout()), id_(next_comm_id++) {}
 
 Communicator::~Communicator() {
   std::lock_guard<std::mutex> lock(registry_mutex());
@@ -175,6 +207,20 @@ std::shared_ptr<Communicator> Communicator::by_id(int64_t id) {
   return comm;
 }
 
+std::vector<std::shared_ptr<Communicator>> Communicator::live() {
+  std::vector<std::pair<int64_t, std::shared_ptr<Communicator>>> found;
+  {
+    std::lock_guard<std::mutex> lock(registry_mutex());
+    for (const auto& [id, weak] : registry())
+      if (auto comm = weak.lock()) found.emplace_back(id, std::move(comm));
+  }
+  // (The last reference may be dropped here, outside the lock: a destructor takes it.)
+  std::sort(found.begin(), found.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::vector<std::shared_ptr<Communicator>> comms;
+  for (auto& entry : found) comms.push_back(std::move(entry.second));
+  return comms;
+}
+
 CommPtr Communicator::reversed() {
   if (!reversed_) reversed_ = split(0, size() - 1 - rank());
   return reversed_;
@@ -185,21 +231,55 @@ void Communicator::throw_unsupported(const char* op) const {
                   " communicator (rank " + std::to_string(rank()) + " on host " + host_name() + ")");
 }
 
-WorkPtr Communicator::all_gather(const at::Tensor&, const at::Tensor&) { throw_unsupported("all_gather"); }
-WorkPtr Communicator::all_reduce(const at::Tensor&, ReduceOp) { throw_unsupported("all_reduce"); }
-WorkPtr Communicator::reduce_scatter(const at::Tensor&, const at::Tensor&, ReduceOp) {
+WorkPtr Communicator::timed(OpType op, WorkPtr work) {
+  return std::make_shared<WaitTimedWork>(std::move(work), op, stats_);
+}
+
+WorkPtr Communicator::all_gather(const at::Tensor& output, const at::Tensor& input) {
+  return timed(OpType::kAllGather, post_all_gather(output, input));
+}
+WorkPtr Communicator::all_reduce(const at::Tensor& tensor, ReduceOp op) {
+  return timed(OpType::kAllReduce, post_all_reduce(tensor, op));
+}
+WorkPtr Communicator::reduce_scatter(const at::Tensor& output, const at::Tensor& input, ReduceOp op) {
+  return timed(OpType::kReduceScatter, post_reduce_scatter(output, input, op));
+}
+WorkPtr Communicator::broadcast(const at::Tensor& tensor, int root) {
+  return timed(OpType::kBroadcast, post_broadcast(tensor, root));
+}
+WorkPtr Communicator::exscan(const at::Tensor& output, const at::Tensor& input, const ScanOp& op) {
+  return timed(OpType::kExscan, post_exscan(output, input, op));
+}
+WorkPtr Communicator::all_to_all(const at::Tensor& output, const at::Tensor& input) {
+  return timed(OpType::kAllToAll, post_all_to_all(output, input));
+}
+WorkPtr Communicator::all_to_all(const at::Tensor& output, const at::Tensor& input,
+                                 const std::vector<int64_t>& output_splits, const std::vector<int64_t>& input_splits) {
+  return timed(OpType::kAllToAll, post_all_to_all(output, input, output_splits, input_splits));
+}
+WorkPtr Communicator::barrier() { return timed(OpType::kBarrier, post_barrier()); }
+WorkPtr Communicator::isend(const at::Tensor& tensor, int dst, int tag) {
+  return timed(OpType::kSend, post_isend(tensor, dst, tag));
+}
+WorkPtr Communicator::irecv(const at::Tensor& tensor, int src, int tag) {
+  return timed(OpType::kRecv, post_irecv(tensor, src, tag));
+}
+
+WorkPtr Communicator::post_all_gather(const at::Tensor&, const at::Tensor&) { throw_unsupported("all_gather"); }
+WorkPtr Communicator::post_all_reduce(const at::Tensor&, ReduceOp) { throw_unsupported("all_reduce"); }
+WorkPtr Communicator::post_reduce_scatter(const at::Tensor&, const at::Tensor&, ReduceOp) {
   throw_unsupported("reduce_scatter");
 }
-WorkPtr Communicator::broadcast(const at::Tensor&, int) { throw_unsupported("broadcast"); }
-WorkPtr Communicator::exscan(const at::Tensor&, const at::Tensor&, const ScanOp&) { throw_unsupported("exscan"); }
-WorkPtr Communicator::all_to_all(const at::Tensor&, const at::Tensor&) { throw_unsupported("all_to_all"); }
-WorkPtr Communicator::all_to_all(const at::Tensor&, const at::Tensor&, const std::vector<int64_t>&,
-                                 const std::vector<int64_t>&) {
+WorkPtr Communicator::post_broadcast(const at::Tensor&, int) { throw_unsupported("broadcast"); }
+WorkPtr Communicator::post_exscan(const at::Tensor&, const at::Tensor&, const ScanOp&) { throw_unsupported("exscan"); }
+WorkPtr Communicator::post_all_to_all(const at::Tensor&, const at::Tensor&) { throw_unsupported("all_to_all"); }
+WorkPtr Communicator::post_all_to_all(const at::Tensor&, const at::Tensor&, const std::vector<int64_t>&,
+                                      const std::vector<int64_t>&) {
   throw_unsupported("all_to_all (split sizes)");
 }
-WorkPtr Communicator::barrier() { throw_unsupported("barrier"); }
-WorkPtr Communicator::isend(const at::Tensor&, int, int) { throw_unsupported("isend"); }
-WorkPtr Communicator::irecv(const at::Tensor&, int, int) { throw_unsupported("irecv"); }
+WorkPtr Communicator::post_barrier() { throw_unsupported("barrier"); }
+WorkPtr Communicator::post_isend(const at::Tensor&, int, int) { throw_unsupported("isend"); }
+WorkPtr Communicator::post_irecv(const at::Tensor&, int, int) { throw_unsupported("irecv"); }
 std::shared_ptr<Communicator> Communicator::split(int, int) { throw_unsupported("split"); }
 
 }  // namespace loom

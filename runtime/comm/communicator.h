@@ -36,7 +36,26 @@
 // Contiguous tensors are used in place, others are staged through a
 // contiguous copy.
 //
-// Every backend counts calls and bytes per operation (stats()). Bytes are the
+// Every backend counts calls and bytes per operation (stats()), and the base
+// class adds the seconds spent in each operation's Work::wait(): the public
+// operations are non-virtual and wrap the Work that a backend's post_*()
+// returns, so no backend can skip the timing. The wait time is host time from
+// wait() entry until it returns, by backend:
+//   MPI, c10d (Gloo):  the host blocked until the operation completed (the
+//                      watchdog's polling included): exposed communication.
+//   NCCL:              the host time to flush queued point-to-point operations
+//                      and make the caller's stream wait on the completion
+//                      event (cudaStreamWaitEvent); the host does not wait for
+//                      the GPU, so on a GPU this stays near zero and exposed
+//                      communication shows up later, in whatever synchronises
+//                      with the stream (a .item(), a copy to the host).
+// A Work dropped without wait() (its destructor completes it) and an idempotent
+// second wait() add nothing; a wait() that throws adds nothing either. An
+// operation that a backend completes inside the call (exscan on c10d and NCCL:
+// recursive doubling, each round waited before the next; NCCL's rounds use the
+// public isend/irecv, so they count under send and recv) returns a finished
+// Work, and its exscan wait is about zero.
+// Bytes are the
 // payload that crosses the rank boundary by the operation's definition, not by
 // the algorithm the library picks:
 //   all_gather / reduce_scatter:  sent = received = (W-1) * block bytes
@@ -82,6 +101,7 @@ struct OpCounters {
   int64_t calls = 0;
   int64_t bytes_sent = 0;
   int64_t bytes_received = 0;
+  double wait_seconds = 0;  // in Work::wait() (see above)
 };
 
 // Per-operation counters of one communicator.
@@ -89,10 +109,12 @@ class CommStats {
  public:
   const OpCounters& operator[](OpType op) const { return counters_[static_cast<int>(op)]; }
   void record(OpType op, int64_t bytes_sent, int64_t bytes_received);
+  void record_wait(OpType op, double seconds);
   int64_t total_calls() const;
   int64_t total_bytes_sent() const;
   int64_t total_bytes_received() const;
-  CommStats operator-(const CommStats& earlier) const;  // counts since `earlier`
+  double total_wait_seconds() const;
+  CommStats operator-(const CommStats& earlier) const;  // counts and seconds since `earlier`
   std::string to_string() const;                        // one line per used op
 
  private:
@@ -165,22 +187,22 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   // control tensors (loss sums, agreements) are created here.
   virtual at::Device device() const { return at::Device(at::kCPU); }
 
-  // Collectives. Defaults throw CommError naming the backend and the operation.
-  virtual WorkPtr all_gather(const at::Tensor& output, const at::Tensor& input);
-  virtual WorkPtr all_reduce(const at::Tensor& tensor, ReduceOp op = ReduceOp::kSum);
-  virtual WorkPtr reduce_scatter(const at::Tensor& output, const at::Tensor& input,
-                                 ReduceOp op = ReduceOp::kSum);
-  virtual WorkPtr broadcast(const at::Tensor& tensor, int root);
-  virtual WorkPtr exscan(const at::Tensor& output, const at::Tensor& input, const ScanOp& op);
-  virtual WorkPtr all_to_all(const at::Tensor& output, const at::Tensor& input);
+  // Collectives. Each calls the backend's post_*() and returns its Work
+  // wrapped so that wait() adds its seconds to stats().
+  WorkPtr all_gather(const at::Tensor& output, const at::Tensor& input);
+  WorkPtr all_reduce(const at::Tensor& tensor, ReduceOp op = ReduceOp::kSum);
+  WorkPtr reduce_scatter(const at::Tensor& output, const at::Tensor& input, ReduceOp op = ReduceOp::kSum);
+  WorkPtr broadcast(const at::Tensor& tensor, int root);
+  WorkPtr exscan(const at::Tensor& output, const at::Tensor& input, const ScanOp& op);
+  WorkPtr all_to_all(const at::Tensor& output, const at::Tensor& input);
   // Uneven blocks: split sizes count dim-0 rows, one entry per rank.
-  virtual WorkPtr all_to_all(const at::Tensor& output, const at::Tensor& input,
-                             const std::vector<int64_t>& output_splits, const std::vector<int64_t>& input_splits);
-  virtual WorkPtr barrier();
+  WorkPtr all_to_all(const at::Tensor& output, const at::Tensor& input, const std::vector<int64_t>& output_splits,
+                     const std::vector<int64_t>& input_splits);
+  WorkPtr barrier();
 
   // Point-to-point. tag >= 0.
-  virtual WorkPtr isend(const at::Tensor& tensor, int dst, int tag);
-  virtual WorkPtr irecv(const at::Tensor& tensor, int src, int tag);
+  WorkPtr isend(const at::Tensor& tensor, int dst, int tag);
+  WorkPtr irecv(const at::Tensor& tensor, int src, int tag);
   void send(const at::Tensor& tensor, int dst, int tag) { isend(tensor, dst, tag)->wait(); }
   void recv(const at::Tensor& tensor, int src, int tag) { irecv(tensor, src, tag)->wait(); }
 
@@ -193,9 +215,10 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   // lifetime of this communicator. Scans that run right to left use it.
   CommPtr reversed();
 
-  // Counters of this communicator (not of its splits).
-  const CommStats& stats() const { return stats_; }
-  void reset_stats() { stats_ = CommStats(); }
+  // Counters of this communicator (not of its splits). Updated by the thread
+  // that posts or waits (one thread at a time per communicator).
+  const CommStats& stats() const { return *stats_; }
+  void reset_stats() { *stats_ = CommStats(); }
 
   // Time after which an unfinished Work triggers the watchdog.
   std::chrono::milliseconds timeout() const { return timeout_; }
@@ -205,18 +228,41 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   // communicator) and find the communicator again in backward with by_id().
   int64_t id() const { return id_; }
   static std::shared_ptr<Communicator> by_id(int64_t id);
+  // The registered communicators alive now (splits and reversed() included),
+  // by ascending id: what `loom-train --profile` sums.
+  static std::vector<std::shared_ptr<Communicator>> live();
   // Makes this communicator findable by by_id(); factories call it once the
   // shared_ptr exists.
   void register_self();
 
  protected:
+  // What a backend implements: post the operation and return its Work (a
+  // CompletedWork when nothing is left to wait for). Defaults throw CommError
+  // naming the backend and the operation.
+  virtual WorkPtr post_all_gather(const at::Tensor& output, const at::Tensor& input);
+  virtual WorkPtr post_all_reduce(const at::Tensor& tensor, ReduceOp op);
+  virtual WorkPtr post_reduce_scatter(const at::Tensor& output, const at::Tensor& input, ReduceOp op);
+  virtual WorkPtr post_broadcast(const at::Tensor& tensor, int root);
+  virtual WorkPtr post_exscan(const at::Tensor& output, const at::Tensor& input, const ScanOp& op);
+  virtual WorkPtr post_all_to_all(const at::Tensor& output, const at::Tensor& input);
+  virtual WorkPtr post_all_to_all(const at::Tensor& output, const at::Tensor& input,
+                                  const std::vector<int64_t>& output_splits, const std::vector<int64_t>& input_splits);
+  virtual WorkPtr post_barrier();
+  virtual WorkPtr post_isend(const at::Tensor& tensor, int dst, int tag);
+  virtual WorkPtr post_irecv(const at::Tensor& tensor, int src, int tag);
+
   [[noreturn]] void throw_unsupported(const char* op) const;
   void record(OpType op, int64_t bytes_sent, int64_t bytes_received) {
-    stats_.record(op, bytes_sent, bytes_received);
+    stats_->record(op, bytes_sent, bytes_received);
   }
 
  private:
-  CommStats stats_;
+  // `work` wrapped so that its wait() adds to stats_ under `op`.
+  WorkPtr timed(OpType op, WorkPtr work);
+
+  // Shared with the wrapped Works, which may be waited on after this
+  // communicator is gone.
+  std::shared_ptr<CommStats> stats_;
   std::shared_ptr<Communicator> reversed_;
   std::chrono::milliseconds timeout_;
   int64_t id_;

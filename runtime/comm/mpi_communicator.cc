@@ -9,7 +9,6 @@
 #include <sstream>
 
 #include "loom/runtime/core/error.h"
-#include "loom/runtime/comm/wait_times.h"
 #include "loom/runtime/comm/watchdog.h"
 
 namespace loom {
@@ -162,13 +161,9 @@ MPI_Op scan_mpi_op() {
 
 class MpiWork final : public Work {
  public:
-  // The seconds wait() blocks go to CommWaitTimes under `op` of communicator
-  // `comm_id` (nowhere once that communicator is gone).
-  MpiWork(OpType op, int64_t comm_id, std::chrono::milliseconds timeout, std::string description,
-          std::vector<at::Tensor> keep_alive, std::function<void()> on_complete)
-      : op_(op),
-        comm_id_(comm_id),
-        timeout_(timeout),
+  MpiWork(std::chrono::milliseconds timeout, std::string description, std::vector<at::Tensor> keep_alive,
+          std::function<void()> on_complete)
+      : timeout_(timeout),
         description_(std::move(description)),
         keep_alive_(std::move(keep_alive)),
         on_complete_(std::move(on_complete)) {}
@@ -190,11 +185,8 @@ class MpiWork final : public Work {
 
   void wait() override {
     if (done_) return;
-    const auto start = std::chrono::steady_clock::now();
     wait_with_watchdog([this] { return test(); }, timeout_, [this] { return description_; });
     finish();
-    CommWaitTimes::record(comm_id_, op_,
-                          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
   bool is_completed() override {
     if (done_) return true;
@@ -217,8 +209,6 @@ class MpiWork final : public Work {
     keep_alive_.clear();
   }
 
-  OpType op_;
-  int64_t comm_id_;
   std::chrono::milliseconds timeout_;
   std::string description_;
   std::vector<at::Tensor> keep_alive_;
@@ -235,7 +225,6 @@ MpiCommunicator::MpiCommunicator(MPI_Comm owned, std::string name) : comm_(owned
   LOOM_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN), "create communicator");
   LOOM_MPI_CHECK(MPI_Comm_rank(comm_, &rank_), "create communicator");
   LOOM_MPI_CHECK(MPI_Comm_size(comm_, &size_), "create communicator");
-  CommWaitTimes::track(id());  // its Works time their waits (--profile)
 }
 
 std::shared_ptr<MpiCommunicator> MpiCommunicator::create(MPI_Comm comm, std::string name) {
@@ -249,7 +238,6 @@ std::shared_ptr<MpiCommunicator> MpiCommunicator::create(MPI_Comm comm, std::str
 std::shared_ptr<MpiCommunicator> MpiCommunicator::world() { return create(MPI_COMM_WORLD, "world"); }
 
 MpiCommunicator::~MpiCommunicator() {
-  CommWaitTimes::forget(id());
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (!finalized && comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
@@ -266,7 +254,7 @@ std::string MpiCommunicator::describe(OpType op, int64_t seq, int64_t bytes) con
   return out.str();
 }
 
-WorkPtr MpiCommunicator::all_gather(const at::Tensor& output, const at::Tensor& input) {
+WorkPtr MpiCommunicator::post_all_gather(const at::Tensor& output, const at::Tensor& input) {
   check_cpu(input, "all_gather", "input", size_ == 1);
   check_cpu(output, "all_gather", "output", size_ == 1);
   TORCH_CHECK(output.scalar_type() == input.scalar_type(), "all_gather: output dtype ", output.scalar_type(),
@@ -280,7 +268,7 @@ WorkPtr MpiCommunicator::all_gather(const at::Tensor& output, const at::Tensor& 
   record(OpType::kAllGather, (size_ - 1) * bytes, (size_ - 1) * bytes);
   if (size_ == 1) return complete_locally(output, in);
   auto work = std::make_shared<MpiWork>(
-      OpType::kAllGather, id(), timeout(), describe(OpType::kAllGather, ++seq_, bytes),
+      timeout(), describe(OpType::kAllGather, ++seq_, bytes),
       std::vector<at::Tensor>{in, out->buffer}, [out] { out->finish(); });
   const MPI_Datatype type = mpi_type(in.scalar_type(), "all_gather");
   const int count = checked_count(in.numel(), "all_gather");
@@ -290,7 +278,7 @@ WorkPtr MpiCommunicator::all_gather(const at::Tensor& output, const at::Tensor& 
   return work;
 }
 
-WorkPtr MpiCommunicator::all_reduce(const at::Tensor& tensor, ReduceOp op) {
+WorkPtr MpiCommunicator::post_all_reduce(const at::Tensor& tensor, ReduceOp op) {
   check_cpu(tensor, "all_reduce", "input/output", size_ == 1);
   const int64_t bytes = tensor.nbytes();
   const int64_t ring = size_ > 1 ? 2 * (size_ - 1) * bytes / size_ : 0;
@@ -299,7 +287,7 @@ WorkPtr MpiCommunicator::all_reduce(const at::Tensor& tensor, ReduceOp op) {
   auto out = std::make_shared<Output>(tensor);
   if (!out->buffer.is_same(tensor)) out->buffer.copy_(tensor);
   auto work = std::make_shared<MpiWork>(
-      OpType::kAllReduce, id(), timeout(), describe(OpType::kAllReduce, ++seq_, bytes),
+      timeout(), describe(OpType::kAllReduce, ++seq_, bytes),
       std::vector<at::Tensor>{out->buffer}, [out] { out->finish(); });
   LOOM_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, out->buffer.data_ptr(), checked_count(tensor.numel(), "all_reduce"),
                                 mpi_type(tensor.scalar_type(), "all_reduce"), mpi_op(op, tensor.scalar_type()),
@@ -308,7 +296,7 @@ WorkPtr MpiCommunicator::all_reduce(const at::Tensor& tensor, ReduceOp op) {
   return work;
 }
 
-WorkPtr MpiCommunicator::reduce_scatter(const at::Tensor& output, const at::Tensor& input, ReduceOp op) {
+WorkPtr MpiCommunicator::post_reduce_scatter(const at::Tensor& output, const at::Tensor& input, ReduceOp op) {
   check_cpu(input, "reduce_scatter", "input", size_ == 1);
   check_cpu(output, "reduce_scatter", "output", size_ == 1);
   TORCH_CHECK(output.scalar_type() == input.scalar_type(), "reduce_scatter: output dtype ", output.scalar_type(),
@@ -321,7 +309,7 @@ WorkPtr MpiCommunicator::reduce_scatter(const at::Tensor& output, const at::Tens
   record(OpType::kReduceScatter, (size_ - 1) * bytes, (size_ - 1) * bytes);
   if (size_ == 1) return complete_locally(output, in);
   auto work = std::make_shared<MpiWork>(
-      OpType::kReduceScatter, id(), timeout(), describe(OpType::kReduceScatter, ++seq_, bytes),
+      timeout(), describe(OpType::kReduceScatter, ++seq_, bytes),
       std::vector<at::Tensor>{in, out->buffer}, [out] { out->finish(); });
   LOOM_MPI_CHECK(MPI_Ireduce_scatter_block(in.data_ptr(), out->buffer.data_ptr(),
                                            checked_count(output.numel(), "reduce_scatter"),
@@ -331,7 +319,7 @@ WorkPtr MpiCommunicator::reduce_scatter(const at::Tensor& output, const at::Tens
   return work;
 }
 
-WorkPtr MpiCommunicator::broadcast(const at::Tensor& tensor, int root) {
+WorkPtr MpiCommunicator::post_broadcast(const at::Tensor& tensor, int root) {
   check_cpu(tensor, "broadcast", "input/output", size_ == 1);
   TORCH_CHECK(root >= 0 && root < size_, "broadcast: root ", root, " is not a rank of a communicator of size ", size_);
   if (size_ == 1) {
@@ -347,7 +335,7 @@ WorkPtr MpiCommunicator::broadcast(const at::Tensor& tensor, int root) {
   else
     record(OpType::kBroadcast, 0, bytes);
   auto work = std::make_shared<MpiWork>(
-      OpType::kBroadcast, id(), timeout(), describe(OpType::kBroadcast, ++seq_, bytes),
+      timeout(), describe(OpType::kBroadcast, ++seq_, bytes),
       std::vector<at::Tensor>{out->buffer}, [out] { out->finish(); });
   LOOM_MPI_CHECK(MPI_Ibcast(out->buffer.data_ptr(), checked_count(tensor.numel(), "broadcast"),
                             mpi_type(tensor.scalar_type(), "broadcast"), root, comm_, work->add_request()),
@@ -355,7 +343,7 @@ WorkPtr MpiCommunicator::broadcast(const at::Tensor& tensor, int root) {
   return work;
 }
 
-WorkPtr MpiCommunicator::exscan(const at::Tensor& output, const at::Tensor& input, const ScanOp& op) {
+WorkPtr MpiCommunicator::post_exscan(const at::Tensor& output, const at::Tensor& input, const ScanOp& op) {
   check_cpu(input, "exscan", "input", size_ == 1);
   check_cpu(output, "exscan", "output", size_ == 1);
   TORCH_CHECK(op.combine && op.identity, "exscan: scan operation '", op.name, "' needs combine and identity");
@@ -381,7 +369,7 @@ WorkPtr MpiCommunicator::exscan(const at::Tensor& output, const at::Tensor& inpu
   LOOM_MPI_CHECK(MPI_Type_set_attr(*type, scan_keyval(), ctx.get()), "exscan");
   const bool is_first = rank_ == 0;
   auto work = std::make_shared<MpiWork>(
-      OpType::kExscan, id(), timeout(), describe(OpType::kExscan, seq, bytes),
+      timeout(), describe(OpType::kExscan, seq, bytes),
       std::vector<at::Tensor>{in, out->buffer}, [out, ctx, type, is_first] {
         if (is_first) ctx->op.identity(out->buffer);  // MPI leaves rank 0 undefined
         out->finish();
@@ -392,7 +380,7 @@ WorkPtr MpiCommunicator::exscan(const at::Tensor& output, const at::Tensor& inpu
   return work;
 }
 
-WorkPtr MpiCommunicator::all_to_all(const at::Tensor& output, const at::Tensor& input) {
+WorkPtr MpiCommunicator::post_all_to_all(const at::Tensor& output, const at::Tensor& input) {
   check_cpu(input, "all_to_all", "input", size_ == 1);
   check_cpu(output, "all_to_all", "output", size_ == 1);
   TORCH_CHECK(output.scalar_type() == input.scalar_type() && output.numel() == input.numel(),
@@ -405,7 +393,7 @@ WorkPtr MpiCommunicator::all_to_all(const at::Tensor& output, const at::Tensor& 
   record(OpType::kAllToAll, (size_ - 1) * bytes / size_, (size_ - 1) * bytes / size_);
   if (size_ == 1) return complete_locally(output, in);
   auto work = std::make_shared<MpiWork>(
-      OpType::kAllToAll, id(), timeout(), describe(OpType::kAllToAll, ++seq_, bytes),
+      timeout(), describe(OpType::kAllToAll, ++seq_, bytes),
       std::vector<at::Tensor>{in, out->buffer}, [out] { out->finish(); });
   const int count = checked_count(in.numel() / size_, "all_to_all");
   const MPI_Datatype type = mpi_type(in.scalar_type(), "all_to_all");
@@ -415,7 +403,7 @@ WorkPtr MpiCommunicator::all_to_all(const at::Tensor& output, const at::Tensor& 
   return work;
 }
 
-WorkPtr MpiCommunicator::all_to_all(const at::Tensor& output, const at::Tensor& input,
+WorkPtr MpiCommunicator::post_all_to_all(const at::Tensor& output, const at::Tensor& input,
                                     const std::vector<int64_t>& output_splits,
                                     const std::vector<int64_t>& input_splits) {
   check_cpu(input, "all_to_all", "input", size_ == 1);
@@ -439,7 +427,7 @@ WorkPtr MpiCommunicator::all_to_all(const at::Tensor& output, const at::Tensor& 
       std::array<std::vector<int>, 4>{std::move(send_counts), std::move(send_displs), std::move(recv_counts),
                                       std::move(recv_displs)});
   auto work = std::make_shared<MpiWork>(
-      OpType::kAllToAll, id(), timeout(), describe(OpType::kAllToAll, ++seq_, in.nbytes()),
+      timeout(), describe(OpType::kAllToAll, ++seq_, in.nbytes()),
       std::vector<at::Tensor>{in, out->buffer}, [out, counts] { out->finish(); });
   const MPI_Datatype type = mpi_type(in.scalar_type(), "all_to_all");
   LOOM_MPI_CHECK(MPI_Ialltoallv(in.data_ptr(), (*counts)[0].data(), (*counts)[1].data(), type, out->buffer.data_ptr(),
@@ -448,16 +436,16 @@ WorkPtr MpiCommunicator::all_to_all(const at::Tensor& output, const at::Tensor& 
   return work;
 }
 
-WorkPtr MpiCommunicator::barrier() {
+WorkPtr MpiCommunicator::post_barrier() {
   record(OpType::kBarrier, 0, 0);
   auto work = std::make_shared<MpiWork>(
-      OpType::kBarrier, id(), timeout(), describe(OpType::kBarrier, ++seq_, 0), std::vector<at::Tensor>{},
+      timeout(), describe(OpType::kBarrier, ++seq_, 0), std::vector<at::Tensor>{},
       nullptr);
   LOOM_MPI_CHECK(MPI_Ibarrier(comm_, work->add_request()), "barrier");
   return work;
 }
 
-WorkPtr MpiCommunicator::isend(const at::Tensor& tensor, int dst, int tag) {
+WorkPtr MpiCommunicator::post_isend(const at::Tensor& tensor, int dst, int tag) {
   check_cpu(tensor, "isend", "input", /*any_device=*/false);  // MPI moves even a self-send
   TORCH_CHECK(dst >= 0 && dst < size_, "isend: destination ", dst, " is not a rank of a communicator of size ", size_);
   TORCH_CHECK(tag >= 0, "isend: tag must be >= 0, got ", tag);
@@ -466,14 +454,14 @@ WorkPtr MpiCommunicator::isend(const at::Tensor& tensor, int dst, int tag) {
   std::ostringstream what;
   what << describe(OpType::kSend, ++seq_, in.nbytes()) << " to rank " << dst << " tag " << tag;
   auto work = std::make_shared<MpiWork>(
-      OpType::kSend, id(), timeout(), what.str(), std::vector<at::Tensor>{in}, nullptr);
+      timeout(), what.str(), std::vector<at::Tensor>{in}, nullptr);
   LOOM_MPI_CHECK(MPI_Isend(in.data_ptr(), checked_count(in.numel(), "isend"), mpi_type(in.scalar_type(), "isend"), dst,
                            tag, comm_, work->add_request()),
                  "isend");
   return work;
 }
 
-WorkPtr MpiCommunicator::irecv(const at::Tensor& tensor, int src, int tag) {
+WorkPtr MpiCommunicator::post_irecv(const at::Tensor& tensor, int src, int tag) {
   check_cpu(tensor, "irecv", "output", /*any_device=*/false);
   TORCH_CHECK(src >= 0 && src < size_, "irecv: source ", src, " is not a rank of a communicator of size ", size_);
   TORCH_CHECK(tag >= 0, "irecv: tag must be >= 0, got ", tag);
@@ -482,7 +470,7 @@ WorkPtr MpiCommunicator::irecv(const at::Tensor& tensor, int src, int tag) {
   std::ostringstream what;
   what << describe(OpType::kRecv, ++seq_, tensor.nbytes()) << " from rank " << src << " tag " << tag;
   auto work = std::make_shared<MpiWork>(
-      OpType::kRecv, id(), timeout(), what.str(), std::vector<at::Tensor>{out->buffer},
+      timeout(), what.str(), std::vector<at::Tensor>{out->buffer},
       [out] { out->finish(); });
   LOOM_MPI_CHECK(MPI_Irecv(out->buffer.data_ptr(), checked_count(tensor.numel(), "irecv"),
                            mpi_type(tensor.scalar_type(), "irecv"), src, tag, comm_, work->add_request()),

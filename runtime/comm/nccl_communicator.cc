@@ -215,7 +215,7 @@ int NcclCommunicator::rank() const { return impl_->rank; }
 at::Device NcclCommunicator::device() const { return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(impl_->device)); }
 int NcclCommunicator::size() const { return impl_->size; }
 
-WorkPtr NcclCommunicator::all_gather(const at::Tensor& output, const at::Tensor& input) {
+WorkPtr NcclCommunicator::post_all_gather(const at::Tensor& output, const at::Tensor& input) {
   check_cuda(input, "all_gather");
   check_cuda(output, "all_gather");
   TORCH_CHECK(output.numel() == input.numel() * size() && output.scalar_type() == input.scalar_type(),
@@ -229,7 +229,7 @@ WorkPtr NcclCommunicator::all_gather(const at::Tensor& output, const at::Tensor&
   });
 }
 
-WorkPtr NcclCommunicator::all_reduce(const at::Tensor& tensor, ReduceOp op) {
+WorkPtr NcclCommunicator::post_all_reduce(const at::Tensor& tensor, ReduceOp op) {
   check_cuda(tensor, "all_reduce");
   const int64_t bytes = tensor.nbytes(), ring = size() > 1 ? 2 * (size() - 1) * bytes / size() : 0;
   record(OpType::kAllReduce, ring, ring);
@@ -241,7 +241,7 @@ WorkPtr NcclCommunicator::all_reduce(const at::Tensor& tensor, ReduceOp op) {
   });
 }
 
-WorkPtr NcclCommunicator::reduce_scatter(const at::Tensor& output, const at::Tensor& input, ReduceOp op) {
+WorkPtr NcclCommunicator::post_reduce_scatter(const at::Tensor& output, const at::Tensor& input, ReduceOp op) {
   check_cuda(input, "reduce_scatter");
   check_cuda(output, "reduce_scatter");
   TORCH_CHECK(input.numel() == output.numel() * size() && output.scalar_type() == input.scalar_type(),
@@ -256,7 +256,7 @@ WorkPtr NcclCommunicator::reduce_scatter(const at::Tensor& output, const at::Ten
   });
 }
 
-WorkPtr NcclCommunicator::broadcast(const at::Tensor& tensor, int root) {
+WorkPtr NcclCommunicator::post_broadcast(const at::Tensor& tensor, int root) {
   check_cuda(tensor, "broadcast");
   TORCH_CHECK(root >= 0 && root < size(), "broadcast: root ", root, " is not a rank of ", size());
   const int64_t bytes = tensor.nbytes();
@@ -268,7 +268,7 @@ WorkPtr NcclCommunicator::broadcast(const at::Tensor& tensor, int root) {
   });
 }
 
-WorkPtr NcclCommunicator::all_to_all(const at::Tensor& output, const at::Tensor& input) {
+WorkPtr NcclCommunicator::post_all_to_all(const at::Tensor& output, const at::Tensor& input) {
   check_cuda(input, "all_to_all");
   check_cuda(output, "all_to_all");
   TORCH_CHECK(input.numel() == output.numel() && input.numel() % size() == 0 &&
@@ -292,7 +292,7 @@ WorkPtr NcclCommunicator::all_to_all(const at::Tensor& output, const at::Tensor&
   });
 }
 
-WorkPtr NcclCommunicator::all_to_all(const at::Tensor& output, const at::Tensor& input,
+WorkPtr NcclCommunicator::post_all_to_all(const at::Tensor& output, const at::Tensor& input,
                                      const std::vector<int64_t>& output_splits,
                                      const std::vector<int64_t>& input_splits) {
   check_cuda(input, "all_to_all");
@@ -319,7 +319,7 @@ WorkPtr NcclCommunicator::all_to_all(const at::Tensor& output, const at::Tensor&
   });
 }
 
-WorkPtr NcclCommunicator::barrier() {
+WorkPtr NcclCommunicator::post_barrier() {
   record(OpType::kBarrier, 0, 0);
   at::Tensor one = at::zeros({1}, at::TensorOptions().dtype(at::kFloat).device(at::Device(at::kCUDA, impl_->device)));
   return impl_->collective("barrier", 4, {one}, [&] {
@@ -328,7 +328,7 @@ WorkPtr NcclCommunicator::barrier() {
   });
 }
 
-WorkPtr NcclCommunicator::isend(const at::Tensor& tensor, int dst, int tag) {
+WorkPtr NcclCommunicator::post_isend(const at::Tensor& tensor, int dst, int tag) {
   check_cuda(tensor, "isend");
   TORCH_CHECK(dst >= 0 && dst < size(), "isend: destination ", dst, " is not a rank of ", size());
   (void)tag;  // NCCL matches point-to-point messages by order between a pair of ranks
@@ -346,7 +346,7 @@ WorkPtr NcclCommunicator::isend(const at::Tensor& tensor, int dst, int tag) {
   return std::make_shared<NcclWork>(done, std::vector<at::Tensor>{tensor}, [impl] { impl->flush(); });
 }
 
-WorkPtr NcclCommunicator::irecv(const at::Tensor& tensor, int src, int tag) {
+WorkPtr NcclCommunicator::post_irecv(const at::Tensor& tensor, int src, int tag) {
   check_cuda(tensor, "irecv");
   TORCH_CHECK(src >= 0 && src < size(), "irecv: source ", src, " is not a rank of ", size());
   (void)tag;
@@ -363,7 +363,7 @@ WorkPtr NcclCommunicator::irecv(const at::Tensor& tensor, int src, int tag) {
   return std::make_shared<NcclWork>(done, std::vector<at::Tensor>{tensor}, [impl] { impl->flush(); });
 }
 
-WorkPtr NcclCommunicator::exscan(const at::Tensor& output, const at::Tensor& input, const ScanOp& op) {
+WorkPtr NcclCommunicator::post_exscan(const at::Tensor& output, const at::Tensor& input, const ScanOp& op) {
   check_cuda(input, "exscan");
   check_cuda(output, "exscan");
   TORCH_CHECK(op.combine && op.identity, "exscan: scan operation '", op.name, "' needs combine and identity");

@@ -7,7 +7,11 @@
 // caller's current stream wait for the operation's completion event (no host
 // synchronisation). The caller's current stream comes from a provider that the
 // torch-CUDA glue installs (set_current_stream_provider); without it, the
-// legacy default stream is used. Point-to-point operations are queued and
+// legacy default stream is used. The wait time that stats() counts (and
+// `loom-train --profile` prints) is therefore the host's time to flush queued
+// point-to-point operations and enqueue that stream dependency: microseconds,
+// not the time the GPU waits for the communication, which surfaces in the
+// next host synchronisation with the stream (see communicator.h). Point-to-point operations are queued and
 // issued together in one NCCL group at the next wait() or collective, so a
 // ring of irecv/isend cannot deadlock. all_to_all (equal or uneven) is one
 // group of ncclSend/ncclRecv per peer. exscan runs by recursive doubling over
@@ -40,22 +44,24 @@ class NcclCommunicator final : public Communicator {
   std::string backend_name() const override { return "nccl"; }
   at::Device device() const override;
 
-  WorkPtr all_gather(const at::Tensor& output, const at::Tensor& input) override;
-  WorkPtr all_reduce(const at::Tensor& tensor, ReduceOp op = ReduceOp::kSum) override;
-  WorkPtr reduce_scatter(const at::Tensor& output, const at::Tensor& input, ReduceOp op = ReduceOp::kSum) override;
-  WorkPtr broadcast(const at::Tensor& tensor, int root) override;
-  WorkPtr exscan(const at::Tensor& output, const at::Tensor& input, const ScanOp& op) override;
-  WorkPtr all_to_all(const at::Tensor& output, const at::Tensor& input) override;
-  WorkPtr all_to_all(const at::Tensor& output, const at::Tensor& input, const std::vector<int64_t>& output_splits,
-                     const std::vector<int64_t>& input_splits) override;
-  WorkPtr barrier() override;
-  WorkPtr isend(const at::Tensor& tensor, int dst, int tag) override;
-  WorkPtr irecv(const at::Tensor& tensor, int src, int tag) override;
   std::shared_ptr<Communicator> split(int color, int key) override;
 
   struct Impl;
 
  private:
+  // The operations; the base class's public ones call them and time their waits (communicator.h).
+  WorkPtr post_all_gather(const at::Tensor& output, const at::Tensor& input) override;
+  WorkPtr post_all_reduce(const at::Tensor& tensor, ReduceOp op) override;
+  WorkPtr post_reduce_scatter(const at::Tensor& output, const at::Tensor& input, ReduceOp op) override;
+  WorkPtr post_broadcast(const at::Tensor& tensor, int root) override;
+  WorkPtr post_exscan(const at::Tensor& output, const at::Tensor& input, const ScanOp& op) override;
+  WorkPtr post_all_to_all(const at::Tensor& output, const at::Tensor& input) override;
+  WorkPtr post_all_to_all(const at::Tensor& output, const at::Tensor& input, const std::vector<int64_t>& output_splits,
+                          const std::vector<int64_t>& input_splits) override;
+  WorkPtr post_barrier() override;
+  WorkPtr post_isend(const at::Tensor& tensor, int dst, int tag) override;
+  WorkPtr post_irecv(const at::Tensor& tensor, int src, int tag) override;
+
   explicit NcclCommunicator(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };

@@ -78,15 +78,44 @@ class LayersActiveScope {
   LayersActiveScope& operator=(const LayersActiveScope&) = delete;
 };
 
-// Adds the time from construction to destruction to `part` of global().
+// Adds the time from construction to destruction (or to stop(), or to the
+// next start()) to `part` of global(). Does nothing at all when `enabled` is
+// false (profiling off), so that each timed scope is one line:
+//   const profile::ScopedTimer timer("evaluation", profile_);
+// Window::kOutsideStep also adds the seconds to the profiled wall time (the
+// final checkpoint and evaluation, which no step's wall time holds).
 class ScopedTimer {
  public:
-  explicit ScopedTimer(std::string part) : part_(std::move(part)), start_(Clock::now()) {}
-  ~ScopedTimer() { global().add(part_, seconds_since(start_)); }
+  enum class Window { kInsideStep, kOutsideStep };
+  explicit ScopedTimer(std::string part, bool enabled = true, Window window = Window::kInsideStep)
+      : enabled_(enabled), window_(window) {
+    if (enabled_) start(std::move(part));
+  }
+  ~ScopedTimer() { stop(); }
   ScopedTimer(const ScopedTimer&) = delete;
   ScopedTimer& operator=(const ScopedTimer&) = delete;
 
+  // Ends the current part (if any) and times `part` from now.
+  void start(std::string part) {
+    stop();
+    if (!enabled_) return;
+    part_ = std::move(part);
+    start_ = Clock::now();
+    running_ = true;
+  }
+  // Ends the current part; idempotent.
+  void stop() {
+    if (!running_) return;
+    running_ = false;
+    const double seconds = seconds_since(start_);
+    global().add(part_, seconds);
+    if (window_ == Window::kOutsideStep) global().add_wall(seconds);
+  }
+
  private:
+  bool enabled_;
+  Window window_;
+  bool running_ = false;
   std::string part_;
   Clock::time_point start_;
 };

@@ -163,7 +163,7 @@ Job::Job(pb::LoomConfig config) : config_(std::move(config)) {
   // The mesh may not fit the compute ranks (or their devices) while memory
   // nodes have nothing to check: all ranks agree, so that memory nodes stop
   // with the same error instead of serving forever.
-  agree_on_failure(world->handle(), [&] {
+  agree_on_failure(*world, [&] {
     if (memory) return;
     try {
       // USP's all-to-all groups and rings are built with the mesh (collective here, not in a layer).

@@ -31,36 +31,21 @@ std::string number(double v) {
 }
 }  // namespace
 
-namespace {
-// The communicator of a tracked id, or nullptr when it is being destroyed.
-CommPtr live_communicator(int64_t id) {
-  try {
-    return Communicator::by_id(id);
-  } catch (const CommError&) {
-    return nullptr;
-  }
-}
-}  // namespace
-
 CommSnapshot::CommSnapshot() {
-  for (const int64_t id : CommWaitTimes::tracked())
-    if (const CommPtr comm = live_communicator(id)) start_[id] = Start{comm->stats(), CommWaitTimes::of(id)};
+  for (const CommPtr& comm : Communicator::live()) start_[comm->id()] = comm->stats();
 }
 
 CommSnapshot::Totals CommSnapshot::since() const {
   Totals totals{};
-  for (const int64_t id : CommWaitTimes::tracked()) {
-    const CommPtr comm = live_communicator(id);
-    if (!comm) continue;
-    const auto it = start_.find(id);
-    const CommStats delta = it == start_.end() ? comm->stats() : comm->stats() - it->second.stats;
-    const CommWaitTimes::PerOp waits = CommWaitTimes::of(id);
+  for (const CommPtr& comm : Communicator::live()) {
+    const auto it = start_.find(comm->id());
+    const CommStats delta = it == start_.end() ? comm->stats() : comm->stats() - it->second;
     for (int i = 0; i < static_cast<int>(OpType::kCount); ++i) {
       const OpCounters& c = delta[static_cast<OpType>(i)];
       totals[i].calls += c.calls;
       totals[i].bytes_sent += c.bytes_sent;
       totals[i].bytes_received += c.bytes_received;
-      totals[i].wait_seconds += waits[i] - (it == start_.end() ? 0.0 : it->second.waits[i]);
+      totals[i].wait_seconds += c.wait_seconds;
     }
   }
   return totals;

@@ -26,7 +26,6 @@
 #include <vector>
 
 #include "loom/runtime/comm/communicator.h"
-#include "loom/runtime/comm/wait_times.h"
 #include "loom/runtime/core/profile.h"
 
 namespace loom {
@@ -37,9 +36,10 @@ struct CollectiveCounters {
   double wait_seconds = 0;
 };
 
-// Per-op counters summed over every communicator whose waits are timed
-// (CommWaitTimes: the MPI backend's, splits and reversed() included), counted
-// from the moment of construction.
+// Per-op counters (CommStats: calls, bytes, wait seconds) summed over every
+// live registered communicator of any backend (Communicator::live(): splits,
+// reversed() and an NCCL communicator's MPI bootstrap included), counted from
+// the moment of construction.
 class CommSnapshot {
  public:
   CommSnapshot();
@@ -48,11 +48,7 @@ class CommSnapshot {
   Totals since() const;
 
  private:
-  struct Start {
-    CommStats stats;
-    CommWaitTimes::PerOp waits{};
-  };
-  std::map<int64_t, Start> start_;
+  std::map<int64_t, CommStats> start_;
 };
 
 struct ProfileRow {

@@ -451,15 +451,10 @@ double Trainer::train_step() {
   model_->train();
   model_->zero_grad();
   // --profile: each part of the step into the profile accumulator (profile.h).
-  std::optional<profile::ScopedTimer> timer;
-  auto part = [&](const char* name) {
-    timer.reset();
-    if (profile_ && name) timer.emplace(name);
-  };
   // Draw every micro-batch first: the loss is the mean over the labelled
   // tokens (labels -100 are ignored) of all of them on all ranks, so each
   // backward needs that global count.
-  part("data");
+  profile::ScopedTimer timer("data", profile_);
   std::vector<Batch> micro;
   double local_count = 0;
   for (int64_t m = 0; m < t.grad_accum(); ++m) {
@@ -467,36 +462,36 @@ double Trainer::train_step() {
     micro.push_back(shard(train_(first, t.batch_size())).first);
     local_count += static_cast<double>(micro.back().labels.ne(-100).sum().item<int64_t>());
   }
-  part(nullptr);
+  timer.stop();
   const double total_tokens = std::max(1.0, all_reduce_scalar(*mesh_.world(), local_count));
   double local_loss = 0;
   for (const Batch& local : micro) {
     CommOrder::reset();
-    part("model forward+backward");
+    timer.start("model forward+backward");
     at::Tensor loss;
     {
       const profile::LayersActiveScope layers(profile_);  // the model times its blocks while this is on
       loss = loss_(*model_, local, l, mesh_.sp()) / total_tokens;
       loss.backward();
     }
-    part(nullptr);
+    timer.stop();
     local_loss += loss.item<double>();
   }
-  part("gradient all-reduce");
+  timer.start("gradient all-reduce");
   all_reduce_gradients(params_, *mesh_.world());
-  part(nullptr);
+  timer.stop();
   const double loss = all_reduce_scalar(*mesh_.world(), local_loss);
   if (!std::isfinite(loss))
     throw NonFiniteLoss("loss is " + std::to_string(loss) + " at step " + std::to_string(step_ + 1) +
                         "; stopping without saving (the last good checkpoint stays the latest)");
-  part("gradient clipping");
+  timer.start("gradient clipping");
   grad_norm_ = clip_gradients(params_, t.grad_clip());
-  part("optimizer step");
+  timer.start("optimizer step");
   optimizer_->step(learning_rate(t, step_));
   ++step_;
-  part("parameter check");
+  timer.start("parameter check");
   check_parameters_finite();
-  part(nullptr);
+  timer.stop();
   return loss;
 }
 
@@ -629,10 +624,9 @@ Trainer::Result Trainer::fit(int64_t stop_after) {
       LOOM_LOG(kInfo) << line << peak << " eta " << format_duration(eta);
     }
     if (t.eval_interval() > 0 && step_ % t.eval_interval() == 0 && step_ < last) {
-      std::optional<profile::ScopedTimer> eval_timer;
-      if (profile_) eval_timer.emplace("evaluation");
+      profile::ScopedTimer eval_timer("evaluation", profile_);
       const double val = evaluate(t.eval_batches());
-      eval_timer.reset();
+      eval_timer.stop();
       LOOM_LOG(kInfo) << "step " << step_ << " validation loss " << val << " perplexity " << std::exp(val);
       std::ostringstream line;
       line << "{\"step\": " << step_ << ", \"validation_loss\": " << val << "}";
@@ -640,8 +634,7 @@ Trainer::Result Trainer::fit(int64_t stop_after) {
       if (hooks_.on_eval) hooks_.on_eval(step_, val);
     }
     if (t.checkpoint_interval() > 0 && step_ % t.checkpoint_interval() == 0 && step_ < last) {
-      std::optional<profile::ScopedTimer> save_timer;
-      if (profile_) save_timer.emplace("checkpoint");
+      const profile::ScopedTimer save_timer("checkpoint", profile_);
       save(loss);
     }
     // Any rank interrupted (a signal, a stop request, a failed metrics
@@ -669,13 +662,8 @@ Trainer::Result Trainer::fit(int64_t stop_after) {
   result.steps = step_;
   result.loss = loss;
   {
-    const auto save_start = profile::Clock::now();
+    const profile::ScopedTimer save_timer("checkpoint", profile_, profile::ScopedTimer::Window::kOutsideStep);
     result.checkpoint = last_saved_step_ == step_ ? last_saved_path_ : save(loss);
-    if (profile_) {
-      const double seconds = profile::seconds_since(save_start);
-      profile::global().add("checkpoint", seconds);
-      profile::global().add_wall(seconds);
-    }
   }
   if (result.interrupted && root)
     LOOM_LOG(kInfo) << "stopped by " << result.stop_reason << " after step " << step_ << ": checkpoint "
@@ -688,13 +676,9 @@ Trainer::Result Trainer::fit(int64_t stop_after) {
   };
   throw_if_metrics_failed();
   if (!result.interrupted) {
-    const auto eval_start = profile::Clock::now();
+    profile::ScopedTimer eval_timer("evaluation", profile_, profile::ScopedTimer::Window::kOutsideStep);
     result.validation_loss = evaluate(t.eval_batches());
-    if (profile_) {
-      const double seconds = profile::seconds_since(eval_start);
-      profile::global().add("evaluation", seconds);
-      profile::global().add_wall(seconds);
-    }
+    eval_timer.stop();
     LOOM_LOG(kInfo) << "final validation loss " << result.validation_loss << " perplexity "
                     << std::exp(result.validation_loss) << " after " << step_ << " steps";
     std::ostringstream line;
