@@ -73,6 +73,13 @@ int main(int argc, char** argv) {
     if (!parsed || !at::isFloatingType(*parsed))
       throw loom::ConfigError("--dtype " + o.dtype + ": allowed values are float32, bfloat16, float16, float64");
     const at::ScalarType dtype = *parsed;
+    // The model of the tokens/s measurement, read first so that a bad --model-config fails before the kernels run.
+    loom::pb::ModelConfig user;
+    if (!o.model_config.empty()) {
+      user = loom::load_config_file(o.model_config).model();
+    } else {
+      user.set_preset(o.preset);
+    }
     const std::function<void()> sync = [cuda] {
       if (cuda) torch::cuda::synchronize();
     };
@@ -83,9 +90,16 @@ int main(int argc, char** argv) {
     const auto opts = at::TensorOptions().dtype(dtype).device(cuda ? at::kCUDA : at::kCPU);
     std::ostringstream json;
     json << "{\"device\": \"" << o.device << "\", \"dtype\": \"" << o.dtype << "\"";
+    // Every result is written at once (the file is complete JSON after each), so a run cut short by a
+    // timeout still leaves what it measured.
+    auto save_json = [&] {
+      if (!o.json.empty()) std::ofstream(o.json) << json.str() << "}\n";
+    };
     auto report = [&](const std::string& key, double value, const std::string& line) {
       std::printf("%s\n", line.c_str());
+      std::fflush(stdout);
       json << ", \"" << key << "\": " << value;
+      save_json();
     };
     char line[256];
 
@@ -178,14 +192,9 @@ int main(int argc, char** argv) {
                   soft_flops / ring_s / 1e12, ring_s / soft_s);
     report("ring_one_rank_tflops", soft_flops / ring_s / 1e12, line);
     json << ", \"ring_one_rank_time_ratio\": " << ring_s / soft_s;
+    save_json();
 
     // 4. a model training step: a preset, or the model of a config file (the demo's: --model-config).
-    loom::pb::ModelConfig user;
-    if (!o.model_config.empty()) {
-      user = loom::load_config_file(o.model_config).model();
-    } else {
-      user.set_preset(o.preset);
-    }
     const auto config = loom::models::resolve_model_config(user);
     loom::models::HybridLM model(config, at::TensorOptions().device(opts.device()));
     model->set_precision(dtype);
@@ -210,8 +219,7 @@ int main(int argc, char** argv) {
     std::snprintf(line, sizeof line, "%s training step (%ld x %ld tokens, %s): %.0f tokens/s", model_name.c_str(),
                   long(o.model_batch), long(o.model_seq), o.dtype.c_str(), tps);
     report("model_tokens_per_s", tps, line);
-    json << "}\n";
-    if (!o.json.empty()) std::ofstream(o.json) << json.str();
+    save_json();
   } catch (const loom::UnsupportedError& e) {
     std::fprintf(stderr, "loom-device-bench: %s\n", e.what());
     return 3;
