@@ -23,6 +23,7 @@
 #include "loom/parallel/linear_attention/decay.h"
 #include "loom/parallel/linear_attention/lasp.h"
 #include "loom/parallel/short_conv.h"
+#include "loom/parallel/softmax_attention/fused_attention.h"
 #include "loom/parallel/softmax_attention/rotary.h"
 #include "loom/parallel/softmax_attention/softmax_attention.h"
 #include "loom/runtime/comm/comm_order.h"
@@ -341,6 +342,179 @@ TEST_P(DeviceAgnosticModel, PresetOnCudaMatchesTheCpu) {
   auto pc = cpu->named_parameters(), pg = gpu->named_parameters();
   for (size_t i = 0; i < pc.size(); ++i)
     EXPECT_TRUE(close_to_cpu(pg[i].value().grad(), pc[i].value().grad(), GetParam() + " grad " + pc[i].key()));
+}
+
+// ---- libtorch's fused flash attention against the blockwise kernel (its fallback) ----
+
+// Puts the fused path's switch back as it was when a test ends.
+class FusedAttentionSwitch {
+ public:
+  FusedAttentionSwitch() : was_enabled_(softmax_attention::fused_attention_enabled()) {}
+  ~FusedAttentionSwitch() { softmax_attention::set_fused_attention_enabled(was_enabled_); }
+
+ private:
+  bool was_enabled_;
+};
+
+// max |a - b| / max |b|, in float64 on the CPU.
+double relative_error(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor x = a.to(at::kCPU).to(at::kDouble), y = b.to(at::kCPU).to(at::kDouble);
+  return ((x - y).abs().max() / y.abs().max().clamp_min(1e-12)).item<double>();
+}
+
+// Fused (bf16/fp16 products, P rounded to the input dtype) against the blockwise kernel (float32 products of
+// the same rounded inputs): a few units of the input dtype's rounding. A wrong mask, scale, LSE or GQA
+// reduction is off by O(1).
+double fused_tolerance(at::ScalarType dtype) { return dtype == at::kBFloat16 ? 4e-2 : 1e-2; }
+
+at::Device cuda_device() { return at::Device(at::kCUDA, 0); }
+
+#define SKIP_WITHOUT_FUSED_ATTENTION()                                                                       \
+  if (!cuda_visible()) GTEST_SKIP() << "no CUDA device visible";                                           \
+  if (!softmax_attention::fused_attention_supported(cuda_device()))                                        \
+  GTEST_SKIP() << "no fused attention here: needs LOOM_FUSED_ATTENTION in a CUDA build against libtorch >= 2.1 " \
+                  "and a GPU of compute capability >= 8.0"
+
+// One chunk pair, forward and backward, fused against the fallback: the causal diagonal and a full past
+// block (the two masks the fused path takes), MHA and GQA, bf16 and fp16; and pairs it must decline
+// (a window inside the block, documents) leave its counters alone.
+TEST(OnCuda, FusedAttentionPairMatchesTheBlockwiseKernel) {
+  SKIP_WITHOUT_FUSED_ATTENTION();
+  using namespace softmax_attention;
+  FusedAttentionSwitch restore;
+  struct Case {
+    const char* name;
+    int64_t q_start, lq, k_start, lk, window;
+    bool documents, fused;
+  };
+  const Case cases[] = {{"causal diagonal", 256, 200, 256, 200, 0, false, true},
+                        {"full past block", 512, 136, 0, 256, 0, false, true},
+                        {"past block inside the window", 512, 64, 448, 64, 200, false, true},
+                        {"diagonal with a window inside it", 0, 128, 0, 128, 32, false, false},
+                        {"diagonal with documents", 0, 128, 0, 128, 0, true, false}};
+  torch::manual_seed(11);
+  for (auto dtype : {at::kBFloat16, at::kHalf})
+    for (auto [hq, hkv] : {std::pair<int64_t, int64_t>{4, 4}, {8, 2}})
+      for (const Case& c : cases) {
+        const std::string what = std::string(c.name) + " " + c10::toString(dtype) + " Hq=" + std::to_string(hq) +
+                                 " Hkv=" + std::to_string(hkv);
+        const auto opts = at::TensorOptions().dtype(dtype).device(cuda_device());
+        const auto f32 = at::TensorOptions().dtype(at::kFloat).device(cuda_device());
+        const at::Tensor q = at::randn({2, hq, c.lq, 64}, f32).to(dtype);
+        const at::Tensor k = at::randn({2, hkv, c.lk, 64}, f32).to(dtype);
+        const at::Tensor v = at::randn({2, hkv, c.lk, 64}, f32).to(dtype);
+        // Two documents in the block, the second from its middle on (every row still sees a key).
+        const at::Tensor positions = at::arange(c.q_start, c.q_start + c.lq, f32.dtype(at::kLong));
+        const int64_t middle = c.q_start + c.lq / 2;
+        const at::Tensor doc_row = positions.ge(middle).to(at::kLong) * (middle - c.q_start) + c.q_start;
+        const at::Tensor docs = c.documents ? doc_row.expand({2, c.lq}).contiguous() : at::Tensor();
+        AttentionSpec spec;
+        spec.block = 64;
+        spec.window = c.window;
+        set_fused_attention_enabled(false);
+        const Partial ref = attend_pair(q, c.q_start, k, v, c.k_start, spec, docs);
+        set_fused_attention_enabled(true);
+        const FusedAttentionCounts before = fused_attention_counts();
+        const Partial fused = attend_pair(q, c.q_start, k, v, c.k_start, spec, docs);
+        ASSERT_EQ(fused_attention_counts().forward, before.forward + (c.fused ? 1 : 0)) << what;
+        EXPECT_EQ(fused.out.scalar_type(), at::kFloat) << what;
+        EXPECT_EQ(fused.lse.sizes(), ref.lse.sizes()) << what;
+        EXPECT_LE(relative_error(fused.out, ref.out), fused_tolerance(dtype)) << what << " out";
+        EXPECT_LE(relative_error(fused.lse, ref.lse), 1e-3) << what << " lse";
+
+        // The pair as the whole attention: its own out and LSE are the final ones.
+        const at::Tensor dout = at::randn(q.sizes(), f32).to(dtype);
+        const at::Tensor delta = (dout.to(at::kFloat) * ref.out).sum(-1);
+        auto gradients = [&](bool use_fused) {
+          set_fused_attention_enabled(use_fused);
+          at::Tensor dq = at::zeros(q.sizes(), f32), dk = at::zeros(k.sizes(), f32), dv = at::zeros(v.sizes(), f32);
+          attend_pair_backward(q, c.q_start, k, v, c.k_start, spec, ref.lse, dout, delta, dq, dk, dv, docs, ref.out);
+          return std::vector<at::Tensor>{dq, dk, dv};
+        };
+        const auto g_ref = gradients(false);
+        const FusedAttentionCounts before_backward = fused_attention_counts();
+        const auto g_fused = gradients(true);
+        ASSERT_EQ(fused_attention_counts().backward, before_backward.backward + (c.fused ? 1 : 0)) << what;
+        const char* names[] = {"dq", "dk", "dv"};
+        for (size_t i = 0; i < 3; ++i)
+          EXPECT_LE(relative_error(g_fused[i], g_ref[i]), fused_tolerance(dtype)) << what << " " << names[i];
+      }
+}
+
+// Whole operators on one rank, forward and backward through autograd, fused against the fallback: ring and
+// all-gather on the zigzag layout (two chunks: causal diagonals and a full past block, merged across pairs,
+// so the fused backward gets the merged out and LSE) and local attention (one causal block), with GQA.
+TEST(OnCuda, FusedAttentionOperatorsMatchTheFallback) {
+  SKIP_WITHOUT_FUSED_ATTENTION();
+  using namespace softmax_attention;
+  FusedAttentionSwitch restore;
+  const CommPtr comm = one_rank();
+  const int64_t n = 512;
+  torch::manual_seed(12);
+  for (auto dtype : {at::kBFloat16, at::kHalf})
+    for (auto method : {SoftmaxMethod::kRing, SoftmaxMethod::kAllGather, SoftmaxMethod::kLocal}) {
+      const std::string what = std::string(method_name(method)) + " " + c10::toString(dtype);
+      const SequenceLayout layout(method == SoftmaxMethod::kLocal ? LayoutKind::kContiguous : LayoutKind::kZigzag, n,
+                                  1);
+      const auto f32 = at::TensorOptions().dtype(at::kFloat).device(cuda_device());
+      const at::Tensor q0 = at::randn({2, 8, n, 128}, f32).to(dtype), k0 = at::randn({2, 2, n, 128}, f32).to(dtype),
+                       v0 = at::randn({2, 2, n, 128}, f32).to(dtype);
+      const at::Tensor g = at::randn({2, 8, n, 128}, f32).to(dtype);
+      AttentionSpec spec;
+      spec.block = 128;
+      auto run = [&](bool use_fused) {
+        set_fused_attention_enabled(use_fused);
+        at::Tensor q = q0.clone().requires_grad_(true), k = k0.clone().requires_grad_(true),
+                   v = v0.clone().requires_grad_(true);
+        auto [out, lse] = attention_with_lse(q, k, v, layout, comm, method, spec);
+        out.backward(g);
+        CommOrder::reset();
+        return std::vector<at::Tensor>{out.detach(), lse, q.grad(), k.grad(), v.grad()};
+      };
+      const auto ref = run(false);
+      const FusedAttentionCounts before = fused_attention_counts();
+      const auto fused = run(true);
+      const FusedAttentionCounts after = fused_attention_counts();
+      // Zigzag at one rank: chunk pairs (0,0), (1,0), (1,1); contiguous: one pair.
+      const int64_t pairs = method == SoftmaxMethod::kLocal ? 1 : 3;
+      EXPECT_EQ(after.forward - before.forward, pairs) << what;
+      EXPECT_EQ(after.backward - before.backward, pairs) << what;
+      const char* names[] = {"out", "lse", "dq", "dk", "dv"};
+      for (size_t i = 0; i < ref.size(); ++i) {
+        ASSERT_TRUE(fused[i].defined() && ref[i].defined()) << what << " " << names[i];
+        EXPECT_LE(relative_error(fused[i], ref[i]), i == 1 ? 1e-3 : fused_tolerance(dtype)) << what << " " << names[i];
+      }
+    }
+}
+
+// Off CUDA (the CPU here, CI) the fused path declines every pair: the blockwise kernel's results exactly, and
+// the counters stay where they were, whatever the switch says.
+TEST(DeviceAgnostic, FusedAttentionDeclinesPairsOffCuda) {
+  using namespace softmax_attention;
+  FusedAttentionSwitch restore;
+  EXPECT_FALSE(fused_attention_supported(at::Device(at::kCPU)));
+  torch::manual_seed(13);
+  const at::Tensor q = at::randn({1, 4, 32, 16}).to(at::kBFloat16);
+  const at::Tensor k = at::randn({1, 2, 32, 16}).to(at::kBFloat16), v = at::randn({1, 2, 32, 16}).to(at::kBFloat16);
+  AttentionSpec spec;
+  spec.block = 8;
+  auto run = [&](bool use_fused) {
+    set_fused_attention_enabled(use_fused);
+    EXPECT_EQ(fused_attention_enabled(), use_fused && fused_attention_compiled());
+    const Partial p = attend_pair(q, 0, k, v, 0, spec);
+    const at::Tensor dout = at::ones(q.sizes(), q.options());
+    const at::Tensor delta = (dout.to(at::kFloat) * p.out).sum(-1);
+    at::Tensor dq = at::zeros(q.sizes(), at::kFloat), dk = at::zeros(k.sizes(), at::kFloat),
+               dv = at::zeros(v.sizes(), at::kFloat);
+    attend_pair_backward(q, 0, k, v, 0, spec, p.lse, dout, delta, dq, dk, dv, {}, p.out);
+    return std::vector<at::Tensor>{p.out, p.lse, dq, dk, dv};
+  };
+  const auto ref = run(false);
+  const FusedAttentionCounts before = fused_attention_counts();
+  const auto again = run(true);
+  EXPECT_EQ(fused_attention_counts().forward, before.forward);
+  EXPECT_EQ(fused_attention_counts().backward, before.backward);
+  for (size_t i = 0; i < ref.size(); ++i) EXPECT_TRUE(at::equal(again[i], ref[i])) << i;
 }
 
 }  // namespace

@@ -10,6 +10,8 @@
 
 #include "loom/parallel/linear_attention/cpu_blas.h"
 
+#include "loom/parallel/softmax_attention/fused_attention.h"
+
 namespace loom::softmax_attention {
 namespace {
 
@@ -390,6 +392,7 @@ bool pair_fully_masked(int64_t q_start, int64_t lq, int64_t k_start, int64_t lk,
 Partial attend_pair(const at::Tensor& q, int64_t q_start, const at::Tensor& k, const at::Tensor& v, int64_t k_start,
                     const AttentionSpec& spec, const at::Tensor& doc_start) {
   check_pair(q, k, v);
+  if (Partial fused; fused_attend_pair(q, q_start, k, v, k_start, spec, doc_start, fused)) return fused;
   at::NoGradGuard no_grad;
   if (blas_pair(q, {&k, &v})) {
     Partial result;
@@ -457,8 +460,9 @@ void merge_partial(Partial& acc, const Partial& part) {
 void attend_pair_backward(const at::Tensor& q, int64_t q_start, const at::Tensor& k, const at::Tensor& v,
                           int64_t k_start, const AttentionSpec& spec, const at::Tensor& lse, const at::Tensor& dout,
                           const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                          const at::Tensor& doc_start) {
+                          const at::Tensor& doc_start, const at::Tensor& out) {
   check_pair(q, k, v);
+  if (fused_attend_pair_backward(q, q_start, k, v, k_start, spec, out, lse, dout, dq, dk, dv, doc_start)) return;
   at::NoGradGuard no_grad;
   if (dq.is_contiguous() && blas_pair(q, {&k, &v, &lse, &dout, &delta, &dq, &dk, &dv})) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attend_pair_backward (BLAS)", [&] {

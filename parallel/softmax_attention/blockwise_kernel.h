@@ -13,6 +13,9 @@
 // code and cost of the document-free path exactly.
 // GQA: Hq = G * Hkv; query head h reads key head h / G.
 //
+// On CUDA with bf16/fp16 inputs, attend_pair and attend_pair_backward first
+// offer the pair to libtorch's fused flash attention (fused_attention.h); the
+// blockwise kernel below is the fallback and the reference.
 // On the CPU in float32/float64, where Loom was built with a CBLAS
 // (linear_attention/cpu_blas.h), every block product is one BLAS call on raw
 // pointers and the online softmax runs per row over the block's buffer; other
@@ -78,10 +81,12 @@ void merge_partial(Partial& acc, const Partial& part);
 // Backward of one pair. out/lse are the query rows' final (fully merged)
 // results; delta = rowsum(dout * out) [B, Hq, Lq]. Adds into dq [B, Hq, Lq, d],
 // dk, dv [B, Hkv, Lk, d] (accumulation dtype). `doc_start` as in attend_pair.
+// `out` (optional): the final out [B, Hq, Lq, d] itself, which the fused path
+// needs (it computes delta itself); without it the blockwise kernel runs.
 void attend_pair_backward(const at::Tensor& q, int64_t q_start, const at::Tensor& k, const at::Tensor& v,
                           int64_t k_start, const AttentionSpec& spec, const at::Tensor& lse, const at::Tensor& dout,
                           const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                          const at::Tensor& doc_start = {});
+                          const at::Tensor& doc_start = {}, const at::Tensor& out = {});
 
 // Generation: the newest token's query q [B, Hq, 1, d] against the cached
 // keys and values k, v [B, Hkv, T, d], with the spec's scale: [B, Hq, 1, d]

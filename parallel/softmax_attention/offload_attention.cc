@@ -41,7 +41,7 @@ offload::OffloadKernels offload_kernels() {
         c.dv = at::zeros(c.v.sizes(), c.v.options().dtype(acc));
       }
       if (!pair_fully_masked(q_start, q.size(2), c.start, c.k.size(2), spec, min_doc_start))
-        attend_pair_backward(q, q_start, c.k, c.v, c.start, spec, lse, dout, delta, dq, c.dk, c.dv, doc_start);
+        attend_pair_backward(q, q_start, c.k, c.v, c.start, spec, lse, dout, delta, dq, c.dk, c.dv, doc_start, out);
     }
     return dq;
   };

@@ -113,9 +113,10 @@ void forward_against(const at::Tensor& q, const QueryChunks& qc, const at::Tenso
 }
 
 // Backward of forward_against: adds into dq[i] (per local chunk) and dk, dv.
+// `out`: the final output (the fused kernel's backward reads it).
 void backward_against(const at::Tensor& q, const QueryChunks& qc, const at::Tensor& k, const at::Tensor& v,
                       const std::vector<int64_t>& kv_starts, int64_t L, const AttentionSpec& spec,
-                      const at::Tensor& lse, const at::Tensor& dout, const at::Tensor& delta,
+                      const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dout, const at::Tensor& delta,
                       std::vector<at::Tensor>& dq, at::Tensor dk, at::Tensor dv) {
   for (size_t i = 0; i < qc.starts.size(); ++i)
     for (size_t j = 0; j < kv_starts.size(); ++j) {
@@ -123,7 +124,7 @@ void backward_against(const at::Tensor& q, const QueryChunks& qc, const at::Tens
       at::Tensor dk_j = dk.narrow(2, j * L, L), dv_j = dv.narrow(2, j * L, L);
       attend_pair_backward(q.narrow(2, i * L, L), qc.starts[i], k.narrow(2, j * L, L), v.narrow(2, j * L, L),
                            kv_starts[j], spec, lse.narrow(2, i * L, L), dout.narrow(2, i * L, L),
-                           delta.narrow(2, i * L, L), dq[i], dk_j, dv_j, qc.doc_start[i]);
+                           delta.narrow(2, i * L, L), dq[i], dk_j, dv_j, qc.doc_start[i], out.narrow(2, i * L, L));
     }
 }
 
@@ -171,7 +172,7 @@ struct PositionedFunction : public torch::autograd::Function<PositionedFunction>
     at::Tensor dq = at::zeros(q.sizes(), q.options().dtype(acc));
     at::Tensor dk = at::zeros(k.sizes(), k.options().dtype(acc)), dv = at::zeros(v.sizes(), v.options().dtype(acc));
     attend_pair_backward(q, ctx->saved_data["q_start"].toInt(), k, v, ctx->saved_data["k_start"].toInt(),
-                         spec_from(ctx), lse, dout, row_delta(dout, out), dq, dk, dv, doc_start);
+                         spec_from(ctx), lse, dout, row_delta(dout, out), dq, dk, dv, doc_start, out);
     return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -281,8 +282,8 @@ struct RingFunction : public torch::autograd::Function<RingFunction> {
         recv_kv = comm->irecv(next_kv, (r - 1 + W) % W, 2 * step);
         send_kv = comm->isend(kv, (r + 1) % W, 2 * step);
       }
-      backward_against(q, mine, kv[0], kv[1], chunk_starts(layout, src), L, spec, lse, dout, delta, dq, dkv[0],
-                       dkv[1]);
+      backward_against(q, mine, kv[0], kv[1], chunk_starts(layout, src), L, spec, out, lse, dout, delta, dq,
+                       dkv[0], dkv[1]);
       // dK,dV of block `src` move on with it; after W-1 hops they sit one rank
       // short of the owner, and a last hop brings them home.
       at::Tensor next_dkv = at::empty_like(dkv);
@@ -363,8 +364,8 @@ struct AllGatherFunction : public torch::autograd::Function<AllGatherFunction> {
     std::vector<at::Tensor>& dq = b.dq;
     at::Tensor dall = at::zeros(all.sizes(), all.options().dtype(out.scalar_type()));
     for (int src = 0; src < W; ++src)
-      backward_against(q, mine, all[src][0], all[src][1], chunk_starts(layout, src), L, spec, lse, dout, delta, dq,
-                       dall[src][0], dall[src][1]);
+      backward_against(q, mine, all[src][0], all[src][1], chunk_starts(layout, src), L, spec, out, lse, dout, delta,
+                       dq, dall[src][0], dall[src][1]);
     at::Tensor own = at::empty_like(dall[0]).unsqueeze(0);
     comm->reduce_scatter(own, dall)->wait();
     const auto dtype = all.scalar_type();

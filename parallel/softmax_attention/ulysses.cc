@@ -85,16 +85,16 @@ void forward_over(const at::Tensor& q, const GroupChunks& qc, const at::Tensor& 
 }
 
 void backward_over(const at::Tensor& q, const GroupChunks& qc, const at::Tensor& k, const at::Tensor& v,
-                   const std::vector<int64_t>& kv_starts, int64_t L, const AttentionSpec& spec, const at::Tensor& lse,
-                   const at::Tensor& dout, const at::Tensor& delta, std::vector<at::Tensor>& dq, at::Tensor dk,
-                   at::Tensor dv) {
+                   const std::vector<int64_t>& kv_starts, int64_t L, const AttentionSpec& spec, const at::Tensor& out,
+                   const at::Tensor& lse, const at::Tensor& dout, const at::Tensor& delta, std::vector<at::Tensor>& dq,
+                   at::Tensor dk, at::Tensor dv) {
   for (size_t i = 0; i < qc.starts.size(); ++i)
     for (size_t j = 0; j < kv_starts.size(); ++j) {
       if (pair_fully_masked(qc.starts[i], L, kv_starts[j], L, spec, qc.min_doc_start[i])) continue;
       at::Tensor dk_j = dk.narrow(2, j * L, L), dv_j = dv.narrow(2, j * L, L);
       attend_pair_backward(q.narrow(2, i * L, L), qc.starts[i], k.narrow(2, j * L, L), v.narrow(2, j * L, L),
                            kv_starts[j], spec, lse.narrow(2, i * L, L), dout.narrow(2, i * L, L),
-                           delta.narrow(2, i * L, L), dq[i], dk_j, dv_j, qc.doc_start[i]);
+                           delta.narrow(2, i * L, L), dq[i], dk_j, dv_j, qc.doc_start[i], out.narrow(2, i * L, L));
     }
 }
 
@@ -177,7 +177,8 @@ struct GroupAttentionFunction : public torch::autograd::Function<GroupAttentionF
         recv_kv = ring->irecv(next_kv, (g - 1 + R) % R, 2 * step);
         send_kv = ring->isend(kv, (g + 1) % R, 2 * step);
       }
-      backward_over(q, mine, kv[0], kv[1], group_starts(layout, src, U), L, spec, lse, dout, delta, dq, dkv[0], dkv[1]);
+      backward_over(q, mine, kv[0], kv[1], group_starts(layout, src, U), L, spec, out, lse, dout, delta, dq, dkv[0],
+                    dkv[1]);
       // dK,dV of group `src` travel with it; a last hop brings them home.
       if (R > 1) {
         at::Tensor next_dkv = at::empty_like(dkv);
