@@ -79,29 +79,39 @@ struct Options {
   bool profile = false;  // --profile: where a step's time went, printed at the end
 };
 
-// "8192,16384" -> {8192, 16384}. Every item must be a whole number: an empty
-// item ("8192,,16384") or "8k" is an error naming it, not skipped.
+// "8192,16384" -> {8192, 16384}. Every item must be a positive whole number
+// (spaces around it allowed): an empty item ("8192,,16384"), "8k", 0, -64 or
+// a number beyond int64 is an error naming it, not skipped.
 std::vector<int64_t> parse_lengths(const std::string& option, const std::string& text) {
+  const auto fail = [&](int index, const std::string& item, const std::string& why) {
+    return std::invalid_argument(option + " '" + text + "': item " + std::to_string(index) + " ('" + item + "') " + why);
+  };
+  if (text.find_first_not_of(' ') == std::string::npos)
+    throw std::invalid_argument(option + " '" + text + "': no lengths given");
   std::vector<int64_t> lengths;
   std::stringstream items(text);
-  std::string item;
-  for (int index = 1; std::getline(items, item, ','); ++index) {
-    size_t used = 0;
+  std::string raw;
+  for (int index = 1; std::getline(items, raw, ','); ++index) {
+    const size_t first = raw.find_first_not_of(' '), last = raw.find_last_not_of(' ');
+    const std::string item = first == std::string::npos ? "" : raw.substr(first, last - first + 1);
+    if (item.empty() || item.find_first_not_of("0123456789") != std::string::npos)
+      throw fail(index, raw, item.rfind('-', 0) == 0 ? "is not a positive length" : "is not a whole number");
     int64_t value = 0;
     try {
-      value = std::stoll(item, &used);
-    } catch (const std::exception&) {
-      used = 0;
+      value = std::stoll(item);
+    } catch (const std::out_of_range&) {
+      throw fail(index, raw, "is out of range");
     }
-    if (item.empty() || used != item.size())
-      throw std::invalid_argument(option + " '" + text + "': item " + std::to_string(index) + " ('" + item +
-                                  "') is not a whole number");
+    if (value < 1) throw fail(index, raw, "is not a positive length");
     lengths.push_back(value);
   }
-  if (!text.empty() && text.back() == ',')
-    throw std::invalid_argument(option + " '" + text + "': ends with an empty item");
+  if (text.back() == ',') throw std::invalid_argument(option + " '" + text + "': ends with an empty item");
   return lengths;
 }
+
+// --sniah-examples at most this: each is a forward pass at every length, and
+// the evaluation after training cannot be stopped short of the process.
+constexpr int64_t kMaxSniahExamples = 4096;
 
 // --max-new-tokens at most this: greedy generation without a cache recomputes
 // the whole prefix for every new token (time grows with the square of the
@@ -468,7 +478,8 @@ int run_job(loom::Job& job, const Options& opt) {
       if (!std::filesystem::is_regular_file(std::filesystem::path(opt.init_from) / "manifest.pb"))
         throw loom::ConfigError("--init-from '" + opt.init_from +
                                 "': not a checkpoint directory (no manifest.pb; give a step-NNNNNNNN directory)");
-      report << "--init-from '" << opt.init_from << "': a checkpoint directory\n";
+      report << "--init-from '" << opt.init_from
+             << "': a checkpoint directory (its checksums and model are checked when the run starts)\n";
     }
     // The tokenizer: loaded when configured (its model file checked) or needed
     // for --generate, whose prompt is checked against the model here, before
@@ -790,7 +801,8 @@ int run(int argc, char** argv) {
                  "After training (or with --eval-only): needle retrieval (S-NIAH pass key) at these lengths, "
                  "comma separated (e.g. 8192,16384,32768): pass keys right, digit accuracy and answer loss, "
                  "printed and appended to metrics.jsonl");
-  app.add_option("--sniah-examples", opt.sniah_examples, "Examples per length of --sniah-lengths (default 16)");
+  app.add_option("--sniah-examples", opt.sniah_examples,
+                 "Examples per length of --sniah-lengths: 1 to " + std::to_string(kMaxSniahExamples) + " (default 16)");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -805,7 +817,13 @@ int run(int argc, char** argv) {
   }
   opt.generate_requested = app.count("--generate") > 0;
   try {
-    opt.sniah_lengths = parse_lengths("--sniah-lengths", opt.sniah_lengths_text);
+    if (app.count("--sniah-lengths") > 0) opt.sniah_lengths = parse_lengths("--sniah-lengths", opt.sniah_lengths_text);
+    if (app.count("--init-from") > 0 && opt.init_from.empty())
+      throw std::invalid_argument("--init-from '': give a checkpoint directory (step-NNNNNNNN)");
+    if (opt.sniah_examples > kMaxSniahExamples)
+      throw std::invalid_argument("--sniah-examples = " + std::to_string(opt.sniah_examples) + ": at most " +
+                                  std::to_string(kMaxSniahExamples) +
+                                  " (each example is a forward pass at every --sniah-lengths length)");
   } catch (const std::invalid_argument& e) {  // the same on every rank: no collective yet
     if (is_root) std::cerr << "loom-train: " << e.what() << std::endl;
     return 2;

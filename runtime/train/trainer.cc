@@ -242,8 +242,11 @@ void Trainer::check_resume_compatible(const CheckpointData& data, const std::str
                      "': it holds a different model" +
                      (refused.empty() ? std::string() : " (model fields, checkpoint -> this run: " + join(refused, "; ") + ")") +
                      (mismatched.empty() ? std::string() : "; parameters: " + join(mismatched, "; ")) +
-                     ". Resuming would drop or misplace weights: run with the checkpoint's model settings, or start "
-                     "over with --overwrite (its checkpoints are moved aside, not deleted)");
+                     (starting ? std::string(". Loading it would drop or misplace weights: run with the checkpoint's "
+                                             "model settings, or leave out --init-from")
+                               : std::string(". Resuming would drop or misplace weights: run with the checkpoint's model "
+                                             "settings, or start over with --overwrite (its checkpoints are moved "
+                                             "aside, not deleted)")));
   }
   if (starting) return;  // a new run: the old run's data position, seed and schedule do not carry over
   const auto& t = config_.train();
@@ -275,7 +278,6 @@ std::string Trainer::resume() {
     throw LoomError("checkpoint directory '" + config_.train().checkpoint_dir() +
                     "' is visible on some ranks only; put it on a shared filesystem");
   const CheckpointData data = load_checkpoint(*latest);
-  check_resume_compatible(data, *latest);
   const bool has_optimizer = std::any_of(data.tensors.begin(), data.tensors.end(),
                                          [](const auto& t) { return t.first.rfind("optimizer/", 0) == 0; });
   if (!has_optimizer)
@@ -283,6 +285,7 @@ std::string Trainer::resume() {
                      "': it holds the model only (no optimizer state; e.g. made by loom-ckpt import). Start a new run "
                      "from its weights with --init-from " + *latest +
                      " (step 0, fresh optimizer state), into another train.checkpoint_dir or with --overwrite");
+  check_resume_compatible(data, *latest);
   std::unordered_map<std::string, at::Tensor> by_name(data.tensors.begin(), data.tensors.end());
   at::NoGradGuard no_grad;
   for (auto& [name, p] : params_) p.copy_(by_name.at("model/" + name));
@@ -327,6 +330,7 @@ void Trainer::init_from(const std::string& path) {
     masters.emplace_back(name + "/master", master != by_name.end() ? master->second : by_name.at("model/" + name));
   }
   optimizer_->restart(masters);
+  init_from_ = path;
   LOOM_LOG(kInfo) << "initialised the model from '" << path << "' (step " << data.manifest.step()
                   << " of its run); training starts at step 0 with fresh optimizer state";
 }
@@ -545,6 +549,7 @@ Trainer::Result Trainer::fit(int64_t stop_after) {
                << ", \"start_step\": " << step_ << ", \"resumed_from_step\": "
                << (resumed_from_.empty() ? std::string("null") : std::to_string(step_))
                << ", \"resumed_from\": " << (resumed_from_.empty() ? std::string("null") : json_string(resumed_from_))
+               << ", \"init_from\": " << (init_from_.empty() ? std::string("null") : json_string(init_from_))
                << ", \"dp\": " << mesh_.dp_size() << ", \"sp\": " << mesh_.sp_size() << ", \"time\": "
                << json_string(utc_time("%Y-%m-%dT%H:%M:%SZ")) << "}";
         metrics.write(header.str());

@@ -183,6 +183,7 @@ class Trainer {
   std::unique_ptr<CheckpointDirLock> lock_;
   std::unique_ptr<CheckpointWriter> writer_;
   std::string resumed_from_;
+  std::string init_from_;  // --init-from's checkpoint (the metrics header names it)
   int64_t last_saved_step_ = -1;
   std::string last_saved_path_;
 };
