@@ -7,6 +7,7 @@
 
 #include "loom/runtime/comm/autograd_state.h"
 #include "loom/parallel/softmax_attention/offload_attention.h"
+#include "loom/parallel/softmax_attention/ring_pass.h"
 #include "loom/parallel/softmax_attention/ulysses.h"
 #include "loom/runtime/comm/comm_order.h"
 #include "loom/runtime/comm/differentiable_collectives.h"
@@ -218,7 +219,7 @@ struct RingFunction : public torch::autograd::Function<RingFunction> {
     ctx->saved_data["order"] = CommOrder::claim();
     const at::Tensor doc_start = documents.value_or(at::Tensor());
     const AttentionSpec spec{scale, window, block};
-    const int W = comm->size(), r = comm->rank();
+    const int r = comm->rank();
     const int64_t L = layout.chunk_len();
     const QueryChunks mine = query_chunks(layout, r, doc_start);
     // A selective recompute's rerun keeps the first run's output and LSE
@@ -234,23 +235,9 @@ struct RingFunction : public torch::autograd::Function<RingFunction> {
     for (size_t i = 0; i < mine.starts.size(); ++i) partials.push_back(empty_partial(q.narrow(2, i * L, L)));
     // Every step forwards K,V even when its pairs are skipped (documents that
     // do not meet): the same messages on every rank.
-    at::Tensor current = at::stack({k, v}).contiguous();  // travels as one message
-    for (int step = 0; step < W; ++step) {
-      const int src = (r - step + W) % W;
-      at::Tensor incoming;
-      WorkPtr recv, send;
-      if (step + 1 < W) {  // post the next transfer before computing on this block
-        incoming = at::empty_like(current);
-        recv = comm->irecv(incoming, (r - 1 + W) % W, step);
-        send = comm->isend(current, (r + 1) % W, step);
-      }
-      forward_against(q, mine, current[0], current[1], chunk_starts(layout, src), L, spec, partials);
-      if (step + 1 < W) {
-        recv->wait();
-        send->wait();
-        current = incoming;
-      }
-    }
+    ring_forward(comm, at::stack({k, v}).contiguous(), [&](int src, const at::Tensor& kv) {
+      forward_against(q, mine, kv[0], kv[1], chunk_starts(layout, src), L, spec, partials);
+    });
     auto [out, lse] = join(partials);
     CommTape::record("ring attention: output and LSE", {out, lse});
     ctx->save_for_backward({q, k, v, out, lse, doc_start});
@@ -265,41 +252,17 @@ struct RingFunction : public torch::autograd::Function<RingFunction> {
     const CommPtr& comm = b.comm;
     const SequenceLayout& layout = b.layout;
     const AttentionSpec& spec = b.spec;
-    const int W = comm->size(), r = comm->rank();
     const int64_t L = layout.chunk_len();
     const QueryChunks& mine = b.chunks;
     const at::Tensor &dout = b.dout, &delta = b.delta;
     std::vector<at::Tensor>& dq = b.dq;
 
-    at::Tensor kv = at::stack({k, v}).contiguous();
-    at::Tensor dkv = at::zeros(kv.sizes(), kv.options().dtype(out.scalar_type()));
-    for (int step = 0; step < W; ++step) {
-      const int src = (r - step + W) % W;
-      at::Tensor next_kv;
-      WorkPtr recv_kv, send_kv;
-      if (step + 1 < W) {  // K,V do not change: send them on before computing
-        next_kv = at::empty_like(kv);
-        recv_kv = comm->irecv(next_kv, (r - 1 + W) % W, 2 * step);
-        send_kv = comm->isend(kv, (r + 1) % W, 2 * step);
-      }
-      backward_against(q, mine, kv[0], kv[1], chunk_starts(layout, src), L, spec, out, lse, dout, delta, dq,
-                       dkv[0], dkv[1]);
-      // dK,dV of block `src` move on with it; after W-1 hops they sit one rank
-      // short of the owner, and a last hop brings them home.
-      at::Tensor next_dkv = at::empty_like(dkv);
-      if (W > 1) {
-        auto recv_d = comm->irecv(next_dkv, (r - 1 + W) % W, 2 * step + 1);
-        auto send_d = comm->isend(dkv, (r + 1) % W, 2 * step + 1);
-        recv_d->wait();
-        send_d->wait();
-        dkv = next_dkv;
-      }
-      if (step + 1 < W) {
-        recv_kv->wait();
-        send_kv->wait();
-        kv = next_kv;
-      }
-    }
+    const at::Tensor kv = at::stack({k, v}).contiguous();
+    const at::Tensor dkv = ring_backward(comm, kv, at::zeros(kv.sizes(), kv.options().dtype(out.scalar_type())),
+                                         [&](int src, const at::Tensor& block, at::Tensor& dblock) {
+                                           backward_against(q, mine, block[0], block[1], chunk_starts(layout, src), L,
+                                                            spec, out, lse, dout, delta, dq, dblock[0], dblock[1]);
+                                         });
     return {at::Tensor(), at::cat(dq, 2).to(q.scalar_type()), dkv[0].to(k.scalar_type()), dkv[1].to(v.scalar_type()),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "loom/parallel/softmax_attention/ring_pass.h"
 #include "loom/runtime/comm/autograd_state.h"
 #include "loom/runtime/comm/comm_order.h"
 #include "loom/runtime/comm/differentiable_collectives.h"
@@ -108,28 +109,14 @@ struct GroupAttentionFunction : public torch::autograd::Function<GroupAttentionF
     ctx->saved_data["order"] = CommOrder::claim();
     const at::Tensor doc_start = documents.value_or(at::Tensor());
     const AttentionSpec spec{scale, window, block};
-    const int R = ring ? ring->size() : 1, g = ring ? ring->rank() : 0, U = static_cast<int>(degree);
+    const int g = ring ? ring->rank() : 0, U = static_cast<int>(degree);
     const int64_t L = layout.chunk_len();
     const GroupChunks mine = group_chunks(layout, g, U, doc_start);
     std::vector<Partial> partials;
     for (size_t i = 0; i < mine.starts.size(); ++i) partials.push_back(empty_partial(q.narrow(2, i * L, L)));
-    at::Tensor current = at::stack({k, v}).contiguous();  // travels as one message
-    for (int step = 0; step < R; ++step) {
-      const int src = (g - step + R) % R;
-      at::Tensor incoming;
-      WorkPtr recv, send;
-      if (step + 1 < R) {  // post the next transfer before computing on this block
-        incoming = at::empty_like(current);
-        recv = ring->irecv(incoming, (g - 1 + R) % R, step);
-        send = ring->isend(current, (g + 1) % R, step);
-      }
-      forward_over(q, mine, current[0], current[1], group_starts(layout, src, U), L, spec, partials);
-      if (step + 1 < R) {
-        recv->wait();
-        send->wait();
-        current = incoming;
-      }
-    }
+    ring_forward(ring, at::stack({k, v}).contiguous(), [&](int src, const at::Tensor& kv) {
+      forward_over(q, mine, kv[0], kv[1], group_starts(layout, src, U), L, spec, partials);
+    });
     std::vector<at::Tensor> outs, lses;
     for (auto& p : partials) {
       outs.push_back(p.out);
@@ -157,7 +144,7 @@ struct GroupAttentionFunction : public torch::autograd::Function<GroupAttentionF
     const AttentionSpec spec{ctx->saved_data["scale"].toDouble(), ctx->saved_data["window"].toInt(),
                              ctx->saved_data["block"].toInt()};
     const int U = static_cast<int>(ctx->saved_data["degree"].toInt());
-    const int R = ring ? ring->size() : 1, g = ring ? ring->rank() : 0;
+    const int g = ring ? ring->rank() : 0;
     const int64_t L = layout.chunk_len();
     const GroupChunks mine = group_chunks(layout, g, U, doc_start);
     const at::Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(q);
@@ -166,34 +153,12 @@ struct GroupAttentionFunction : public torch::autograd::Function<GroupAttentionF
     std::vector<at::Tensor> dq;
     for (size_t i = 0; i < mine.starts.size(); ++i)
       dq.push_back(at::zeros({q.size(0), q.size(1), L, q.size(3)}, q.options().dtype(acc)));
-    at::Tensor kv = at::stack({k, v}).contiguous();
-    at::Tensor dkv = at::zeros(kv.sizes(), kv.options().dtype(acc));
-    for (int step = 0; step < R; ++step) {
-      const int src = (g - step + R) % R;
-      at::Tensor next_kv;
-      WorkPtr recv_kv, send_kv;
-      if (step + 1 < R) {
-        next_kv = at::empty_like(kv);
-        recv_kv = ring->irecv(next_kv, (g - 1 + R) % R, 2 * step);
-        send_kv = ring->isend(kv, (g + 1) % R, 2 * step);
-      }
-      backward_over(q, mine, kv[0], kv[1], group_starts(layout, src, U), L, spec, out, lse, dout, delta, dq, dkv[0],
-                    dkv[1]);
-      // dK,dV of group `src` travel with it; a last hop brings them home.
-      if (R > 1) {
-        at::Tensor next_dkv = at::empty_like(dkv);
-        auto recv_d = ring->irecv(next_dkv, (g - 1 + R) % R, 2 * step + 1);
-        auto send_d = ring->isend(dkv, (g + 1) % R, 2 * step + 1);
-        recv_d->wait();
-        send_d->wait();
-        dkv = next_dkv;
-      }
-      if (step + 1 < R) {
-        recv_kv->wait();
-        send_kv->wait();
-        kv = next_kv;
-      }
-    }
+    const at::Tensor kv = at::stack({k, v}).contiguous();
+    const at::Tensor dkv = ring_backward(ring, kv, at::zeros(kv.sizes(), kv.options().dtype(acc)),
+                                         [&](int src, const at::Tensor& block, at::Tensor& dblock) {
+                                           backward_over(q, mine, block[0], block[1], group_starts(layout, src, U), L,
+                                                         spec, out, lse, dout, delta, dq, dblock[0], dblock[1]);
+                                         });
     return {at::Tensor(), at::cat(dq, 2).to(q.scalar_type()), dkv[0].to(k.scalar_type()), dkv[1].to(v.scalar_type()),
             at::Tensor(),  at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
