@@ -18,6 +18,28 @@ function(loom_use_pch target)
   target_precompile_headers(${target} REUSE_FROM loom_pch)
 endfunction()
 
+# Test binaries: their code sets up and compares (the work runs in libloom,
+# built with the release flags), so they compile at -O1 with a precompiled
+# header of their own that adds GoogleTest and torch::nn: half the compile time
+# of a test file at -O3 with the library's header (CI builds ~30 of them).
+set(LOOM_TEST_PCH_HEADERS ${LOOM_PCH_HEADERS}
+  <gtest/gtest.h> <torch/nn/module.h> <torch/nn/pimpl.h> <torch/nn/modules/container/modulelist.h>
+  <torch/nn/modules/linear.h> <torch/nn/modules/embedding.h>)
+
+function(loom_use_test_pch target)
+  target_compile_options(${target} PRIVATE -O1)
+  if(NOT LOOM_USE_PCH)
+    return()
+  endif()
+  if(NOT TARGET loom_test_pch)
+    add_library(loom_test_pch OBJECT ${PROJECT_SOURCE_DIR}/cmake/pch.cc)
+    target_link_libraries(loom_test_pch PUBLIC torch MPI::MPI_CXX GTest::gtest)
+    target_compile_options(loom_test_pch PRIVATE -O1)
+    target_precompile_headers(loom_test_pch PRIVATE ${LOOM_TEST_PCH_HEADERS})
+  endif()
+  target_precompile_headers(${target} REUSE_FROM loom_test_pch)
+endfunction()
+
 # loom_add_mpi_test(NAME <name> TARGET <exe> [FILTER <gtest filter>]
 #                   [RANKS 1 2 3 4] [LABELS ...] [TIMEOUT s] [ARGS ...]
 #                   [MPIRUN_FLAGS ...])
