@@ -69,20 +69,23 @@ void kernel_table(const std::vector<int64_t>& lengths, int64_t heads, int64_t d,
     for (const bool with_decay : {true, false}) {
       const at::Tensor dec = with_decay ? decay : at::Tensor();
       // "aten": the kernel's ATen path (bmm per segment of blocks), which is
-      // main's kernel before this change and what non-CPU devices and other
-      // dtypes run; "blas": one BLAS call per block product (cpu_blas.h).
+      // main's kernel before the BLAS path and what non-CPU devices and other
+      // dtypes run; "blas": one CBLAS call per block product; "xsmm": the same
+      // loop with libxsmm's generated kernels (cpu_blas.h), the default.
       struct Row {
         const char* name;
         int64_t block;
-        bool blas;
+        bool blas, small;
       };
       std::vector<Row> rows;
       for (const int64_t c : blocks) {
-        rows.push_back({"aten", c, false});
-        if (loom::cpu_blas::available()) rows.push_back({"blas", c, true});
+        rows.push_back({"aten", c, false, false});
+        if (loom::cpu_blas::available()) rows.push_back({"blas", c, true, false});
+        if (loom::cpu_blas::small_kernels_available()) rows.push_back({"xsmm", c, true, true});
       }
       for (const Row& row : rows) {
         loom::cpu_blas::set_enabled(row.blas);
+        loom::cpu_blas::set_small_kernels_enabled(row.small);
         auto step = [&] {
           for (at::Tensor* t : {&q, &k, &v}) t->mutable_grad().reset();
           la::chunked_linear_attention(q, k, v, dec, row.block).backward(g);
@@ -96,6 +99,7 @@ void kernel_table(const std::vector<int64_t>& lengths, int64_t heads, int64_t d,
         std::fflush(stdout);
       }
       loom::cpu_blas::set_enabled(true);
+      loom::cpu_blas::set_small_kernels_enabled(true);
     }
   }
   std::printf("\n");

@@ -54,17 +54,19 @@ void kernel_table(const std::vector<int64_t>& lengths, int64_t heads, int64_t d,
     struct Row {
       const char* name;
       int64_t block;
-      bool blas;
+      bool blas, small;
     };
-    std::vector<Row> rows;
+    std::vector<Row> rows;  // "blas": CBLAS per block product; "xsmm": libxsmm's kernels (cpu_blas.h)
     for (const int64_t b : blocks) {
-      rows.push_back({"aten", b, false});
-      if (loom::cpu_blas::available()) rows.push_back({"blas", b, true});
+      rows.push_back({"aten", b, false, false});
+      if (loom::cpu_blas::available()) rows.push_back({"blas", b, true, false});
+      if (loom::cpu_blas::small_kernels_available()) rows.push_back({"xsmm", b, true, true});
     }
     for (const Row& row : rows) {
       sa::AttentionSpec spec;
       spec.block = row.block;
       loom::cpu_blas::set_enabled(row.blas);
+      loom::cpu_blas::set_small_kernels_enabled(row.small);
       auto step = [&] {
         const sa::Partial p = sa::attend_pair(q, 0, k, v, 0, spec);
         at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
@@ -79,6 +81,7 @@ void kernel_table(const std::vector<int64_t>& lengths, int64_t heads, int64_t d,
       std::fflush(stdout);
     }
     loom::cpu_blas::set_enabled(true);
+    loom::cpu_blas::set_small_kernels_enabled(true);
   }
   std::printf("\n");
 }

@@ -4,7 +4,8 @@
 # an optimised BLAS is the libblas.so.3 that libtorch resolves to: Debian's
 # libtorch links the generic libblas.so.3, 20-40x slower for matrix products.
 # libblas-dev gives CMake the libblas.so that the CPU kernels link for their
-# direct CBLAS calls (parallel/linear_attention/cpu_blas.h).
+# direct CBLAS calls and libxsmm-dev the small-matrix kernels they prefer
+# (parallel/linear_attention/cpu_blas.h).
 # Idempotent: installs only what is missing. Needs root (or sudo).
 set -euo pipefail
 
@@ -14,7 +15,7 @@ packages=(
   libopenmpi-dev openmpi-bin
   libprotobuf-dev protobuf-compiler
   libgtest-dev libgmock-dev
-  libopenblas0-openmp libblas-dev
+  libopenblas0-openmp libblas-dev libxsmm-dev
   libcli11-dev nlohmann-json3-dev
   zlib1g-dev libzstd-dev libsentencepiece-dev
   dict-gcide gnuplot-nox zstd

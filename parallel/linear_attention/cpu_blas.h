@@ -1,19 +1,30 @@
-// Row-major matrix products on raw CPU pointers through the CBLAS that
-// libtorch itself loads (Debian: libblas.so.3, OpenBLAS via alternatives),
-// for the per-block loops of the CPU kernels (chunked_kernel.cc,
-// blockwise_kernel.cc).
+// Row-major matrix products on raw CPU pointers, for the per-block loops of
+// the CPU kernels (chunked_kernel.cc, blockwise_kernel.cc).
 //
 // Why: a batched product of many 64 x 64 x 64 blocks through ATen's CPU bmm
-// dispatches one addmm per matrix (select, checks, dispatch); one direct
-// sgemm/dgemm call per block product, with pointers and leading dimensions,
-// skips that and needs no tensor op inside the block loop.
+// dispatches one addmm per matrix (select, checks, dispatch); one direct call
+// per block product, with pointers and leading dimensions, skips that and
+// needs no tensor op inside the block loop.
+//
+// Two libraries, tried in this order:
+// - libxsmm (Debian: libxsmm-dev), when the build found it: kernels generated
+//   at run time for one small shape each (m n k <= 64^3), no packing of the
+//   operands. On this project's 1-thread CPU a 64^3 float product runs at
+//   ~110% of a 2048^3 OpenBLAS matmul's rate where OpenBLAS's own 64^3 call
+//   reaches ~50% (it packs both operands on every call). Products it has no
+//   kernel for (alpha != 1, beta not 0 or 1, larger shapes, a CPU it cannot
+//   generate code for) go to CBLAS.
+// - the CBLAS that libtorch itself loads (Debian: libblas.so.3, OpenBLAS via
+//   alternatives).
 //
 // The path is optional: where CMake found no BLAS with cblas_sgemm (a pip
 // libtorch on a GPU machine) `available()` is false and the kernels keep their
 // ATen path, which is also the only path for other devices and dtypes.
 // `set_enabled(false)` switches the CPU kernels back to the ATen path at run
-// time (benchmarks time both in one process; tests compare them); the default
-// is enabled. Set it between kernel calls, not while one runs on another thread.
+// time and `set_small_kernels_enabled(false)` sends every product to CBLAS
+// (benchmarks time the paths in one process; tests compare them); the
+// defaults are on. Set them between kernel calls, not while one runs on
+// another thread.
 #pragma once
 
 #include <cstdint>
@@ -25,6 +36,11 @@ bool available();
 // available() and not switched off with set_enabled(false).
 bool enabled();
 void set_enabled(bool on);
+// Built with libxsmm (LOOM_HAVE_LIBXSMM) and a CBLAS to fall back on.
+bool small_kernels_available();
+// small_kernels_available() and not switched off.
+bool small_kernels_enabled();
+void set_small_kernels_enabled(bool on);
 
 // C[m, n] = alpha * op(A)[m, k] op(B)[k, n] + beta * C, all row-major with
 // leading dimensions lda, ldb, ldc; op(X) = X^T when trans_x. Only when available().
