@@ -141,14 +141,18 @@ TEST(LinearAttentionKernel, NoDecayStridedInputsAndTheOpByOpScanMatchNaive) {
 }
 
 TEST(LinearAttentionKernel, BlasPathMatchesAtenPath) {
-  // The CPU float32/float64 kernel calls BLAS per block (cpu_blas.h); the ATen
-  // path (bmm per segment) is what every other device and dtype runs. Both on
+  // The CPU float32/float64 kernel calls BLAS per block (cpu_blas.h: libxsmm's
+  // kernels, or CBLAS alone); the ATen path (bmm per segment) is what every
+  // other device and dtype runs. All three on
   // the same inputs: decay on and off, gates (with and without decay),
   // documents (with a first position past 0, as a LASP rank has), a length
   // that needs padding, B = 2, H = 3, dk != dv, two segment sizes.
   if (!cpu_blas::available()) GTEST_SKIP() << "built without a CBLAS: only the ATen path exists";
   struct Restore {
-    ~Restore() { cpu_blas::set_enabled(true); }
+    ~Restore() {
+      cpu_blas::set_enabled(true);
+      cpu_blas::set_small_kernels_enabled(true);
+    }
   } restore;
   const int64_t b = 2, h = 3, n = 45, dk = 5, dv = 3, block = 8;
   const at::Tensor q = seeded_randn({b, h, n, dk}, 11), k = seeded_randn({b, h, n, dk}, 12),
@@ -172,21 +176,24 @@ TEST(LinearAttentionKernel, BlasPathMatchesAtenPath) {
     for (int64_t segment : {1, 3}) {
       for (at::ScalarType dtype : {at::kDouble, at::kFloat}) {
         const auto t = [&](const at::Tensor& x) { return x.to(dtype); };
-        std::vector<at::Tensor> got[2];
-        for (const bool blas : {true, false}) {
-          cpu_blas::set_enabled(blas);
+        std::vector<at::Tensor> got[3];  // ATen, libxsmm (with CBLAS where it has no kernel), CBLAS alone
+        for (const int path : {0, 1, 2}) {
+          cpu_blas::set_enabled(path > 0);
+          cpu_blas::set_small_kernels_enabled(path == 1);
           auto fwd = la::chunk_forward(t(q), t(k), t(v), c.decay, block, segment, c.docs, c.first_position, c.gates);
           auto [dq, dk_, dv_] = la::chunk_backward(t(q), t(k), t(v), c.decay, block, fwd.block_states, t(g), segment,
                                                   c.docs, c.first_position, c.gates);
-          got[blas] = {fwd.out, fwd.block_states, dq, dk_, dv_};
+          got[path] = {fwd.out, fwd.block_states, dq, dk_, dv_};
         }
         const double tol = dtype == at::kDouble ? kTol : 1e-5;
         const char* what[] = {"out", "block_states", "dq", "dk", "dv"};
-        for (size_t i = 0; i < 5; ++i) {
-          ASSERT_EQ(got[1][i].scalar_type(), dtype);
-          EXPECT_TRUE(testing::tensors_close(got[1][i].to(at::kDouble), got[0][i].to(at::kDouble), tol, what[i]))
-              << c.name << ", segment " << segment << ", " << at::toString(dtype);
-        }
+        for (const int path : {1, 2})
+          for (size_t i = 0; i < 5; ++i) {
+            ASSERT_EQ(got[path][i].scalar_type(), dtype);
+            EXPECT_TRUE(testing::tensors_close(got[path][i].to(at::kDouble), got[0][i].to(at::kDouble), tol, what[i]))
+                << c.name << ", segment " << segment << ", " << at::toString(dtype)
+                << (path == 1 ? ", libxsmm" : ", CBLAS");
+          }
       }
     }
 }

@@ -180,7 +180,10 @@ TEST(SoftmaxAttentionLocal, BlasPathMatchesAtenPath) {
   // and gradients that are strided views, accumulated onto what they held.
   if (!cpu_blas::available()) GTEST_SKIP() << "built without a CBLAS: only the ATen path exists";
   struct Restore {
-    ~Restore() { cpu_blas::set_enabled(true); }
+    ~Restore() {
+      cpu_blas::set_enabled(true);
+      cpu_blas::set_small_kernels_enabled(true);
+    }
   } restore;
   const int64_t lq = 19, lk = 23, d = 8;
   const at::Tensor q = seeded_randn({2, 4, lq, d}, 1), k = seeded_randn({2, 2, lk, d}, 2), v = seeded_randn({2, 2, lk, d}, 3);
@@ -203,29 +206,31 @@ TEST(SoftmaxAttentionLocal, BlasPathMatchesAtenPath) {
       spec.block = 4;
       spec.window = c.window;
       const at::Tensor docs = c.documents ? all_docs.narrow(1, c.q_start, lq).contiguous() : at::Tensor();
-      std::vector<at::Tensor> got[2];
-      for (const bool blas : {true, false}) {
-        cpu_blas::set_enabled(blas);
+      std::vector<at::Tensor> got[3];  // ATen, libxsmm (with CBLAS where it has no kernel), CBLAS alone
+      for (const int path : {0, 1, 2}) {
+        cpu_blas::set_enabled(path > 0);
+        cpu_blas::set_small_kernels_enabled(path == 1);
         const sa::Partial p = sa::attend_pair(t(q), c.q_start, t(k), t(v), c.k_start, spec, docs);
         const at::Tensor delta = (t(dout) * p.out).sum(-1);
         at::Tensor dq = t(seeded_randn({2, 4, lq, d}, 5));
         at::Tensor dk = t(seeded_randn({2, 2, lk, d}, 6)).transpose(1, 2).contiguous().transpose(1, 2);
         at::Tensor dv = t(seeded_randn({2, 2, lk, d}, 7)).transpose(1, 2).contiguous().transpose(1, 2);
         sa::attend_pair_backward(t(q), c.q_start, t(k), t(v), c.k_start, spec, p.lse, t(dout), delta, dq, dk, dv, docs);
-        got[blas] = {p.out, p.lse, dq, dk, dv};
+        got[path] = {p.out, p.lse, dq, dk, dv};
       }
       const double tol = dtype == at::kDouble ? kTol : 1e-5;
       const char* what[] = {"out", "lse", "dq", "dk", "dv"};
-      for (size_t i = 0; i < 5; ++i) {
-        ASSERT_EQ(got[1][i].scalar_type(), dtype);
-        // lse is -inf where a row sees nothing: compare where finite, and that it is the same rows.
-        const at::Tensor finite = at::isfinite(got[0][i]);
-        ASSERT_TRUE(at::equal(finite, at::isfinite(got[1][i]))) << c.name << " " << what[i];
-        EXPECT_TRUE(testing::tensors_close(got[1][i].masked_fill(finite.logical_not(), 0).to(at::kDouble),
-                                           got[0][i].masked_fill(finite.logical_not(), 0).to(at::kDouble), tol,
-                                           what[i]))
-            << c.name << ", " << at::toString(dtype);
-      }
+      for (const int path : {1, 2})
+        for (size_t i = 0; i < 5; ++i) {
+          ASSERT_EQ(got[path][i].scalar_type(), dtype);
+          // lse is -inf where a row sees nothing: compare where finite, and that it is the same rows.
+          const at::Tensor finite = at::isfinite(got[0][i]);
+          ASSERT_TRUE(at::equal(finite, at::isfinite(got[path][i]))) << c.name << " " << what[i];
+          EXPECT_TRUE(testing::tensors_close(got[path][i].masked_fill(finite.logical_not(), 0).to(at::kDouble),
+                                             got[0][i].masked_fill(finite.logical_not(), 0).to(at::kDouble), tol,
+                                             what[i]))
+              << c.name << ", " << at::toString(dtype) << (path == 1 ? ", libxsmm" : ", CBLAS");
+        }
     }
 }
 
