@@ -8,8 +8,8 @@
 //
 // Two libraries, tried in this order:
 // - libxsmm (Debian: libxsmm-dev), when the build found it: kernels generated
-//   at run time for one small shape each (m n k <= 64^3), no packing of the
-//   operands. On this project's 1-thread CPU a 64^3 float product runs at
+//   at run time for one small shape each (every side <= 256), no packing of
+//   the operands. On this project's 1-thread CPU a 64^3 float product runs at
 //   ~110% of a 2048^3 OpenBLAS matmul's rate where OpenBLAS's own 64^3 call
 //   reaches ~50% (it packs both operands on every call). Products it has no
 //   kernel for (alpha != 1, beta not 0 or 1, larger shapes, a CPU it cannot

@@ -345,7 +345,8 @@ void attend_pair_backward_blas(const at::Tensor& q, int64_t q_start, const at::T
             const T* pr = p.data() + r * bk;
             for (int64_t j = 0; j < bk; ++j) dr[j] = (dr[j] - db[r]) * pr[j];
           }
-          gemm(false, false, rows, d, bk, scale, ds.data(), bk, kb, kr.s2, T(1), dqb.data(), d);
+          // dQ's scale is applied once at the end: small-matrix kernels take alpha = 1 only (cpu_blas.h).
+          gemm(false, false, rows, d, bk, T(1), ds.data(), bk, kb, kr.s2, T(1), dqb.data(), d);
           gemm(true, false, bk, d, rows, T(1), ds.data(), bk, qs.data(), d, T(1), dkp + s0 * dkr.s2, dkr.s2);
         }
         if (!touched) continue;
@@ -353,7 +354,7 @@ void attend_pair_backward_blas(const at::Tensor& q, int64_t q_start, const at::T
           const int64_t g = r / bq, t = r % bq;
           T* dst = dqr.at(b, hk * G + g, t0 + t);
           const T* src = dqb.data() + r * d;
-          for (int64_t j = 0; j < d; ++j) dst[j] += src[j];
+          for (int64_t j = 0; j < d; ++j) dst[j] += scale * src[j];
         }
       }
     }
