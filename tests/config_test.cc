@@ -18,6 +18,7 @@
 #include "loom/models/run_config.h"
 #include "loom/runtime/comm/communicator.h"
 #include "loom/runtime/core/config.h"
+#include "loom/runtime/core/env_flag.h"
 #include "loom/runtime/core/error.h"
 
 namespace loom {
@@ -34,6 +35,31 @@ std::string error_of(const std::function<void()>& f) {
 
 #define EXPECT_CONTAINS(haystack, needle) \
   EXPECT_NE(std::string(haystack).find(needle), std::string::npos) << "in: " << (haystack)
+
+TEST(Config, EnvironmentSwitchesReadOneSpellingAndRefuseTypos) {
+  const char* name = "LOOM_TEST_ENV_FLAG";
+  ::unsetenv(name);
+  EXPECT_TRUE(env_flag(name, true));
+  EXPECT_FALSE(env_flag(name, false));
+  ::setenv(name, "", 1);
+  EXPECT_TRUE(env_flag(name, true));
+  for (const char* on : {"1", "on", "TRUE", "Yes"}) {
+    ::setenv(name, on, 1);
+    EXPECT_TRUE(env_flag(name, false)) << on;
+  }
+  for (const char* off : {"0", "OFF", "false", "no"}) {
+    ::setenv(name, off, 1);
+    EXPECT_FALSE(env_flag(name, true)) << off;
+  }
+  ::setenv(name, "of", 1);
+  try {
+    env_flag(name, true);
+    ADD_FAILURE() << "a typo was taken as a value";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("LOOM_TEST_ENV_FLAG='of'"), std::string::npos) << e.what();
+  }
+  ::unsetenv(name);
+}
 
 TEST(Config, DefaultsAreValid) { EXPECT_NO_THROW(validate_config(pb::LoomConfig())); }
 

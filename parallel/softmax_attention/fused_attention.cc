@@ -2,15 +2,13 @@
 
 #include <torch/version.h>
 
+#include <array>
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
-#include <mutex>
 #include <string>
 #include <tuple>
-#include <vector>
 
 #include "loom/runtime/core/build_config.h"
+#include "loom/runtime/core/env_flag.h"
 #include "loom/runtime/core/logging.h"
 
 // The flash operator with a scale argument and the LSE output exists from
@@ -30,12 +28,7 @@ namespace {
 std::atomic<int> g_enabled{-1};
 std::atomic<int64_t> g_forward{0}, g_backward{0};
 
-bool enabled_from_environment() {
-  const char* env = std::getenv("LOOM_FUSED_ATTENTION");
-  if (env == nullptr) return true;
-  return !(std::strcmp(env, "0") == 0 || std::strcmp(env, "off") == 0 || std::strcmp(env, "OFF") == 0 ||
-           std::strcmp(env, "false") == 0);
-}
+bool enabled_from_environment() { return env_flag("LOOM_FUSED_ATTENTION", true); }
 
 #if LOOM_FUSED_ATTENTION_ACTIVE
 
@@ -51,16 +44,20 @@ FusedMask fused_mask(int64_t q_start, int64_t lq, int64_t k_start, int64_t lk, c
   return FusedMask::kNone;
 }
 
-// Compute capability >= 8.0 (the flash kernel's bf16/fp16 floor), per device, asked once.
+// Compute capability >= 8.0 (the flash kernel's bf16/fp16 floor), per device,
+// asked once; no lock on the per-pair path (two threads may both ask once).
 bool device_supported(const at::Device& device) {
-  static std::mutex mutex;
-  static std::vector<int> known;  // per device index: -1 unknown, 0 no, 1 yes
+  static std::array<std::atomic<int8_t>, 64> known{};  // per device index: 0 unknown, 1 no, 2 yes
   const c10::DeviceIndex index = device.has_index() ? device.index() : c10::cuda::current_device();
-  std::lock_guard<std::mutex> lock(mutex);
-  if (static_cast<int>(known.size()) <= index) known.resize(static_cast<size_t>(index) + 1, -1);
-  int& state = known[static_cast<size_t>(index)];
-  if (state < 0) state = at::cuda::getDeviceProperties(index)->major >= 8 ? 1 : 0;
-  return state == 1;
+  const auto ask = [&] { return at::cuda::getDeviceProperties(index)->major >= 8; };
+  if (index < 0 || static_cast<size_t>(index) >= known.size()) return ask();
+  std::atomic<int8_t>& state = known[static_cast<size_t>(index)];
+  int8_t s = state.load(std::memory_order_relaxed);
+  if (s == 0) {
+    s = ask() ? 2 : 1;
+    state.store(s, std::memory_order_relaxed);
+  }
+  return s == 2;
 }
 
 bool tensors_qualify(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& doc_start) {

@@ -1,7 +1,6 @@
 #include "loom/runtime/core/host_memory.h"
 
-#include <cstdlib>
-#include <cstring>
+#include "loom/runtime/core/env_flag.h"
 
 #if defined(__GLIBC__)
 #include <malloc.h>
@@ -10,8 +9,7 @@
 namespace loom {
 
 bool keep_freed_host_memory(std::string* why) {
-  const char* env = std::getenv("LOOM_KEEP_FREED_HOST_MEMORY");
-  if (env != nullptr && std::strcmp(env, "0") == 0) {
+  if (!env_flag("LOOM_KEEP_FREED_HOST_MEMORY", true)) {
     *why = "host allocator: glibc defaults (LOOM_KEEP_FREED_HOST_MEMORY=0)";
     return false;
   }
