@@ -472,6 +472,12 @@ int run_job(loom::Job& job, const Options& opt) {
            << ")\n";
     if (!opt.eval_only && root) {
       check_checkpoint_dir_writable(config.train().checkpoint_dir());
+      // The trainer refuses this too, but only once a model exists (and, with
+      // --init-from, after loading it); --dry-run must say it as well.
+      if (!opt.resume && !opt.overwrite) {
+        const std::string refusal = loom::unresumed_checkpoints_refusal(config.train().checkpoint_dir());
+        if (!refusal.empty()) throw loom::RunRefused(refusal);
+      }
       report << "checkpoint directory '" << config.train().checkpoint_dir() << "' is writable\n";
     }
     if (!opt.init_from.empty()) {  // read in full (and checked against the model) by Trainer::init_from
@@ -803,6 +809,17 @@ int run(int argc, char** argv) {
                  "printed and appended to metrics.jsonl");
   app.add_option("--sniah-examples", opt.sniah_examples,
                  "Examples per length of --sniah-lengths: 1 to " + std::to_string(kMaxSniahExamples) + " (default 16)");
+  // CLI11 reads "--option=" (nothing after '=') as "--option" followed by the
+  // next argument, which then silently becomes its value: refuse it here.
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg.size() > 3 && arg.compare(0, 2, "--") == 0 && arg.back() == '=') {
+      if (is_root)
+        std::cerr << "loom-train: " << arg << " has an empty value: give one after '=' (or leave the option out)"
+                  << std::endl;
+      return 2;
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -215,6 +215,15 @@ std::string checkpoint_name(int64_t step) {
   return s.str();
 }
 
+std::string unresumed_checkpoints_refusal(const std::string& dir) {
+  const auto existing = list_checkpoints(dir);
+  if (existing.empty()) return "";
+  return "train.checkpoint_dir '" + dir + "' already holds " + std::to_string(existing.size()) +
+         " checkpoint(s) (newest '" + existing.back().path + "', step " + std::to_string(existing.back().step) +
+         ") that this run did not resume from. Continue them with --resume, or start over with --overwrite "
+         "(moves them into '" + dir + "/superseded-<UTC time>/'; nothing is deleted)";
+}
+
 std::vector<CheckpointInfo> list_checkpoints(const std::string& dir) {
   std::vector<CheckpointInfo> complete;
   std::error_code ec;

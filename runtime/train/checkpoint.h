@@ -69,6 +69,10 @@ std::string checkpoint_name(int64_t step);
 std::vector<CheckpointInfo> list_checkpoints(const std::string& dir);
 // The newest of them, if any.
 std::optional<std::string> latest_checkpoint(const std::string& dir);
+// Why a new run (neither resuming nor overwriting) must not write into `dir`:
+// it already holds checkpoints (their count and the newest named, the two
+// ways on); empty when it holds none. Trainer and loom-train --dry-run refuse alike.
+std::string unresumed_checkpoints_refusal(const std::string& dir);
 // Reads and verifies one checkpoint directory.
 CheckpointData load_checkpoint(const std::string& path);
 

@@ -358,14 +358,7 @@ void Trainer::refuse_checkpoints_of_another_run() {
   if (foreign_checked_) return;
   const std::string& dir = config_.train().checkpoint_dir();
   std::string error;
-  if (mesh_.world()->rank() == 0 && resumed_from_.empty() && !overwritten_) {
-    const auto existing = list_checkpoints(dir);
-    if (!existing.empty())
-      error = "train.checkpoint_dir '" + dir + "' already holds " + std::to_string(existing.size()) +
-              " checkpoint(s) (newest '" + existing.back().path + "', step " + std::to_string(existing.back().step) +
-              ") that this run did not resume from. Continue them with --resume, or start over with --overwrite "
-              "(moves them into '" + dir + "/superseded-<UTC time>/'; nothing is deleted)";
-  }
+  if (mesh_.world()->rank() == 0 && resumed_from_.empty() && !overwritten_) error = unresumed_checkpoints_refusal(dir);
   error = from_root(*mesh_.world(), error);
   if (!error.empty()) throw RunRefused(error);
   foreign_checked_ = true;

@@ -116,6 +116,14 @@ case "$scenario" in
     expect 2 "already holds 1 checkpoint.*step 2.*Continue them with --resume, or start over with --overwrite" $c "$out"
     expect_steps "$ckpt" "step-00000002"
     expect_no_lock
+    # --dry-run says the same (it exited 0 while the run refused), and so does
+    # --init-from, before it loads anything.
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=2 --dry-run 2>&1); c=$?
+    expect 2 "already holds 1 checkpoint.*Continue them with --resume" $c "$out"
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=2 --init-from "$ckpt/step-00000002" 2>&1); c=$?
+    expect 2 "already holds 1 checkpoint.*Continue them with --resume" $c "$out"
+    if grep -q "initialised the model from" <<<"$out"; then echo "FAIL: --init-from loaded before the refusal"; exit 1; fi
+    expect_steps "$ckpt" "step-00000002"
     out=$("${mpi[@]}" "$train" "${common[@]}" --resume --overwrite 2>&1); c=$?
     expect 2 "excludes" $c "$out"
     out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=3 --overwrite 2>&1); c=$?
