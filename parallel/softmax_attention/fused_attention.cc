@@ -93,14 +93,15 @@ void disable_after_failure(const char* where, const c10::Error& e) {
 bool fused_attention_compiled() { return LOOM_FUSED_ATTENTION_ACTIVE != 0; }
 
 bool fused_attention_enabled() {
-  if (!fused_attention_compiled()) return false;
+  // The environment is read (and a typo refused) in every build, so that a
+  // setting that means nothing here is still checked.
   int state = g_enabled.load();
   if (state < 0) {
     int expected = -1;
     g_enabled.compare_exchange_strong(expected, enabled_from_environment() ? 1 : 0);
     state = g_enabled.load();
   }
-  return state == 1;
+  return fused_attention_compiled() && state == 1;
 }
 
 void set_fused_attention_enabled(bool enabled) { g_enabled.store(enabled ? 1 : 0); }

@@ -15,6 +15,7 @@
 #include <sstream>
 
 #include "loom/runtime/comm/watchdog.h"
+#include "loom/runtime/core/env_flag.h"
 #include "loom/runtime/core/error.h"
 
 namespace loom {
@@ -331,7 +332,7 @@ std::string C10dCommunicator::describe(OpType op, int64_t bytes) const {
   std::ostringstream out;
   out << "operation " << op_type_name(op) << " #" << seq_ << " on c10d communicator '" << name_ << "' (rank "
       << rank_ << " of " << size_ << ", " << bytes << " bytes)";
-  static const bool trace = std::getenv("LOOM_TRACE_COMM") != nullptr;
+  static const bool trace = env_flag("LOOM_TRACE_COMM", false);
   if (trace) std::cerr << "[loom trace r" << world_rank_or_minus_one() << "] " << out.str() << std::endl;
   return out.str();
 }

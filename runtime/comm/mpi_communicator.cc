@@ -8,6 +8,7 @@
 #include <iostream>
 #include <sstream>
 
+#include "loom/runtime/core/env_flag.h"
 #include "loom/runtime/core/error.h"
 #include "loom/runtime/comm/watchdog.h"
 
@@ -249,7 +250,7 @@ std::string MpiCommunicator::describe(OpType op, int64_t seq, int64_t bytes) con
       << " of " << size_ << ", " << bytes << " bytes)";
   // LOOM_TRACE_COMM=1 prints every operation as it is issued: the way to find
   // which rank's sequence of collectives diverged.
-  static const bool trace = std::getenv("LOOM_TRACE_COMM") != nullptr;
+  static const bool trace = env_flag("LOOM_TRACE_COMM", false);
   if (trace) std::cerr << "[loom trace r" << world_rank_or_minus_one() << "] " << out.str() << std::endl;
   return out.str();
 }

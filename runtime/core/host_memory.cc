@@ -10,7 +10,7 @@ namespace loom {
 
 bool keep_freed_host_memory(std::string* why) {
   if (!env_flag("LOOM_KEEP_FREED_HOST_MEMORY", true)) {
-    *why = "host allocator: glibc defaults (LOOM_KEEP_FREED_HOST_MEMORY=0)";
+    *why = "host allocator: glibc defaults (LOOM_KEEP_FREED_HOST_MEMORY is off)";
     return false;
   }
 #if defined(__GLIBC__)

@@ -12,6 +12,7 @@
 
 #include "loom/runtime/comm/agreement.h"
 #include "loom/runtime/core/error.h"
+#include "loom/runtime/core/env_flag.h"
 #include "loom/runtime/core/host_memory.h"
 #ifdef LOOM_HAVE_NCCL
 #include "loom/runtime/comm/nccl_communicator.h"
@@ -149,8 +150,18 @@ Job::Job(pb::LoomConfig config) : config_(std::move(config)) {
   configure_logging(world->rank(), world->size(), config_.log().all_ranks(), parse_log_level(config_.log().level()));
   world->set_timeout(std::chrono::milliseconds(static_cast<int64_t>(config_.parallel().comm_timeout_s() * 1000.0)));
   threads_ = configure_threads(config_.parallel().threads_per_rank(), world->handle());
-  std::string host_memory;
-  keep_freed_host_memory(&host_memory);
+  // Read from each rank's own environment, which may differ between nodes: a
+  // bad value on one rank must stop every rank (with its message), not leave
+  // the others waiting in the first collective.
+  std::string host_memory, env_error;
+  try {
+    keep_freed_host_memory(&host_memory);
+    env_flag("LOOM_TRACE_COMM", false);  // read again by the communicators, at their first message
+  } catch (const ConfigError& e) {
+    env_error = e.what();
+  }
+  env_error = agree_on_error(*world, env_error);
+  if (!env_error.empty()) throw ConfigError(env_error);
   LOOM_LOG(kInfo) << host_memory;
   const int M = config_.offload().memory_ranks(), S = world->size();
   if (M >= S)
