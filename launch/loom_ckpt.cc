@@ -53,6 +53,7 @@
 
 #include <google/protobuf/text_format.h>
 
+#include "cli_checks.h"
 #include "loom/runtime/core/config.h"
 #include "loom/runtime/core/dtypes.h"
 #include "loom/runtime/core/error.h"
@@ -510,6 +511,10 @@ int main(int argc, char** argv) {
   imp->add_option("--like", like, "Checkpoint of the same model: manifest, names and shapes (default: the file's)");
   imp->add_option("--format", import_format, "auto (by content), torch, safetensors")
       ->check(CLI::IsMember({"auto", "torch", "safetensors"}));
+  if (const std::string bad = loom::cli::option_with_empty_value(argc, argv); !bad.empty()) {
+    std::cerr << "loom-ckpt: " << loom::cli::empty_value_message(bad) << std::endl;
+    return 2;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -27,6 +27,7 @@
 #include <iostream>
 #include <vector>
 
+#include "cli_checks.h"
 #include "loom/runtime/core/error.h"
 #include "loom/runtime/core/stop_signals.h"
 #include "loom/runtime/data/corpus.h"
@@ -112,6 +113,10 @@ int main(int argc, char** argv) {
   train->add_option("--model-type", model_type, "bpe or unigram");
   auto* info = app.add_subcommand("info", "Print a token file's header and document statistics");
   info->add_option("file", info_path, "Token file")->required();
+  if (const std::string bad = loom::cli::option_with_empty_value(argc, argv); !bad.empty()) {
+    std::cerr << "loom-data: " << loom::cli::empty_value_message(bad) << std::endl;
+    return 2;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -40,6 +40,8 @@
 #include "loom/runtime/core/build_config.h"
 #include "loom/models/hybrid_lm.h"
 #include "loom/models/run_config.h"
+#include "cli_checks.h"
+#include "loom/parallel/softmax_attention/fused_attention.h"
 #include "loom/parallel/softmax_attention/offload_attention.h"
 #include "loom/runtime/data/data.h"
 #include "loom/runtime/core/dtypes.h"
@@ -456,6 +458,9 @@ int run_job(loom::Job& job, const Options& opt) {
                                                                                       : loom::LayoutKind::kContiguous,
                                       config.train().seq_len(), job.mesh().sp_size());
     lm::check_sequence_length(model_config, layout);
+    // LOOM_FUSED_ATTENTION is read here, on every rank, so that a typo stops the
+    // run before it starts instead of at the first attention call.
+    loom::softmax_attention::fused_attention_enabled();
     const std::string methods = lm::check_parallel_methods(model_config, config.parallel(), job.mesh().sp_size());
     LOOM_LOG(kInfo) << methods;
     report << methods << "\n";
@@ -809,16 +814,9 @@ int run(int argc, char** argv) {
                  "printed and appended to metrics.jsonl");
   app.add_option("--sniah-examples", opt.sniah_examples,
                  "Examples per length of --sniah-lengths: 1 to " + std::to_string(kMaxSniahExamples) + " (default 16)");
-  // CLI11 reads "--option=" (nothing after '=') as "--option" followed by the
-  // next argument, which then silently becomes its value: refuse it here.
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg.size() > 3 && arg.compare(0, 2, "--") == 0 && arg.back() == '=') {
-      if (is_root)
-        std::cerr << "loom-train: " << arg << " has an empty value: give one after '=' (or leave the option out)"
-                  << std::endl;
-      return 2;
-    }
+  if (const std::string bad = loom::cli::option_with_empty_value(argc, argv); !bad.empty()) {
+    if (is_root) std::cerr << "loom-train: " << loom::cli::empty_value_message(bad) << std::endl;
+    return 2;
   }
   try {
     app.parse(argc, argv);
@@ -835,6 +833,8 @@ int run(int argc, char** argv) {
   opt.generate_requested = app.count("--generate") > 0;
   try {
     if (app.count("--sniah-lengths") > 0) opt.sniah_lengths = parse_lengths("--sniah-lengths", opt.sniah_lengths_text);
+    if (app.count("--config") > 0 && opt.config_path.empty())
+      throw std::invalid_argument("--config '': give a config file (or leave --config out for the built-in defaults)");
     if (app.count("--init-from") > 0 && opt.init_from.empty())
       throw std::invalid_argument("--init-from '': give a checkpoint directory (step-NNNNNNNN)");
     if (opt.sniah_examples > kMaxSniahExamples)
