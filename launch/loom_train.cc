@@ -477,8 +477,11 @@ int run_job(loom::Job& job, const Options& opt) {
            << ")\n";
     if (!opt.eval_only && root) {
       check_checkpoint_dir_writable(config.train().checkpoint_dir());
-      // The trainer refuses this too, but only once a model exists (and, with
-      // --init-from, after loading it); --dry-run must say it as well.
+      // The trainer refuses these too, but only once a model exists (and, with
+      // --init-from, after loading it); --dry-run must say them as well.
+      if (const std::string locked = loom::CheckpointDirLock::holder_refusal(config.train().checkpoint_dir());
+          !locked.empty())
+        throw loom::RunRefused(locked);
       if (!opt.resume && !opt.overwrite) {
         const std::string refusal = loom::unresumed_checkpoints_refusal(config.train().checkpoint_dir());
         if (!refusal.empty()) throw loom::RunRefused(refusal);

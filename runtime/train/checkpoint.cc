@@ -334,6 +334,25 @@ void check_directory_writable(const std::string& dir) {
   if (!ok) throw RunRefused("checkpoint directory '" + dir + "' is not writable: " + std::strerror(write_errno));
 }
 
+std::string CheckpointDirLock::refusal_for(const std::string& dir, const std::string& held, std::string* who) {
+  auto fields = parse_lock(held);
+  const std::string host = fields["host"], since = fields["since"];
+  const long holder = std::atol(fields["pid"].c_str());
+  *who = "host " + (host.empty() ? std::string("?") : host) + " pid " + std::to_string(holder) +
+         (since.empty() ? std::string() : " (since " + since + ")");
+  if (host == host_name() && !process_alive(holder, fields["started"])) return "";
+  return "checkpoint directory '" + dir + "' is in use by another job: " + *who + " holds '" +
+         (fs::path(dir) / kFileName).string() +
+         "'. Two jobs must not write one directory: wait for that job to end or use another train.checkpoint_dir" +
+         (host != host_name() ? " (if that job is gone, delete the lock file)" : std::string());
+}
+
+std::string CheckpointDirLock::holder_refusal(const std::string& dir) {
+  const auto held = read_small_file((fs::path(dir) / kFileName).string());
+  std::string who;
+  return held ? refusal_for(dir, *held, &who) : "";
+}
+
 CheckpointDirLock::CheckpointDirLock(const std::string& dir, const std::string& run_id)
     : path_((fs::path(dir) / kFileName).string()) {
   const long pid = static_cast<long>(::getpid());
@@ -358,16 +377,9 @@ CheckpointDirLock::CheckpointDirLock(const std::string& dir, const std::string& 
     if (errno != EEXIST) throw RunRefused("cannot create the lock file '" + path_ + "': " + std::strerror(errno));
     const auto held = read_small_file(path_);
     if (!held) continue;  // released meanwhile: try again
-    auto fields = parse_lock(*held);
-    const std::string host = fields["host"], since = fields["since"];
-    const long holder = std::atol(fields["pid"].c_str());
-    const std::string who = "host " + (host.empty() ? std::string("?") : host) + " pid " + std::to_string(holder) +
-                            (since.empty() ? std::string() : " (since " + since + ")");
-    if (host != host_name() || process_alive(holder, fields["started"]))
-      throw RunRefused("checkpoint directory '" + dir + "' is in use by another job: " + who + " holds '" + path_ +
-                       "'. Two jobs must not write one directory: wait for that job to end or use another "
-                       "train.checkpoint_dir" +
-                       (host != host_name() ? " (if that job is gone, delete the lock file)" : std::string()));
+    std::string who;
+    const std::string refusal = refusal_for(dir, *held, &who);
+    if (!refusal.empty()) throw RunRefused(refusal);
     // The holder is gone: move its lock away, making sure it is still that one.
     const std::string stale = path_ + ".stale-" + std::to_string(pid);
     if (::rename(path_.c_str(), stale.c_str()) != 0) continue;

@@ -124,7 +124,14 @@ class CheckpointDirLock {
   const std::string& path() const { return path_; }
   const std::string& takeover_note() const { return takeover_note_; }
 
+  // Why a job could not claim `dir`'s lock now (another live job holds it),
+  // or "" (no lock, or a dead holder's that would be taken over). Claims
+  // nothing: loom-train --dry-run asks it.
+  static std::string holder_refusal(const std::string& dir);
+
  private:
+  // The refusal for a lock file holding `held` ("" for a dead holder on this host); `who` names the holder.
+  static std::string refusal_for(const std::string& dir, const std::string& held, std::string* who);
   std::string path_, content_, takeover_note_;
 };
 

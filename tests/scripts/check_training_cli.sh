@@ -142,6 +142,8 @@ case "$scenario" in
     holder=$(rank_pid $a 0)
     out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=100000 --resume 2>&1); c=$?
     expect 2 "in use by another job: host $(hostname) pid $holder .*holds '$ckpt/loom.lock'" $c "$out"
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=100000 --resume --dry-run 2>&1); c=$?
+    expect 2 "in use by another job: host $(hostname) pid $holder" $c "$out"  # --dry-run too (it passed)
     kill -TERM "$(rank_pid $a 1)"
     wait $a; c=$?
     expect 0 "stopped by SIGTERM" $c "$(cat "$work/a.log")"
