@@ -302,6 +302,13 @@ std::string move_checkpoints_aside(const std::string& dir) {
 
 CheckpointWriter::CheckpointWriter(std::string dir, int64_t keep) : dir_(std::move(dir)), keep_(keep) {}
 
+void CheckpointWriter::adopt(const std::vector<CheckpointInfo>& earlier) {
+  for (const CheckpointInfo& c : earlier)
+    if (std::none_of(kept_.begin(), kept_.end(), [&](const CheckpointInfo& k) { return k.step == c.step; }))
+      kept_.push_back(c);
+  std::sort(kept_.begin(), kept_.end(), [](const CheckpointInfo& a, const CheckpointInfo& b) { return a.step < b.step; });
+}
+
 std::string CheckpointWriter::save(const CheckpointData& data) {
   const int64_t step = data.manifest.step();
   const bool mine = std::any_of(kept_.begin(), kept_.end(), [&](const CheckpointInfo& c) { return c.step == step; });

@@ -93,7 +93,11 @@ class CheckpointWriter {
  public:
   CheckpointWriter(std::string dir, int64_t keep);
   std::string save(const CheckpointData& data);
-  // What this writer saved and still keeps, oldest first.
+  // Counts `earlier` (the checkpoints of the sessions a resumed run continues)
+  // as its own: `keep` then bounds the directory across a chain of resumes,
+  // not each session's checkpoints alone. Prunes nothing until the next save.
+  void adopt(const std::vector<CheckpointInfo>& earlier);
+  // What this writer saved or adopted and still keeps, oldest first.
   const std::vector<CheckpointInfo>& kept() const { return kept_; }
 
  private:

@@ -527,6 +527,10 @@ Trainer::Result Trainer::fit(int64_t stop_after) {
   }
   prepare_checkpoint_dir();
   refuse_checkpoints_of_another_run();
+  // A resumed run continues the checkpoints in its directory: keep_checkpoints
+  // counts them (each session pruning only its own kept every session's last
+  // ones, without bound on a preemptible cluster). Only rank 0 writes.
+  if (writer_ && !resumed_from_.empty()) writer_->adopt(list_checkpoints(t.checkpoint_dir()));
   std::string metrics_path = t.metrics_path();
   if (metrics_path.empty()) metrics_path = (std::filesystem::path(t.checkpoint_dir()) / "metrics.jsonl").string();
   MetricsFile metrics;

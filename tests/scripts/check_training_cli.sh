@@ -194,6 +194,19 @@ case "$scenario" in
       after=$(cd "$ckpt" && find . -mindepth 1 -printf '%p %s %T@\n' | sort)
       [ "$before" = "$after" ] || { echo "FAIL: the checkpoint directory changed"; diff <(echo "$before") <(echo "$after"); exit 1; }
     done ;;
+  resume_keeps_bound)
+    # train.keep_checkpoints bounds the directory across resumes (each session
+    # pruned only its own: 5 sessions of keep 2 left 10 checkpoints).
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=3 --set train.checkpoint_interval=1 2>&1); c=$?
+    expect 0 "step 3/3" $c "$out"
+    expect_steps "$ckpt" "step-00000002 step-00000003"
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=4 --set train.checkpoint_interval=1 --resume 2>&1); c=$?
+    expect 0 "step 4/4" $c "$out"
+    expect_steps "$ckpt" "step-00000003 step-00000004"
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=6 --set train.checkpoint_interval=1 --set train.keep_checkpoints=3 --resume 2>&1); c=$?
+    expect 0 "step 6/6" $c "$out"
+    expect_steps "$ckpt" "step-00000004 step-00000005 step-00000006"
+    expect_latest 6 "${mpi[@]}" "$train" "${common[@]}" ;;
   resume_model_mismatch)
     out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=2 2>&1); c=$?
     expect 0 "step 2/2" $c "$out"
