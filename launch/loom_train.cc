@@ -787,16 +787,17 @@ int run(int argc, char** argv) {
                "checkpoint directory, memory), report the parameter count and memory estimate per rank, and exit");
   auto* resume_flag =
       app.add_flag("--resume", opt.resume, "Continue from the newest complete checkpoint in train.checkpoint_dir");
-  app.add_flag("--overwrite", opt.overwrite,
-               "Start over in a train.checkpoint_dir that holds checkpoints: they are moved into "
-               "<dir>/superseded-<UTC time>/, not deleted")
-      ->excludes(resume_flag);
+  auto* overwrite_flag = app.add_flag("--overwrite", opt.overwrite,
+                                      "Start over in a train.checkpoint_dir that holds checkpoints: they are moved "
+                                      "into <dir>/superseded-<UTC time>/, not deleted")
+                             ->excludes(resume_flag);
   app.add_flag("--profile", opt.profile,
                "Print where a step's time went at the end of training (layers per mixer letter forward and "
                "backward, data, gradient all-reduce, clipping, optimizer, checkpoint/eval, collectives) and write "
                "it as one {\"profile\": ...} line to the metrics file");
   auto* eval_only_flag =
-      app.add_flag("--eval-only", opt.eval_only, "Evaluate the newest checkpoint (validation loss) instead of training");
+      app.add_flag("--eval-only", opt.eval_only, "Evaluate the newest checkpoint (validation loss) instead of training")
+          ->excludes(overwrite_flag);  // it would move nothing and then find no checkpoint
   app.add_option("--init-from", opt.init_from,
                  "Start a new run (step 0, fresh optimizer state) from the weights of this checkpoint directory "
                  "(step-NNNNNNNN; also a model-only one made by loom-ckpt import); the model must match")
