@@ -82,7 +82,7 @@ void kernel_table(const std::vector<int64_t>& lengths, int64_t heads, int64_t d,
       for (const int64_t c : blocks) {
         rows.push_back({"aten", c, false, false});
         if (loom::cpu_blas::available()) rows.push_back({"blas", c, true, false});
-        if (loom::cpu_blas::small_kernels_available()) rows.push_back({"xsmm", c, true, true});
+        if (loom::cpu_blas::small_kernels_usable()) rows.push_back({"xsmm", c, true, true});
       }
       for (const Row& row : rows) {
         loom::cpu_blas::set_enabled(row.blas);

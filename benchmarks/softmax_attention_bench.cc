@@ -61,7 +61,7 @@ void kernel_table(const std::vector<int64_t>& lengths, int64_t heads, int64_t d,
     for (const int64_t b : blocks) {
       rows.push_back({"aten", b, false, false});
       if (loom::cpu_blas::available()) rows.push_back({"blas", b, true, false});
-      if (loom::cpu_blas::small_kernels_available()) rows.push_back({"xsmm", b, true, true});
+      if (loom::cpu_blas::small_kernels_usable()) rows.push_back({"xsmm", b, true, true});
     }
     for (const Row& row : rows) {
       sa::AttentionSpec spec;

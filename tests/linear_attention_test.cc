@@ -3,6 +3,8 @@
 // q, k, v (and of Hedgehog's weights), for both layouts, with and without
 // decay and normaliser, every feature map, lengths that do not divide.
 #include <gtest/gtest.h>
+
+#include <array>
 #include <torch/autograd.h>
 
 #include "distributed_reference.h"
@@ -180,10 +182,13 @@ TEST(LinearAttentionKernel, BlasPathMatchesAtenPath) {
         for (const int path : {0, 1, 2}) {
           cpu_blas::set_enabled(path > 0);
           cpu_blas::set_small_kernels_enabled(path == 1);
+          const uint64_t calls_before = cpu_blas::small_kernel_calls();
           auto fwd = la::chunk_forward(t(q), t(k), t(v), c.decay, block, segment, c.docs, c.first_position, c.gates);
           auto [dq, dk_, dv_] = la::chunk_backward(t(q), t(k), t(v), c.decay, block, fwd.block_states, t(g), segment,
                                                   c.docs, c.first_position, c.gates);
           got[path] = {fwd.out, fwd.block_states, dq, dk_, dv_};
+          if (path == 1 && cpu_blas::small_kernels_usable())  // the route really ran
+            EXPECT_GT(cpu_blas::small_kernel_calls(), calls_before) << "libxsmm ran no product";
         }
         const double tol = dtype == at::kDouble ? kTol : 1e-5;
         const char* what[] = {"out", "block_states", "dq", "dk", "dv"};
@@ -196,6 +201,56 @@ TEST(LinearAttentionKernel, BlasPathMatchesAtenPath) {
           }
       }
     }
+}
+
+TEST(LinearAttentionKernel, CpuGemmMatchesTheProductOnBothRoutes) {
+  // cpu_blas::gemm itself, against a float64 ATen product: both transposes,
+  // beta 0 and 1, leading dimensions wider than the matrices (the padding
+  // columns untouched), float and double, shapes from 1 x 1 x 1 through the
+  // kernels' (64, Taylor's 273) to past libxsmm's side cap (1025: CBLAS).
+  // The libxsmm route must really run where libxsmm can generate code.
+  if (!cpu_blas::available()) GTEST_SKIP() << "built without a CBLAS";
+  struct Restore {
+    ~Restore() { cpu_blas::set_small_kernels_enabled(true); }
+  } restore;
+  const std::vector<std::array<int64_t, 3>> shapes{{1, 1, 1},   {63, 64, 5},  {64, 64, 64}, {273, 16, 64},
+                                                   {64, 64, 273}, {1025, 3, 2}, {8, 1025, 4}};
+  for (const bool small : {true, false}) {
+    cpu_blas::set_small_kernels_enabled(small);
+    const uint64_t calls_before = cpu_blas::small_kernel_calls();
+    for (const at::ScalarType dtype : {at::kDouble, at::kFloat})
+      for (const auto& [m, n, k] : shapes)
+        for (const bool ta : {false, true})
+          for (const bool tb : {false, true})
+            for (const double beta : {0.0, 1.0}) {
+              const int64_t lda = (ta ? m : k) + 3, ldb = (tb ? k : n) + 2, ldc = n + 1;
+              const at::Tensor a = seeded_randn({ta ? k : m, lda}, 21).to(dtype);
+              const at::Tensor b = seeded_randn({tb ? n : k, ldb}, 22).to(dtype);
+              const at::Tensor c0 = seeded_randn({m, ldc}, 23).to(dtype);
+              at::Tensor c = c0.clone();
+              const at::Tensor av = a.narrow(1, 0, ta ? m : k), bv = b.narrow(1, 0, tb ? k : n);
+              const at::Tensor want = at::matmul((ta ? av.t() : av).to(at::kDouble), (tb ? bv.t() : bv).to(at::kDouble)) +
+                                      beta * c0.narrow(1, 0, n).to(at::kDouble);
+              if (dtype == at::kDouble)
+                cpu_blas::gemm(ta, tb, m, n, k, 1.0, a.data_ptr<double>(), lda, b.data_ptr<double>(), ldb, beta,
+                               c.data_ptr<double>(), ldc);
+              else
+                cpu_blas::gemm(ta, tb, m, n, k, 1.0f, a.data_ptr<float>(), lda, b.data_ptr<float>(), ldb,
+                               static_cast<float>(beta), c.data_ptr<float>(), ldc);
+              const double tol = dtype == at::kDouble ? 1e-12 * k : 1e-5 * k;
+              const std::string what = std::string(small ? "libxsmm route" : "CBLAS") + " " + at::toString(dtype) +
+                                       " m " + std::to_string(m) + " n " + std::to_string(n) + " k " +
+                                       std::to_string(k) + (ta ? " A^T" : "") + (tb ? " B^T" : "") + " beta " +
+                                       std::to_string(beta);
+              EXPECT_LE((c.narrow(1, 0, n).to(at::kDouble) - want).abs().max().item<double>(), tol) << what;
+              EXPECT_TRUE(at::equal(c.narrow(1, n, 1), c0.narrow(1, n, 1))) << what << ": padding written";
+            }
+    const uint64_t calls = cpu_blas::small_kernel_calls() - calls_before;
+    if (!small || !cpu_blas::small_kernels_usable())
+      EXPECT_EQ(calls, 0u) << "libxsmm ran with its route switched off or unusable";
+    else
+      EXPECT_GT(calls, 0u) << "libxsmm is usable here but ran no product";
+  }
 }
 
 TEST(LinearAttentionKernel, SavedMemoryIsLinear) {

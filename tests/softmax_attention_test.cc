@@ -210,6 +210,7 @@ TEST(SoftmaxAttentionLocal, BlasPathMatchesAtenPath) {
       for (const int path : {0, 1, 2}) {
         cpu_blas::set_enabled(path > 0);
         cpu_blas::set_small_kernels_enabled(path == 1);
+        const uint64_t calls_before = cpu_blas::small_kernel_calls();
         const sa::Partial p = sa::attend_pair(t(q), c.q_start, t(k), t(v), c.k_start, spec, docs);
         const at::Tensor delta = (t(dout) * p.out).sum(-1);
         at::Tensor dq = t(seeded_randn({2, 4, lq, d}, 5));
@@ -217,6 +218,8 @@ TEST(SoftmaxAttentionLocal, BlasPathMatchesAtenPath) {
         at::Tensor dv = t(seeded_randn({2, 2, lk, d}, 7)).transpose(1, 2).contiguous().transpose(1, 2);
         sa::attend_pair_backward(t(q), c.q_start, t(k), t(v), c.k_start, spec, p.lse, t(dout), delta, dq, dk, dv, docs);
         got[path] = {p.out, p.lse, dq, dk, dv};
+        if (path == 1 && cpu_blas::small_kernels_usable())  // the route really ran
+          EXPECT_GT(cpu_blas::small_kernel_calls(), calls_before) << "libxsmm ran no product";
       }
       const double tol = dtype == at::kDouble ? kTol : 1e-5;
       const char* what[] = {"out", "lse", "dq", "dk", "dv"};

@@ -1,8 +1,12 @@
 #include "loom/parallel/linear_attention/cpu_blas.h"
 
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <limits>
 #include <mutex>
 #include <type_traits>
 #include <vector>
@@ -53,8 +57,19 @@ void cblas(bool ta, bool tb, int m, int n, int k, double alpha, const double* a,
 // the 64^3 product it feeds).
 //
 // Dispatch is a hash lookup in libxsmm; each thread remembers the last few
-// shapes it asked for, which is every shape a kernel's block loop uses.
-constexpr int kLargestSide = 1024;
+// shapes it asked for (a kernel's block loop uses a handful).
+//
+// Which products: libxsmm's kernels do not block for the caches and run on
+// the calling thread. Measured here against OpenBLAS (1 thread, float32): 2x
+// its rate from 64^3 to 128 x 128 x 273 (a Taylor feature map's 1 + 16 + 256
+// = 273 wide keys), 1024 x 64 x 64 and 64 x 64 x 1024; 1.6x at 512 x 512 x 64.
+// So: every side <= 1024 and m n k <= 512 x 512 x 64; with more than one
+// intra-op thread, where OpenBLAS would split a product over the threads,
+// only products up to 64 x 64 x 256 (too small for OpenBLAS to split well).
+constexpr int64_t kLargestSide = 1024;
+constexpr int64_t kLargestVolume = int64_t(512) * 512 * 64;
+constexpr int64_t kLargestThreadedVolume = int64_t(64) * 64 * 256;
+std::atomic<uint64_t> small_calls{0};
 
 template <typename T>
 using SmallKernel = void (*)(const T*, const T*, T*, ...);
@@ -71,7 +86,7 @@ struct KernelMemo {
   static constexpr int kSlots = 16;
   std::array<Shape, kSlots> shapes{};
   std::array<SmallKernel<T>, kSlots> kernels{};
-  int used = 0, next = 0;
+  int used = 0, next = 0;  // next: the slot to replace once all are used
 };
 
 void init_once() {
@@ -94,7 +109,13 @@ SmallKernel<T> dispatch(const Shape& s) {
   else
     kernel = reinterpret_cast<SmallKernel<T>>(libxsmm_dmmdispatch(m, n, k, &lda, &ldb, &ldc, &alpha, &beta, &s.flags,
                                                                   nullptr));
-  const int slot = memo.used < KernelMemo<T>::kSlots ? memo.used++ : memo.next++ % KernelMemo<T>::kSlots;
+  int slot = memo.used;
+  if (memo.used < KernelMemo<T>::kSlots) {
+    ++memo.used;
+  } else {
+    slot = memo.next;
+    memo.next = (memo.next + 1) % KernelMemo<T>::kSlots;
+  }
   memo.shapes[slot] = s;
   memo.kernels[slot] = kernel;  // null (no JIT kernel for the shape) is remembered too
   return kernel;
@@ -105,11 +126,9 @@ template <typename T>
 bool small_gemm(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta,
                 T* c, int ldc) {
   if (alpha != T(1) || (beta != T(0) && beta != T(1))) return false;
-  // Block-sized products only: libxsmm's kernels do not block for the caches.
-  // Measured here against OpenBLAS (1 thread, float32): 2x its rate from 64^3
-  // to 128 x 128 x 273 (a Taylor feature map's 1 + 16 + 256 = 273 wide keys),
-  // 1024 x 64 x 64 and 64 x 64 x 1024; 1.6x at 512 x 512 x 64.
-  if (std::max({m, n, k}) > kLargestSide) return false;
+  const int64_t volume = int64_t(m) * n * k;
+  if (std::max<int64_t>({m, n, k}) > kLargestSide || volume > kLargestVolume) return false;
+  if (volume > kLargestThreadedVolume && at::get_num_threads() > 1) return false;
   // With tb, B is first transposed into a row-major [k, n] with ld n.
   const int ld_b = tb ? n : ldb;
   const Shape s{n, m, k, ld_b, lda, ldc,
@@ -126,6 +145,7 @@ bool small_gemm(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int 
     b_rows = transposed.data();
   }
   kernel(b_rows, a, c);
+  small_calls.fetch_add(1, std::memory_order_relaxed);
   return true;
 }
 #endif
@@ -133,6 +153,12 @@ bool small_gemm(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int 
 template <typename T>
 void gemm_any(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
               int64_t ldb, T beta, T* c, int64_t ldc) {
+  // Both libraries take int sizes: a larger one must not wrap into a small product.
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  TORCH_CHECK(m >= 0 && n >= 0 && k >= 0 && m <= kMax && n <= kMax && k <= kMax && lda <= kMax && ldb <= kMax &&
+                  ldc <= kMax,
+              "cpu_blas::gemm: sizes beyond int: m ", m, ", n ", n, ", k ", k, ", lda ", lda, ", ldb ", ldb, ", ldc ",
+              ldc);
 #ifdef LOOM_HAVE_LIBXSMM
   if (small_kernels_on.load(std::memory_order_relaxed) &&
       small_gemm<T>(ta, tb, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha, a,
@@ -169,6 +195,21 @@ bool small_kernels_available() {
   return false;
 #endif
 }
+bool small_kernels_usable() {
+#ifdef LOOM_HAVE_LIBXSMM
+  static const bool usable = [] {
+    const int flags = 0;
+    const libxsmm_blasint n = 64;
+    const float one = 1;
+    init_once();
+    return available() && libxsmm_smmdispatch(n, n, n, &n, &n, &n, &one, &one, &flags, nullptr) != nullptr;
+  }();
+  return usable;
+#else
+  return false;
+#endif
+}
+uint64_t small_kernel_calls() { return small_calls.load(std::memory_order_relaxed); }
 bool small_kernels_enabled() { return small_kernels_available() && small_kernels_on.load(std::memory_order_relaxed); }
 void set_small_kernels_enabled(bool on) { small_kernels_on.store(on, std::memory_order_relaxed); }
 

@@ -8,8 +8,9 @@
 //
 // Two libraries, tried in this order:
 // - libxsmm (Debian: libxsmm-dev), when the build found it: kernels generated
-//   at run time for one small shape each (every side <= 1024), no packing of
-//   the operands. On this project's 1-thread CPU a 64^3 float product runs at
+//   at run time for one small shape each (every side <= 1024, m n k <= 512 x
+//   512 x 64; with several intra-op threads <= 64 x 64 x 256, cpu_blas.cc says
+//   why), no packing of the operands. On this project's 1-thread CPU a 64^3 float product runs at
 //   ~110% of a 2048^3 OpenBLAS matmul's rate where OpenBLAS's own 64^3 call
 //   reaches ~50% (it packs both operands on every call). Products it has no
 //   kernel for (alpha != 1, beta not 0 or 1, larger shapes, a CPU it cannot
@@ -41,6 +42,10 @@ bool small_kernels_available();
 // small_kernels_available() and not switched off.
 bool small_kernels_enabled();
 void set_small_kernels_enabled(bool on);
+// small_kernels_available() and libxsmm generates a 64^3 float kernel on this CPU.
+bool small_kernels_usable();
+// Products libxsmm's kernels ran in this process, all threads (tests check the route taken).
+uint64_t small_kernel_calls();
 
 // C[m, n] = alpha * op(A)[m, k] op(B)[k, n] + beta * C, all row-major with
 // leading dimensions lda, ldb, ldc; op(X) = X^T when trans_x. Only when available().
