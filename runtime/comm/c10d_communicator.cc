@@ -332,7 +332,15 @@ std::string C10dCommunicator::describe(OpType op, int64_t bytes) const {
   std::ostringstream out;
   out << "operation " << op_type_name(op) << " #" << seq_ << " on c10d communicator '" << name_ << "' (rank "
       << rank_ << " of " << size_ << ", " << bytes << " bytes)";
-  static const bool trace = env_flag("LOOM_TRACE_COMM", false);
+  // Never throws here (this runs inside every collective, the first of them
+  // before Job exists): a bad value reads as off; Job refuses it on every rank.
+  static const bool trace = [] {
+    try {
+      return env_flag("LOOM_TRACE_COMM", false);
+    } catch (const ConfigError&) {
+      return false;
+    }
+  }();
   if (trace) std::cerr << "[loom trace r" << world_rank_or_minus_one() << "] " << out.str() << std::endl;
   return out.str();
 }

@@ -250,7 +250,15 @@ std::string MpiCommunicator::describe(OpType op, int64_t seq, int64_t bytes) con
       << " of " << size_ << ", " << bytes << " bytes)";
   // LOOM_TRACE_COMM=1 prints every operation as it is issued: the way to find
   // which rank's sequence of collectives diverged.
-  static const bool trace = env_flag("LOOM_TRACE_COMM", false);
+  // Never throws here (this runs inside every collective, the first of them
+  // before Job exists): a bad value reads as off; Job refuses it on every rank.
+  static const bool trace = [] {
+    try {
+      return env_flag("LOOM_TRACE_COMM", false);
+    } catch (const ConfigError&) {
+      return false;
+    }
+  }();
   if (trace) std::cerr << "[loom trace r" << world_rank_or_minus_one() << "] " << out.str() << std::endl;
   return out.str();
 }

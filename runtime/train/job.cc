@@ -156,7 +156,7 @@ Job::Job(pb::LoomConfig config) : config_(std::move(config)) {
   std::string host_memory, env_error;
   try {
     keep_freed_host_memory(&host_memory);
-    env_flag("LOOM_TRACE_COMM", false);  // read again by the communicators, at their first message
+    env_flag("LOOM_TRACE_COMM", false);  // the communicators read it too, but cannot refuse a typo
   } catch (const ConfigError& e) {
     env_error = e.what();
   }
