@@ -19,6 +19,7 @@
 #include <sstream>
 #include <thread>
 
+#include "loom/runtime/core/config.h"
 #include "loom/runtime/core/dtypes.h"
 #include "loom/runtime/core/logging.h"
 #include "loom/runtime/data/token_file.h"
@@ -302,11 +303,30 @@ std::string move_checkpoints_aside(const std::string& dir) {
 
 CheckpointWriter::CheckpointWriter(std::string dir, int64_t keep) : dir_(std::move(dir)), keep_(keep) {}
 
-void CheckpointWriter::adopt(const std::vector<CheckpointInfo>& earlier) {
+std::string CheckpointWriter::adopt_earlier(const std::string& resumed) {
+  const auto manifest = read_manifest(resumed);
+  pb::LoomConfig saved;
+  try {
+    if (!manifest) throw ConfigError("no readable manifest");
+    parse_config_text(manifest->config_text(), resumed + "/manifest.pb (config_text)", &saved);
+  } catch (const std::exception& e) {
+    return "train.keep_checkpoints counts this session's checkpoints only: the resumed checkpoint's config does "
+           "not parse here (" + std::string(e.what()) + ")";
+  }
+  const auto earlier = list_checkpoints(dir_);
+  const int64_t saved_keep = saved.train().keep_checkpoints();
+  if (saved_keep == 0)
+    return "train.keep_checkpoints counts this session's checkpoints only: the resumed run kept every checkpoint "
+           "(keep_checkpoints 0), its " + std::to_string(earlier.size()) + " stay";
   for (const CheckpointInfo& c : earlier)
     if (std::none_of(kept_.begin(), kept_.end(), [&](const CheckpointInfo& k) { return k.step == c.step; }))
       kept_.push_back(c);
   std::sort(kept_.begin(), kept_.end(), [](const CheckpointInfo& a, const CheckpointInfo& b) { return a.step < b.step; });
+  if (keep_ > 0 && keep_ < saved_keep && static_cast<int64_t>(kept_.size()) >= keep_)
+    return "train.keep_checkpoints is " + std::to_string(keep_) + " (the resumed run kept " +
+           std::to_string(saved_keep) + "): the next save prunes the directory's " + std::to_string(kept_.size()) +
+           " checkpoints down to the newest " + std::to_string(keep_);
+  return "";
 }
 
 std::string CheckpointWriter::save(const CheckpointData& data) {

@@ -93,10 +93,14 @@ class CheckpointWriter {
  public:
   CheckpointWriter(std::string dir, int64_t keep);
   std::string save(const CheckpointData& data);
-  // Counts `earlier` (the checkpoints of the sessions a resumed run continues)
-  // as its own: `keep` then bounds the directory across a chain of resumes,
-  // not each session's checkpoints alone. Prunes nothing until the next save.
-  void adopt(const std::vector<CheckpointInfo>& earlier);
+  // A resumed run continues the checkpoints in its directory: counts them as
+  // its own, so that `keep` bounds the directory across a chain of resumes,
+  // not each session's checkpoints alone. Not when the run it resumes
+  // (`resumed`, its config in the manifest) kept every checkpoint
+  // (keep_checkpoints 0: history the user asked for) or its config does not
+  // parse. Prunes nothing until the next save. Returns a note for the log
+  // (what was counted, or why not; a lowered keep_checkpoints), "" if none.
+  std::string adopt_earlier(const std::string& resumed);
   // What this writer saved or adopted and still keeps, oldest first.
   const std::vector<CheckpointInfo>& kept() const { return kept_; }
 

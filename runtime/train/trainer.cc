@@ -530,7 +530,10 @@ Trainer::Result Trainer::fit(int64_t stop_after) {
   // A resumed run continues the checkpoints in its directory: keep_checkpoints
   // counts them (each session pruning only its own kept every session's last
   // ones, without bound on a preemptible cluster). Only rank 0 writes.
-  if (writer_ && !resumed_from_.empty()) writer_->adopt(list_checkpoints(t.checkpoint_dir()));
+  if (writer_ && !resumed_from_.empty()) {  // idempotent: a second fit() counts nothing twice
+    const std::string note = writer_->adopt_earlier(resumed_from_);
+    if (!note.empty()) LOOM_LOG(kWarn) << note;
+  }
   std::string metrics_path = t.metrics_path();
   if (metrics_path.empty()) metrics_path = (std::filesystem::path(t.checkpoint_dir()) / "metrics.jsonl").string();
   MetricsFile metrics;

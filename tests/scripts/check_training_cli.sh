@@ -206,7 +206,14 @@ case "$scenario" in
     out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=6 --set train.checkpoint_interval=1 --set train.keep_checkpoints=3 --resume 2>&1); c=$?
     expect 0 "step 6/6" $c "$out"
     expect_steps "$ckpt" "step-00000004 step-00000005 step-00000006"
-    expect_latest 6 "${mpi[@]}" "$train" "${common[@]}" ;;
+    expect_latest 6 "${mpi[@]}" "$train" "${common[@]}"
+    # A run that kept every checkpoint (keep 0) keeps its history when resumed with the default keep 2.
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=8 --set train.checkpoint_interval=1 --set train.keep_checkpoints=0 --resume 2>&1); c=$?
+    expect 0 "step 8/8" $c "$out"
+    expect_steps "$ckpt" "step-00000004 step-00000005 step-00000006 step-00000007 step-00000008"
+    out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=9 --set train.checkpoint_interval=1 --resume 2>&1); c=$?
+    expect 0 "the resumed run kept every checkpoint .keep_checkpoints 0., its 5 stay" $c "$out"
+    expect_steps "$ckpt" "step-00000004 step-00000005 step-00000006 step-00000007 step-00000008 step-00000009" ;;
   resume_model_mismatch)
     out=$("${mpi[@]}" "$train" "${common[@]}" --set train.steps=2 2>&1); c=$?
     expect 0 "step 2/2" $c "$out"
