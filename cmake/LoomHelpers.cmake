@@ -19,22 +19,24 @@ function(loom_use_pch target)
 endfunction()
 
 # Test binaries: their code sets up and compares (the work runs in libloom,
-# built with the release flags), so they compile at -O1 with a precompiled
+# built with the release flags), so optimised builds compile them at -O1 with a precompiled
 # header of their own that adds GoogleTest and torch::nn: half the compile time
 # of a test file at -O3 with the library's header (CI builds ~30 of them).
 set(LOOM_TEST_PCH_HEADERS ${LOOM_PCH_HEADERS}
   <gtest/gtest.h> <torch/nn/module.h> <torch/nn/pimpl.h> <torch/nn/modules/container/modulelist.h>
   <torch/nn/modules/linear.h> <torch/nn/modules/embedding.h>)
 
+set(LOOM_TEST_OPTIMIZATION $<$<CONFIG:Release,RelWithDebInfo,MinSizeRel>:-O1>)
+
 function(loom_use_test_pch target)
-  target_compile_options(${target} PRIVATE -O1)
+  target_compile_options(${target} PRIVATE ${LOOM_TEST_OPTIMIZATION})
   if(NOT LOOM_USE_PCH)
     return()
   endif()
   if(NOT TARGET loom_test_pch)
     add_library(loom_test_pch OBJECT ${PROJECT_SOURCE_DIR}/cmake/pch.cc)
     target_link_libraries(loom_test_pch PUBLIC torch MPI::MPI_CXX GTest::gtest)
-    target_compile_options(loom_test_pch PRIVATE -O1)
+    target_compile_options(loom_test_pch PRIVATE ${LOOM_TEST_OPTIMIZATION})
     target_precompile_headers(loom_test_pch PRIVATE ${LOOM_TEST_PCH_HEADERS})
   endif()
   target_precompile_headers(${target} REUSE_FROM loom_test_pch)

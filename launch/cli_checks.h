@@ -9,10 +9,12 @@ namespace loom::cli {
 // CLI11 reads "--option=" (nothing after '=') as "--option" followed by the
 // next argument, which then silently becomes its value (a file named
 // "--skip-empty", a flag swallowed). Returns the first such argument, or ""
-// when there is none. Only the first '=' counts: "--generate=1+1=" has a value.
+// when there is none. Only the first '=' counts: "--generate=1+1=" has a value;
+// nothing after a "--" separator is looked at.
 inline std::string option_with_empty_value(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const char* arg = argv[i];
+    if (std::strcmp(arg, "--") == 0) break;  // what follows are values, not options
     if (std::strncmp(arg, "--", 2) != 0 || std::strlen(arg) < 4) continue;
     const char* equals = std::strchr(arg, '=');
     if (equals != nullptr && equals[1] == '\0') return arg;
