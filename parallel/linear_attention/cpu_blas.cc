@@ -33,6 +33,7 @@ namespace {
 
 std::atomic<bool> switched_on{true};
 std::atomic<bool> small_kernels_on{true};
+std::atomic<uint64_t> small_calls{0};  // products libxsmm ran (stays 0 without it)
 
 #ifdef LOOM_HAVE_CBLAS
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
@@ -69,7 +70,6 @@ void cblas(bool ta, bool tb, int m, int n, int k, double alpha, const double* a,
 constexpr int64_t kLargestSide = 1024;
 constexpr int64_t kLargestVolume = int64_t(512) * 512 * 64;
 constexpr int64_t kLargestThreadedVolume = int64_t(64) * 64 * 256;
-std::atomic<uint64_t> small_calls{0};
 
 template <typename T>
 using SmallKernel = void (*)(const T*, const T*, T*, ...);
