@@ -252,13 +252,7 @@ std::string MpiCommunicator::describe(OpType op, int64_t seq, int64_t bytes) con
   // which rank's sequence of collectives diverged.
   // Never throws here (this runs inside every collective, the first of them
   // before Job exists): a bad value reads as off; Job refuses it on every rank.
-  static const bool trace = [] {
-    try {
-      return env_flag("LOOM_TRACE_COMM", false);
-    } catch (const ConfigError&) {
-      return false;
-    }
-  }();
+  static const bool trace = env_flag_nothrow("LOOM_TRACE_COMM", false);
   if (trace) std::cerr << "[loom trace r" << world_rank_or_minus_one() << "] " << out.str() << std::endl;
   return out.str();
 }

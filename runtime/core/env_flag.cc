@@ -20,4 +20,12 @@ bool env_flag(const char* name, bool default_value) {
                     "': allowed values are 1, on, true, yes and 0, off, false, no");
 }
 
+bool env_flag_nothrow(const char* name, bool default_value) {
+  try {
+    return env_flag(name, default_value);
+  } catch (const ConfigError&) {
+    return default_value;
+  }
+}
+
 }  // namespace loom

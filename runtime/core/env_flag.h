@@ -12,4 +12,8 @@ namespace loom {
 
 bool env_flag(const char* name, bool default_value);
 
+// The same, but a value env_flag refuses reads as default_value: for readers
+// that must not throw (inside a collective); Job refuses the typo at start.
+bool env_flag_nothrow(const char* name, bool default_value);
+
 }  // namespace loom
